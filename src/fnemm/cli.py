@@ -1,0 +1,218 @@
+"""The ``fnemm`` command: argument parsing only; the work is in the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from fnemm.errors import FnemmError
+
+EPILOG_TRAIN = """\
+examples:
+  fnemm train --preset flickr8k/FNE-MH --dataset data/flickr8k --features feats/ --out runs/fne-mh
+  fnemm train --preset flickr8k/FC7-MH --dataset data/flickr8k --features feats/ --out runs/fc7-mh
+  fnemm train --preset flickr30k/FNE-POE --dataset dataset_flickr30k.json \\
+      --features f30k.npy --ids f30k.ids.txt --out runs/poe --set model.embed_dim=512
+  fnemm train --out runs/fne-mh --resume          # continue an interrupted run exactly
+
+--dataset takes a Flickr folder (token file + split lists), Karpathy's dataset_*.json,
+COCO captions_*.json files (repeat --dataset; prefix SPLIT= when the name does not
+say it), or a .jsonl of {"image", "captions", "split"} lines.
+--features takes a feature store folder (from `fnemm extract`) or a plain .npy
+matrix (rows = images) with --ids FILE (one image id per row).
+Any preset value can be changed with --set KEY=VALUE (see `fnemm presets --show NAME`
+for the keys), e.g. --set stages.0.lr=1e-3, --set stages.max_epochs=50 (all stages).
+"""
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+
+
+def _add_data(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--dataset", action="append", required=required, metavar="PATH",
+                   help="captions and splits (see below); repeat for several COCO captions files")
+    p.add_argument("--features", required=required, metavar="PATH",
+                   help="feature store folder, or a .npy matrix (with --ids)")
+    p.add_argument("--ids", metavar="FILE", help="image ids of a .npy feature matrix, one per row")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fnemm",
+        description="Image-caption retrieval with the Full-Network Embedding "
+                    "(Vilalta et al. 2019): train and evaluate joint image-text embeddings.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a joint embedding from a preset",
+                       description="Train one of the paper's pipelines on image features + captions. "
+                                   "Writes config.json, best.pt, last.pt and metrics.jsonl to --out.",
+                       epilog=EPILOG_TRAIN, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", help="e.g. flickr8k/FNE-MH (list: fnemm presets)")
+    _add_data(p, required=False)
+    p.add_argument("--out", required=True, metavar="DIR", help="run folder")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override any config value (repeatable)")
+    p.add_argument("--epochs", type=int, help="max epochs of every stage")
+    p.add_argument("--lr", type=float, help="learning rate of every stage")
+    p.add_argument("--margin", type=float, help="hinge margin of every stage")
+    p.add_argument("--patience", type=int, help="early stop: epochs without a better val rsum")
+    p.add_argument("--embed-dim", type=int, help="joint embedding size")
+    p.add_argument("--word-dim", type=int, help="word embedding size")
+    p.add_argument("--batch-size", type=int, help="pairs per batch (default 128)")
+    p.add_argument("--layer-norm", action="store_true", help="layer-normalised GRU")
+    p.add_argument("--seed", type=int, help="random seed (default 0)")
+    _add_common(p)
+
+    p = sub.add_parser("evaluate", help="recall@K and ranks of a trained model",
+                       description="Image annotation (i2t) and image retrieval (t2i): R@1/5/10, "
+                                   "median and mean rank, rsum. Writes metrics-SPLIT.json to the run folder.")
+    p.add_argument("--checkpoint", required=True, metavar="PATH", help="run folder or its best.pt")
+    _add_data(p, required=True)
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--protocol", default="auto", choices=["auto", "all", "1k", "5fold", "5k"],
+                   help="auto: the whole split, plus MSCOCO's 1K and 5-fold 1K when it has 5,000 images")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.add_argument("--output", metavar="FILE", help="where to write the metrics (default: next to the checkpoint)")
+    _add_common(p)
+
+    p = sub.add_parser("presets", help="list the paper's pipelines as presets",
+                       description="Every Table-1 variant for flickr8k / flickr30k / coco, FNE and FC7.")
+    p.add_argument("--family", choices=["flickr8k", "flickr30k", "coco"], help="only this dataset family")
+    p.add_argument("--show", metavar="NAME", help="print one preset's full config as JSON")
+    return parser
+
+
+# --- commands -------------------------------------------------------------------
+
+def _overrides(args) -> list[str]:
+    out = list(args.overrides)
+    for flag, key in (("epochs", "stages.max_epochs"), ("lr", "stages.lr"), ("margin", "stages.margin"),
+                      ("patience", "stages.patience"), ("embed_dim", "model.embed_dim"),
+                      ("word_dim", "model.word_dim"), ("batch_size", "batch_size"), ("seed", "seed")):
+        value = getattr(args, flag)
+        if value is not None:
+            out.append(f"{key}={value}")
+    if args.layer_norm:
+        out.append("model.layer_norm=true")
+    return out
+
+
+def cmd_train(args) -> int:
+    from fnemm import config as cfg
+    from fnemm.datasets import load_dataset
+    from fnemm.features import load_features
+    from fnemm.train import resolve_device, train
+
+    resolve_device(args.device)          # fail before any slow loading
+    out = Path(args.out)
+    overrides = _overrides(args)
+    run_json = out / "run.json"
+    if args.resume and (out / "last.pt").exists():
+        if args.preset or overrides:
+            raise FnemmError(f"{out}: --resume continues the saved config ({out / 'config.json'}); "
+                             f"drop --preset/--set, or start a new --out")
+        config = cfg.TrainConfig.from_dict(json.loads((out / "config.json").read_text()))
+        saved = json.loads(run_json.read_text()) if run_json.exists() else {}
+        args.dataset = args.dataset or saved.get("args", {}).get("dataset")
+        args.features = args.features or saved.get("args", {}).get("features")
+        args.ids = args.ids or saved.get("args", {}).get("ids")
+        preset = saved.get("preset")
+    else:
+        if not args.preset:
+            raise FnemmError("--preset is required for a new run (e.g. flickr8k/FNE-MH; see `fnemm presets`)")
+        config = cfg.apply_overrides(cfg.get_preset(args.preset), overrides)
+        preset = args.preset
+    if not args.dataset or not args.features:
+        raise FnemmError("--dataset and --features are required")
+    dataset = load_dataset(args.dataset)
+    features = load_features(args.features, config.features, args.ids)
+    if not args.quiet:
+        print(dataset.summary(), file=sys.stderr)
+        print(f"features: {features.source} [{features.kind}] {features.array.shape[0]} x {features.dim}",
+              file=sys.stderr)
+    info = {"preset": preset, "overrides": overrides,
+            "args": {"dataset": [str(d) for d in args.dataset], "features": str(args.features),
+                     "ids": args.ids}}
+    summary = train(config, dataset, features, out, resume=args.resume, device=args.device,
+                    quiet=args.quiet, run_info=info)
+    from fnemm.metrics import format_metrics
+    val = summary["val"]
+    print(f"best epoch {summary['best_epoch']} of {summary['epochs']}: val "
+          f"{format_metrics(val) if val else '(none)'}\ncheckpoint: {out / 'best.pt'}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from fnemm.datasets import load_dataset
+    from fnemm.metrics import format_metrics
+    from fnemm.features import load_features
+    from fnemm.fileio import atomic_write_json
+    from fnemm.train import evaluate, load_checkpoint
+
+    _, _, config, _ = load_checkpoint(args.checkpoint)
+    dataset = load_dataset(args.dataset)
+    features = load_features(args.features, config.features, args.ids)
+    results = evaluate(args.checkpoint, dataset, features, args.split, args.protocol, args.device)
+    ckpt = Path(args.checkpoint)
+    target = Path(args.output) if args.output else (ckpt if ckpt.is_dir() else ckpt.parent) / f"metrics-{args.split}.json"
+    atomic_write_json(target, {"split": args.split, "checkpoint": str(args.checkpoint), "results": results})
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for name, m in results.items():
+            label = f"{name} images" if name.isdigit() else name
+            print(f"{args.split} [{label}] {format_metrics(m)}")
+        print(f"written: {target}")
+    return 0
+
+
+def cmd_presets(args) -> int:
+    from fnemm.config import PRESETS, get_preset
+    if args.show:
+        print(get_preset(args.show).to_json())
+        return 0
+    head = f"{'preset':<22} {'loss':<8} {'sim':<6} {'embed':>5} {'word':>5} {'lr':<15} {'margin':>6} {'abs':<4} {'epochs':>6}"
+    print(head)
+    print("-" * len(head))
+    for name, c in PRESETS.items():
+        if args.family and not name.startswith(args.family + "/"):
+            continue
+        loss = "->".join(s.loss for s in c.stages)
+        lr = "->".join(f"{s.lr:g}" for s in c.stages)
+        print(f"{name:<22} {loss:<8} {c.model.similarity:<6} {c.model.embed_dim:>5} {c.model.word_dim:>5} "
+              f"{lr:<15} {c.stages[0].margin:>6g} {'yes' if c.model.use_abs else 'no':<4} "
+              f"{c.stages[0].max_epochs:>6}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "presets": cmd_presets}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    if getattr(args, "threads", None):
+        import torch
+        torch.set_num_threads(args.threads)
+    try:
+        return COMMANDS[args.command](args)
+    except FnemmError as e:
+        print(f"fnemm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fnemm: interrupted; a training run continues with `fnemm train --out DIR --resume`",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,275 @@
+"""Image-caption datasets: one ``Dataset`` type, many file layouts.
+
+Loaders (``load_dataset`` picks one from the path):
+- the raw Flickr8K/Flickr30K release: a folder with the token file
+  (``<image>#<n><TAB><caption>`` lines) and the split lists;
+- Karpathy's ``dataset_{flickr8k,flickr30k,coco}.json`` (COCO's "restval"
+  images are extra training data, see ``Dataset.split_indices``);
+- COCO's ``captions_{train,val}2014.json``, one file per split;
+- a JSON-lines file ``{"image": ..., "captions": [...], "split": ...}`` per line
+  for users' own data.
+
+Image ids are file names (e.g. ``1000268201_693b08cb0e.jpg``): the same ids a
+feature store carries.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from fnemm.errors import FnemmError
+
+SPLITS = ("train", "val", "test")
+_SPLIT_ALIASES = {"train": "train", "val": "val", "dev": "val", "valid": "val",
+                  "validation": "val", "test": "test", "restval": "restval"}
+
+
+@dataclass
+class Dataset:
+    name: str
+    image_ids: list[str]
+    captions: list[list[str]]   # captions[k] describe image_ids[k]
+    splits: list[str]           # 'train' | 'val' | 'test' | 'restval', per image
+
+    def __post_init__(self):
+        if not (len(self.image_ids) == len(self.captions) == len(self.splits)):
+            raise ValueError("image_ids, captions and splits must have one entry per image")
+
+    def split_indices(self, split: str, restval: bool = True) -> list[int]:
+        """Positions of the images of ``split``; 'train' includes 'restval' unless
+        ``restval`` is False."""
+        wanted = {split, "restval"} if (split == "train" and restval) else {split}
+        return [k for k, s in enumerate(self.splits) if s in wanted]
+
+    def subset(self, indices: list[int]) -> "Dataset":
+        return Dataset(self.name, [self.image_ids[k] for k in indices],
+                       [self.captions[k] for k in indices], [self.splits[k] for k in indices])
+
+    def counts(self) -> dict[str, int]:
+        out = {s: 0 for s in (*SPLITS, "restval")}
+        for s in self.splits:
+            out[s] += 1
+        return out
+
+    def summary(self) -> str:
+        c = self.counts()
+        parts = [f"{c[s]} {s}" for s in (*SPLITS, "restval") if c[s]]
+        n_caps = sum(len(x) for x in self.captions)
+        return f"{self.name}: {len(self.image_ids)} images ({', '.join(parts)}), {n_caps} captions"
+
+
+def _norm_split(value, where: str) -> str:
+    split = _SPLIT_ALIASES.get(str(value).strip().lower())
+    if split is None:
+        raise FnemmError(f"{where}: unknown split {value!r}; use train, val (or dev), test or restval")
+    return split
+
+
+def _read_json(path: Path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise FnemmError(f"{path}:{e.lineno}: invalid JSON ({e.msg}); fix or re-download the file") from None
+    except UnicodeDecodeError:
+        raise FnemmError(f"{path}: not UTF-8 text; is this the right file?") from None
+
+
+def _build(name: str, order: list[str], caps: dict[str, list[str]], split: dict[str, str],
+           source: Path) -> Dataset:
+    missing = [i for i in order if not caps.get(i)]
+    if missing:
+        raise FnemmError(f"{source}: image {missing[0]} has no captions "
+                         f"({len(missing)} images without captions)")
+    return Dataset(name, order, [caps[i] for i in order], [split[i] for i in order])
+
+
+# --- Flickr raw release ---------------------------------------------------
+
+_TOKEN_LINE = re.compile(r"^(?P<image>[^\t#]+)#(?P<n>\d+)\t(?P<caption>.*)$")
+
+
+def read_token_file(path: Path) -> dict[str, list[str]]:
+    """``{image: [captions]}`` from a Flickr ``*.token.txt`` file."""
+    caps: dict[str, list[str]] = {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            m = _TOKEN_LINE.match(line)
+            if m is None or not m["caption"].strip():
+                raise FnemmError(f"{path}:{lineno}: expected '<image>#<n><TAB><caption>', got "
+                                 f"{line[:60]!r}; fix or remove that line")
+            caps.setdefault(m["image"], []).append(m["caption"].strip())
+    return caps
+
+
+def _read_list(path: Path) -> list[str]:
+    with open(path, encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def load_flickr_raw(folder: Path, name: str | None = None) -> Dataset:
+    """A Flickr release folder: ``*.token.txt`` (or ``*.token``) and the split
+    lists ``*trainImages.txt``, ``*devImages.txt``, ``*testImages.txt``.
+    Images listed in no split are left out (Flickr8K's token file has one such
+    stray entry, ``2258277193_586949ec62.jpg.1``)."""
+    tokens = sorted(folder.glob("*.token.txt")) or sorted(folder.glob("*.token"))
+    if not tokens:
+        raise FnemmError(f"{folder}: no '*.token.txt' caption file here; point --dataset at the "
+                         f"Flickr folder that holds Flickr8k.token.txt and the split lists")
+    caps = read_token_file(tokens[0])
+    split: dict[str, str] = {}
+    order: list[str] = []
+    for key, pattern in (("train", "*rain*mages.txt"), ("val", "*ev*mages.txt"), ("test", "*est*mages.txt")):
+        files = sorted(folder.glob(pattern))
+        if not files:
+            raise FnemmError(f"{folder}: no split list matching {pattern!r} "
+                             f"(e.g. Flickr_8k.trainImages.txt); put the official split files beside the token file")
+        for image in _read_list(files[0]):
+            if image in split:
+                raise FnemmError(f"{files[0]}: image {image} is already in the {split[image]} split")
+            if image not in caps:
+                raise FnemmError(f"{files[0]}: image {image} has no caption in {tokens[0]}")
+            split[image] = key
+            order.append(image)
+    if name is None:
+        name = "flickr30k" if "30k" in tokens[0].name.lower() else "flickr8k"
+    return _build(name, order, caps, split, tokens[0])
+
+
+# --- Karpathy json ---------------------------------------------------------
+
+def load_karpathy(path: Path, data=None) -> Dataset:
+    """Karpathy's split file; ``data`` is its parsed content if already read."""
+    data = _read_json(path) if data is None else data
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise FnemmError(f"{path}: expected Karpathy's format {{'images': [...]}}; is this a dataset_*.json file?")
+    order, caps, split = [], {}, {}
+    for k, img in enumerate(data["images"]):
+        where = f"{path}: images[{k}]"
+        try:
+            image = img["filename"]
+            sentences = [s["raw"].strip() for s in img["sentences"]]
+            split[image] = _norm_split(img["split"], where)
+        except (KeyError, TypeError, AttributeError):
+            raise FnemmError(f"{where}: needs 'filename', 'split' and 'sentences' with 'raw' text") from None
+        if image in caps:
+            raise FnemmError(f"{where}: image {image} appears twice")
+        order.append(image)
+        caps[image] = [s for s in sentences if s]
+    return _build(data.get("dataset", path.stem.replace("dataset_", "")), order, caps, split, path)
+
+
+# --- COCO captions json -------------------------------------------------------
+
+def load_coco_captions(paths: list[tuple[Path, str | None]], data=None) -> Dataset:
+    """COCO ``captions_*.json`` files, each with its split (inferred from the
+    file name when not given, e.g. captions_val2014.json -> val). ``data`` is
+    the parsed content of a single file if already read."""
+    order, caps, split = [], {}, {}
+    for path, given in paths:
+        data = _read_json(path) if data is None or len(paths) > 1 else data
+        if not isinstance(data, dict) or "annotations" not in data or "images" not in data:
+            raise FnemmError(f"{path}: expected COCO captions json with 'images' and 'annotations'")
+        if given is None:
+            m = re.search(r"(train|val|test)", path.name)
+            if m is None:
+                raise FnemmError(f"{path}: cannot tell the split from the name; "
+                                 f"pass it as --dataset SPLIT={path}")
+            given = m.group(1)
+        sp = _norm_split(given, str(path))
+        by_id = {}
+        for k, img in enumerate(data["images"]):
+            try:
+                by_id[img["id"]] = img["file_name"]
+            except (KeyError, TypeError):
+                raise FnemmError(f"{path}: images[{k}] needs 'id' and 'file_name'") from None
+        for k, ann in enumerate(data["annotations"]):
+            try:
+                image = by_id[ann["image_id"]]
+                text = ann["caption"].strip()
+            except KeyError:
+                raise FnemmError(f"{path}: annotations[{k}] needs 'caption' and an 'image_id' "
+                                 f"listed in 'images'") from None
+            if image not in caps:
+                caps[image] = []
+                order.append(image)
+                split[image] = sp
+            if text:
+                caps[image].append(text)
+    return _build("coco", order, caps, split, paths[0][0])
+
+
+# --- JSON lines ----------------------------------------------------------------
+
+def load_jsonl(path: Path) -> Dataset:
+    order, caps, split = [], {}, {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise FnemmError(f"{where}: invalid JSON ({e.msg}); each line must be one "
+                                 f'{{"image": ..., "captions": [...], "split": ...}} object') from None
+            if (not isinstance(rec, dict) or not isinstance(rec.get("image"), str)
+                    or not isinstance(rec.get("captions"), list)
+                    or not all(isinstance(c, str) for c in rec["captions"]) or "split" not in rec):
+                raise FnemmError(f'{where}: expected {{"image": "name.jpg", "captions": ["...", ...], '
+                                 f'"split": "train|val|test"}}')
+            image = rec["image"]
+            if image in caps:
+                raise FnemmError(f"{where}: image {image} appears twice")
+            texts = [c.strip() for c in rec["captions"] if c.strip()]
+            if not texts:
+                raise FnemmError(f"{where}: image {image} has no non-empty caption")
+            order.append(image)
+            caps[image] = texts
+            split[image] = _norm_split(rec["split"], where)
+    return _build(path.stem, order, caps, split, path)
+
+
+# --- dispatch --------------------------------------------------------------
+
+def load_dataset(specs: str | Path | list[str | Path]) -> Dataset:
+    """Load a dataset from one path (or several COCO captions files).
+
+    A spec is a path, optionally prefixed by ``SPLIT=`` for COCO captions files
+    whose names do not say their split.
+    """
+    if isinstance(specs, (str, Path)):
+        specs = [specs]
+    parsed: list[tuple[Path, str | None]] = []
+    for spec in specs:
+        text = str(spec)
+        split = None
+        m = re.match(r"^(train|val|dev|test|restval)=(.+)$", text)
+        if m:
+            split, text = m.group(1), m.group(2)
+        path = Path(text)
+        if not path.exists():
+            raise FnemmError(f"{path}: no such file or folder; pass --dataset a Flickr folder, "
+                             f"a dataset_*.json, COCO captions_*.json files or a .jsonl file")
+        parsed.append((path, split))
+    if len(parsed) > 1 or parsed[0][1] is not None:
+        return load_coco_captions(parsed)
+    path = parsed[0][0]
+    if path.is_dir():
+        return load_flickr_raw(path)
+    if path.suffix == ".jsonl":
+        return load_jsonl(path)
+    if path.suffix == ".json":
+        data = _read_json(path)
+        if isinstance(data, dict) and "annotations" in data:
+            return load_coco_captions([(path, None)], data)
+        return load_karpathy(path, data)
+    if path.name.endswith((".token.txt", ".token")):
+        return load_flickr_raw(path.parent)
+    raise FnemmError(f"{path}: unknown dataset format; expected a Flickr folder, .json or .jsonl")

@@ -1,0 +1,153 @@
+"""Image features in: the feature store that ``fnemm extract`` writes, or a
+plain ``.npy`` matrix with an ids file.
+
+Feature store (a folder)::
+
+    manifest.json   {"format": "fnemm-features", "version": 1,
+                     "image_ids": [...N ids, row order...],
+                     "arrays": {"fne": {"file": "fne.npy", "dtype": "int8", "shape": [N, D]},
+                                "fc7": {"file": "fc7.npy", "dtype": "float32", "shape": [N, 4096]}, ...},
+                     "skipped": [{"image": id, "reason": "..."}],   # unreadable images
+                     ...what produced it: cnn, weights sha256, taps, crops, thresholds...}
+    fne.npy, fc7.npy, ...  one row per image id, in manifest order
+
+Plain features: ``feats.npy`` (N x D, any numeric dtype) and an ids file of N
+lines (``--ids``, or ``feats.ids.txt`` / ``ids.txt`` beside it).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fnemm.errors import FnemmError
+from fnemm.fileio import atomic_save_npy, atomic_write_json
+
+FORMAT = "fnemm-features"
+
+
+@dataclass
+class Features:
+    ids: list[str]
+    array: np.ndarray                     # (N, D), rows in ``ids`` order; may be a memmap
+    source: str                           # path it was read from
+    kind: str                             # array name ('fne', 'fc7', or 'plain')
+    skipped: dict[str, str] = field(default_factory=dict)   # image id -> why it has no row
+    manifest: dict = field(default_factory=dict)
+
+    @property
+    def dim(self) -> int:
+        return int(self.array.shape[1])
+
+    def rows_for(self, image_ids: list[str], what: str = "the dataset") -> np.ndarray:
+        """Row index of each of ``image_ids``; a clear error if any has no features."""
+        index = {image: row for row, image in enumerate(self.ids)}
+        missing = [i for i in image_ids if i not in index]
+        if missing:
+            known_bad = [i for i in missing if i in self.skipped]
+            why = (f"; {len(known_bad)} were skipped at extraction "
+                   f"(e.g. {known_bad[0]}: {self.skipped[known_bad[0]]})" if known_bad else "")
+            raise FnemmError(
+                f"{self.source}: {len(missing)} of {len(image_ids)} images of {what} have no features "
+                f"(e.g. {missing[0]!r}){why}; extract features for the same images, or check that "
+                f"--features and --dataset belong together")
+        return np.array([index[i] for i in image_ids], dtype=np.int64)
+
+
+def _check_array(array: np.ndarray, n_ids: int, path: Path) -> None:
+    if array.ndim != 2:
+        raise FnemmError(f"{path}: expected a 2-D (images x features) array, got shape {array.shape}")
+    if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
+        raise FnemmError(f"{path}: expected a numeric array, got dtype {array.dtype}")
+    if array.shape[0] != n_ids:
+        raise FnemmError(f"{path}: {array.shape[0]} rows but {n_ids} image ids; "
+                         f"the ids file must list one id per row, in row order")
+
+
+def _check_ids(ids: list[str], path: Path) -> None:
+    seen = set()
+    for k, i in enumerate(ids):
+        if i in seen:
+            raise FnemmError(f"{path}: image id {i!r} appears twice (entry {k + 1})")
+        seen.add(i)
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise FnemmError(f"{path}: not a readable .npy array ({e}); re-create it with numpy.save") from None
+
+
+def load_store(folder: Path, kind: str = "fne") -> Features:
+    manifest_path = folder / "manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise FnemmError(f"{manifest_path}:{e.lineno}: invalid JSON ({e.msg}); re-run `fnemm extract`") from None
+    if manifest.get("format") != FORMAT:
+        raise FnemmError(f"{manifest_path}: not an fnemm feature store (format={manifest.get('format')!r})")
+    arrays = manifest.get("arrays", {})
+    if kind not in arrays:
+        have = ", ".join(arrays) or "none"
+        raise FnemmError(f"{folder}: this feature store has no {kind!r} features (it has: {have}); "
+                         f"choose --set features=... accordingly or re-extract")
+    ids = list(manifest["image_ids"])
+    path = folder / arrays[kind]["file"]
+    array = _load_npy(path)
+    _check_array(array, len(ids), path)
+    _check_ids(ids, manifest_path)
+    skipped = {s["image"]: s.get("reason", "") for s in manifest.get("skipped", [])}
+    return Features(ids, array, str(folder), kind, skipped, manifest)
+
+
+def load_plain(path: Path, ids_path: Path | None = None) -> Features:
+    if ids_path is None:
+        for candidate in (path.with_suffix(".ids.txt"), path.parent / "ids.txt"):
+            if candidate.exists():
+                ids_path = candidate
+                break
+        else:
+            raise FnemmError(f"{path}: no ids file found; pass --ids FILE with one image id per row "
+                             f"(or put {path.with_suffix('.ids.txt').name} beside it)")
+    if not ids_path.exists():
+        raise FnemmError(f"{ids_path}: no such ids file")
+    ids = [line.strip() for line in ids_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    array = _load_npy(path)
+    _check_array(array, len(ids), path)
+    _check_ids(ids, ids_path)
+    return Features(ids, array, str(path), "plain")
+
+
+def load_features(path: str | Path, kind: str = "fne", ids: str | Path | None = None) -> Features:
+    """Features from a store folder (array ``kind``) or a plain ``.npy`` (+ ``ids``)."""
+    path = Path(path)
+    if not path.exists():
+        raise FnemmError(f"{path}: no such feature store or .npy file; run `fnemm extract` or "
+                         f"pass a .npy matrix with --ids")
+    if path.is_dir():
+        if not (path / "manifest.json").exists():
+            raise FnemmError(f"{path}: no manifest.json; not a feature store (run `fnemm extract`)")
+        return load_store(path, kind)
+    if path.suffix != ".npy":
+        raise FnemmError(f"{path}: expected a feature store folder or a .npy file")
+    return load_plain(path, Path(ids) if ids else None)
+
+
+def write_store(folder: str | Path, image_ids: list[str], arrays: dict[str, np.ndarray],
+                skipped: dict[str, str] | None = None, **info) -> Path:
+    """Write a complete feature store (arrays first, manifest last, all atomic)."""
+    folder = Path(folder)
+    entries = {}
+    for kind, array in arrays.items():
+        _check_array(array, len(image_ids), folder / f"{kind}.npy")
+        atomic_save_npy(folder / f"{kind}.npy", np.ascontiguousarray(array))
+        entries[kind] = {"file": f"{kind}.npy", "dtype": str(array.dtype), "shape": list(array.shape)}
+    manifest = {"format": FORMAT, "version": 1, **info, "image_ids": list(image_ids),
+                "arrays": entries,
+                "skipped": [{"image": i, "reason": r} for i, r in (skipped or {}).items()]}
+    atomic_write_json(folder / "manifest.json", manifest)
+    return folder

@@ -1,0 +1,304 @@
+"""Training: Adam, gradient clipping, curriculum stages, best-on-validation
+checkpoints, exact resume (Sec. 4.3.1 of the paper).
+
+An epoch shows every training image once, each with one of its captions drawn
+at random, in batches of 128 pairs whose other 127 pairs are the negatives.
+After each epoch the model is scored on the validation split (rsum); the best
+epoch so far is kept in ``best.pt``. A stage ends after ``max_epochs`` or, if
+set, ``patience`` epochs without a better rsum; the next stage (curriculum: sum
+-> max of hinges) starts from the best weights with a fresh Adam at its own lr.
+
+Run folder::
+
+    config.json     the fully resolved TrainConfig
+    run.json        data paths, feature info, vocabulary size
+    best.pt         best model so far (what evaluate/search load)
+    last.pt         everything needed to resume (model, Adam, RNG, counters)
+    metrics.jsonl   one line per epoch: loss, validation metrics, time
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from fnemm.config import TrainConfig, validate
+from fnemm.data import SplitData, build_vocab, embed_captions, embed_images, split_data
+from fnemm.datasets import Dataset
+from fnemm.errors import FnemmError
+from fnemm.metrics import evaluate_embeddings, format_metrics
+from fnemm.features import Features
+from fnemm.fileio import atomic_torch_save, atomic_write_json, atomic_write_text
+from fnemm.losses import contrastive_loss
+from fnemm.model import JointEmbedding
+from fnemm.text import Vocab, pad_batch
+
+CHECKPOINT_FORMAT = "fnemm-checkpoint"
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise FnemmError(f"--device {device}: no CUDA device is available here; use --device cpu")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise FnemmError(f"--device {device}: expected cpu, cuda, cuda:N or auto")
+    return device
+
+
+def validation_metrics(model: JointEmbedding, data: SplitData, per_image: int, device: str,
+                       folds: int = 1) -> dict[str, float]:
+    captions, owner = data.eval_captions(per_image)
+    img = embed_images(model, data.features, device)
+    cap = embed_captions(model, captions, device)
+    return evaluate_embeddings(img, cap, owner, model.config.similarity, folds=folds)
+
+
+@dataclass
+class TrainState:
+    """Counters that, with the model, Adam and the RNGs, define where a run is."""
+    stage: int = 0
+    stage_epoch: int = 0              # epochs done in the current stage
+    epoch: int = 0                    # epochs done in all
+    best_rsum: float = -math.inf      # best validation rsum of the whole run
+    best_epoch: int = 0
+    stage_best_rsum: float = -math.inf
+    stale: int = 0                    # epochs since the stage's best
+    done: bool = False
+    history: list[dict] = field(default_factory=list)
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, train: SplitData, val: SplitData, vocab: Vocab,
+                 out_dir: Path, device: str = "cpu", quiet: bool = False, run_info: dict | None = None):
+        validate(config)
+        self.config, self.train_data, self.val_data, self.vocab = config, train, val, vocab
+        self.out = Path(out_dir)
+        self.device = resolve_device(device)
+        self.quiet = quiet
+        self.run_info = run_info or {}
+        torch.manual_seed(config.seed)
+        self.rng = np.random.default_rng(config.seed)
+        self.model = JointEmbedding(config.model, len(vocab), train.features.shape[1]).to(self.device)
+        self.state = TrainState()
+        self.optimizer = self._new_optimizer()
+
+    # --- checkpoints ---------------------------------------------------------
+    def _new_optimizer(self) -> torch.optim.Optimizer:
+        # A finished run has stage == len(stages); its optimizer is the last stage's.
+        stage = min(self.state.stage, len(self.config.stages) - 1)
+        return torch.optim.Adam(self.model.parameters(), lr=self.config.stages[stage].lr)
+
+    def _payload(self) -> dict:
+        return {"format": CHECKPOINT_FORMAT, "version": 1, "config": self.config.to_dict(),
+                "vocab": self.vocab.itos[2:], "feature_dim": self.model.feature_dim,
+                "features": self.run_info.get("features", {}),
+                "model": self.model.state_dict()}
+
+    def _save_last(self) -> None:
+        atomic_torch_save(self.out / "last.pt", {
+            **self._payload(),
+            "optimizer": self.optimizer.state_dict(),
+            "numpy_rng": self.rng.bit_generator.state,
+            "torch_rng": torch.get_rng_state(),
+            "state": self.state.__dict__,
+        })
+        lines = "".join(json.dumps(h) + "\n" for h in self.state.history)
+        atomic_write_text(self.out / "metrics.jsonl", lines)
+
+    def _restore(self, ckpt: dict) -> None:
+        if ckpt.get("config") != self.config.to_dict():
+            raise FnemmError(f"{self.out / 'last.pt'}: the run was made with another config; "
+                             f"resume without changing presets/--set, or use a new --out")
+        self.model.load_state_dict(ckpt["model"])
+        self.state = TrainState(**ckpt["state"])
+        self.optimizer = self._new_optimizer()
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.rng.bit_generator.state = ckpt["numpy_rng"]
+        torch.set_rng_state(ckpt["torch_rng"])
+
+    def _start(self, resume: bool) -> None:
+        last = self.out / "last.pt"
+        if last.exists():
+            if not resume:
+                raise FnemmError(f"{self.out}: a run is already here; pass --resume to continue it "
+                                 f"or choose another --out")
+            self._restore(torch.load(last, map_location=self.device, weights_only=False))
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.out / "config.json", self.config.to_json() + "\n")
+        atomic_write_json(self.out / "run.json", {**self.run_info, "vocab_size": len(self.vocab),
+                                                  "feature_dim": self.model.feature_dim})
+        self._save_last()
+
+    # --- one epoch -------------------------------------------------------------
+    def _epoch(self) -> float:
+        stage = self.config.stages[self.state.stage]
+        data = self.train_data
+        self.model.train()
+        perm = self.rng.permutation(len(data))
+        picks = self.rng.integers(0, [len(data.captions[k]) for k in perm])
+        bs = self.config.batch_size
+        total, batches = 0.0, 0
+        desc = (f"stage {self.state.stage + 1}/{len(self.config.stages)} "
+                f"epoch {self.state.stage_epoch + 1}/{stage.max_epochs}")
+        bar = tqdm(range(0, len(perm), bs), desc=desc, leave=False, disable=self.quiet, unit="batch")
+        for start in bar:
+            idx = perm[start:start + bs]
+            if len(idx) < 2:          # a lone pair has no negatives
+                continue
+            feats = torch.from_numpy(data.features[idx]).to(self.device)
+            tokens, lengths = pad_batch([data.captions[k][p] for k, p in zip(idx, picks[start:start + bs])])
+            img, cap = self.model(feats, tokens.to(self.device), lengths)
+            loss = contrastive_loss(img, cap, self.config.model.similarity, stage.loss, stage.margin)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+            self.optimizer.step()
+            total += loss.item()
+            batches += 1
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        return total / max(batches, 1)
+
+    def _next_stage(self) -> None:
+        st = self.state
+        st.stage += 1
+        st.stage_epoch, st.stale, st.stage_best_rsum = 0, 0, -math.inf
+        if st.stage < len(self.config.stages):
+            # Curriculum: the next stage starts from the best model so far.
+            best = torch.load(self.out / "best.pt", map_location=self.device, weights_only=False)
+            self.model.load_state_dict(best["model"])
+            self.optimizer = self._new_optimizer()
+        else:
+            st.done = True
+
+    def _stage_over(self) -> bool:
+        stage = self.config.stages[self.state.stage]
+        return (self.state.stage_epoch >= stage.max_epochs
+                or (stage.patience is not None and self.state.stale >= stage.patience))
+
+    def fit(self, resume: bool = False) -> dict:
+        self._start(resume)
+        st = self.state
+        while not st.done:
+            if self._stage_over():
+                self._next_stage()
+                self._save_last()
+                continue
+            t0 = time.perf_counter()
+            loss = self._epoch()
+            val = validation_metrics(self.model, self.val_data, self.config.eval_captions, self.device)
+            st.epoch += 1
+            st.stage_epoch += 1
+            improved = val["rsum"] > st.best_rsum
+            if val["rsum"] > st.stage_best_rsum:
+                st.stage_best_rsum, st.stale = val["rsum"], 0
+            else:
+                st.stale += 1
+            if improved:
+                st.best_rsum, st.best_epoch = val["rsum"], st.epoch
+                atomic_torch_save(self.out / "best.pt", {**self._payload(), "epoch": st.epoch,
+                                                         "stage": st.stage + 1, "val": val})
+            st.history.append({"epoch": st.epoch, "stage": st.stage + 1, "stage_epoch": st.stage_epoch,
+                               "lr": self.config.stages[st.stage].lr, "loss": loss, "val": val,
+                               "best": improved, "time_s": round(time.perf_counter() - t0, 3)})
+            self._save_last()
+            if not self.quiet:
+                tqdm.write(f"epoch {st.epoch} (stage {st.stage + 1}) loss {loss:.3f} | "
+                           f"val {format_metrics(val)}{'  *best' if improved else ''}")
+        return self.best_summary()
+
+    def best_summary(self) -> dict:
+        best = next((h for h in self.state.history if h["epoch"] == self.state.best_epoch), None)
+        return {"best_epoch": self.state.best_epoch, "epochs": self.state.epoch,
+                "val": best["val"] if best else None, "out": str(self.out)}
+
+
+def train(config: TrainConfig, dataset: Dataset, features: Features, out_dir: str | Path,
+          *, resume: bool = False, device: str = "cpu", quiet: bool = False,
+          run_info: dict | None = None) -> dict:
+    """Train ``config`` on ``dataset``'s train split, select on its val split.
+
+    Returns the best epoch's summary; the run folder holds the checkpoints.
+    """
+    validate(config)
+    vocab = build_vocab(dataset)
+    train_split = split_data(dataset, features, vocab, "train")
+    val_split = split_data(dataset, features, vocab, "val")
+    info = {"dataset": dataset.name, "n_train": len(train_split), "n_val": len(val_split),
+            "features": {"source": features.source, "kind": features.kind, "dim": features.dim,
+                         "producer": {k: v for k, v in features.manifest.items()
+                                      if k not in ("image_ids", "skipped", "arrays")}},
+            **(run_info or {})}
+    trainer = Trainer(config, train_split, val_split, vocab, Path(out_dir), device, quiet, info)
+    return trainer.fit(resume=resume)
+
+
+# --- using a trained model -----------------------------------------------------
+
+def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[JointEmbedding, Vocab, TrainConfig, dict]:
+    """(model, vocab, config, raw checkpoint) of a ``best.pt``/``last.pt`` file or a run folder."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "best.pt"
+    if not path.exists():
+        raise FnemmError(f"{path}: no such checkpoint; pass a run folder or its best.pt "
+                         f"(written after the first epoch of `fnemm train`)")
+    try:
+        ckpt = torch.load(path, map_location=resolve_device(device), weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
+        raise FnemmError(f"{path}: not a readable checkpoint ({type(e).__name__}); is it an fnemm best.pt?") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise FnemmError(f"{path}: not an fnemm checkpoint")
+    config = TrainConfig.from_dict(ckpt["config"])
+    vocab = Vocab(ckpt["vocab"])
+    model = JointEmbedding(config.model, len(vocab), ckpt["feature_dim"])
+    model.load_state_dict(ckpt["model"])
+    return model.to(resolve_device(device)).eval(), vocab, config, ckpt
+
+
+def evaluate(checkpoint: str | Path, dataset: Dataset, features: Features, split: str = "test",
+             protocol: str = "auto", device: str = "cpu") -> dict[str, dict[str, float]]:
+    """Recall@K and ranks of a trained model on ``split``.
+
+    protocol: 'all' (every image of the split, e.g. the 1K Flickr test), '1k'
+    (the first 1,000), '5fold' (mean over 5 folds of 1,000, MSCOCO), '5k' (all 5,000),
+    'auto' (all; plus 1k and 5fold when the split has 5,000 images, as MSCOCO's).
+    """
+    device = resolve_device(device)
+    model, vocab, config, ckpt = load_checkpoint(checkpoint, device)
+    if features.dim != ckpt["feature_dim"]:
+        raise FnemmError(f"{features.source}: features have {features.dim} dimensions but the checkpoint "
+                         f"was trained on {ckpt['feature_dim']}; pass the same kind of features "
+                         f"(store and --set features=...) as in training")
+    data = split_data(dataset, features, vocab, split)
+    captions, owner = data.eval_captions(config.eval_captions)
+    img = embed_images(model, data.features, device)
+    cap = embed_captions(model, captions, device)
+    sim = config.model.similarity
+    n = len(data)
+    wanted = {"auto": ["all"] + (["1k", "5fold"] if n == 5000 else []),
+              "all": ["all"], "5k": ["all"], "1k": ["1k"], "5fold": ["5fold"]}.get(protocol)
+    if wanted is None:
+        raise FnemmError(f"--protocol {protocol}: expected auto, all, 1k, 5fold or 5k")
+    results = {}
+    for name in wanted:
+        if name == "all":
+            results[f"{n}"] = evaluate_embeddings(img, cap, owner, sim)
+        elif name == "1k":
+            if n < 1000:
+                raise FnemmError(f"--protocol 1k needs >= 1000 {split} images; this split has {n}")
+            keep = owner < 1000
+            results["1k"] = evaluate_embeddings(img[:1000], cap[keep], owner[keep], sim)
+        else:
+            if n % 5:
+                raise FnemmError(f"--protocol 5fold needs a multiple of 5 {split} images; this split has {n}")
+            results["5fold"] = evaluate_embeddings(img, cap, owner, sim, folds=5)
+    return results

@@ -1,0 +1,116 @@
+"""The command line: a newcomer's path works, and bad input is one clear line."""
+
+import json
+
+import numpy as np
+import pytest
+
+from fnemm.cli import main
+
+SMALL = ["--set", "model.embed_dim=32", "--set", "model.word_dim=16", "--batch-size", "32"]
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, *fragments):
+    assert code == 2
+    # Progress/info lines may come first; the error itself is one line, the last.
+    lines = [x for x in err.strip().splitlines() if x.startswith("fnemm: error: ")]
+    assert len(lines) == 1 and err.strip().splitlines()[-1] == lines[0], err
+    assert "Traceback" not in err
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+
+
+def test_train_then_evaluate(capsys, synth, tmp_path):
+    jsonl, npy, ids = synth
+    code, out, err = run(capsys, "train", "--preset", "flickr8k/FNE-SH", "--dataset", jsonl,
+                         "--features", npy, "--out", tmp_path / "r", "--epochs", "2", "--quiet", *SMALL)
+    assert code == 0, err
+    assert "best epoch" in out
+    cfg = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert cfg["model"]["embed_dim"] == 32 and cfg["stages"][0]["loss"] == "sum"
+    assert cfg["stages"][0]["max_epochs"] == 2
+    code, out, err = run(capsys, "evaluate", "--checkpoint", tmp_path / "r", "--dataset", jsonl,
+                         "--features", npy, "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    assert set(res["90"]) >= {"i2t_r1", "t2i_r10", "i2t_medr", "rsum"}
+    assert (tmp_path / "r" / "metrics-test.json").exists()
+
+
+def test_presets_table(capsys):
+    code, out, _ = run(capsys, "presets")
+    assert code == 0 and len(out.strip().splitlines()) == 2 + 60
+    assert "flickr8k/FNE-POE" in out and "sum->max" in out
+
+
+def test_unknown_preset(capsys, synth, tmp_path):
+    jsonl, npy, _ = synth
+    code, _, err = run(capsys, "train", "--preset", "flickr8k/FNE-XX", "--dataset", jsonl,
+                       "--features", npy, "--out", tmp_path / "r")
+    assert_one_line_error(code, err, "unknown preset", "fnemm presets")
+
+
+def test_broken_caption_line(capsys, synth, tmp_path):
+    jsonl, npy, _ = synth
+    lines = jsonl.read_text().splitlines()
+    lines[4] = lines[4][:-5]
+    jsonl.write_text("\n".join(lines) + "\n")
+    code, _, err = run(capsys, "train", "--preset", "flickr8k/FNE-MH", "--dataset", jsonl,
+                       "--features", npy, "--out", tmp_path / "r")
+    assert_one_line_error(code, err, f"{jsonl}:5: invalid JSON")
+
+
+def test_ids_that_do_not_match(capsys, synth, tmp_path):
+    jsonl, npy, ids = synth
+    ids.write_text("\n".join(f"other{k}.jpg" for k in range(600)) + "\n")
+    code, _, err = run(capsys, "train", "--preset", "flickr8k/FNE-MH", "--dataset", jsonl,
+                       "--features", npy, "--out", tmp_path / "r")
+    assert_one_line_error(code, err, str(npy), "have no features", "img00000.jpg")
+
+
+def test_wrong_feature_dim(capsys, synth, tmp_path):
+    jsonl, npy, ids = synth
+    code, _, err = run(capsys, "train", "--preset", "flickr8k/FNE-MH", "--dataset", jsonl,
+                       "--features", npy, "--out", tmp_path / "r", "--epochs", "1", "--quiet", *SMALL)
+    assert code == 0, err
+    wide = tmp_path / "wide.npy"
+    np.save(wide, np.zeros((600, 99), np.float32))
+    code, _, err = run(capsys, "evaluate", "--checkpoint", tmp_path / "r", "--dataset", jsonl,
+                       "--features", wide, "--ids", ids)
+    assert_one_line_error(code, err, str(wide), "99 dimensions", "trained on 48")
+
+
+def test_resume_refuses_config_changes_and_missing_checkpoint(capsys, synth, tmp_path):
+    jsonl, npy, _ = synth
+    code, _, err = run(capsys, "train", "--preset", "flickr8k/FNE-MH", "--dataset", jsonl,
+                       "--features", npy, "--out", tmp_path / "r", "--epochs", "1", "--quiet", *SMALL)
+    assert code == 0, err
+    code, _, err = run(capsys, "train", "--out", tmp_path / "r", "--resume", "--lr", "1")
+    assert_one_line_error(code, err, "--resume continues the saved config")
+    code, _, err = run(capsys, "evaluate", "--checkpoint", tmp_path / "nothing", "--dataset", jsonl,
+                       "--features", npy)
+    assert_one_line_error(code, err, "no such checkpoint")
+
+
+def test_bad_override_and_device(capsys, synth, tmp_path):
+    jsonl, npy, _ = synth
+    code, _, err = run(capsys, "train", "--preset", "flickr8k/FNE-MH", "--dataset", jsonl,
+                       "--features", npy, "--out", tmp_path / "r", "--set", "model.embed_dim=wide")
+    assert_one_line_error(code, err, "model.embed_dim=wide", "expected int")
+    code, _, err = run(capsys, "train", "--preset", "flickr8k/FNE-MH", "--dataset", jsonl,
+                       "--features", npy, "--out", tmp_path / "r2", "--device", "tpu", *SMALL)
+    assert_one_line_error(code, err, "--device tpu")
+
+
+def test_help_is_there(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--preset" in out and "--resume" in out and "examples:" in out

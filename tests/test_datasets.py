@@ -1,0 +1,126 @@
+"""Every dataset layout loads into the same Dataset; malformed files name file and line."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fnemm import FnemmError, load_dataset
+
+SHARED_F8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k"
+
+
+def write_flickr(folder: Path, token_lines: list[str], train, dev, test):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "Flickr8k.token.txt").write_text("\n".join(token_lines) + "\n")
+    for name, items in (("trainImages", train), ("devImages", dev), ("testImages", test)):
+        (folder / f"Flickr_8k.{name}.txt").write_text("\n".join(items) + "\n")
+    return folder
+
+
+def _tokens(images, n=5):
+    return [f"{im}#{k}\tA caption {k} of {im} ." for im in images for k in range(n)]
+
+
+def test_flickr_raw(tmp_path):
+    folder = write_flickr(tmp_path / "f8k", _tokens(["a.jpg", "b.jpg", "c.jpg", "stray.jpg"]),
+                          ["a.jpg"], ["b.jpg"], ["c.jpg"])
+    ds = load_dataset(folder)
+    assert ds.name == "flickr8k"
+    assert ds.image_ids == ["a.jpg", "b.jpg", "c.jpg"]          # stray.jpg is in no split
+    assert ds.splits == ["train", "val", "test"]
+    assert ds.captions[0][4] == "A caption 4 of a.jpg ."
+    assert load_dataset(folder / "Flickr8k.token.txt").image_ids == ds.image_ids
+
+
+def test_flickr_broken_line_names_file_and_line(tmp_path):
+    lines = _tokens(["a.jpg", "b.jpg", "c.jpg"])
+    lines[7] = "b.jpg this line lost its tab and number"
+    folder = write_flickr(tmp_path / "f8k", lines, ["a.jpg"], ["b.jpg"], ["c.jpg"])
+    with pytest.raises(FnemmError, match=r"Flickr8k\.token\.txt:8: expected"):
+        load_dataset(folder)
+
+
+def test_flickr_split_image_without_caption(tmp_path):
+    folder = write_flickr(tmp_path / "f8k", _tokens(["a.jpg"]), ["a.jpg"], ["zzz.jpg"], [])
+    with pytest.raises(FnemmError, match="zzz.jpg has no caption"):
+        load_dataset(folder)
+
+
+@pytest.mark.skipif(not SHARED_F8K.exists(), reason="bundled Flickr8K not present")
+def test_real_flickr8k_official_split():
+    ds = load_dataset(SHARED_F8K)
+    assert ds.counts() == {"train": 6000, "val": 1000, "test": 1000, "restval": 0}
+    assert all(len(c) == 5 for c in ds.captions)
+    assert "2258277193_586949ec62.jpg.1" not in ds.image_ids
+
+
+def karpathy(tmp_path, name="dataset_coco.json"):
+    images = [{"filename": f"COCO_{k}.jpg", "filepath": "val2014", "split": s,
+               "sentences": [{"raw": f"cap {j} of {k}", "tokens": []} for j in range(5 + (k % 2))]}
+              for k, s in enumerate(["train", "restval", "val", "test", "test"])]
+    path = tmp_path / name
+    path.write_text(json.dumps({"images": images, "dataset": "coco"}))
+    return path
+
+
+def test_karpathy_with_restval(tmp_path):
+    ds = load_dataset(karpathy(tmp_path))
+    assert ds.name == "coco"
+    assert ds.split_indices("train") == [0, 1]
+    assert ds.split_indices("train", restval=False) == [0]
+    assert ds.split_indices("test") == [3, 4]
+    assert len(ds.captions[1]) == 6
+
+
+def test_karpathy_malformed(tmp_path):
+    bad = tmp_path / "dataset_flickr8k.json"
+    bad.write_text('{"images": [\n{"filename": "a.jpg",\n "split": "train" "sentences": []}]}')
+    with pytest.raises(FnemmError, match=r"dataset_flickr8k\.json:3: invalid JSON"):
+        load_dataset(bad)
+    bad.write_text(json.dumps({"images": [{"filename": "a.jpg", "split": "train"}]}))
+    with pytest.raises(FnemmError, match=r"images\[0\]: needs"):
+        load_dataset(bad)
+
+
+def coco_file(path, ids):
+    path.write_text(json.dumps({
+        "images": [{"id": i, "file_name": f"COCO_{i:012d}.jpg"} for i in ids],
+        "annotations": [{"image_id": i, "id": 10 * i + j, "caption": f"c{j} {i}"} for i in ids for j in range(5)],
+    }))
+    return path
+
+
+def test_coco_captions_files(tmp_path):
+    tr = coco_file(tmp_path / "captions_train2014.json", [1, 2, 3])
+    va = coco_file(tmp_path / "captions_val2014.json", [4, 5])
+    ds = load_dataset([tr, va])
+    assert ds.counts()["train"] == 3 and ds.counts()["val"] == 2
+    assert ds.image_ids[3] == "COCO_000000000004.jpg"
+    other = coco_file(tmp_path / "caps.json", [6])
+    ds2 = load_dataset([tr, f"test={other}"])
+    assert ds2.splits[-1] == "test"
+    with pytest.raises(FnemmError, match="cannot tell the split"):
+        load_dataset([tr, other])
+
+
+def test_jsonl_and_its_errors(tmp_path):
+    p = tmp_path / "mine.jsonl"
+    p.write_text('{"image": "x.jpg", "captions": ["a b", "c"], "split": "train"}\n'
+                 '{"image": "y.jpg", "captions": ["d"], "split": "dev"}\n')
+    ds = load_dataset(p)
+    assert ds.splits == ["train", "val"] and ds.captions[0] == ["a b", "c"]
+    p.write_text('{"image": "x.jpg", "captions": ["a"], "split": "train"}\n{"image": "y.jpg", "captions": "oops"\n')
+    with pytest.raises(FnemmError, match=r"mine\.jsonl:2: invalid JSON"):
+        load_dataset(p)
+    p.write_text('{"image": "x.jpg", "captions": ["a"], "split": "holdout"}\n')
+    with pytest.raises(FnemmError, match=r"mine\.jsonl:1: unknown split 'holdout'"):
+        load_dataset(p)
+    p.write_text('{"image": "x.jpg", "captions": [], "split": "train"}\n')
+    with pytest.raises(FnemmError, match=r"mine\.jsonl:1: image x.jpg has no non-empty caption"):
+        load_dataset(p)
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(FnemmError, match="no such file"):
+        load_dataset(tmp_path / "nope.json")

@@ -1,0 +1,57 @@
+import json
+
+import numpy as np
+import pytest
+
+from fnemm import FnemmError, load_features, write_store
+
+
+def test_store_roundtrip_and_alignment(tmp_path):
+    fne = np.array([[1, 0, -1], [0, 1, 1]], dtype=np.int8)
+    fc7 = np.random.default_rng(0).random((2, 4)).astype(np.float32)
+    write_store(tmp_path / "s", ["a.jpg", "b.jpg"], {"fne": fne, "fc7": fc7},
+                skipped={"c.jpg": "cannot identify image file"}, cnn="mobilenet_v2")
+    f = load_features(tmp_path / "s", "fne")
+    assert f.array.dtype == np.int8 and f.dim == 3 and f.manifest["cnn"] == "mobilenet_v2"
+    assert f.rows_for(["b.jpg", "a.jpg"]).tolist() == [1, 0]
+    assert np.array_equal(load_features(tmp_path / "s", "fc7").array, fc7)
+    with pytest.raises(FnemmError, match="1 of 2 images.*skipped at extraction.*cannot identify"):
+        f.rows_for(["a.jpg", "c.jpg"])
+    with pytest.raises(FnemmError, match="no 'raw' features"):
+        load_features(tmp_path / "s", "raw")
+
+
+def test_plain_npy_with_ids(tmp_path):
+    np.save(tmp_path / "f.npy", np.ones((3, 5), np.float32))
+    (tmp_path / "f.ids.txt").write_text("x\ny\nz\n")
+    assert load_features(tmp_path / "f.npy").ids == ["x", "y", "z"]
+    (tmp_path / "other.txt").write_text("x\ny\n")
+    with pytest.raises(FnemmError, match="3 rows but 2 image ids"):
+        load_features(tmp_path / "f.npy", ids=tmp_path / "other.txt")
+    (tmp_path / "dup.txt").write_text("x\ny\nx\n")
+    with pytest.raises(FnemmError, match="'x' appears twice"):
+        load_features(tmp_path / "f.npy", ids=tmp_path / "dup.txt")
+    np.save(tmp_path / "g.npy", np.ones(3))
+    with pytest.raises(FnemmError, match="no ids file"):
+        load_features(tmp_path / "g.npy")
+
+
+def test_ids_that_do_not_match_the_dataset(tmp_path):
+    np.save(tmp_path / "f.npy", np.ones((2, 5), np.float32))
+    (tmp_path / "f.ids.txt").write_text("x.jpg\ny.jpg\n")
+    f = load_features(tmp_path / "f.npy")
+    with pytest.raises(FnemmError, match=r"2 of 2 images of the train split have no features \(e.g. 'a.jpg'\)"):
+        f.rows_for(["a.jpg", "b.jpg"], "the train split")
+
+
+def test_bad_store(tmp_path):
+    (tmp_path / "s").mkdir()
+    with pytest.raises(FnemmError, match="no manifest.json"):
+        load_features(tmp_path / "s")
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps({"format": "other"}))
+    with pytest.raises(FnemmError, match="not an fnemm feature store"):
+        load_features(tmp_path / "s")
+    (tmp_path / "bad.npy").write_bytes(b"not numpy")
+    (tmp_path / "bad.ids.txt").write_text("a\n")
+    with pytest.raises(FnemmError, match="not a readable .npy"):
+        load_features(tmp_path / "bad.npy")

@@ -1,0 +1,133 @@
+"""Training really learns, resumes exactly after a kill, and keeps the best epoch."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fnemm import TrainConfig, apply_overrides, evaluate, load_dataset, load_features, train
+from fnemm.config import ModelConfig, StageConfig
+from fnemm.metrics import evaluate_embeddings
+
+SMALL = ["model.embed_dim=64", "model.word_dim=32", "batch_size=32"]
+
+
+def small_config(**stage) -> TrainConfig:
+    st = {"loss": "max", "lr": 2e-3, "margin": 0.2, "max_epochs": 12, **stage}
+    return TrainConfig(model=ModelConfig(word_dim=32, embed_dim=64), stages=(StageConfig(**st),),
+                       batch_size=32)
+
+
+def chance_rsum(n_images: int, seed: int = 0) -> float:
+    """rsum of random embeddings on a split of this size: the level to beat."""
+    g = torch.Generator().manual_seed(seed)
+    owner = torch.arange(n_images).repeat_interleave(5)
+    return evaluate_embeddings(torch.randn(n_images, 16, generator=g), torch.randn(5 * n_images, 16, generator=g),
+                               owner, "cosine")["rsum"]
+
+
+@pytest.mark.parametrize("similarity,use_abs", [("cosine", False), ("order", True)])
+def test_learns_far_above_chance(synth, tmp_path, similarity, use_abs):
+    jsonl, npy, ids = synth
+    ds, feats = load_dataset(jsonl), load_features(npy, ids=ids)
+    cfg = small_config()
+    cfg = TrainConfig(model=ModelConfig(word_dim=32, embed_dim=64, similarity=similarity, use_abs=use_abs),
+                      stages=cfg.stages, batch_size=32)
+    summary = train(cfg, ds, feats, tmp_path / "run", quiet=True)
+    chance = chance_rsum(90)
+    assert chance < 120
+    assert summary["val"]["rsum"] > 3 * chance, summary
+    # Test split, through the public evaluate(): also far above chance.
+    test = evaluate(tmp_path / "run", ds, feats, "test")
+    assert test["90"]["rsum"] > 3 * chance
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 12
+    best = max(json.loads(x)["val"]["rsum"] for x in lines)
+    assert best == summary["val"]["rsum"]
+    ckpt = torch.load(tmp_path / "run" / "best.pt", weights_only=False)
+    assert ckpt["val"]["rsum"] == best
+
+
+def test_curriculum_switches_loss_and_starts_from_best(synth, tmp_path):
+    jsonl, npy, ids = synth
+    cfg = TrainConfig(model=ModelConfig(word_dim=32, embed_dim=64),
+                      stages=(StageConfig(loss="sum", lr=2e-3, max_epochs=6, patience=2),
+                              StageConfig(loss="max", lr=1e-4, max_epochs=3)), batch_size=32)
+    train(cfg, load_dataset(jsonl), load_features(npy, ids=ids), tmp_path / "run", quiet=True)
+    hist = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    stage1 = [h for h in hist if h["stage"] == 1]
+    stage2 = [h for h in hist if h["stage"] == 2]
+    assert len(stage2) == 3 and all(h["lr"] == 1e-4 for h in stage2)
+    assert 1 <= len(stage1) <= 6
+    # patience: stage 1 stopped only after 2 epochs without a better rsum, or at max_epochs
+    if len(stage1) < 6:
+        best_at = max(range(len(stage1)), key=lambda k: stage1[k]["val"]["rsum"])
+        assert len(stage1) - 1 - best_at == 2
+    last = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    assert last["state"]["done"] and last["state"]["stage"] == 2
+
+
+def _cli(*args, cwd=None):
+    return [sys.executable, "-m", "fnemm.cli", *args]
+
+
+def test_resume_after_kill_reaches_the_same_state(synth, tmp_path):
+    jsonl, npy, ids = synth
+    common = ["--preset", "flickr8k/FNE-MH", "--dataset", str(jsonl), "--features", str(npy),
+              "--ids", str(ids), "--epochs", "8", "--lr", "2e-3", "--quiet", "--threads", "1",
+              *sum((["--set", s] for s in SMALL), [])]
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    subprocess.run(_cli("train", "--out", str(ref), *common), check=True)
+
+    proc = subprocess.Popen(_cli("train", "--out", str(cut), *common))
+    metrics = cut / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = len(metrics.read_text().splitlines())
+    assert done_before < 8, "the run finished before it could be killed; make epochs longer"
+
+    subprocess.run(_cli("train", "--out", str(cut), "--resume", "--quiet", "--threads", "1"), check=True)
+    a = torch.load(ref / "last.pt", weights_only=False)
+    b = torch.load(cut / "last.pt", weights_only=False)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    strip = lambda h: {k: v for k, v in h.items() if k != "time_s"}  # noqa: E731
+    assert [strip(h) for h in a["state"]["history"]] == [strip(h) for h in b["state"]["history"]]
+    assert a["state"]["best_epoch"] == b["state"]["best_epoch"]
+    ba = torch.load(ref / "best.pt", weights_only=False)
+    bb = torch.load(cut / "best.pt", weights_only=False)
+    assert all(torch.equal(ba["model"][k], bb["model"][k]) for k in ba["model"])
+
+
+def test_existing_run_needs_resume(synth, tmp_path):
+    from fnemm import FnemmError
+    jsonl, npy, ids = synth
+    ds, feats = load_dataset(jsonl), load_features(npy, ids=ids)
+    cfg = small_config(max_epochs=1)
+    train(cfg, ds, feats, tmp_path / "run", quiet=True)
+    with pytest.raises(FnemmError, match="--resume"):
+        train(cfg, ds, feats, tmp_path / "run", quiet=True)
+    # resuming a finished run is a no-op that returns the same best
+    again = train(cfg, ds, feats, tmp_path / "run", quiet=True, resume=True)
+    assert again["epochs"] == 1
+    with pytest.raises(FnemmError, match="another config"):
+        train(small_config(max_epochs=2), ds, feats, tmp_path / "run", quiet=True, resume=True)
+
+
+def test_layer_norm_gru_trains(synth, tmp_path):
+    jsonl, npy, ids = synth
+    cfg = apply_overrides(small_config(max_epochs=3), ["model.layer_norm=true"])
+    summary = train(cfg, load_dataset(jsonl), load_features(npy, ids=ids), tmp_path / "run", quiet=True)
+    assert summary["val"]["rsum"] > 1.5 * chance_rsum(90)
