@@ -78,10 +78,15 @@ def _cli(*args, cwd=None):
     return [sys.executable, "-m", "fnemm.cli", *args]
 
 
-def test_resume_after_kill_reaches_the_same_state(synth, tmp_path):
+@pytest.mark.parametrize("checkpoint_every", ["0", "1e9"])
+def test_resume_after_kill_reaches_the_same_state(synth, tmp_path, checkpoint_every):
+    """Killed mid-run, resumed: the same weights, history and best as an unbroken run.
+    With "1e9" last.pt is only written at the start, so the resume re-runs every
+    epoch whose metrics were already written."""
     jsonl, npy, ids = synth
     common = ["--preset", "flickr8k/FNE-MH", "--dataset", str(jsonl), "--features", str(npy),
               "--ids", str(ids), "--epochs", "8", "--lr", "2e-3", "--quiet", "--threads", "1",
+              "--checkpoint-every", checkpoint_every,
               *sum((["--set", s] for s in SMALL), [])]
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     subprocess.run(_cli("train", "--out", str(ref), *common), check=True)
@@ -97,8 +102,15 @@ def test_resume_after_kill_reaches_the_same_state(synth, tmp_path):
     proc.wait()
     done_before = len(metrics.read_text().splitlines())
     assert done_before < 8, "the run finished before it could be killed; make epochs longer"
+    saved = torch.load(cut / "last.pt", weights_only=False)["state"]["epoch"]
+    if checkpoint_every == "1e9":
+        assert saved == 0 < done_before      # epochs past the checkpoint get re-run
 
     subprocess.run(_cli("train", "--out", str(cut), "--resume", "--quiet", "--threads", "1"), check=True)
+    assert_same_run(ref, cut)
+
+
+def assert_same_run(ref: Path, cut: Path):
     a = torch.load(ref / "last.pt", weights_only=False)
     b = torch.load(cut / "last.pt", weights_only=False)
     for k in a["model"]:

@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(p, required=False)
     p.add_argument("--out", required=True, metavar="DIR", help="run folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    p.add_argument("--checkpoint-every", type=float, default=120.0, metavar="SECONDS",
+                   help="write last.pt (for --resume) at most this often; 0 = every epoch (default 120)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="override any config value (repeatable)")
     p.add_argument("--epochs", type=int, help="max epochs of every stage")
@@ -140,7 +142,7 @@ def cmd_train(args) -> int:
             "args": {"dataset": [str(d) for d in args.dataset], "features": str(args.features),
                      "ids": args.ids}}
     summary = train(config, dataset, features, out, resume=args.resume, device=args.device,
-                    quiet=args.quiet, run_info=info)
+                    quiet=args.quiet, run_info=info, checkpoint_every=args.checkpoint_every)
     from fnemm.metrics import format_metrics
     val = summary["val"]
     print(f"best epoch {summary['best_epoch']} of {summary['epochs']}: val "

@@ -13,7 +13,8 @@ Run folder::
     config.json     the fully resolved TrainConfig
     run.json        data paths, feature info, vocabulary size
     best.pt         best model so far (what evaluate/search load)
-    last.pt         everything needed to resume (model, Adam, RNG, counters)
+    last.pt         everything needed to resume (model, Adam, RNG, counters); written
+                    at most every ``checkpoint_every`` seconds, at stage ends and at the end
     metrics.jsonl   one line per epoch: loss, validation metrics, time
 """
 
@@ -77,13 +78,18 @@ class TrainState:
 
 class Trainer:
     def __init__(self, config: TrainConfig, train: SplitData, val: SplitData, vocab: Vocab,
-                 out_dir: Path, device: str = "cpu", quiet: bool = False, run_info: dict | None = None):
+                 out_dir: Path, device: str = "cpu", quiet: bool = False, run_info: dict | None = None,
+                 checkpoint_every: float = 120.0):
         validate(config)
         self.config, self.train_data, self.val_data, self.vocab = config, train, val, vocab
         self.out = Path(out_dir)
         self.device = resolve_device(device)
         self.quiet = quiet
         self.run_info = run_info or {}
+        # last.pt (model + Adam, hundreds of MB for the paper's sizes) is written at
+        # most this often, in seconds; 0 writes it after every epoch.
+        self.checkpoint_every = checkpoint_every
+        self._saved_at = -math.inf
         torch.manual_seed(config.seed)
         self.rng = np.random.default_rng(config.seed)
         self.model = JointEmbedding(config.model, len(vocab), train.features.shape[1]).to(self.device)
@@ -102,7 +108,12 @@ class Trainer:
                 "features": self.run_info.get("features", {}),
                 "model": self.model.state_dict()}
 
+    def _write_metrics(self) -> None:
+        lines = "".join(json.dumps(h) + "\n" for h in self.state.history)
+        atomic_write_text(self.out / "metrics.jsonl", lines)
+
     def _save_last(self) -> None:
+        self._saved_at = time.monotonic()
         atomic_torch_save(self.out / "last.pt", {
             **self._payload(),
             "optimizer": self.optimizer.state_dict(),
@@ -110,8 +121,7 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "state": self.state.__dict__,
         })
-        lines = "".join(json.dumps(h) + "\n" for h in self.state.history)
-        atomic_write_text(self.out / "metrics.jsonl", lines)
+        self._write_metrics()
 
     def _restore(self, ckpt: dict) -> None:
         if ckpt.get("config") != self.config.to_dict():
@@ -209,7 +219,12 @@ class Trainer:
             st.history.append({"epoch": st.epoch, "stage": st.stage + 1, "stage_epoch": st.stage_epoch,
                                "lr": self.config.stages[st.stage].lr, "loss": loss, "val": val,
                                "best": improved, "time_s": round(time.perf_counter() - t0, 3)})
-            self._save_last()
+            # A run killed between two last.pt writes resumes from the older one and
+            # re-runs the epochs since, identically (the RNG state is in last.pt).
+            if time.monotonic() - self._saved_at >= self.checkpoint_every:
+                self._save_last()
+            else:
+                self._write_metrics()
             if not self.quiet:
                 tqdm.write(f"epoch {st.epoch} (stage {st.stage + 1}) loss {loss:.3f} | "
                            f"val {format_metrics(val)}{'  *best' if improved else ''}")
@@ -223,7 +238,7 @@ class Trainer:
 
 def train(config: TrainConfig, dataset: Dataset, features: Features, out_dir: str | Path,
           *, resume: bool = False, device: str = "cpu", quiet: bool = False,
-          run_info: dict | None = None) -> dict:
+          run_info: dict | None = None, checkpoint_every: float = 120.0) -> dict:
     """Train ``config`` on ``dataset``'s train split, select on its val split.
 
     Returns the best epoch's summary; the run folder holds the checkpoints.
@@ -237,7 +252,8 @@ def train(config: TrainConfig, dataset: Dataset, features: Features, out_dir: st
                          "producer": {k: v for k, v in features.manifest.items()
                                       if k not in ("image_ids", "skipped", "arrays")}},
             **(run_info or {})}
-    trainer = Trainer(config, train_split, val_split, vocab, Path(out_dir), device, quiet, info)
+    trainer = Trainer(config, train_split, val_split, vocab, Path(out_dir), device, quiet, info,
+                      checkpoint_every)
     return trainer.fit(resume=resume)
 
 
