@@ -152,15 +152,12 @@ def cmd_train(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from fnemm.datasets import load_dataset
-    from fnemm.metrics import format_metrics
-    from fnemm.features import load_features
     from fnemm.fileio import atomic_write_json
-    from fnemm.train import evaluate, load_checkpoint
+    from fnemm.metrics import format_metrics
+    from fnemm.train import evaluate
 
-    _, _, config, _ = load_checkpoint(args.checkpoint)
-    dataset = load_dataset(args.dataset)
-    features = load_features(args.features, config.features, args.ids)
-    results = evaluate(args.checkpoint, dataset, features, args.split, args.protocol, args.device)
+    results = evaluate(args.checkpoint, load_dataset(args.dataset), args.features, args.split,
+                       args.protocol, args.device, ids=args.ids)
     ckpt = Path(args.checkpoint)
     target = Path(args.output) if args.output else (ckpt if ckpt.is_dir() else ckpt.parent) / f"metrics-{args.split}.json"
     atomic_write_json(target, {"split": args.split, "checkpoint": str(args.checkpoint), "results": results})

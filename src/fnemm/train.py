@@ -35,7 +35,7 @@ from fnemm.data import SplitData, build_vocab, embed_captions, embed_images, spl
 from fnemm.datasets import Dataset
 from fnemm.errors import FnemmError
 from fnemm.metrics import evaluate_embeddings, format_metrics
-from fnemm.features import Features
+from fnemm.features import Features, load_features
 from fnemm.fileio import atomic_torch_save, atomic_write_json, atomic_write_text
 from fnemm.losses import contrastive_loss
 from fnemm.model import JointEmbedding
@@ -280,9 +280,13 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[JointEmbeddi
     return model.to(resolve_device(device)).eval(), vocab, config, ckpt
 
 
-def evaluate(checkpoint: str | Path, dataset: Dataset, features: Features, split: str = "test",
-             protocol: str = "auto", device: str = "cpu") -> dict[str, dict[str, float]]:
+def evaluate(checkpoint: str | Path, dataset: Dataset, features: Features | str | Path,
+             split: str = "test", protocol: str = "auto", device: str = "cpu",
+             ids: str | Path | None = None) -> dict[str, dict[str, float]]:
     """Recall@K and ranks of a trained model on ``split``.
+
+    ``features`` is loaded Features, or a path (store folder or .npy with ``ids``)
+    read with the feature kind the checkpoint was trained on.
 
     protocol: 'all' (every image of the split, e.g. the 1K Flickr test), '1k'
     (the first 1,000), '5fold' (mean over 5 folds of 1,000, MSCOCO), '5k' (all 5,000),
@@ -290,6 +294,8 @@ def evaluate(checkpoint: str | Path, dataset: Dataset, features: Features, split
     """
     device = resolve_device(device)
     model, vocab, config, ckpt = load_checkpoint(checkpoint, device)
+    if not isinstance(features, Features):
+        features = load_features(features, config.features, ids)
     if features.dim != ckpt["feature_dim"]:
         raise FnemmError(f"{features.source}: features have {features.dim} dimensions but the checkpoint "
                          f"was trained on {ckpt['feature_dim']}; pass the same kind of features "
