@@ -74,7 +74,7 @@ def test_curriculum_switches_loss_and_starts_from_best(synth, tmp_path):
     assert last["state"]["done"] and last["state"]["stage"] == 2
 
 
-def _cli(*args, cwd=None):
+def _cli(*args):
     return [sys.executable, "-m", "fnemm.cli", *args]
 
 

@@ -267,8 +267,9 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[JointEmbeddi
     if not path.exists():
         raise FnemmError(f"{path}: no such checkpoint; pass a run folder or its best.pt "
                          f"(written after the first epoch of `fnemm train`)")
+    device = resolve_device(device)
     try:
-        ckpt = torch.load(path, map_location=resolve_device(device), weights_only=False)
+        ckpt = torch.load(path, map_location=device, weights_only=False)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
         raise FnemmError(f"{path}: not a readable checkpoint ({type(e).__name__}); is it an fnemm best.pt?") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
@@ -277,7 +278,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[JointEmbeddi
     vocab = Vocab(ckpt["vocab"])
     model = JointEmbedding(config.model, len(vocab), ckpt["feature_dim"])
     model.load_state_dict(ckpt["model"])
-    return model.to(resolve_device(device)).eval(), vocab, config, ckpt
+    return model.to(device).eval(), vocab, config, ckpt
 
 
 def evaluate(checkpoint: str | Path, dataset: Dataset, features: Features | str | Path,
