@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from fnemm.errors import FnemmError
 
 EPILOG_TRAIN = """\
@@ -24,6 +26,25 @@ say it), or a .jsonl of {"image", "captions", "split"} lines.
 matrix (rows = images) with --ids FILE (one image id per row).
 Any preset value can be changed with --set KEY=VALUE (see `fnemm presets --show NAME`
 for the keys), e.g. --set stages.0.lr=1e-3, --set stages.max_epochs=50 (all stages).
+"""
+
+
+EPILOG_EXTRACT = """\
+examples:
+  fnemm extract --images ../shared/data/flickr8k/images --dataset ../shared/data/flickr8k \\
+      --cnn mobilenet_v2 --out feats/flickr8k-mnv2
+  fnemm extract --images Flicker8k_Dataset --dataset dataset_flickr8k.json \\
+      --cnn vgg16 --weights vgg16-397923af.pth --out feats/flickr8k-vgg16
+  fnemm extract --images new_photos/ --stats feats/flickr8k-vgg16 --cnn vgg16 \\
+      --weights vgg16-397923af.pth --out feats/new      # standardised like the training set
+
+Writes to --out: raw.npy (crop-averaged activations of every tapped layer, float16),
+stats.npy (mean and std over the training images), fne.npy (int8 {-1,0,1}),
+fc7.npy (the baseline layer, L2-normalised) and manifest.json (image ids, CNN,
+weights sha256, taps and their columns, crops, thresholds, skipped images).
+Interrupted? Run the same command again: it continues where it stopped. Run it
+again with other --thresholds and only the discretisation is redone.
+--cnn also takes package.module:function, a builder returning a fnemm.cnn.TappedCNN.
 """
 
 
@@ -47,6 +68,29 @@ def build_parser() -> argparse.ArgumentParser:
         description="Image-caption retrieval with the Full-Network Embedding "
                     "(Vilalta et al. 2019): train and evaluate joint image-text embeddings.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("extract", help="Full-Network Embedding features of a folder of images",
+                       description="Run every image through a pretrained CNN (10 crops), pool every "
+                                   "tapped layer, standardise with training-split statistics and "
+                                   "discretise: the Full-Network Embedding, plus the FC7 baseline.",
+                       epilog=EPILOG_EXTRACT, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", required=True, metavar="DIR", help="folder holding the image files")
+    p.add_argument("--dataset", action="append", metavar="PATH",
+                   help="which images, and the training split for the statistics (as for train)")
+    p.add_argument("--stats", metavar="STORE", help="standardise with this feature store's statistics "
+                                                    "instead (e.g. a gallery of new images)")
+    p.add_argument("--cnn", default="mobilenet_v2", help="vgg16, mobilenet_v2, mobilenet_v2_float or "
+                                                          "package.module:function (default: mobilenet_v2)")
+    p.add_argument("--weights", metavar="FILE", help="CNN weights (vgg16: a torchvision .pth or Keras .h5; "
+                                                     "mobilenet_v2: the bundled .tflite by default)")
+    p.add_argument("--out", required=True, metavar="DIR", help="feature store folder")
+    p.add_argument("--crops", type=int, default=10, choices=[1, 10], help="10 (default) or 1 (centre)")
+    p.add_argument("--thresholds", default="-0.25,0.15", metavar="LOW,HIGH",
+                   help="discretisation thresholds on the z-scores (default: -0.25,0.15)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 4)")
+    p.add_argument("--chunk-size", type=int, default=256, help="images per resumable chunk (default 256)")
+    p.add_argument("--workers", type=int, default=1, help="image-decoding processes (default 1; 0: none)")
+    _add_common(p)
 
     p = sub.add_parser("train", help="train a joint embedding from a preset",
                        description="Train one of the paper's pipelines on image features + captions. "
@@ -190,7 +234,35 @@ def cmd_presets(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "presets": cmd_presets}
+def cmd_extract(args) -> int:
+    from fnemm.datasets import load_dataset
+    from fnemm.extract import ExtractConfig, extract
+    from fnemm.train import resolve_device
+    try:
+        low, high = (float(v) for v in args.thresholds.split(","))
+    except ValueError:
+        raise FnemmError(f"--thresholds {args.thresholds!r}: expected LOW,HIGH, e.g. -0.25,0.15") from None
+    dataset = load_dataset(args.dataset) if args.dataset else None
+    config = ExtractConfig(cnn=args.cnn, weights=args.weights, crops=args.crops, thresholds=(low, high),
+                           batch_size=args.batch_size, chunk_size=args.chunk_size, workers=args.workers,
+                           device=str(resolve_device(args.device)))
+    result = extract(args.images, args.out, dataset, config, stats_from=args.stats, quiet=args.quiet)
+    m = result.manifest
+    fne = np.load(Path(args.out) / "fne.npy", mmap_mode="r")
+    fractions = ", ".join(f"{v:+d}: {np.count_nonzero(fne == v) / max(fne.size, 1):.3f}" for v in (-1, 0, 1))
+    print(f"{args.out}: {result.images} images, {len(m['taps'])} layers of {m['cnn']}, "
+          f"{m['arrays']['fne']['shape'][1]} FNE features ({fractions}), baseline {m['baseline']['tap']} "
+          f"({m['arrays']['fc7']['shape'][1]}-d); {result.skipped} skipped")
+    for s in m["skipped"][:5]:
+        print(f"  skipped {s['image']}: {s['reason']}")
+    if len(m["skipped"]) > 5:
+        print(f"  ... and {len(m['skipped']) - 5} more (listed in manifest.json)")
+    if m.get("converted"):
+        print(f"  {len(m['converted'])} non-RGB images converted to RGB (listed in manifest.json)")
+    return 0
+
+
+COMMANDS = {"extract": cmd_extract, "train": cmd_train, "evaluate": cmd_evaluate, "presets": cmd_presets}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,197 @@
+"""fnemm extract: the feature store against brute-force references, train-only
+statistics, skipped/converted images, re-runs, and byte-identical resume after a kill."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import tinycnn
+from fnemm.cli import main
+from fnemm.datasets import load_dataset
+from fnemm.errors import FnemmError
+from fnemm.extract import ExtractConfig, extract
+from fnemm.features import load_features
+from fnemm.fne import crops, discretise, l2_normalise, standardise
+
+SPLITS = ["train"] * 8 + ["val"] * 2 + ["test"] * 2
+TINY = ExtractConfig(cnn="tinycnn:build", batch_size=3, chunk_size=4, workers=0)
+FILES = ["raw.npy", "stats.npy", "fne.npy", "fc7.npy", "manifest.json"]
+
+
+def write_dataset(folder: Path, names, extra=("gone.jpg",)) -> Path:
+    path = folder / "data.jsonl"
+    with open(path, "w") as f:
+        for k, name in enumerate(list(names) + list(extra)):
+            split = SPLITS[k] if k < len(SPLITS) else "test"
+            f.write(json.dumps({"image": name, "captions": [f"picture number {k}"], "split": split}) + "\n")
+    return path
+
+
+@pytest.fixture
+def images(tmp_path):
+    """12 images (img003 grey, img005 truncated) + a dataset that also lists a missing file."""
+    names = tinycnn.write_images(tmp_path / "images", 12, grey=(3,), corrupt=(5,))
+    return tmp_path / "images", write_dataset(tmp_path, names)
+
+
+def test_store_matches_a_brute_force_reference(images, tmp_path):
+    folder, data = images
+    dataset = load_dataset(data)
+    result = extract(folder, tmp_path / "store", dataset, TINY, quiet=True)
+    m = result.manifest
+    assert {s["image"] for s in m["skipped"]} == {"img005.jpg", "gone.jpg"}
+    reasons = {s["image"]: s["reason"] for s in m["skipped"]}
+    assert reasons["gone.jpg"].startswith("missing") and reasons["img005.jpg"].startswith("unreadable")
+    assert m["converted"] == [{"image": "img003.jpg", "mode": "L"}]
+    kept = [i for i in dataset.image_ids if i not in reasons]
+    assert m["image_ids"] == kept and result.images == 11 and result.skipped == 2
+    assert m["crops"] == 10 and m["thresholds"] == [-0.25, 0.15] and m["stats"]["images"] == 7
+    assert [t["name"] for t in m["taps"]] == ["conv1", "conv2", "fc"] and m["baseline"]["tap"] == "fc"
+
+    # raw: each crop through the CNN on its own, averaged over the 10 crops
+    cnn = tinycnn.build()
+    raw = np.load(tmp_path / "store" / "raw.npy")
+    assert raw.dtype == np.float16 and raw.shape == (11, 15)
+    from PIL import Image
+    for row, name in enumerate(kept):
+        with Image.open(folder / name) as img:
+            c = crops(img, 10)
+        ref = np.mean([cnn(torch.from_numpy(c[k:k + 1].copy()))[0].numpy() for k in range(10)], 0)
+        np.testing.assert_allclose(raw[row].astype(np.float32), ref, rtol=2e-3, atol=1e-4)
+
+    # statistics over the training images only, then z-scores and thresholds
+    train = [r for r, i in enumerate(kept) if dataset.splits[dataset.image_ids.index(i)] == "train"]
+    ref_raw = raw.astype(np.float64)
+    mean, std = ref_raw[train].mean(0), ref_raw[train].std(0)
+    stats = np.load(tmp_path / "store" / "stats.npy")
+    np.testing.assert_allclose(stats[0], mean, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(stats[1], std, rtol=1e-10, atol=1e-12)
+    fne = load_features(tmp_path / "store", "fne")
+    assert fne.array.dtype == np.int8 and fne.ids == kept
+    np.testing.assert_array_equal(fne.array, discretise(standardise(raw, stats[0], stats[1])))
+    fc7 = load_features(tmp_path / "store", "fc7")
+    np.testing.assert_allclose(fc7.array, l2_normalise(raw[:, 10:15].astype(np.float32)), rtol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(fc7.array, axis=1), 1, rtol=1e-5)
+
+    # training reads the store; asking for a skipped image says why it is missing
+    with pytest.raises(FnemmError, match="skipped at extraction"):
+        fne.rows_for(["img005.jpg"])
+    assert not (tmp_path / "store" / ".partial").exists()
+
+
+def test_val_and_test_images_never_reach_the_statistics(images, tmp_path):
+    folder, data = images
+    a = extract(folder, tmp_path / "a", load_dataset(data), TINY, quiet=True)
+    # the same training images, different validation and test images
+    other = tmp_path / "other"
+    other.mkdir()
+    fresh = tinycnn.write_images(tmp_path / "fresh", 12, seed=9)
+    for k, name in enumerate(sorted(p.name for p in folder.iterdir())):
+        src = folder / name if SPLITS[k] == "train" else tmp_path / "fresh" / fresh[k]
+        (other / name).write_bytes(src.read_bytes())
+    b = extract(other, tmp_path / "b", load_dataset(data), TINY, quiet=True)
+    assert (tmp_path / "a" / "stats.npy").read_bytes() == (tmp_path / "b" / "stats.npy").read_bytes()
+    fa, fb = np.load(tmp_path / "a" / "fne.npy"), np.load(tmp_path / "b" / "fne.npy")
+    ids = a.manifest["image_ids"]
+    assert ids == b.manifest["image_ids"]
+    train = [r for r, i in enumerate(ids) if SPLITS[int(i[3:6])] == "train"]
+    np.testing.assert_array_equal(fa[train], fb[train])
+    assert not np.array_equal(fa, fb)            # the replaced images do differ
+
+
+def test_rerun_reuses_the_store_and_new_thresholds_redo_only_discretisation(images, tmp_path):
+    folder, data = images
+    dataset = load_dataset(data)
+    out = tmp_path / "store"
+    extract(folder, out, dataset, TINY, quiet=True)
+    before = {f: (out / f).read_bytes() for f in FILES}
+    again = extract(folder, out, dataset, TINY, quiet=True)
+    assert again.reused and {f: (out / f).read_bytes() for f in FILES} == before
+    wide = ExtractConfig(**{**TINY.__dict__, "thresholds": (-1.0, 1.0)})
+    redone = extract(folder, out, dataset, wide, quiet=True)
+    assert not redone.reused and redone.manifest["thresholds"] == [-1.0, 1.0]
+    assert (out / "raw.npy").read_bytes() == before["raw.npy"]
+    z = standardise(np.load(out / "raw.npy"), *np.load(out / "stats.npy"))
+    np.testing.assert_array_equal(np.load(out / "fne.npy"), discretise(z, -1.0, 1.0))
+    other_cnn = ExtractConfig(**{**TINY.__dict__, "crops": 1})
+    with pytest.raises(FnemmError, match="already holds a feature store"):
+        extract(folder, out, dataset, other_cnn, quiet=True)
+
+
+def test_new_images_standardised_with_a_stores_statistics(images, tmp_path):
+    folder, data = images
+    extract(folder, tmp_path / "train", load_dataset(data), TINY, quiet=True)
+    new = tmp_path / "new"
+    tinycnn.write_images(new, 3, seed=5)
+    with pytest.raises(FnemmError, match="no training split"):
+        extract(new, tmp_path / "gallery", None, TINY, quiet=True)
+    result = extract(new, tmp_path / "gallery", None, TINY, stats_from=tmp_path / "train", quiet=True)
+    stats = np.load(tmp_path / "train" / "stats.npy")
+    raw = np.load(tmp_path / "gallery" / "raw.npy")
+    np.testing.assert_array_equal(np.load(tmp_path / "gallery" / "fne.npy"), discretise(standardise(raw, *stats)))
+    assert result.manifest["image_ids"] == ["img000.jpg", "img001.jpg", "img002.jpg"]
+    assert result.manifest["stats"]["from"] == str((tmp_path / "train").resolve())
+    one_crop = ExtractConfig(**{**TINY.__dict__, "crops": 1})
+    with pytest.raises(FnemmError, match="another CNN, weights or crops"):
+        extract(new, tmp_path / "g1", None, one_crop, stats_from=tmp_path / "train", quiet=True)
+
+
+def _cli(*args):
+    return [sys.executable, "-m", "fnemm.cli", "extract", *args]
+
+
+def test_resume_after_kill_is_byte_identical(images, tmp_path):
+    folder, data = images
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
+    common = ["--images", str(folder), "--dataset", str(data), "--cnn", "tinycnn:build", "--batch-size", "1",
+              "--chunk-size", "2", "--workers", "1", "--threads", "1", "--quiet"]
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    subprocess.run(_cli(*common, "--out", str(ref)), check=True, env=env)
+
+    proc = subprocess.Popen(_cli(*common, "--out", str(cut)), env={**env, "TINYCNN_SLEEP": "0.3"})
+    deadline = time.time() + 120
+    while time.time() < deadline and not (cut / ".partial" / "chunk-00001.json").exists():
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (cut / "manifest.json").exists(), "finished before it could be killed"
+    committed = sorted(p.name for p in (cut / ".partial").glob("chunk-*.json"))
+    assert 2 <= len(committed) < 7
+    out = subprocess.run(_cli(*common, "--out", str(cut)), env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    for f in FILES:
+        assert (ref / f).read_bytes() == (cut / f).read_bytes(), f
+    assert not (cut / ".partial").exists()
+
+
+def test_cli_extract_reports_and_errors(images, tmp_path, capsys, monkeypatch):
+    folder, data = images
+    out = tmp_path / "store"
+    args = ["extract", "--images", str(folder), "--dataset", str(data), "--cnn", "tinycnn:build",
+            "--workers", "0", "--quiet", "--out", str(out)]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "11 images, 3 layers of tinycnn:build, 15 FNE features" in text
+    assert "skipped img005.jpg: unreadable" in text and "skipped gone.jpg: missing" in text
+    assert "1 non-RGB images converted" in text
+    for bad, message in [(["--thresholds", "0.2"], "expected LOW,HIGH"),
+                         (["--thresholds", "0.2,-0.2"], "low threshold must be below"),
+                         (["--images", str(tmp_path / "nope")], "no such image folder"),
+                         (["--cnn", "resnet"], "unknown CNN")]:
+        argv = args[:-1] + [str(tmp_path / "x")] + bad
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("fnemm: error:") and message in err and "\n" not in err, err
+    # an unfinished store with other settings is not silently mixed
+    (tmp_path / "half" / ".partial").mkdir(parents=True)
+    (tmp_path / "half" / ".partial" / "job.json").write_text(json.dumps({"crops": 1}))
+    assert main(args[:-1] + [str(tmp_path / "half")]) == 2
+    assert "unfinished extraction with other settings" in capsys.readouterr().err
