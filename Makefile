@@ -23,6 +23,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/eval_speed.py
 	$(PY) bench/train_speed.py
+	$(PY) bench/extract_speed.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

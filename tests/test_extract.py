@@ -195,3 +195,22 @@ def test_cli_extract_reports_and_errors(images, tmp_path, capsys, monkeypatch):
     (tmp_path / "half" / ".partial" / "job.json").write_text(json.dumps({"crops": 1}))
     assert main(args[:-1] + [str(tmp_path / "half")]) == 2
     assert "unfinished extraction with other settings" in capsys.readouterr().err
+
+
+def test_train_and_evaluate_read_the_store_and_refuse_another_cnns(images, tmp_path):
+    from fnemm.config import apply_overrides, get_preset
+    from fnemm.train import evaluate, train
+    folder, data = images
+    dataset = load_dataset(data)
+    extract(folder, tmp_path / "store", dataset, TINY, quiet=True)
+    usable = dataset.subset([k for k, i in enumerate(dataset.image_ids) if i not in ("img005.jpg", "gone.jpg")])
+    config = apply_overrides(get_preset("flickr8k/FNE-MH"),
+                             ["model.embed_dim=16", "model.word_dim=8", "stages.max_epochs=2"])
+    features = load_features(tmp_path / "store", "fne")
+    train(config, usable, features, tmp_path / "run", quiet=True)
+    scores = evaluate(tmp_path / "run", usable, tmp_path / "store", split="test")
+    assert "rsum" in next(iter(scores.values()))
+    wide = ExtractConfig(**{**TINY.__dict__, "thresholds": (-1.0, 1.0)})
+    extract(folder, tmp_path / "other", dataset, wide, quiet=True)
+    with pytest.raises(FnemmError, match="made with thresholds=.*trained on thresholds="):
+        evaluate(tmp_path / "run", usable, tmp_path / "other", split="test")

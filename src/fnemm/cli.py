@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", required=True, metavar="DIR", help="folder holding the image files")
     p.add_argument("--dataset", action="append", metavar="PATH",
                    help="which images, and the training split for the statistics (as for train)")
+    p.add_argument("--train-list", metavar="FILE",
+                   help="without --dataset: every image under --images, statistics from the ones "
+                        "named in FILE (one file name per line)")
     p.add_argument("--stats", metavar="STORE", help="standardise with this feature store's statistics "
                                                     "instead (e.g. a gallery of new images)")
     p.add_argument("--cnn", default="mobilenet_v2", help="vgg16, mobilenet_v2, mobilenet_v2_float or "
@@ -243,10 +246,17 @@ def cmd_extract(args) -> int:
     except ValueError:
         raise FnemmError(f"--thresholds {args.thresholds!r}: expected LOW,HIGH, e.g. -0.25,0.15") from None
     dataset = load_dataset(args.dataset) if args.dataset else None
+    train_list = None
+    if args.train_list:
+        path = Path(args.train_list)
+        if not path.is_file():
+            raise FnemmError(f"{path}: no such file; --train-list takes a file of image names, one a line")
+        train_list = path.read_text(encoding="utf-8").split()
     config = ExtractConfig(cnn=args.cnn, weights=args.weights, crops=args.crops, thresholds=(low, high),
                            batch_size=args.batch_size, chunk_size=args.chunk_size, workers=args.workers,
                            device=str(resolve_device(args.device)))
-    result = extract(args.images, args.out, dataset, config, stats_from=args.stats, quiet=args.quiet)
+    result = extract(args.images, args.out, dataset, config, stats_from=args.stats, train_list=train_list,
+                     quiet=args.quiet)
     m = result.manifest
     fne = np.load(Path(args.out) / "fne.npy", mmap_mode="r")
     fractions = ", ".join(f"{v:+d}: {np.count_nonzero(fne == v) / max(fne.size, 1):.3f}" for v in (-1, 0, 1))

@@ -227,18 +227,23 @@ def _join_chunks(partial: Path, n_chunks: int, dim: int, out: Path) -> dict:
 
 # -- the assemble step ------------------------------------------------------------------
 
-def train_statistics(raw: np.ndarray, rows: np.ndarray) -> RunningStats:
+def _blocks(n: int, what: str, quiet: bool):
+    """Block starts over n rows, with a progress bar when there is more than one block."""
+    return tqdm(range(0, n, BLOCK), desc=what, unit="block", disable=quiet or n <= BLOCK)
+
+
+def train_statistics(raw: np.ndarray, rows: np.ndarray, quiet: bool = True) -> RunningStats:
     """Mean/std over ``rows`` of ``raw`` (sorted row numbers), streamed in blocks."""
     stats = RunningStats()
-    for b in range(0, len(rows), BLOCK):
+    for b in _blocks(len(rows), "statistics", quiet):
         stats.update(raw[rows[b:b + BLOCK]])
     return stats
 
 
-def _write_rows(path: Path, shape: tuple[int, int], dtype, fill) -> None:
+def _write_rows(path: Path, shape: tuple[int, int], dtype, fill, quiet: bool) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
-    for b in range(0, shape[0], BLOCK):
+    for b in _blocks(shape[0], path.name, quiet):
         array[b:b + BLOCK] = fill(slice(b, b + BLOCK))
     array.flush()
     del array
@@ -275,7 +280,7 @@ def _assemble(out: Path, cnn: TappedCNN, config: ExtractConfig, state: dict, tra
         if len(rows) == 0:
             raise FnemmError(f"{out}: none of the extracted images is in the training split, so there are "
                              f"no statistics to standardise with; check --dataset, or pass --stats STORE")
-        stats = train_statistics(raw, rows)
+        stats = train_statistics(raw, rows, quiet)
         mean, std = stats.mean, stats.std
         stats_info = {"file": "stats.npy", "split": "train", "images": int(stats.count)}
     atomic_save_npy(out / "stats.npy", np.stack([mean, std]))
@@ -283,9 +288,9 @@ def _assemble(out: Path, cnn: TappedCNN, config: ExtractConfig, state: dict, tra
     base = slice(cnn.baseline.start, cnn.baseline.stop)
     n = len(ids)
     _write_rows(out / "fne.npy", (n, cnn.dim), np.int8,
-                lambda s: discretise(standardise(raw[s], mean, std), low, high))
+                lambda s: discretise(standardise(raw[s], mean, std), low, high), quiet)
     _write_rows(out / "fc7.npy", (n, cnn.baseline.channels), np.float32,
-                lambda s: l2_normalise(raw[s, base]))
+                lambda s: l2_normalise(raw[s, base]), quiet)
     arrays = {"fne": ("fne.npy", "int8", cnn.dim), "fc7": ("fc7.npy", "float32", cnn.baseline.channels),
               "raw": ("raw.npy", "float16", cnn.dim)}
     manifest = {
@@ -319,9 +324,12 @@ class ExtractResult:
 
 def extract(images: str | Path, out: str | Path, dataset: Dataset | None = None,
             config: ExtractConfig = ExtractConfig(), stats_from: str | Path | None = None,
-            quiet: bool = False) -> ExtractResult:
+            train_list: list[str] | None = None, quiet: bool = False) -> ExtractResult:
     """Extract the images of ``dataset`` (or every image under ``images``) into the
-    feature store ``out``, resuming whatever an earlier run left there."""
+    feature store ``out``, resuming whatever an earlier run left there.
+
+    Statistics come from the dataset's training split, else from the images named in
+    ``train_list``, else from another store (``stats_from``)."""
     images, out = Path(images), Path(out)
     if config.crops not in (1, 10):
         raise FnemmError(f"--crops {config.crops}: expected 10 (corners, centre and mirrors) or 1 (centre)")
@@ -335,12 +343,13 @@ def extract(images: str | Path, out: str | Path, dataset: Dataset | None = None,
         train_ids = {dataset.image_ids[k] for k in dataset.split_indices("train")}
         info = {"dataset": dataset.summary()}
     else:
-        ids, train_ids, info = list_images(images), None, {}
+        ids, info = list_images(images), {}
+        train_ids = set(train_list) if train_list is not None else None
         if not ids:
             raise FnemmError(f"{images}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
-        if stats_from is None:
+        if stats_from is None and train_ids is None:
             raise FnemmError("without --dataset there is no training split to compute statistics on; "
-                             "pass --dataset, or --stats STORE to reuse a store's statistics")
+                             "pass --dataset, --train-list FILE, or --stats STORE to reuse a store's statistics")
     info["images_dir"] = str(images.resolve())
     keep_freed_memory()
     cnn = build_cnn(config.cnn, config.weights).to(config.device)

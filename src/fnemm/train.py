@@ -281,6 +281,27 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[JointEmbeddi
     return model.to(device).eval(), vocab, config, ckpt
 
 
+PRODUCER_KEYS = ("cnn", "weights_sha256", "crops", "thresholds")
+
+
+def check_same_producer(checkpoint: str | Path, features: Features) -> None:
+    """Refuse a feature store made differently (CNN, weights, crops, thresholds) from the
+    one the model was trained on, when both say how they were made."""
+    path = Path(checkpoint)
+    run_json = (path if path.is_dir() else path.parent) / "run.json"
+    if not features.manifest or not run_json.exists():
+        return
+    try:
+        trained = json.loads(run_json.read_text())["features"]["producer"]
+    except (KeyError, ValueError, TypeError):
+        return
+    differ = [k for k in PRODUCER_KEYS if k in trained and trained[k] != features.manifest.get(k)]
+    if differ:
+        k = differ[0]
+        raise FnemmError(f"{features.source}: these features were made with {k}={features.manifest.get(k)!r}, "
+                         f"the model was trained on {k}={trained[k]!r}; extract them the same way")
+
+
 def evaluate(checkpoint: str | Path, dataset: Dataset, features: Features | str | Path,
              split: str = "test", protocol: str = "auto", device: str = "cpu",
              ids: str | Path | None = None) -> dict[str, dict[str, float]]:
@@ -301,6 +322,7 @@ def evaluate(checkpoint: str | Path, dataset: Dataset, features: Features | str 
         raise FnemmError(f"{features.source}: features have {features.dim} dimensions but the checkpoint "
                          f"was trained on {ckpt['feature_dim']}; pass the same kind of features "
                          f"(store and --set features=...) as in training")
+    check_same_producer(checkpoint, features)
     data = split_data(dataset, features, vocab, split)
     captions, owner = data.eval_captions(config.eval_captions)
     img = embed_images(model, data.features, device)

@@ -91,12 +91,13 @@ class TappedCNN(nn.Module):
         if baseline not in taps:
             raise FnemmError(f"baseline tap {baseline!r} is not one of the taps")
         self._outputs: list[torch.Tensor] = []
+        self._hooks = []
         for name in taps:
             try:
                 module = net.get_submodule(name)
             except AttributeError:
                 raise FnemmError(f"tap {name!r}: the network has no such sub-module") from None
-            module.register_forward_hook(self._hook)
+            self._hooks.append(module.register_forward_hook(self._hook))
         self.taps = self._describe(taps, labels or taps)
         self.baseline = self.taps[taps.index(baseline)]
         for p in self.parameters():
@@ -128,6 +129,13 @@ class TappedCNN(nn.Module):
             taps.append(Tap(name, kind, int(width), start, start + int(width)))
             start += int(width)
         return taps
+
+    def untap(self) -> nn.Module:
+        """The bare network, hooks removed (this object no longer extracts): for benchmarks."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        return self.net
 
     @property
     def dim(self) -> int:
