@@ -214,3 +214,18 @@ def test_train_and_evaluate_read_the_store_and_refuse_another_cnns(images, tmp_p
     extract(folder, tmp_path / "other", dataset, wide, quiet=True)
     with pytest.raises(FnemmError, match="made with thresholds=.*trained on thresholds="):
         evaluate(tmp_path / "run", usable, tmp_path / "other", split="test")
+
+
+def test_other_training_images_redo_the_statistics_not_the_forward_pass(images, tmp_path):
+    folder, data = images
+    out = tmp_path / "store"
+    first = extract(folder, out, None, TINY, train_list=["img000.jpg", "img001.jpg"], quiet=True)
+    raw = (out / "raw.npy").read_bytes()
+    again = extract(folder, out, None, TINY, train_list=["img000.jpg", "img001.jpg"], quiet=True)
+    assert again.reused
+    other = extract(folder, out, None, TINY, train_list=["img002.jpg", "img003.jpg", "img004.jpg"], quiet=True)
+    assert not other.reused and other.manifest["stats"]["images"] == 3 and first.manifest["stats"]["images"] == 2
+    assert (out / "raw.npy").read_bytes() == raw
+    stats = np.load(out / "stats.npy")
+    rows = np.load(out / "raw.npy")[[2, 3, 4]].astype(np.float64)
+    np.testing.assert_allclose(stats[0], rows.mean(0), rtol=1e-12, atol=1e-12)

@@ -351,6 +351,9 @@ def extract(images: str | Path, out: str | Path, dataset: Dataset | None = None,
             raise FnemmError("without --dataset there is no training split to compute statistics on; "
                              "pass --dataset, --train-list FILE, or --stats STORE to reuse a store's statistics")
     info["images_dir"] = str(images.resolve())
+    # which images the statistics come from: a store made with other ones is re-standardised
+    info["train_ids_sha256"] = (hashlib.sha256("\n".join(sorted(train_ids)).encode()).hexdigest()
+                                if train_ids is not None else None)
     keep_freed_memory()
     cnn = build_cnn(config.cnn, config.weights).to(config.device)
     identity = _identity(cnn, config, ids)
@@ -364,7 +367,8 @@ def extract(images: str | Path, out: str | Path, dataset: Dataset | None = None,
             wanted = {"thresholds": list(config.thresholds),
                       "stats_from": str(Path(stats_from).resolve()) if stats_from else None}
             if manifest["thresholds"] == wanted["thresholds"] and \
-                    manifest["stats"].get("from") == wanted["stats_from"]:
+                    manifest["stats"].get("from") == wanted["stats_from"] and \
+                    (stats_from or manifest.get("train_ids_sha256") == info["train_ids_sha256"]):
                 if not quiet:
                     print(f"{out}: complete ({len(manifest['image_ids'])} images); reusing it")
                 return ExtractResult(out, manifest, len(manifest["image_ids"]), len(manifest["skipped"]), True)
