@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test bench clean
+.PHONY: venv test demo bench clean
 
 venv: $(STAMP)
 
@@ -19,6 +19,14 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The whole method on the bundled Flickr8K photos (../shared/data), then a search.
+# Re-running reuses every finished stage. SEEDS=3 trains three runs per model.
+SEEDS ?= 1
+demo: $(STAMP)
+	$(VENV)/bin/fnemm demo --out runs/demo --seeds $(SEEDS)
+	$(VENV)/bin/fnemm search --checkpoint runs/demo/FNE-MH/seed-0 --features runs/demo/features \
+		--dataset flickr8k-1k --split test --text "a dog runs on the beach"
 
 bench: $(STAMP)
 	$(PY) bench/eval_speed.py

@@ -45,7 +45,7 @@ def test_train_then_evaluate(capsys, synth, tmp_path):
 
 def test_presets_table(capsys):
     code, out, _ = run(capsys, "presets")
-    assert code == 0 and len(out.strip().splitlines()) == 2 + 60
+    assert code == 0 and len(out.strip().splitlines()) == 2 + 80
     assert "flickr8k/FNE-POE" in out and "sum->max" in out
 
 
@@ -114,3 +114,48 @@ def test_help_is_there(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "--preset" in out and "--resume" in out and "examples:" in out
+
+
+def test_train_seeds_evaluate_and_report_mean_and_std(capsys, synth, tmp_path):
+    jsonl, npy, ids = synth
+    common = ["--dataset", jsonl, "--features", npy, "--ids", ids]
+    code, out, err = run(capsys, "train", "--preset", "flickr8k/FNE-MH", *common, "--out", tmp_path / "s",
+                         "--seeds", "2", "--epochs", "2", "--quiet", "--set", "model.embed_dim=32",
+                         "--set", "model.word_dim=16")
+    assert code == 0, err
+    assert "2 seeds: best val rsum" in out
+    assert (tmp_path / "s" / "seed-0" / "best.pt").exists() and (tmp_path / "s" / "seed-1" / "best.pt").exists()
+    seeds = [json.loads((tmp_path / "s" / f"seed-{k}" / "config.json").read_text())["seed"] for k in range(2)]
+    assert seeds == [0, 1]
+    code, out, err = run(capsys, "evaluate", "--checkpoint", tmp_path / "s", *common, "--split", "test")
+    assert code == 0, err
+    assert out.count("(seed-") == 2
+    code, out, err = run(capsys, "report", tmp_path / "s")
+    assert code == 0, err
+    row = next(line for line in out.splitlines() if line.startswith("| FNE-MH"))
+    assert row.count("±") == 9 and "| 2 |" in row
+
+
+def test_stability_study_counts_runs_that_start_training(capsys, tmp_path):
+    import synthetic
+    from fnemm.features import write_store
+    jsonl, npy, ids_file = synthetic.write(tmp_path / "d")
+    ids = ids_file.read_text().split()
+    feats = np.load(npy).astype(np.float32)
+    store = write_store(tmp_path / "store", ids, {"fne": feats, "fc7": feats[:, :16].copy()})
+    code, out, err = run(capsys, "stability", "--dataset", jsonl, "--features", store, "--out", tmp_path / "st",
+                         "--seeds", "2", "--rows", "FNE-MOE-abs", "FC7-MOE-bl", "--epochs", "2", "--quiet",
+                         "--set", "model.embed_dim=32", "--set", "model.word_dim=16")
+    assert code == 0, err
+    rows = [line for line in out.splitlines() if line.startswith("| F")]
+    assert [r.split("|")[1].strip() for r in rows] == ["FNE-MOE-abs", "FC7-MOE-bl"]
+    assert "| 0.0001 | 0.05 | yes |" in rows[0] and "| 4/5 |" in rows[0]
+    saved = json.loads((tmp_path / "st" / "table5.json").read_text())
+    for r in saved:
+        n_ok = sum(b > 10 for b in r["best_val_rsum"])
+        assert r["success"] == f"{n_ok}/2" and len(r["best_val_rsum"]) == 2
+    cfg = json.loads((tmp_path / "st" / "FNE-MOE-abs" / "seed-1" / "config.json").read_text())
+    assert cfg["model"]["similarity"] == "order" and cfg["stages"][0]["loss"] == "max" and cfg["seed"] == 1
+    code, _, err = run(capsys, "stability", "--dataset", jsonl, "--features", store, "--out", tmp_path / "x",
+                       "--rows", "MOE-XX")
+    assert_one_line_error(code, err, "not a Table 5 row")

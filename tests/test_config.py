@@ -5,8 +5,8 @@ from fnemm.config import TrainConfig
 
 
 def test_every_table1_variant_exists():
-    assert len(PRESETS) == 3 * 2 * 10
-    for fam in ("flickr8k", "flickr30k", "coco"):
+    assert len(PRESETS) == 4 * 2 * 10
+    for fam in ("flickr8k", "flickr30k", "coco", "demo"):
         for feat in ("FNE", "FC7"):
             for pipe in ("SH", "SH-bl", "MH", "MH-bl", "SOE", "SOE-bl", "MOE", "MOE-bl", "PH", "POE"):
                 assert f"{fam}/{feat}-{pipe}" in PRESETS
@@ -52,3 +52,16 @@ def test_overrides():
 def test_unknown_preset_suggests():
     with pytest.raises(FnemmError, match="unknown preset 'flickr9k/FNE-MH'.*did you mean"):
         get_preset("flickr9k/FNE-MH")
+
+
+def test_demo_presets_scale_flickr8k_without_changing_the_method():
+    for feat in ("FNE", "FC7"):
+        for pipe in ("MH", "SOE", "POE", "PH"):
+            demo, full = PRESETS[f"demo/{feat}-{pipe}"], PRESETS[f"flickr8k/{feat}-{pipe}"]
+            assert (demo.model.similarity, demo.model.use_abs, demo.features) == \
+                (full.model.similarity, full.model.use_abs, full.features)
+            assert [s.loss for s in demo.stages] == [s.loss for s in full.stages]
+            assert [s.margin for s in demo.stages] == [s.margin for s in full.stages]
+            assert demo.model.embed_dim == 512 and demo.batch_size == 64
+            assert sum(s.max_epochs for s in demo.stages) == 60
+    assert PRESETS["demo/FNE-POE"].stages[1].lr == 1e-4 and PRESETS["demo/FNE-MH"].stages[0].lr == 1e-3

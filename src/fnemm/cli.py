@@ -95,6 +95,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="image-decoding processes (default 1; 0: none)")
     _add_common(p)
 
+    p = sub.add_parser("search", help="text -> images or image -> captions with a trained model",
+                       description="Rank the images of a feature store for a sentence (--text), or the "
+                                   "captions of a dataset for a photo (--image: a file, embedded through "
+                                   "the store's CNN and statistics, or an image id of the store).")
+    p.add_argument("--checkpoint", required=True, metavar="RUN", help="run folder or best.pt")
+    p.add_argument("--features", required=True, metavar="STORE", help="the gallery's feature store")
+    p.add_argument("--dataset", action="append", metavar="PATH",
+                   help="captions (needed for --image) and splits (for --split)")
+    p.add_argument("--split", default="all", help="restrict the gallery to a split: train, val, test "
+                                                  "or all (default)")
+    query = p.add_mutually_exclusive_group(required=True)
+    query.add_argument("--text", help="a sentence, e.g. \"a dog runs on the beach\"")
+    query.add_argument("--image", help="a photo file, or an image id of the store")
+    p.add_argument("-k", type=int, default=5, help="how many results (default 5)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _add_common(p)
+
     p = sub.add_parser("train", help="train a joint embedding from a preset",
                        description="Train one of the paper's pipelines on image features + captions. "
                                    "Writes config.json, best.pt, last.pt and metrics.jsonl to --out.",
@@ -103,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(p, required=False)
     p.add_argument("--out", required=True, metavar="DIR", help="run folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    p.add_argument("--seeds", type=int, default=None, metavar="N",
+                   help="train N runs with seeds seed..seed+N-1 into OUT/seed-K/ (report aggregates them)")
     p.add_argument("--checkpoint-every", type=float, default=120.0, metavar="SECONDS",
                    help="write last.pt (for --resume) at most this often; 0 = every epoch (default 120)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
@@ -130,9 +149,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", metavar="FILE", help="where to write the metrics (default: next to the checkpoint)")
     _add_common(p)
 
+    p = sub.add_parser("report", help="paper-style table and plots from evaluated runs",
+                       description="One row per run folder (mean ± std when it holds seed-N/ runs), "
+                                   "optionally beside the paper's numbers; markdown, and a PNG of the "
+                                   "validation rsum per epoch with --out.")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders evaluated with `fnemm evaluate`")
+    p.add_argument("--split", default="test", help="which metrics-SPLIT.json to read (default test)")
+    p.add_argument("--paper", choices=["flickr8k", "flickr30k", "coco"], help="add the paper's rows")
+    p.add_argument("--out", metavar="DIR", help="write report.md and val_rsum.png there")
+
+    p = sub.add_parser("stability", help="the paper's MOE stability study (Table 5) on any dataset",
+                       description="Train each Table 5 configuration (order similarity, max of hinges, "
+                                   "word dim 300, joint dim 1,024, <= 200 epochs) with several seeds and "
+                                   "count the runs whose validation rsum ever exceeds 10.")
+    _add_data(p, required=True)
+    p.add_argument("--out", required=True, metavar="DIR", help="runs go to DIR/ROW/seed-K; table5.md too")
+    p.add_argument("--seeds", type=int, default=5, help="runs per configuration (default 5, as the paper)")
+    p.add_argument("--rows", nargs="+", metavar="ROW", help="only these rows, e.g. FNE-MOE-abs FC7-MOE-bl")
+    p.add_argument("--epochs", type=int, help="max epochs (default 200)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="change any other value, e.g. model.embed_dim=512")
+    _add_common(p)
+
+    p = sub.add_parser("demo", help="the whole method on the bundled Flickr8K photos (make demo)",
+                       description="flickr8k-1k -> MobileNetV2 FNE (10 crops) -> FNE-MH, FC7-MH, FNE-POE "
+                                   "(demo/ presets) -> test recall@K -> OUT/report.md with plots. "
+                                   "Re-running reuses every finished stage.")
+    p.add_argument("--out", default="runs/demo", metavar="DIR", help="default runs/demo")
+    p.add_argument("--data", metavar="DIR", help="the Flickr8K folder (default ../shared/data/flickr8k)")
+    p.add_argument("--seeds", type=int, default=1, help="runs per model (default 1)")
+    p.add_argument("--workers", type=int, default=1, help="image-decoding processes (default 1)")
+    _add_common(p)
+
     p = sub.add_parser("presets", help="list the paper's pipelines as presets",
-                       description="Every Table-1 variant for flickr8k / flickr30k / coco, FNE and FC7.")
-    p.add_argument("--family", choices=["flickr8k", "flickr30k", "coco"], help="only this dataset family")
+                       description="Every Table-1 variant for flickr8k / flickr30k / coco, FNE and FC7; demo/ = the flickr8k ones scaled to flickr8k-1k on a CPU.")
+    p.add_argument("--family", choices=["flickr8k", "flickr30k", "coco", "demo"], help="only this dataset family")
     p.add_argument("--show", metavar="NAME", help="print one preset's full config as JSON")
     return parser
 
@@ -152,18 +203,16 @@ def _overrides(args) -> list[str]:
     return out
 
 
-def cmd_train(args) -> int:
+def _train_one(args, out: Path, seed_override: str | None) -> dict:
     from fnemm import config as cfg
     from fnemm.datasets import load_dataset
     from fnemm.features import load_features
     from fnemm.train import resolve_device, train
 
-    resolve_device(args.device)          # fail before any slow loading
-    out = Path(args.out)
-    overrides = _overrides(args)
+    overrides = _overrides(args) + ([seed_override] if seed_override else [])
     run_json = out / "run.json"
     if args.resume and (out / "last.pt").exists():
-        if args.preset or overrides:
+        if args.preset or _overrides(args):
             raise FnemmError(f"{out}: --resume continues the saved config ({out / 'config.json'}); "
                              f"drop --preset/--set, or start a new --out")
         config = cfg.TrainConfig.from_dict(json.loads((out / "config.json").read_text()))
@@ -194,6 +243,28 @@ def cmd_train(args) -> int:
     val = summary["val"]
     print(f"best epoch {summary['best_epoch']} of {summary['epochs']}: val "
           f"{format_metrics(val) if val else '(none)'}\ncheckpoint: {out / 'best.pt'}")
+    return summary
+
+
+def cmd_train(args) -> int:
+    from fnemm.train import resolve_device
+    resolve_device(args.device)          # fail before any slow loading
+    out = Path(args.out)
+    if args.seeds is None:
+        _train_one(args, out, None)
+        return 0
+    if args.seeds < 1:
+        raise FnemmError(f"--seeds {args.seeds}: expected at least 1")
+    first = args.seed if args.seed is not None else 0
+    rsums = []
+    for k in range(args.seeds):
+        if not args.quiet:
+            print(f"--- seed {first + k} ({k + 1} of {args.seeds}) -> {out / f'seed-{k}'}", file=sys.stderr)
+        summary = _train_one(args, out / f"seed-{k}", f"seed={first + k}")
+        rsums.append(summary["val"]["rsum"] if summary["val"] else float("nan"))
+    import numpy as np
+    print(f"{args.seeds} seeds: best val rsum {np.mean(rsums):.1f} ± {np.std(rsums, ddof=1) if len(rsums) > 1 else 0:.1f} "
+          f"({', '.join(f'{r:.1f}' for r in rsums)})")
     return 0
 
 
@@ -203,18 +274,69 @@ def cmd_evaluate(args) -> int:
     from fnemm.metrics import format_metrics
     from fnemm.train import evaluate
 
-    results = evaluate(args.checkpoint, load_dataset(args.dataset), args.features, args.split,
-                       args.protocol, args.device, ids=args.ids)
+    from fnemm.report import seed_dirs
+    dataset = load_dataset(args.dataset)
     ckpt = Path(args.checkpoint)
-    target = Path(args.output) if args.output else (ckpt if ckpt.is_dir() else ckpt.parent) / f"metrics-{args.split}.json"
-    atomic_write_json(target, {"split": args.split, "checkpoint": str(args.checkpoint), "results": results})
+    runs = seed_dirs(ckpt) if ckpt.is_dir() and not (ckpt / "best.pt").exists() else [ckpt]
+    if len(runs) > 1 and args.output:
+        raise FnemmError(f"{ckpt}: holds {len(runs)} seeds; --output names one file, leave it out")
+    every = {}
+    for run in runs:
+        results = evaluate(run, dataset, args.features, args.split, args.protocol, args.device, ids=args.ids)
+        target = Path(args.output) if args.output else (run if run.is_dir() else run.parent) / f"metrics-{args.split}.json"
+        atomic_write_json(target, {"split": args.split, "checkpoint": str(run), "results": results})
+        every[str(run)] = results
+        if not args.json:
+            for name, m in results.items():
+                label = f"{name} images" if name.isdigit() else name
+                print(f"{args.split} [{label}] {format_metrics(m)}" + (f"  ({run.name})" if len(runs) > 1 else ""))
+            print(f"written: {target}")
     if args.json:
-        print(json.dumps(results, indent=2))
-    else:
-        for name, m in results.items():
-            label = f"{name} images" if name.isdigit() else name
-            print(f"{args.split} [{label}] {format_metrics(m)}")
-        print(f"written: {target}")
+        print(json.dumps(every if len(runs) > 1 else results, indent=2))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from fnemm.fileio import atomic_write_text
+    from fnemm.report import load_run, markdown_table, plot_curves
+    runs = [load_run(r, args.split) for r in args.runs]
+    table = markdown_table(runs, args.paper)
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        plot = plot_curves(runs, out / "val_rsum.png")
+        atomic_write_text(out / "report.md", f"# fnemm report ({args.split})\n\n{table}\n\n"
+                                             f"![validation rsum per epoch]({plot.name})\n")
+        print(f"written: {out / 'report.md'}, {plot}")
+    return 0
+
+
+def cmd_stability(args) -> int:
+    from fnemm.datasets import load_dataset
+    from fnemm.fileio import atomic_write_json, atomic_write_text
+    from fnemm.stability import format_study, run_study, select
+    from fnemm.train import resolve_device
+    if args.seeds < 1:
+        raise FnemmError(f"--seeds {args.seeds}: expected at least 1")
+    if args.ids:
+        raise FnemmError("stability needs a feature store (both fne and fc7 arrays); --ids is for a plain .npy")
+    device = resolve_device(args.device)
+    overrides = list(args.overrides) + ([f"stages.max_epochs={args.epochs}"] if args.epochs else [])
+    results = run_study(load_dataset(args.dataset), args.features, args.out, args.seeds, select(args.rows),
+                        overrides, device, args.quiet)
+    table = format_study(results)
+    out = Path(args.out)
+    atomic_write_json(out / "table5.json", results)
+    atomic_write_text(out / "table5.md", table + "\n")
+    print(table)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from fnemm.demo import run_demo
+    if args.seeds < 1:
+        raise FnemmError(f"--seeds {args.seeds}: expected at least 1")
+    run_demo(args.out, args.data, seeds=args.seeds, workers=args.workers, quiet=args.quiet)
     return 0
 
 
@@ -272,7 +394,26 @@ def cmd_extract(args) -> int:
     return 0
 
 
-COMMANDS = {"extract": cmd_extract, "train": cmd_train, "evaluate": cmd_evaluate, "presets": cmd_presets}
+def cmd_search(args) -> int:
+    from fnemm.datasets import load_dataset
+    from fnemm.search import Searcher, format_hits
+    if args.k < 1:
+        raise FnemmError(f"-k {args.k}: ask for at least 1 result")
+    dataset = load_dataset(args.dataset) if args.dataset else None
+    searcher = Searcher(args.checkpoint, args.features, dataset, args.split, args.device)
+    hits = searcher.text(args.text, args.k) if args.text is not None else searcher.image(args.image, args.k)
+    if args.json:
+        print(json.dumps({"query": {"text": args.text} if args.text is not None else {"image": args.image},
+                          "results": [h.to_dict() for h in hits]}, indent=2))
+    else:
+        print(f"query: {args.text!r}" if args.text is not None else f"query: {args.image}")
+        print(format_hits(hits))
+    return 0
+
+
+COMMANDS = {"extract": cmd_extract, "search": cmd_search, "train": cmd_train, "evaluate": cmd_evaluate,
+            "report": cmd_report, "demo": cmd_demo,
+            "stability": cmd_stability, "presets": cmd_presets}
 
 
 def main(argv: list[str] | None = None) -> int:

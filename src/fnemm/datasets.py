@@ -7,7 +7,11 @@ Loaders (``load_dataset`` picks one from the path):
   images are extra training data, see ``Dataset.split_indices``);
 - COCO's ``captions_{train,val}2014.json``, one file per split;
 - a JSON-lines file ``{"image": ..., "captions": [...], "split": ...}`` per line
-  for users' own data.
+  for users' own data;
+- ``flickr8k-1k`` (or ``flickr8k-1k=FOLDER``): the real benchmark bundled in
+  ../shared/data/flickr8k: the images present in its ``images/`` folder with their
+  official captions and splits (753 train / 113 val / 125 test; images in no list
+  are left out). Read in place, never copied.
 
 Image ids are file names (e.g. ``1000268201_693b08cb0e.jpg``): the same ids a
 feature store carries.
@@ -238,6 +242,25 @@ def load_jsonl(path: Path) -> Dataset:
 
 # --- dispatch --------------------------------------------------------------
 
+def load_flickr8k_1k(folder: Path | None = None) -> Dataset:
+    """The Flickr8K images that are present in ``folder/images``, official captions and splits."""
+    from fnemm.paths import find_data
+    folder = folder or find_data("flickr8k")
+    if folder is None or not (folder / "images").is_dir():
+        where = folder or "$FNEMM_DATA/flickr8k or ../shared/data/flickr8k"
+        raise FnemmError(f"{where}: flickr8k-1k needs the Flickr8K folder with images/ beside the "
+                         f"token file; pass --dataset flickr8k-1k=FOLDER")
+    full = load_flickr_raw(folder, "flickr8k-1k")
+    present = {p.name for p in (folder / "images").iterdir()}
+    keep = [k for k, image in enumerate(full.image_ids) if image in present]
+    if not keep:
+        raise FnemmError(f"{folder / 'images'}: none of its files is a Flickr8K image of the official splits")
+    return full.subset(keep)
+
+
+NAMED = {"flickr8k-1k": load_flickr8k_1k}
+
+
 def load_dataset(specs: str | Path | list[str | Path]) -> Dataset:
     """Load a dataset from one path (or several COCO captions files).
 
@@ -246,6 +269,9 @@ def load_dataset(specs: str | Path | list[str | Path]) -> Dataset:
     """
     if isinstance(specs, (str, Path)):
         specs = [specs]
+    if len(specs) == 1 and str(specs[0]).split("=", 1)[0] in NAMED:
+        name, _, folder = str(specs[0]).partition("=")
+        return NAMED[name](Path(folder) if folder else None)
     parsed: list[tuple[Path, str | None]] = []
     for spec in specs:
         text = str(spec)

@@ -13,25 +13,20 @@ network's own global-average-pooled feature.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from fnemm.cnn import Preprocess, TappedCNN, register_cnn
 from fnemm.cnn.tflite import TFLiteNet
 from fnemm.errors import FnemmError
 from fnemm.fileio import sha256_file
+from fnemm.paths import find_data
 
 FILENAME = "mobilenet_v2_1.0_224_quant.tflite"
 
 
 def default_weights() -> Path | None:
     """$FNEMM_DATA/models/..., else ../shared/data/models/... beside the working or source tree."""
-    roots = [Path(os.environ["FNEMM_DATA"])] if os.environ.get("FNEMM_DATA") else []
-    roots += [Path.cwd().parent / "shared" / "data", Path(__file__).resolve().parents[4] / "shared" / "data"]
-    for root in roots:
-        if (root / "models" / FILENAME).is_file():
-            return root / "models" / FILENAME
-    return None
+    return find_data(f"models/{FILENAME}")
 
 
 def tapped(path: str | Path, quant: str = "fake") -> TappedCNN:

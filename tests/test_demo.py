@@ -1,0 +1,90 @@
+"""The demo pipeline end to end on a handful of the bundled Flickr8K photos, and
+`fnemm search` / `fnemm report` on what it wrote."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fnemm.cli import main
+from fnemm.demo import run_demo
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+pytestmark = pytest.mark.skipif(not (DATA / "flickr8k" / "images").is_dir(),
+                                reason="../shared/data (bundled Flickr8K photos) not present")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    result = run_demo(out, DATA / "flickr8k", max_images=30, epochs=2, quiet=True)
+    return out, result
+
+
+def test_demo_writes_table_plots_and_report(demo):
+    out, result = demo
+    rows = [line for line in result["table"].splitlines() if line.startswith("| F")]
+    assert [r.split("|")[1].strip() for r in rows] == ["FNE-MH", "FC7-MH", "FNE-POE"]
+    report = (out / "report.md").read_text()
+    assert "NOT comparable to the paper" in report and "Chance level" in report
+    for png in ("val_rsum.png", "retrieval.png"):
+        with Image.open(out / png) as img:
+            assert img.width > 300 and img.height > 150
+    for name in ("FNE-MH", "FC7-MH", "FNE-POE"):
+        metrics = json.loads((out / name / "seed-0" / "metrics-test.json").read_text())
+        assert 0 <= next(iter(metrics["results"].values()))["rsum"] <= 600
+    manifest = json.loads((out / "features" / "manifest.json").read_text())
+    assert manifest["cnn"] == "mobilenet_v2" and manifest["crops"] == 10
+    assert len(manifest["image_ids"]) == 30 and manifest["stats"]["images"] == 18
+
+
+def test_demo_rerun_reuses_every_stage(demo):
+    out, _ = demo
+    best = {p: p.stat().st_mtime_ns for p in out.glob("*/seed-0/best.pt")}
+    raw = (out / "features" / "raw.npy").stat().st_mtime_ns
+    again = run_demo(out, DATA / "flickr8k", max_images=30, epochs=2, quiet=True)
+    assert (out / "features" / "raw.npy").stat().st_mtime_ns == raw
+    assert {p: p.stat().st_mtime_ns for p in best} == best
+    assert again["extract"] < 10 and again["table"] == demo[1]["table"]
+
+
+def test_search_text_and_image(demo, capsys):
+    out, _ = demo
+    common = ["--checkpoint", str(out / "FNE-MH" / "seed-0"), "--features", str(out / "features"),
+              "--dataset", f"flickr8k-1k={DATA / 'flickr8k'}", "--split", "test"]
+    assert main(["search", *common, "--text", "a dog runs on the beach", "-k", "3", "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)["results"]
+    assert [h["rank"] for h in hits] == [1, 2, 3]
+    assert hits[0]["score"] >= hits[1]["score"] >= hits[2]["score"]
+    test_ids = set(json.loads((out / "features" / "manifest.json").read_text())["image_ids"])
+    assert all(h["image"] in test_ids for h in hits)
+    # a photo from outside the gallery goes through the same CNN + statistics
+    assert main(["search", *common, "--image", str(DATA / "reference-images" / "cat.bmp"), "-k", "2"]) == 0
+    text = capsys.readouterr().out
+    assert text.splitlines()[0].startswith("query:") and len(text.splitlines()) == 3
+    # an image of the store queried as a file or by id embeds identically
+    from fnemm.datasets import load_dataset
+    from fnemm.search import Searcher
+    searcher = Searcher(out / "FNE-MH" / "seed-0", out / "features", load_dataset(f"flickr8k-1k={DATA / 'flickr8k'}"))
+    image_id = searcher.image_ids[0]
+    by_file = searcher.image_embedding(DATA / "flickr8k" / "images" / image_id)
+    by_id = searcher.image_embedding(image_id)
+    assert float((by_file * by_id).sum()) > 0.99
+    for bad, message in [(["--text", "   "], "text query is empty"), (["--text", "x", "-k", "0"], "at least 1"),
+                         (["--image", "nope.jpg"], "no such image file")]:
+        assert main(["search", *common, *bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("fnemm: error:") and message in err and "\n" not in err
+
+
+def test_report_with_the_papers_rows(demo, capsys, tmp_path):
+    out, _ = demo
+    assert main(["report", str(out / "FNE-MH"), str(out / "FC7-MH"), "--paper", "flickr8k",
+                 "--out", str(tmp_path / "r")]) == 0
+    text = capsys.readouterr().out
+    assert "| FNE-MH | 1 |" in text and "| paper flickr8k FNE-MH | | 27.3 | 56.8 | 69.3 |" in text
+    assert (tmp_path / "r" / "report.md").exists() and (tmp_path / "r" / "val_rsum.png").exists()
+    assert main(["report", str(out / "features")]) == 2
+    assert "not evaluated yet" in capsys.readouterr().err
