@@ -20,7 +20,7 @@ import torch
 
 from fnemm.cnn import build_cnn
 from fnemm.cnn.mobilenet_v2 import default_weights
-from fnemm.extract import forward_images, keep_freed_memory
+from fnemm.extraction import forward_images, keep_freed_memory
 from fnemm.fne import crops
 
 IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k" / "images"

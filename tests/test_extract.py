@@ -17,7 +17,7 @@ import tinycnn
 from fnemm.cli import main
 from fnemm.datasets import load_dataset
 from fnemm.errors import FnemmError
-from fnemm.extract import ExtractConfig, extract
+from fnemm.extraction import ExtractConfig, extract
 from fnemm.features import load_features
 from fnemm.fne import crops, discretise, l2_normalise, standardise
 

@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 from fnemm.config import PRESETS, ModelConfig, StageConfig, TrainConfig, apply_overrides, get_preset
 from fnemm.datasets import Dataset, load_dataset
 from fnemm.errors import FnemmError
-from fnemm.extract import ExtractConfig, extract
+from fnemm.extraction import ExtractConfig, extract
 from fnemm.features import Features, load_features, write_store
 from fnemm.train import evaluate, load_checkpoint, train
 

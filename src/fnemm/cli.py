@@ -361,7 +361,7 @@ def cmd_presets(args) -> int:
 
 def cmd_extract(args) -> int:
     from fnemm.datasets import load_dataset
-    from fnemm.extract import ExtractConfig, extract
+    from fnemm.extraction import ExtractConfig, extract
     from fnemm.train import resolve_device
     try:
         low, high = (float(v) for v in args.thresholds.split(","))

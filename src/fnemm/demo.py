@@ -15,7 +15,7 @@ from pathlib import Path
 
 from fnemm.config import get_preset
 from fnemm.datasets import load_dataset
-from fnemm.extract import ExtractConfig, extract
+from fnemm.extraction import ExtractConfig, extract
 from fnemm.features import load_features
 from fnemm.fileio import atomic_write_json, atomic_write_text
 from fnemm.paths import find_data

@@ -19,9 +19,9 @@ from fnemm.cnn import TappedCNN, build_cnn
 from fnemm.data import embed_captions, embed_images
 from fnemm.datasets import Dataset
 from fnemm.errors import FnemmError
-from fnemm.extract import forward_images, load_stats, read_image
+from fnemm.extraction import forward_images, load_stats, read_image
 from fnemm.features import Features, load_features
-from fnemm.fne import discretise, l2_normalise, standardise
+from fnemm.fne import encode
 from fnemm.fileio import sha256_file
 from fnemm.losses import scores
 from fnemm.train import check_same_producer, load_checkpoint, resolve_device
@@ -52,10 +52,8 @@ class StoreEncoder:
         if why is not None:
             raise FnemmError(f"{path}: cannot use this image ({why}); give a JPEG/PNG photo")
         raw = forward_images(self.cnn, pixels, self.crops, self.device).astype(np.float16)
-        base = self.cnn.baseline
-        return {"raw": raw,
-                "fne": discretise(standardise(raw, self.mean, self.std), self.low, self.high),
-                "fc7": l2_normalise(raw[:, base.start:base.stop].astype(np.float32))}
+        base = slice(self.cnn.baseline.start, self.cnn.baseline.stop)
+        return {"raw": raw, **encode(raw, self.mean, self.std, (self.low, self.high), base)}
 
 
 @dataclass

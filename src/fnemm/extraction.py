@@ -39,7 +39,7 @@ from fnemm.datasets import Dataset
 from fnemm.errors import FnemmError
 from fnemm.fileio import atomic_save_npy, atomic_write_json
 from fnemm.features import FORMAT
-from fnemm.fne import CROP, RESIZE, THRESHOLDS, RunningStats, crops, discretise, l2_normalise, standardise
+from fnemm.fne import CROP, RESIZE, THRESHOLDS, RunningStats, crops, encode
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 BLOCK = 4096          # rows per block when streaming raw.npy
@@ -240,14 +240,21 @@ def train_statistics(raw: np.ndarray, rows: np.ndarray, quiet: bool = True) -> R
     return stats
 
 
-def _write_rows(path: Path, shape: tuple[int, int], dtype, fill, quiet: bool) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
-    for b in _blocks(shape[0], path.name, quiet):
-        array[b:b + BLOCK] = fill(slice(b, b + BLOCK))
-    array.flush()
-    del array
-    os.replace(tmp, path)
+def _write_arrays(folder: Path, n: int, columns: dict[str, tuple[type, int]], fill, quiet: bool) -> None:
+    """``folder/NAME.npy`` for each of ``columns`` {name: (dtype, width)}, n rows written block
+    by block from ``fill(rows) -> {name: block}`` in one pass, each renamed into place at the end."""
+    tmps = {name: folder / f".{name}.npy.tmp" for name in columns}
+    arrays = {name: np.lib.format.open_memmap(tmps[name], mode="w+", dtype=dtype, shape=(n, width))
+              for name, (dtype, width) in columns.items()}
+    for b in _blocks(n, "+".join(columns), quiet):
+        for name, block in fill(slice(b, b + BLOCK)).items():
+            arrays[name][b:b + BLOCK] = block
+    for name, array in arrays.items():
+        array.flush()
+        del array
+    arrays.clear()
+    for name, tmp in tmps.items():
+        os.replace(tmp, folder / f"{name}.npy")
 
 
 def load_stats(store: str | Path) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -262,15 +269,19 @@ def load_stats(store: str | Path) -> tuple[np.ndarray, np.ndarray, dict]:
     return stats[0], stats[1], manifest
 
 
+def same_producer(manifest: dict, cnn: TappedCNN, crops: int) -> bool:
+    """Whether a store's manifest says it was made by this CNN (weights, taps) and crop count."""
+    return (manifest.get("weights_sha256"), manifest.get("taps"), manifest.get("crops")) == \
+        (cnn.info.get("weights_sha256"), [asdict(t) for t in cnn.taps], crops)
+
+
 def _assemble(out: Path, cnn: TappedCNN, config: ExtractConfig, state: dict, train_ids: set[str] | None,
               stats_from: Path | None, info: dict, quiet: bool) -> dict:
     ids = state["image_ids"]
     raw = np.load(out / "raw.npy", mmap_mode="r")
     if stats_from is not None:
         mean, std, other = load_stats(stats_from)
-        mine = [asdict(t) for t in cnn.taps]
-        if (other.get("weights_sha256"), other.get("taps"), other.get("crops")) != \
-                (cnn.info.get("weights_sha256"), mine, config.crops):
+        if not same_producer(other, cnn, config.crops):
             raise FnemmError(f"{stats_from}: its statistics come from another CNN, weights or crops; "
                              f"extract with the same --cnn/--weights/--crops as that store")
         stats_info = {"file": "stats.npy", "from": str(Path(stats_from).resolve()),
@@ -287,10 +298,8 @@ def _assemble(out: Path, cnn: TappedCNN, config: ExtractConfig, state: dict, tra
     low, high = config.thresholds
     base = slice(cnn.baseline.start, cnn.baseline.stop)
     n = len(ids)
-    _write_rows(out / "fne.npy", (n, cnn.dim), np.int8,
-                lambda s: discretise(standardise(raw[s], mean, std), low, high), quiet)
-    _write_rows(out / "fc7.npy", (n, cnn.baseline.channels), np.float32,
-                lambda s: l2_normalise(raw[s, base]), quiet)
+    _write_arrays(out, n, {"fne": (np.int8, cnn.dim), "fc7": (np.float32, cnn.baseline.channels)},
+                  lambda rows: encode(raw[rows], mean, std, (low, high), base), quiet)
     arrays = {"fne": ("fne.npy", "int8", cnn.dim), "fc7": ("fc7.npy", "float32", cnn.baseline.channels),
               "raw": ("raw.npy", "float16", cnn.dim)}
     manifest = {
@@ -361,9 +370,8 @@ def extract(images: str | Path, out: str | Path, dataset: Dataset | None = None,
     manifest_path = out / "manifest.json"
     if manifest_path.exists() and not partial.exists():
         manifest = json.loads(manifest_path.read_text())
-        same = (manifest.get("weights_sha256"), manifest.get("taps"), manifest.get("crops")) == \
-            (identity["weights_sha256"], identity["taps"], config.crops)
-        if same and manifest.get("image_ids_sha256") == identity["image_ids_sha256"]:
+        if same_producer(manifest, cnn, config.crops) and \
+                manifest.get("image_ids_sha256") == identity["image_ids_sha256"]:
             wanted = {"thresholds": list(config.thresholds),
                       "stats_from": str(Path(stats_from).resolve()) if stats_from else None}
             if manifest["thresholds"] == wanted["thresholds"] and \
