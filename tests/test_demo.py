@@ -72,6 +72,9 @@ def test_search_text_and_image(demo, capsys):
     by_file = searcher.image_embedding(DATA / "flickr8k" / "images" / image_id)
     by_id = searcher.image_embedding(image_id)
     assert float((by_file * by_id).sum()) > 0.99
+    no_dataset = ["--checkpoint", common[1], "--features", common[3], "--split", "test", "--text", "dog"]
+    assert main(["search", *no_dataset]) == 2
+    assert "pass --dataset too" in capsys.readouterr().err
     for bad, message in [(["--text", "   "], "text query is empty"), (["--text", "x", "-k", "0"], "at least 1"),
                          (["--image", "nope.jpg"], "no such image file")]:
         assert main(["search", *common, *bad]) == 2

@@ -13,7 +13,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from fnemm.config import get_preset
+from fnemm.config import apply_overrides, get_preset
 from fnemm.datasets import load_dataset
 from fnemm.extraction import ExtractConfig, extract
 from fnemm.features import load_features
@@ -64,7 +64,6 @@ def run_demo(out: str | Path = "runs/demo", data: str | Path | None = None, seed
         preset = f"demo/{name}"
         config = get_preset(preset)
         if epochs:
-            from fnemm.config import apply_overrides
             config = apply_overrides(config, [f"stages.max_epochs={epochs}"])
         features = load_features(store, config.features)
         t = time.perf_counter()
@@ -101,7 +100,7 @@ def run_demo(out: str | Path = "runs/demo", data: str | Path | None = None, seed
     report = f"""# fnemm demo: Full-Network Embedding on flickr8k-1k
 
 {dataset.summary()}; CNN: MobileNetV2 (ImageNet, the bundled .tflite), 10 crops;
-{seeds} seed(s) per model; test = {n_test} images x 5 captions.
+{", ".join(f"{r.label}: {len(r.seeds)} seed(s)" for r in runs)}; test = {n_test} images x 5 captions.
 
 {table}
 

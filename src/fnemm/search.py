@@ -79,6 +79,8 @@ class Searcher:
         self.features: Features = load_features(self.store, self.kind)
         check_same_producer(checkpoint, self.features)
         ids = list(self.features.ids)
+        if dataset is None and split not in (None, "all"):
+            raise FnemmError(f"--split {split}: the splits come from a dataset; pass --dataset too")
         if dataset is not None and split not in (None, "all"):
             wanted = {dataset.image_ids[k] for k in dataset.split_indices(split, restval=False)}
             ids = [i for i in ids if i in wanted]
