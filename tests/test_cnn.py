@@ -238,3 +238,22 @@ def test_mobilenet_v2_layers_correlate_with_litert_on_flickr8k(litert, cnn_name)
         r = np.corrcoef(ours_pooled[:, cols].ravel(), ref_pooled[:, cols].ravel())[0, 1]
         assert r >= 0.99, (tap.name, r)                      # the pooled features FNE uses
         assert np.mean(full[i]) >= 0.98, (tap.name, np.mean(full[i]))   # and the whole maps
+
+
+@needs_data
+def test_the_int8_per_channel_tf2_file_also_matches_litert_top1():
+    interpreter = pytest.importorskip("ai_edge_litert.interpreter")
+    from fnemm.cnn.mobilenet_v2 import tapped
+    path = DATA / "models" / "tf2_mobilenet_v2_1.0_224_ptq.tflite"
+    it = interpreter.Interpreter(model_path=str(path))
+    it.allocate_tensors()
+    cnn = tapped(path)
+    assert len(cnn.taps) == 53 and "QUANTIZE" in cnn.net.kinds and "MEAN" in cnn.net.kinds
+    inp, out = it.get_input_details()[0]["index"], it.get_output_details()[0]["index"]
+    for name in REFERENCE_TOP1:
+        a = _pixels(DATA / "reference-images" / name)
+        it.set_tensor(inp, a[None])
+        it.invoke()
+        with torch.no_grad():
+            ours = int(cnn.net(cnn.preprocess(torch.from_numpy(a.copy())[None]))[0].argmax())
+        assert ours == int(it.get_tensor(out)[0].argmax()), name
