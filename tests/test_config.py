@@ -63,5 +63,6 @@ def test_demo_presets_scale_flickr8k_without_changing_the_method():
             assert [s.loss for s in demo.stages] == [s.loss for s in full.stages]
             assert [s.margin for s in demo.stages] == [s.margin for s in full.stages]
             assert demo.model.embed_dim == 512 and demo.batch_size == 64
-            assert sum(s.max_epochs for s in demo.stages) == 60
+            assert sum(s.max_epochs for s in demo.stages) == (120 if len(demo.stages) == 1 else 60)
+            assert demo.stages[0].patience == (20 if len(demo.stages) == 1 else 8)
     assert PRESETS["demo/FNE-POE"].stages[1].lr == 1e-4 and PRESETS["demo/FNE-MH"].stages[0].lr == 1e-3
