@@ -2,7 +2,7 @@
 
 Library entry points (the CLI calls these):
 
-    from fnemm import extract, load_dataset, load_features, get_preset, train, evaluate
+    from fnemm import extract, load_dataset, load_features, get_preset, train, evaluate, Searcher
 """
 
 __version__ = "0.1.0"
@@ -12,8 +12,9 @@ from fnemm.datasets import Dataset, load_dataset
 from fnemm.errors import FnemmError
 from fnemm.extraction import ExtractConfig, extract
 from fnemm.features import Features, load_features, write_store
+from fnemm.search import Searcher
 from fnemm.train import evaluate, load_checkpoint, train
 
-__all__ = ["PRESETS", "Dataset", "ExtractConfig", "Features", "FnemmError", "ModelConfig", "StageConfig", "TrainConfig",
+__all__ = ["PRESETS", "Dataset", "ExtractConfig", "Features", "FnemmError", "Searcher", "ModelConfig", "StageConfig", "TrainConfig",
            "apply_overrides", "evaluate", "extract", "get_preset", "load_checkpoint", "load_dataset", "load_features",
            "train", "write_store"]

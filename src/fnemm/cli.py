@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fnemm",
         description="Image-caption retrieval with the Full-Network Embedding "
-                    "(Vilalta et al. 2019): train and evaluate joint image-text embeddings.")
+                    "(Vilalta et al. 2019): extract image features, train, evaluate, report and search.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("extract", help="Full-Network Embedding features of a folder of images",
