@@ -125,6 +125,7 @@ Query: "{query_caption}" (one of the test captions; its own image is {found}).
 {stage_lines}
 """
     atomic_write_text(out / "report.md", report)
+    _log(quiet, "\nwall time of each stage: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
     _log(quiet, f"\n{table}\n\nchance rsum on {n_test} test images: {chance:.1f} ± {chance_sd:.1f}\n\n{caveat}\n"
                 f"\nreport: {out / 'report.md'}")
     return {**timings, "table": table, "chance": chance}
