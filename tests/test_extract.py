@@ -77,6 +77,8 @@ def test_store_matches_a_brute_force_reference(images, tmp_path):
     fne = load_features(tmp_path / "store", "fne")
     assert fne.array.dtype == np.int8 and fne.ids == kept
     np.testing.assert_array_equal(fne.array, discretise(standardise(raw, stats[0], stats[1])))
+    for v in (-1, 0, 1):
+        assert m["fne_fractions"][str(v)] == round(float(np.mean(fne.array == v)), 4)
     fc7 = load_features(tmp_path / "store", "fc7")
     np.testing.assert_allclose(fc7.array, l2_normalise(raw[:, 10:15].astype(np.float32)), rtol=1e-6)
     np.testing.assert_allclose(np.linalg.norm(fc7.array, axis=1), 1, rtol=1e-5)

@@ -7,8 +7,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from fnemm.errors import FnemmError
 
 EPILOG_TRAIN = """\
@@ -380,8 +378,7 @@ def cmd_extract(args) -> int:
     result = extract(args.images, args.out, dataset, config, stats_from=args.stats, train_list=train_list,
                      quiet=args.quiet)
     m = result.manifest
-    fne = np.load(Path(args.out) / "fne.npy", mmap_mode="r")
-    fractions = ", ".join(f"{v:+d}: {np.count_nonzero(fne == v) / max(fne.size, 1):.3f}" for v in (-1, 0, 1))
+    fractions = ", ".join(f"{int(v):+d}: {f:.3f}" for v, f in m.get("fne_fractions", {}).items()) or "?"
     print(f"{args.out}: {result.images} images, {len(m['taps'])} layers of {m['cnn']}, "
           f"{m['arrays']['fne']['shape'][1]} FNE features ({fractions}), baseline {m['baseline']['tap']} "
           f"({m['arrays']['fc7']['shape'][1]}-d); {result.skipped} skipped")

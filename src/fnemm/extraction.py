@@ -298,8 +298,15 @@ def _assemble(out: Path, cnn: TappedCNN, config: ExtractConfig, state: dict, tra
     low, high = config.thresholds
     base = slice(cnn.baseline.start, cnn.baseline.stop)
     n = len(ids)
-    _write_arrays(out, n, {"fne": (np.int8, cnn.dim), "fc7": (np.float32, cnn.baseline.channels)},
-                  lambda rows: encode(raw[rows], mean, std, (low, high), base), quiet)
+    counts = np.zeros(3, np.int64)          # how many -1, 0, +1: reported, and a sanity check
+
+    def fill(rows: slice) -> dict[str, np.ndarray]:
+        block = encode(raw[rows], mean, std, (low, high), base)
+        counts[:] += np.bincount(block["fne"].ravel() + 1, minlength=3)
+        return block
+
+    _write_arrays(out, n, {"fne": (np.int8, cnn.dim), "fc7": (np.float32, cnn.baseline.channels)}, fill, quiet)
+    fractions = {str(v): round(float(c) / max(int(counts.sum()), 1), 4) for v, c in zip((-1, 0, 1), counts)}
     arrays = {"fne": ("fne.npy", "int8", cnn.dim), "fc7": ("fc7.npy", "float32", cnn.baseline.channels),
               "raw": ("raw.npy", "float16", cnn.dim)}
     manifest = {
@@ -307,7 +314,7 @@ def _assemble(out: Path, cnn: TappedCNN, config: ExtractConfig, state: dict, tra
         **{k: cnn.info.get(k) for k in ("cnn", "weights", "weights_sha256", "weights_format", "quant") if k in cnn.info},
         "preprocess": cnn.preprocess.to_dict(), "input_size": cnn.input_size,
         "resize": RESIZE, "crop": CROP, "crops": config.crops,
-        "thresholds": [low, high], "stats": stats_info,
+        "thresholds": [low, high], "stats": stats_info, "fne_fractions": fractions,
         "taps": [asdict(t) for t in cnn.taps],
         "baseline": {"array": "fc7", "tap": cnn.baseline.name, "l2": True},
         **info,
