@@ -1,0 +1,81 @@
+"""Retrieval indexes against brute force: exact search, approximate recall, and the
+order-embedding re-rank."""
+
+import numpy as np
+import pytest
+import torch
+
+faiss = pytest.importorskip("faiss")
+
+from fnemm.index import VectorIndex, order_scores_np, recall_at  # noqa: E402
+from fnemm.losses import order_scores  # noqa: E402
+
+
+def unit(x):
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def clustered(n, d=32, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(max(2, n // 50), d))
+    return unit(centres[rng.integers(0, len(centres), n)] + 0.3 * rng.normal(size=(n, d)))
+
+
+def test_exact_index_matches_brute_force():
+    items, queries = clustered(2000), clustered(50, seed=1)
+    index = VectorIndex.build(items, "auto")
+    assert index.method == "exact"
+    scores, rows = index.search(queries, 10)
+    ref = queries @ items.T
+    for q in range(50):
+        order = np.argsort(-ref[q], kind="stable")[:10]
+        np.testing.assert_allclose(scores[q], ref[q][order], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(ref[q][rows[q]], scores[q], rtol=1e-5, atol=1e-5)   # rows match scores
+
+
+@pytest.mark.parametrize("method", ["hnsw", "ivf"])
+def test_approximate_indexes_keep_recall(method):
+    items, queries = clustered(20000), clustered(200, seed=2)
+    exact = VectorIndex.build(items, "exact")
+    approx = VectorIndex.build(items, method)
+    assert approx.method == method and len(approx) == 20000
+    _, a = approx.search(queries, 10)
+    _, e = exact.search(queries, 10)
+    assert recall_at(a, e, 10) >= 0.9
+
+
+def test_auto_switches_to_approximate_above_the_threshold():
+    assert VectorIndex.build(clustered(300), "auto", threshold=100).method == "hnsw"
+
+
+def test_order_scores_np_matches_the_training_loss_definition():
+    rng = np.random.default_rng(3)
+    caps, imgs = np.abs(unit(rng.normal(size=(4, 8)))), np.abs(unit(rng.normal(size=(6, 8))))
+    ref = order_scores(torch.from_numpy(imgs), torch.from_numpy(caps)).numpy()      # (images, captions)
+    got_c = order_scores_np(caps, np.broadcast_to(imgs, (4, 6, 8)), query_is_caption=True)
+    got_i = order_scores_np(imgs, np.broadcast_to(caps, (6, 4, 8)), query_is_caption=False)
+    np.testing.assert_allclose(got_c, ref.T, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got_i, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("query_is_caption", [True, False])
+def test_order_rerank_of_cosine_candidates_vs_exhaustive(query_is_caption):
+    items = np.abs(clustered(3000, seed=5))
+    queries = np.abs(clustered(100, seed=6))
+    index = VectorIndex.build(unit(items), "exact")
+    index.vectors = unit(items)
+    _, exhaustive = index.exhaustive(unit(queries), 10, "order", query_is_caption)
+    scores, rows = index.search(unit(queries), 10, "order", query_is_caption, candidates=3000)
+    assert recall_at(rows, exhaustive, 10) == 1.0           # every item a candidate: exact
+    assert (np.diff(scores, axis=1) <= 1e-6).all()           # sorted best first
+    _, few = index.search(unit(queries), 10, "order", query_is_caption, candidates=200)
+    assert recall_at(few, exhaustive, 10) >= 0.8             # the recall the re-rank gives up
+
+
+def test_save_and_load_round_trip(tmp_path):
+    items = clustered(500)
+    index = VectorIndex.build(items, "hnsw")
+    index.save(tmp_path / "images.faiss")
+    again = VectorIndex.load(tmp_path / "images.faiss", items, "hnsw")
+    q = clustered(5, seed=9)
+    np.testing.assert_array_equal(index.search(q, 5)[1], again.search(q, 5)[1])
