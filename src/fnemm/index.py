@@ -70,7 +70,7 @@ class VectorIndex:
             rng = np.random.default_rng(seed)
             train = vectors[rng.choice(n, size=min(n, 64 * nlist), replace=False)]
             index.train(train)
-            index.nprobe = max(1, nlist // 8)
+            index.nprobe = max(1, nlist // 3)    # measured: recall@10 0.73 at nlist/8, 0.97 at ~nlist/3
         index.add(vectors)
         return cls(vectors, method, index)
 
