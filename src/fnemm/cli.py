@@ -188,6 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 # --- commands -------------------------------------------------------------------
 
+def _at_least_one(flag: str, value: int) -> None:
+    if value < 1:
+        raise FnemmError(f"{flag} {value}: expected at least 1")
+
+
 def _overrides(args) -> list[str]:
     out = list(args.overrides)
     for flag, key in (("epochs", "stages.max_epochs"), ("lr", "stages.lr"), ("margin", "stages.margin"),
@@ -251,8 +256,7 @@ def cmd_train(args) -> int:
     if args.seeds is None:
         _train_one(args, out, None)
         return 0
-    if args.seeds < 1:
-        raise FnemmError(f"--seeds {args.seeds}: expected at least 1")
+    _at_least_one("--seeds", args.seeds)
     first = args.seed if args.seed is not None else 0
     rsums = []
     for k in range(args.seeds):
@@ -268,11 +272,10 @@ def cmd_train(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from fnemm.datasets import load_dataset
-    from fnemm.fileio import atomic_write_json
     from fnemm.metrics import format_metrics
     from fnemm.train import evaluate
 
-    from fnemm.report import seed_dirs
+    from fnemm.report import metrics_path, save_metrics, seed_dirs
     dataset = load_dataset(args.dataset)
     ckpt = Path(args.checkpoint)
     runs = seed_dirs(ckpt) if ckpt.is_dir() and not (ckpt / "best.pt").exists() else [ckpt]
@@ -281,8 +284,8 @@ def cmd_evaluate(args) -> int:
     every = {}
     for run in runs:
         results = evaluate(run, dataset, args.features, args.split, args.protocol, args.device, ids=args.ids)
-        target = Path(args.output) if args.output else (run if run.is_dir() else run.parent) / f"metrics-{args.split}.json"
-        atomic_write_json(target, {"split": args.split, "checkpoint": str(run), "results": results})
+        target = Path(args.output) if args.output else metrics_path(run if run.is_dir() else run.parent, args.split)
+        save_metrics(target, args.split, run, results)
         every[str(run)] = results
         if not args.json:
             for name, m in results.items():
@@ -314,8 +317,7 @@ def cmd_stability(args) -> int:
     from fnemm.fileio import atomic_write_json, atomic_write_text
     from fnemm.stability import format_study, run_study, select
     from fnemm.train import resolve_device
-    if args.seeds < 1:
-        raise FnemmError(f"--seeds {args.seeds}: expected at least 1")
+    _at_least_one("--seeds", args.seeds)
     if args.ids:
         raise FnemmError("stability needs a feature store (both fne and fc7 arrays); --ids is for a plain .npy")
     device = resolve_device(args.device)
@@ -332,8 +334,7 @@ def cmd_stability(args) -> int:
 
 def cmd_demo(args) -> int:
     from fnemm.demo import run_demo
-    if args.seeds < 1:
-        raise FnemmError(f"--seeds {args.seeds}: expected at least 1")
+    _at_least_one("--seeds", args.seeds)
     run_demo(args.out, args.data, seeds=args.seeds, workers=args.workers, quiet=args.quiet)
     return 0
 
@@ -394,8 +395,7 @@ def cmd_extract(args) -> int:
 def cmd_search(args) -> int:
     from fnemm.datasets import load_dataset
     from fnemm.search import Searcher, format_hits
-    if args.k < 1:
-        raise FnemmError(f"-k {args.k}: ask for at least 1 result")
+    _at_least_one("-k", args.k)
     dataset = load_dataset(args.dataset) if args.dataset else None
     searcher = Searcher(args.checkpoint, args.features, dataset, args.split, args.device)
     hits = searcher.text(args.text, args.k) if args.text is not None else searcher.image(args.image, args.k)

@@ -17,9 +17,10 @@ from fnemm.config import apply_overrides, get_preset
 from fnemm.datasets import load_dataset
 from fnemm.extraction import ExtractConfig, extract
 from fnemm.features import load_features
-from fnemm.fileio import atomic_write_json, atomic_write_text
+from fnemm.fileio import atomic_write_text
 from fnemm.paths import find_data
-from fnemm.report import chance_rsum, contact_sheet, load_run, markdown_table, plot_curves, seed_dirs
+from fnemm.report import (chance_rsum, contact_sheet, load_run, markdown_table, metrics_path, plot_curves,
+                          save_metrics, seed_dirs)
 from fnemm.search import Searcher
 from fnemm.train import evaluate, train
 
@@ -79,11 +80,10 @@ def run_demo(out: str | Path = "runs/demo", data: str | Path | None = None, seed
     _log(quiet, "== 3/4 evaluate on the test images")
     for name in models:
         for run in seed_dirs(out / name):
-            target = run / "metrics-test.json"
+            target = metrics_path(run, "test")
             if target.exists() and target.stat().st_mtime >= (run / "best.pt").stat().st_mtime:
                 continue
-            results = evaluate(run, dataset, store, "test")
-            atomic_write_json(target, {"split": "test", "checkpoint": str(run), "results": results})
+            save_metrics(target, "test", run, evaluate(run, dataset, store, "test"))
     timings["evaluate"] = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from fnemm.errors import FnemmError
+from fnemm.fileio import atomic_write_json
 
 COLUMNS = ["i2t_r1", "i2t_r5", "i2t_r10", "i2t_medr", "t2i_r1", "t2i_r5", "t2i_r10", "t2i_medr", "rsum"]
 HEADER = ["R@1", "R@5", "R@10", "Med r", "R@1", "R@5", "R@10", "Med r", "rsum"]
@@ -52,22 +53,39 @@ def _label(preset: str | None, path: Path) -> str:
     return preset.split("/")[-1] if preset else path.name
 
 
+def metrics_path(run: Path, split: str) -> Path:
+    """Where ``fnemm evaluate`` keeps a run's metrics on ``split``."""
+    return run / f"metrics-{split}.json"
+
+
+def save_metrics(target: Path, split: str, checkpoint: str | Path, results: dict) -> None:
+    atomic_write_json(target, {"split": split, "checkpoint": str(checkpoint), "results": results})
+
+
+def val_curve(run: Path) -> list[float]:
+    """Validation rsum per epoch from a run's metrics.jsonl ([] when it has none yet)."""
+    history = run / "metrics.jsonl"
+    if not history.exists():
+        return []
+    epochs = (json.loads(line) for line in history.read_text().splitlines() if line.strip())
+    return [e["val"]["rsum"] for e in epochs if e.get("val")]
+
+
 def load_run(path: str | Path, split: str = "test") -> RunSummary:
     path = Path(path)
     if not path.is_dir():
         raise FnemmError(f"{path}: no such run folder")
     seeds, curves, preset = [], [], None
     for run in seed_dirs(path):
-        metrics = run / f"metrics-{split}.json"
+        metrics = metrics_path(run, split)
         if not metrics.exists():
             raise FnemmError(f"{metrics}: not evaluated yet; run `fnemm evaluate --checkpoint {path} "
                              f"--split {split} ...` first")
         results = json.loads(metrics.read_text())["results"]
         seeds.append(next(iter(results.values())))      # the whole split (first protocol)
-        history = run / "metrics.jsonl"
-        if history.exists():
-            curves.append([json.loads(line)["val"]["rsum"] for line in history.read_text().splitlines()
-                           if line.strip() and json.loads(line).get("val")])
+        curve = val_curve(run)
+        if curve:
+            curves.append(curve)
         info = run / "run.json"
         if info.exists() and preset is None:
             preset = json.loads(info.read_text()).get("preset")

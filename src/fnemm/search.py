@@ -106,10 +106,7 @@ class Searcher:
         if not query.strip():
             raise FnemmError("the text query is empty; give a sentence, e.g. \"a dog runs on the beach\"")
         cap = embed_captions(self.model, [self.vocab.encode(query)], self.device)
-        s = self._scores(self.images, cap)[:, 0]
-        top = torch.topk(s, min(k, len(s)))
-        return [Hit(r + 1, float(v), self.image_ids[int(i)]) for r, (v, i) in
-                enumerate(zip(top.values, top.indices))]
+        return [Hit(r, v, self.image_ids[i]) for r, v, i in _top(self._scores(self.images, cap)[:, 0], k)]
 
     def image_embedding(self, image: str | Path) -> torch.Tensor:
         """A file goes through the store's CNN and statistics; an image id uses its stored row."""
@@ -131,9 +128,13 @@ class Searcher:
             self._caption_emb = embed_captions(self.model, [self.vocab.encode(c) for _, c in self.captions],
                                                self.device)
         s = self._scores(self.image_embedding(image), self._caption_emb)[0]
-        top = torch.topk(s, min(k, len(s)))
-        return [Hit(r + 1, float(v), self.captions[int(i)][0], self.captions[int(i)][1])
-                for r, (v, i) in enumerate(zip(top.values, top.indices))]
+        return [Hit(r, v, *self.captions[i]) for r, v, i in _top(s, k)]
+
+
+def _top(scores: torch.Tensor, k: int) -> list[tuple[int, float, int]]:
+    """(rank from 1, score, position) of the k best scores."""
+    top = torch.topk(scores, min(k, len(scores)))
+    return [(r + 1, float(v), int(i)) for r, (v, i) in enumerate(zip(top.values, top.indices))]
 
 
 def format_hits(hits: list[Hit]) -> str:

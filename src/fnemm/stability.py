@@ -8,7 +8,6 @@ on Flickr8K, 5 seeds each.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from fnemm.config import ModelConfig, StageConfig, TrainConfig, apply_overrides
 from fnemm.datasets import Dataset
 from fnemm.errors import FnemmError
 from fnemm.features import load_features
+from fnemm.report import val_curve
 from fnemm.train import train
 
 THRESHOLD = 10.0
@@ -68,8 +68,7 @@ def run_study(dataset: Dataset, features: str | Path, out: str | Path, seeds: in
             config = row_config(row, k, overrides)
             train(config, dataset, stores[row.features], run, resume=(run / "last.pt").exists(),
                   quiet=quiet, device=device, run_info={"preset": f"table5/{row.name}"})
-            history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
-            best.append(max((h["val"]["rsum"] for h in history if h.get("val")), default=0.0))
+            best.append(max(val_curve(run), default=0.0))
         success = sum(b > THRESHOLD for b in best)
         results.append({"model": row.name, "lr": row.lr, "margin": row.margin, "abs": row.use_abs,
                         "success": f"{success}/{seeds}", "paper": row.paper,
