@@ -16,13 +16,6 @@ pytestmark = pytest.mark.skipif(not (DATA / "flickr8k" / "images").is_dir(),
                                 reason="../shared/data (bundled Flickr8K photos) not present")
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
-    result = run_demo(out, DATA / "flickr8k", max_images=30, epochs=2, quiet=True)
-    return out, result
-
-
 def test_demo_writes_table_plots_and_report(demo):
     out, result = demo
     rows = [line for line in result["table"].splitlines() if line.startswith("| F")]

@@ -46,6 +46,22 @@ again with other --thresholds and only the discretisation is redone.
 """
 
 
+EPILOG_INDEX = """\
+examples:
+  fnemm index build --checkpoint runs/demo/FNE-MH/seed-0 --features runs/demo/features \\
+      --dataset flickr8k-1k --out runs/demo/index
+  fnemm serve --index runs/demo/index            # then open http://127.0.0.1:8000/
+  fnemm search --index runs/demo/index --text "a dog runs on the beach"
+  curl -s localhost:8000/search/text -H 'content-type: application/json' \\
+      -d '{"query": "a dog runs on the beach", "k": 5}'
+  curl -s localhost:8000/search/image -F file=@photo.jpg -F k=5
+
+The index folder records the sha256 of the checkpoint and of the feature store's
+manifest; loading it refuses either if it changed (rebuild with the same command).
+Re-running the build with the same inputs and options keeps the index as is.
+"""
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -97,8 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Rank the images of a feature store for a sentence (--text), or the "
                                    "captions of a dataset for a photo (--image: a file, embedded through "
                                    "the store's CNN and statistics, or an image id of the store).")
-    p.add_argument("--checkpoint", required=True, metavar="RUN", help="run folder or best.pt")
-    p.add_argument("--features", required=True, metavar="STORE", help="the gallery's feature store")
+    p.add_argument("--checkpoint", metavar="RUN", help="run folder or best.pt")
+    p.add_argument("--features", metavar="STORE", help="the gallery's feature store")
+    p.add_argument("--index", metavar="DIR", help="instead of --checkpoint/--features/--dataset: an index "
+                                                  "folder from `fnemm index build` (faiss; scales to millions)")
     p.add_argument("--dataset", action="append", metavar="PATH",
                    help="captions (needed for --image) and splits (for --split)")
     p.add_argument("--split", default="all", help="restrict the gallery to a split: train, val, test "
@@ -167,6 +185,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="max epochs (default 200)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="change any other value, e.g. model.embed_dim=512")
+    _add_common(p)
+
+    p = sub.add_parser("index", help="build a search index of a gallery (for `fnemm serve`)",
+                       description="Embed a gallery with a trained checkpoint into a faiss index folder.",
+                       epilog=EPILOG_INDEX, formatter_class=argparse.RawDescriptionHelpFormatter)
+    isub = p.add_subparsers(dest="index_command", metavar="ACTION", required=True)
+    b = isub.add_parser("build", help="checkpoint + feature store (+ captions) -> index folder",
+                        description="Embed the gallery's images (and, with --dataset, their captions) "
+                                    "with a trained checkpoint into an index folder: exact inner product "
+                                    "up to --threshold vectors, HNSW or IVF above; approximate search "
+                                    "parameters tuned to --target-recall and the recall reported.",
+                        epilog=EPILOG_INDEX, formatter_class=argparse.RawDescriptionHelpFormatter)
+    b.add_argument("--checkpoint", required=True, metavar="RUN", help="run folder or best.pt")
+    b.add_argument("--features", required=True, metavar="STORE", help="the gallery's feature store (or .npy + --ids)")
+    b.add_argument("--ids", metavar="FILE", help="image ids of a .npy feature matrix, one per row")
+    b.add_argument("--dataset", action="append", metavar="PATH",
+                   help="captions of the gallery (for image -> caption search) and splits (for --split)")
+    b.add_argument("--split", default="all", help="index only this split's images (default all)")
+    b.add_argument("--out", required=True, metavar="DIR", help="the index folder to write")
+    b.add_argument("--method", default="auto", choices=["auto", "exact", "hnsw", "ivf"],
+                   help="auto (default): exact up to --threshold vectors, HNSW above")
+    b.add_argument("--threshold", type=int, default=100_000, help="auto's exact/approximate switch (default 100000)")
+    b.add_argument("--target-recall", type=float, default=0.95,
+                   help="recall@10 vs exhaustive search that tuning aims for (default 0.95)")
+    _add_common(b)
+
+    p = sub.add_parser("serve", help="HTTP search service and web page over an index folder",
+                       description="Serve an index folder: POST /search/text, POST /search/image, "
+                                   "GET /images/{id}, GET /healthz, the search page at /, API docs at /docs.",
+                       epilog=EPILOG_INDEX, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--index", required=True, metavar="DIR", help="from `fnemm index build`")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="default 8000")
+    p.add_argument("--checkpoint", metavar="RUN", help="where the index's checkpoint is now, if it moved")
+    p.add_argument("--features", metavar="STORE", help="where the index's feature store is now, if it moved")
+    p.add_argument("--max-upload-mb", type=float, default=10, help="largest photo upload (default 10 MiB)")
     _add_common(p)
 
     p = sub.add_parser("demo", help="the whole method on the bundled Flickr8K photos (make demo)",
@@ -394,11 +448,22 @@ def cmd_extract(args) -> int:
 
 def cmd_search(args) -> int:
     from fnemm.datasets import load_dataset
-    from fnemm.search import Searcher, format_hits
+    from fnemm.search import Hit, Searcher, format_hits
     _at_least_one("-k", args.k)
-    dataset = load_dataset(args.dataset) if args.dataset else None
-    searcher = Searcher(args.checkpoint, args.features, dataset, args.split, args.device)
-    hits = searcher.text(args.text, args.k) if args.text is not None else searcher.image(args.image, args.k)
+    if args.index:
+        if args.checkpoint or args.features or args.dataset or args.split != "all":
+            raise FnemmError("--index holds the checkpoint, gallery and captions: drop --checkpoint, "
+                             "--features, --dataset and --split (choose them at `fnemm index build`)")
+        from fnemm.index import Gallery
+        gallery = Gallery(args.index, device=args.device, encoder=args.image is not None)
+        found = gallery.text(args.text, args.k) if args.text is not None else gallery.image(args.image, args.k)
+        hits = [Hit(h["rank"], h["score"], h["image"], h.get("caption")) for h in found]
+    else:
+        if not (args.checkpoint and args.features):
+            raise FnemmError("search needs --checkpoint RUN and --features STORE (or --index DIR)")
+        dataset = load_dataset(args.dataset) if args.dataset else None
+        searcher = Searcher(args.checkpoint, args.features, dataset, args.split, args.device)
+        hits = searcher.text(args.text, args.k) if args.text is not None else searcher.image(args.image, args.k)
     if args.json:
         print(json.dumps({"query": {"text": args.text} if args.text is not None else {"image": args.image},
                           "results": [h.to_dict() for h in hits]}, indent=2))
@@ -408,8 +473,31 @@ def cmd_search(args) -> int:
     return 0
 
 
+def cmd_index(args) -> int:
+    from fnemm.datasets import load_dataset
+    from fnemm.index import build_index, describe_index
+    _at_least_one("--threshold", args.threshold)
+    dataset = load_dataset(args.dataset) if args.dataset else None
+    manifest = build_index(args.checkpoint, args.features, args.out, dataset, args.split, args.ids,
+                           args.method, args.threshold, args.target_recall, args.device, args.quiet)
+    print(describe_index(manifest))
+    print(f"index: {args.out} (built in {manifest['build_seconds']} s); serve it with: fnemm serve --index {args.out}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from fnemm.serve import serve
+    if not 0 < args.port < 65536:
+        raise FnemmError(f"--port {args.port}: expected 1..65535")
+    if args.max_upload_mb <= 0:
+        raise FnemmError(f"--max-upload-mb {args.max_upload_mb}: expected a positive size")
+    serve(args.index, args.host, args.port, args.checkpoint, args.features, args.device,
+          int(args.max_upload_mb * 1024 * 1024), args.quiet)
+    return 0
+
+
 COMMANDS = {"extract": cmd_extract, "search": cmd_search, "train": cmd_train, "evaluate": cmd_evaluate,
-            "report": cmd_report, "demo": cmd_demo,
+            "report": cmd_report, "demo": cmd_demo, "index": cmd_index, "serve": cmd_serve,
             "stability": cmd_stability, "presets": cmd_presets}
 
 

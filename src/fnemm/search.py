@@ -9,11 +9,13 @@ the same feature space.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from fnemm.cnn import TappedCNN, build_cnn
 from fnemm.data import embed_captions, embed_images
@@ -21,14 +23,16 @@ from fnemm.datasets import Dataset
 from fnemm.errors import FnemmError
 from fnemm.extraction import forward_images, load_stats, read_image
 from fnemm.features import Features, load_features
-from fnemm.fne import encode
+from fnemm.fne import crops, encode
 from fnemm.fileio import sha256_file
 from fnemm.losses import scores
 from fnemm.train import check_same_producer, load_checkpoint, resolve_device
 
 
 class StoreEncoder:
-    """Features of new images made exactly as a feature store's were."""
+    """Features of new images made exactly as a feature store's were.
+
+    Thread-safe: the CNN's taps collect into one buffer, so forward passes take turns."""
 
     def __init__(self, store: str | Path, device: str = "cpu"):
         self.store = Path(store)
@@ -45,13 +49,22 @@ class StoreEncoder:
         self.cnn: TappedCNN = build_cnn(m["cnn"], weights if weights != "random" else "random").to(device)
         self.device, self.crops = device, int(m["crops"])
         self.low, self.high = m["thresholds"]
+        self._lock = threading.Lock()
 
     def encode(self, path: str | Path) -> dict[str, np.ndarray]:
         """{'raw', 'fne', 'fc7'} rows (1, D) of one image file."""
         pixels, why, _ = read_image(Path(path) if Path(path).is_file() else None, self.crops)
         if why is not None:
             raise FnemmError(f"{path}: cannot use this image ({why}); give a JPEG/PNG photo")
-        raw = forward_images(self.cnn, pixels, self.crops, self.device).astype(np.float16)
+        return self._encode_crops(pixels)
+
+    def encode_image(self, image: Image.Image) -> dict[str, np.ndarray]:
+        """As :meth:`encode`, for an image already decoded (e.g. an upload)."""
+        return self._encode_crops(crops(image, self.crops))
+
+    def _encode_crops(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        with self._lock:
+            raw = forward_images(self.cnn, pixels, self.crops, self.device).astype(np.float16)
         base = slice(self.cnn.baseline.start, self.cnn.baseline.stop)
         return {"raw": raw, **encode(raw, self.mean, self.std, (self.low, self.high), base)}
 

@@ -1,0 +1,142 @@
+"""`fnemm serve` as a real process on 127.0.0.1: concurrent requests, and the web page
+driven in headless Chromium (Debian's `chromium`, through Playwright)."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+pytest.importorskip("faiss")
+pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+
+from conftest import DATA  # noqa: E402
+from fnemm.datasets import load_dataset  # noqa: E402
+from fnemm.index import build_index  # noqa: E402
+
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
+                  "--disable-background-networking", "--disable-component-update"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(demo, tmp_path_factory):
+    out, _ = demo
+    index = tmp_path_factory.mktemp("live") / "index"
+    build_index(out / "FNE-MH" / "seed-0", out / "features", index,
+                load_dataset(f"flickr8k-1k={DATA / 'flickr8k'}"), quiet=True)
+    port = free_port()
+    log = open(index.parent / "serve.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "fnemm.cli", "serve", "--index", str(index), "--port", str(port),
+                             "--threads", "1"], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(url + "/healthz", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("fnemm serve did not start:\n" + (index.parent / "serve.log").read_text())
+        time.sleep(0.2)
+    yield url, index
+    proc.terminate()
+    proc.wait(timeout=30)
+    log.close()
+
+
+def test_concurrent_requests_agree_with_sequential_ones(server):
+    url, _ = server
+    queries = ["a dog runs on the beach", "children playing", "a man climbs a rock", "two dogs in the snow",
+               "a girl in a pink dress", "people at a market"]
+    with httpx.Client(base_url=url, timeout=60) as client:
+        alone = {q: client.post("/search/text", json={"query": q, "k": 5}).json()["results"] for q in queries}
+        photo = (DATA / "flickr8k" / "images" / "1000268201_693b08cb0e.jpg").read_bytes()
+        upload_alone = client.post("/search/image", files={"file": ("p.jpg", photo, "image/jpeg")},
+                                   data={"k": "5"}).json()["results"]
+
+        def text(q):
+            return q, client.post("/search/text", json={"query": q, "k": 5})
+
+        def upload(_):
+            return client.post("/search/image", files={"file": ("p.jpg", photo, "image/jpeg")}, data={"k": "5"})
+
+        with ThreadPoolExecutor(16) as pool:
+            texts = list(pool.map(text, queries * 8))
+            uploads = list(pool.map(upload, range(6)))
+    for q, r in texts:
+        assert r.status_code == 200 and r.json()["results"] == alone[q]
+    for r in uploads:
+        assert r.status_code == 200
+        assert [h["caption"] for h in r.json()["results"]] == [h["caption"] for h in upload_alone]
+
+
+def chromium() -> str | None:
+    return os.environ.get("FNEMM_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def test_page_in_headless_chromium(server, tmp_path):
+    """Type a query, see thumbnails (decoded images, with scores); upload a photo, see captions."""
+    exe = chromium()
+    required = os.environ.get("FNEMM_REQUIRE_BROWSER") == "1"      # .ci/run installs chromium and sets this
+    if exe is None:
+        if required:
+            pytest.fail("no chromium executable (apt-get install chromium, or set FNEMM_CHROMIUM)")
+        pytest.skip("no chromium executable: apt-get install chromium (or set FNEMM_CHROMIUM) to run this")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        if required:
+            raise
+        pytest.skip("playwright is not installed (pip install playwright)")
+    url, _ = server
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=exe, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(url + "/")
+            page.wait_for_function("document.getElementById('info').textContent.includes('30 images')")
+            page.fill("#query", "a dog runs on the beach")
+            page.fill("#k", "6")
+            page.press("#query", "Enter")
+            page.wait_for_selector("#results .hit img")
+            page.wait_for_function("""() => {
+                const imgs = [...document.querySelectorAll('#results .hit img')];
+                return imgs.length === 6 && imgs.every(i => i.complete && i.naturalWidth > 0);
+            }""", timeout=30_000)
+            cards = page.locator("#results .hit")
+            assert cards.count() == 6
+            assert cards.first.locator(".score").inner_text().startswith("#1")
+            assert "6 images for" in page.inner_text("#status")
+            page.screenshot(path=str(tmp_path / "text-search.png"), full_page=True)
+
+            page.set_input_files("#file", str(DATA / "flickr8k" / "images" / "1000268201_693b08cb0e.jpg"))
+            page.wait_for_function("document.getElementById('status').textContent.includes('captions for')",
+                                   timeout=60_000)
+            assert page.locator("#results .hit .caption").count() == 6
+            page.screenshot(path=str(tmp_path / "image-search.png"), full_page=True)
+
+            page.fill("#query", "   ")
+            page.press("#query", "Enter")
+            page.wait_for_function("document.getElementById('status').className === 'error'")
+            assert "query is empty" in page.inner_text("#status")
+            assert errors == []
+        finally:
+            browser.close()
+    assert (tmp_path / "text-search.png").stat().st_size > 10_000
+    print(json.dumps({"screenshots": str(tmp_path)}))

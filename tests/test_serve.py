@@ -1,0 +1,266 @@
+"""Index folders (`fnemm index build`) and the HTTP API (ASGI test client) over a small
+real index: the demo's models on 30 bundled Flickr8K photos."""
+
+import io
+import json
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("faiss")
+pytest.importorskip("fastapi")
+
+from conftest import DATA  # noqa: E402
+from fnemm.cli import main  # noqa: E402
+from fnemm.datasets import load_dataset  # noqa: E402
+from fnemm.errors import FnemmError  # noqa: E402
+from fnemm.index import Gallery, build_index  # noqa: E402
+from fnemm.search import Searcher  # noqa: E402
+from fnemm.serve import MAX_K, create_app  # noqa: E402
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")           # starlette's note that it prefers httpx2
+    from fastapi.testclient import TestClient  # noqa: E402
+
+SPEC = f"flickr8k-1k={DATA / 'flickr8k'}"
+
+
+@pytest.fixture(scope="module")
+def built(demo, tmp_path_factory):
+    """{model: index folder}: FNE-MH exact, FNE-POE (order) through HNSW."""
+    out, _ = demo
+    root = tmp_path_factory.mktemp("index")
+    dataset = load_dataset(SPEC)
+    folders = {"FNE-MH": root / "mh", "FNE-POE": root / "poe"}
+    build_index(out / "FNE-MH" / "seed-0", out / "features", folders["FNE-MH"], dataset, quiet=True)
+    build_index(out / "FNE-POE" / "seed-0", out / "features", folders["FNE-POE"], dataset, method="hnsw",
+                quiet=True)
+    return out, folders
+
+
+@pytest.fixture(scope="module")
+def client(built):
+    _, folders = built
+    return TestClient(create_app(Gallery(folders["FNE-MH"]), max_upload_bytes=200_000))
+
+
+def photo_bytes(name=None, size=(320, 240), fmt="JPEG") -> bytes:
+    if name:
+        return (DATA / "flickr8k" / "images" / name).read_bytes()
+    buf = io.BytesIO()
+    Image.effect_noise(size, 60).convert("RGB").save(buf, fmt)
+    return buf.getvalue()
+
+
+# --- index folders -------------------------------------------------------------
+
+def test_index_matches_brute_force_search(built):
+    out, folders = built
+    gallery = Gallery(folders["FNE-MH"])
+    manifest = json.loads((folders["FNE-MH"] / "manifest.json").read_text())
+    assert manifest["images"]["method"] == "exact" and manifest["images"]["count"] == 30
+    assert manifest["captions"]["count"] == 150 and len(manifest["request"]["checkpoint"]["sha256"]) == 64
+    searcher = Searcher(out / "FNE-MH" / "seed-0", out / "features", load_dataset(SPEC))
+    for query in ("a dog runs on the beach", "two children play in the snow", "a man on a bike"):
+        ours, ref = gallery.text(query, 10), searcher.text(query, 10)
+        assert [h["image"] for h in ours] == [h.image for h in ref]
+        np.testing.assert_allclose([h["score"] for h in ours], [h.score for h in ref], atol=1e-5)
+        assert ours[0]["captions"] == gallery.captions_of[ours[0]["image"]] and len(ours[0]["captions"]) == 5
+    image_id = gallery.image_ids[3]
+    ours, ref = gallery.image(image_id, 7), searcher.image(image_id, 7)
+    assert [(h["image"], h["caption"]) for h in ours] == [(h.image, h.caption) for h in ref]
+
+
+def test_order_index_reranks_and_reports_recall(built):
+    out, folders = built
+    manifest = json.loads((folders["FNE-POE"] / "manifest.json").read_text())
+    assert manifest["similarity"] == "order"
+    for side in ("images", "captions"):
+        info = manifest[side]
+        assert info["method"] == "hnsw" and info["params"]["ef_search"] >= 16
+        assert 0 <= info["rerank_recall_at_10"] <= 1 and info["candidates"] >= 10
+        assert (folders["FNE-POE"] / f"{side}.faiss").exists()
+    # 30 images <= the candidates: the re-rank is the exhaustive S_OE ranking
+    gallery = Gallery(folders["FNE-POE"])
+    searcher = Searcher(out / "FNE-POE" / "seed-0", out / "features", load_dataset(SPEC))
+    ours, ref = gallery.text("a black dog in the grass", 10), searcher.text("a black dog in the grass", 10)
+    assert [h["image"] for h in ours] == [h.image for h in ref]
+    np.testing.assert_allclose([h["score"] for h in ours], [h.score for h in ref], atol=1e-5)
+
+
+def test_rebuild_with_same_inputs_keeps_the_index(built, capsys):
+    out, folders = built
+    before = {p.name: p.stat().st_mtime_ns for p in folders["FNE-MH"].iterdir()}
+    assert main(["index", "build", "--checkpoint", str(out / "FNE-MH" / "seed-0"), "--features",
+                 str(out / "features"), "--dataset", SPEC, "--out", str(folders["FNE-MH"])]) == 0
+    assert "index up to date" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in folders["FNE-MH"].iterdir()} == before
+
+
+def test_index_refuses_changed_checkpoint_or_store(built, tmp_path):
+    out, folders = built
+    ckpt = tmp_path / "run"
+    shutil.copytree(out / "FNE-MH" / "seed-0", ckpt)
+    Gallery(folders["FNE-MH"], checkpoint=ckpt, encoder=False)          # an identical copy is fine
+    with open(ckpt / "best.pt", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(FnemmError, match=r"not the checkpoint .* \(sha256 differs\); rebuild it: fnemm index build"):
+        Gallery(folders["FNE-MH"], checkpoint=ckpt)
+    store = tmp_path / "store"
+    shutil.copytree(out / "features", store)
+    manifest = json.loads((store / "manifest.json").read_text())
+    manifest["thresholds"] = [-0.5, 0.5]
+    (store / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(FnemmError, match="not the feature store"):
+        Gallery(folders["FNE-MH"], features=store)
+    with pytest.raises(FnemmError, match="is not there"):
+        Gallery(folders["FNE-MH"], features=tmp_path / "moved")
+    with pytest.raises(FnemmError, match="not an index folder"):
+        Gallery(tmp_path)
+
+
+def test_index_cli_errors_and_search(built, tmp_path, capsys):
+    out, folders = built
+    common = ["index", "build", "--checkpoint", str(out / "FNE-MH" / "seed-0"), "--features", str(out / "features")]
+    for extra, message in [(["--split", "test"], "pass --dataset too"), (["--target-recall", "2"], "fraction"),
+                           (["--threshold", "0"], "at least 1")]:
+        assert main([*common, "--out", str(tmp_path / "x"), *extra]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1
+    assert main(["index", "build", "--checkpoint", str(tmp_path / "none"), "--features", str(out / "features"),
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "no such checkpoint" in capsys.readouterr().err
+    # a split-restricted index without captions: text search only
+    assert main([*common, "--dataset", SPEC, "--split", "test", "--out", str(tmp_path / "test")]) == 0
+    assert main([*common, "--out", str(tmp_path / "nocap"), "--quiet"]) == 0
+    assert "captions: none" in capsys.readouterr().out
+    assert main(["search", "--index", str(tmp_path / "test"), "--text", "a dog", "-k", "3", "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)["results"]
+    test_ids = {json.loads(line)["image"] for line in (tmp_path / "test" / "captions.jsonl").read_text().splitlines()}
+    assert len(hits) == 3 and {h["image"] for h in hits} <= test_ids and len(test_ids) == 6
+    assert main(["search", "--index", str(tmp_path / "nocap"), "--image", "x.jpg"]) == 2
+    assert "no captions" in capsys.readouterr().err
+    assert main(["search", "--index", str(tmp_path / "test"), "--features", "f", "--text", "dog"]) == 2
+    assert main(["serve", "--index", str(tmp_path / "missing")]) == 2
+    assert "not an index folder" in capsys.readouterr().err
+
+
+# --- the HTTP API --------------------------------------------------------------
+
+def test_text_search_endpoint(client, built):
+    r = client.post("/search/text", json={"query": "a dog runs on the beach", "k": 5})
+    assert r.status_code == 200
+    body = r.json()
+    assert [h["rank"] for h in body["results"]] == [1, 2, 3, 4, 5]
+    assert all(a["score"] >= b["score"] for a, b in zip(body["results"], body["results"][1:]))
+    ref = Gallery(built[1]["FNE-MH"], encoder=False).text("a dog runs on the beach", 5)
+    assert [h["image"] for h in body["results"]] == [h["image"] for h in ref]
+    assert body["results"][0]["url"] == f"/images/{ref[0]['image']}"
+    r = client.post("/search/text", json={"query": "a zzqxv dog"})        # k defaults to 10
+    assert len(r.json()["results"]) == 10 and r.json()["unknown_words"] == ["zzqxv"]
+    assert len(client.post("/search/text", json={"query": "dog", "k": MAX_K}).json()["results"]) == 30
+
+
+@pytest.mark.parametrize("body, status, message", [
+    ({"query": "   ", "k": 3}, 422, "query is empty"),
+    ({"query": "a" * 1001}, 422, "at most 1000"),
+    ({"query": "dog", "k": 0}, 422, "k=0: must be between 1 and 100"),
+    ({"query": "dog", "k": 101}, 422, "k=101"),
+    ({"query": "dog", "k": "many"}, 422, "k: Input should be a valid integer"),
+    ({"k": 3}, 422, "query: Field required"),
+    ({"query": 7}, 422, "query: Input should be a valid string"),
+    (b"{not json", 422, "not valid JSON"),
+])
+def test_text_search_rejects_bad_input(client, body, status, message):
+    if isinstance(body, bytes):
+        r = client.post("/search/text", content=body, headers={"content-type": "application/json"})
+    else:
+        r = client.post("/search/text", json=body)
+    assert r.status_code == status
+    assert set(r.json()) == {"error"} and message in r.json()["error"]
+
+
+def test_image_search_endpoint(client, built):
+    gallery = Gallery(built[1]["FNE-MH"])
+    image_id = gallery.image_ids[0]
+    r = client.post("/search/image", files={"file": (image_id, photo_bytes(image_id), "image/jpeg")},
+                    data={"k": "4"})
+    assert r.status_code == 200
+    hits = r.json()["results"]
+    assert len(hits) == 4 and all(h["url"] == f"/images/{h['image']}" for h in hits)
+    # the upload goes through the store's CNN and statistics: same captions as the stored image
+    by_id = gallery.image(image_id, 4)
+    assert [h["caption"] for h in hits] == [h["caption"] for h in by_id]
+    np.testing.assert_allclose([h["score"] for h in hits], [h["score"] for h in by_id], atol=0.05)
+    png = client.post("/search/image", files={"file": ("noise.png", photo_bytes(fmt="PNG"), "image/png")})
+    assert png.status_code == 200 and len(png.json()["results"]) == 10
+
+
+def big_dimensions_png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("1", (8000, 8000)).save(buf, "PNG")       # 64 megapixels in a few KB
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("files, data, status, message", [
+    ({"file": ("notes.txt", b"hello, not a photo", "text/plain")}, {}, 415, "notes.txt: not an image"),
+    ({"file": ("half.jpg", photo_bytes("1000268201_693b08cb0e.jpg")[:300], "image/jpeg")}, {}, 415, "not an image"),
+    ({"file": ("empty.jpg", b"", "image/jpeg")}, {}, 422, "upload is empty"),
+    ({"file": ("big.png", photo_bytes(size=(700, 700), fmt="PNG"), "image/png")}, {}, 413,
+     "request body over 0.253 MiB"),                                   # refused on its Content-Length
+    ({"file": ("a.jpg", b"\xff" * 210_000, "image/jpeg")}, {}, 413, "a.jpg: upload over 0.191 MiB"),
+    ({"file": ("huge.png", big_dimensions_png(), "image/png")}, {}, 413, "8000x8000 pixels"),
+    ({"file": ("ok.jpg", photo_bytes(), "image/jpeg")}, {"k": "0"}, 422, "k=0"),
+    ({"file": ("ok.jpg", photo_bytes(), "image/jpeg")}, {"k": "500"}, 422, "k=500"),
+    ({"file": ("ok.jpg", photo_bytes(), "image/jpeg")}, {"k": "lots"}, 422, "k: Input should be a valid integer"),
+    (None, {"k": "3"}, 422, "file: Field required"),
+])
+def test_image_search_rejects_bad_input(client, files, data, status, message):
+    r = client.post("/search/image", files=files, data=data)
+    assert r.status_code == status, r.text
+    assert set(r.json()) == {"error"} and message in r.json()["error"]
+
+
+def test_oversized_chunked_upload_is_cut_off(client):
+    def chunks():
+        for _ in range(20):
+            yield b"x" * 50_000                # no Content-Length: counted as it arrives
+    r = client.post("/search/image", content=chunks(), headers={"content-type": "multipart/form-data; boundary=b"})
+    assert r.status_code == 413 and "request body over" in r.json()["error"]
+
+
+def test_image_search_needs_captions(built, tmp_path):
+    out, _ = built
+    build_index(out / "FNE-MH" / "seed-0", out / "features", tmp_path / "nocap", quiet=True)
+    bare = TestClient(create_app(Gallery(tmp_path / "nocap")))
+    r = bare.post("/search/image", files={"file": ("ok.jpg", photo_bytes(), "image/jpeg")})
+    assert r.status_code == 409 and "no captions" in r.json()["error"]
+    r = bare.post("/search/text", json={"query": "a dog"})
+    assert r.status_code == 200 and r.json()["results"][0]["captions"] == []
+
+
+def test_thumbnails_health_docs_and_page(client, built):
+    gallery = Gallery(built[1]["FNE-MH"], encoder=False)
+    image_id = gallery.image_ids[5]
+    r = client.get(f"/images/{image_id}", params={"size": 128})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+    with Image.open(io.BytesIO(r.content)) as thumb, Image.open(DATA / "flickr8k" / "images" / image_id) as full:
+        assert max(thumb.size) == 128 and abs(thumb.width / thumb.height - full.width / full.height) < 0.05
+    for url, status, message in [("/images/nope.jpg", 404, "no such image in this gallery"),
+                                 ("/images/..%2F..%2Fetc%2Fpasswd", 404, "no such image"),
+                                 (f"/images/{image_id}?size=5000", 422, "size=5000"),
+                                 (f"/images/{image_id}?size=big", 422, "size: Input should be a valid integer")]:
+        r = client.get(url)
+        assert r.status_code == status and message in r.json()["error"], (url, r.text)
+    health = client.get("/healthz").json()
+    assert health == {"status": "ok", "images": 30, "captions": 150, "similarity": "cosine", "embed_dim": 512,
+                      "features": "fne", "method": {"images": "exact", "captions": "exact"}, "image_upload": True}
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/search/text", "/search/image", "/images/{image_id}", "/healthz"} <= set(paths)
+    assert client.get("/docs").status_code == 200
+    page = client.get("/")
+    assert page.status_code == 200 and 'id="query"' in page.text and 'id="drop"' in page.text
+    assert client.get("/nowhere").json() == {"error": "Not Found"}
