@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test demo bench clean
+.PHONY: venv test demo serve bench clean
 
 venv: $(STAMP)
 
@@ -28,10 +28,21 @@ demo: $(STAMP)
 	$(VENV)/bin/fnemm search --checkpoint runs/demo/FNE-MH/seed-0 --features runs/demo/features \
 		--dataset flickr8k-1k --split test --text "a dog runs on the beach"
 
+# After `make demo`: index all 991 demo images and their captions, serve them on http://127.0.0.1:$(PORT)/
+# (the index is rebuilt only when the checkpoint or feature store changed).
+MODEL ?= FNE-MH
+PORT  ?= 8000
+serve: $(STAMP)
+	@test -f runs/demo/$(MODEL)/seed-0/best.pt || { echo "runs/demo/$(MODEL): run \`make demo\` first"; exit 2; }
+	$(VENV)/bin/fnemm index build --checkpoint runs/demo/$(MODEL)/seed-0 --features runs/demo/features \
+		--dataset flickr8k-1k --out runs/demo/index-$(MODEL)
+	$(VENV)/bin/fnemm serve --index runs/demo/index-$(MODEL) --port $(PORT)
+
 bench: $(STAMP)
 	$(PY) bench/eval_speed.py
 	$(PY) bench/train_speed.py
 	$(PY) bench/extract_speed.py
+	$(PY) bench/search_speed.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -58,3 +58,21 @@ def write(folder: Path, **kwargs) -> tuple[Path, Path, Path]:
     ids_path = folder / "feats.ids.txt"
     ids_path.write_text("\n".join(ids) + "\n")
     return jsonl, npy, ids_path
+
+
+def gallery(n_images: int, dim: int = 48, noise: float = 0.3, seed: int = 1, proj_seed: int = 0):
+    """(features, attrs) of ``n_images`` more images drawn like ``make(dim=dim, seed=proj_seed)``'s
+    (same projection, so a model trained on those embeds these), e.g. a large search gallery."""
+    proj = np.random.default_rng(proj_seed).normal(size=(24, dim)).astype(np.float32)   # make()'s first draw
+    rng = np.random.default_rng(seed)
+    attrs = rng.integers(0, 8, size=(n_images, 3))
+    feats = proj[attrs[:, 0]] + proj[8 + attrs[:, 1]] + proj[16 + attrs[:, 2]]
+    feats += noise * rng.normal(size=(n_images, dim)).astype(np.float32)
+    return feats.astype(np.float32), attrs
+
+
+def captions(n: int, seed: int = 2) -> list[str]:
+    """``n`` captions of random attributes, in the dataset's templates (search queries)."""
+    rng = np.random.default_rng(seed)
+    return [TEMPLATES[rng.integers(len(TEMPLATES))].format(c=COLOURS[rng.integers(8)], a=ANIMALS[rng.integers(8)],
+                                                           v=ACTIONS[rng.integers(8)]) for _ in range(n)]

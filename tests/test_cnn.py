@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from fnemm.cnn import TappedCNN, build_cnn, cnn_names
+from fnemm.cnn import build_cnn, cnn_names
 from fnemm.cnn.vgg16 import LABELS, VGG16
 from fnemm.errors import FnemmError
 
@@ -88,7 +88,7 @@ def test_vgg16_keras_h5_weights_round_trip(tmp_path):
     h5py = pytest.importorskip("h5py")
     rng = np.random.default_rng(0)
     path = tmp_path / "vgg16_weights_tf_dim_ordering_tf_kernels.h5"
-    from fnemm.cnn.vgg16 import KERAS_CONV, KERAS_FC
+    from fnemm.cnn.vgg16 import KERAS_CONV
     shapes = {}
     cin = 3
     for name, cout in zip(KERAS_CONV, [64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512]):

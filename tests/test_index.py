@@ -79,3 +79,16 @@ def test_save_and_load_round_trip(tmp_path):
     again = VectorIndex.load(tmp_path / "images.faiss", items, "hnsw")
     q = clustered(5, seed=9)
     np.testing.assert_array_equal(index.search(q, 5)[1], again.search(q, 5)[1])
+
+
+@pytest.mark.parametrize("method, key, first", [("hnsw", "ef_search", 16), ("ivf", "nprobe", 1)])
+def test_tune_picks_the_smallest_setting_that_reaches_the_target(method, key, first):
+    items, queries = clustered(20000), clustered(200, seed=3)
+    approx = VectorIndex.build(items, method)
+    _, exact = VectorIndex.build(items, "exact").search(queries, 10)
+    reached = approx.tune(queries, exact, 0.97)
+    value = approx.params[key]
+    assert reached >= 0.97 and reached == recall_at(approx.search(queries, 10)[1], exact, 10)
+    if value > first:                   # the ladder doubles: half of it falls short
+        approx.set_params(**{key: value // 2})
+        assert recall_at(approx.search(queries, 10)[1], exact, 10) < 0.97

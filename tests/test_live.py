@@ -4,10 +4,6 @@ driven in headless Chromium (Debian's `chromium`, through Playwright)."""
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -17,17 +13,12 @@ pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
 from conftest import DATA  # noqa: E402
+from liveserver import serving  # noqa: E402
 from fnemm.datasets import load_dataset  # noqa: E402
 from fnemm.index import build_index  # noqa: E402
 
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
                   "--disable-background-networking", "--disable-component-update"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -36,26 +27,8 @@ def server(demo, tmp_path_factory):
     index = tmp_path_factory.mktemp("live") / "index"
     build_index(out / "FNE-MH" / "seed-0", out / "features", index,
                 load_dataset(f"flickr8k-1k={DATA / 'flickr8k'}"), quiet=True)
-    port = free_port()
-    log = open(index.parent / "serve.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "fnemm.cli", "serve", "--index", str(index), "--port", str(port),
-                             "--threads", "1"], stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(url + "/healthz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail("fnemm serve did not start:\n" + (index.parent / "serve.log").read_text())
-        time.sleep(0.2)
-    yield url, index
-    proc.terminate()
-    proc.wait(timeout=30)
-    log.close()
+    with serving(index, index.parent / "serve.log", "--threads", "1") as url:
+        yield url, index
 
 
 def test_concurrent_requests_agree_with_sequential_ones(server):

@@ -143,6 +143,15 @@ def test_index_cli_errors_and_search(built, tmp_path, capsys):
     assert len(hits) == 3 and {h["image"] for h in hits} <= test_ids and len(test_ids) == 6
     assert main(["search", "--index", str(tmp_path / "nocap"), "--image", "x.jpg"]) == 2
     assert "no captions" in capsys.readouterr().err
+    assert main(["search", "--index", str(tmp_path / "test"), "--image", "x.jpg"]) == 2
+    assert "x.jpg: no such image file, and not an image id of" in capsys.readouterr().err
+    assert main([*common, "--out", str(tmp_path / "t"), "--tune-queries", str(tmp_path / "none.txt")]) == 2
+    assert "--tune-queries" in capsys.readouterr().err
+    (tmp_path / "q.txt").write_text("a dog on the beach\n\na girl with a kite\n")
+    assert main([*common, "--out", str(tmp_path / "t"), "--tune-queries", str(tmp_path / "q.txt"),
+                 "--method", "hnsw"]) == 0
+    tuned = json.loads((tmp_path / "t" / "manifest.json").read_text())
+    assert tuned["images"]["queries"] == 2 and tuned["request"]["tune_queries"]
     assert main(["search", "--index", str(tmp_path / "test"), "--features", "f", "--text", "dog"]) == 2
     assert main(["serve", "--index", str(tmp_path / "missing")]) == 2
     assert "not an index folder" in capsys.readouterr().err

@@ -1,14 +1,12 @@
 """Training really learns, resumes exactly after a kill, and keeps the best epoch."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 

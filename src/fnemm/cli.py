@@ -209,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threshold", type=int, default=100_000, help="auto's exact/approximate switch (default 100000)")
     b.add_argument("--target-recall", type=float, default=0.95,
                    help="recall@10 vs exhaustive search that tuning aims for (default 0.95)")
+    b.add_argument("--tune-queries", metavar="FILE",
+                   help="sentences to tune the image side on, one per line (default: the dataset's "
+                        "captions; without captions, the images themselves)")
     _add_common(b)
 
     p = sub.add_parser("serve", help="HTTP search service and web page over an index folder",
@@ -264,7 +267,7 @@ def _train_one(args, out: Path, seed_override: str | None) -> dict:
     from fnemm import config as cfg
     from fnemm.datasets import load_dataset
     from fnemm.features import load_features
-    from fnemm.train import resolve_device, train
+    from fnemm.train import train
 
     overrides = _overrides(args) + ([seed_override] if seed_override else [])
     run_json = out / "run.json"
@@ -478,8 +481,16 @@ def cmd_index(args) -> int:
     from fnemm.index import build_index, describe_index
     _at_least_one("--threshold", args.threshold)
     dataset = load_dataset(args.dataset) if args.dataset else None
+    tune = None
+    if args.tune_queries:
+        path = Path(args.tune_queries)
+        if not path.is_file():
+            raise FnemmError(f"--tune-queries {path}: no such file; give a text file of sentences, one per line")
+        tune = [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+        if not tune:
+            raise FnemmError(f"--tune-queries {path}: no sentences in it; one per line")
     manifest = build_index(args.checkpoint, args.features, args.out, dataset, args.split, args.ids,
-                           args.method, args.threshold, args.target_recall, args.device, args.quiet)
+                           args.method, args.threshold, args.target_recall, args.device, args.quiet, tune)
     print(describe_index(manifest))
     print(f"index: {args.out} (built in {manifest['build_seconds']} s); serve it with: fnemm serve --index {args.out}")
     return 0

@@ -25,6 +25,7 @@ the checkpoint or store changed since, and answers text and image queries.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
@@ -231,11 +232,16 @@ def _tune_side(index: VectorIndex, queries: np.ndarray, similarity: str, query_i
 def build_index(checkpoint: str | Path, features: str | Path, out: str | Path, dataset=None,
                 split: str | None = None, ids: str | Path | None = None, method: str = "auto",
                 threshold: int = EXACT_UP_TO, target_recall: float = 0.95, device: str = "cpu",
-                quiet: bool = False) -> dict:
+                quiet: bool = False, tune_queries: list[str] | None = None) -> dict:
     """Embed a gallery with a trained checkpoint into an index folder ``out``; returns its
-    manifest. An index already built from the same inputs and options is kept as is."""
+    manifest. An index already built from the same inputs and options is kept as is.
+
+    The image side is tuned on sample caption queries: ``tune_queries`` (sentences,
+    e.g. what users search for), else the dataset's captions, else (no captions) the
+    images themselves."""
     from fnemm.data import embed_captions, embed_images
     from fnemm.features import load_features
+    from fnemm.search import select_gallery
     from fnemm.train import check_same_producer, load_checkpoint, resolve_device
 
     if not 0 < target_recall <= 1:
@@ -249,19 +255,7 @@ def build_index(checkpoint: str | Path, features: str | Path, out: str | Path, d
     model, vocab, config, _ = load_checkpoint(checkpoint, device)
     store = load_features(features, config.features, ids)
     check_same_producer(checkpoint, store)
-    gallery = list(store.ids)
-    if dataset is None and split != "all":
-        raise FnemmError(f"--split {split}: the splits come from a dataset; pass --dataset too")
-    if dataset is not None and split != "all":
-        wanted = {dataset.image_ids[k] for k in dataset.split_indices(split, restval=False)}
-        gallery = [i for i in gallery if i in wanted]
-        if not gallery:
-            raise FnemmError(f"{features}: none of its images is in the {split} split of {dataset.name}")
-    captions: list[tuple[str, str]] = []
-    if dataset is not None:
-        owners = set(gallery)
-        captions = [(image, c) for image, caps in zip(dataset.image_ids, dataset.captions)
-                    if image in owners for c in caps]
+    gallery, captions = select_gallery(store, dataset, split)
 
     request = {
         "checkpoint": {"path": str(_checkpoint_file(checkpoint).resolve()),
@@ -271,6 +265,7 @@ def build_index(checkpoint: str | Path, features: str | Path, out: str | Path, d
                      "sha256": sha256_file(_store_file(features))},
         "dataset": dataset.summary() if dataset is not None else None,
         "split": split, "method": method, "threshold": threshold, "target_recall": target_recall,
+        "tune_queries": hashlib.sha256("\n".join(tune_queries).encode()).hexdigest() if tune_queries else None,
     }
     old = out / "manifest.json"
     if old.exists():
@@ -294,11 +289,15 @@ def build_index(checkpoint: str | Path, features: str | Path, out: str | Path, d
         tokens = [vocab.encode(c) for _, c in captions[s:s + block]]
         caption_emb[s:s + block] = embed_captions(model, tokens, device).cpu().numpy()
 
+    query_emb = caption_emb
+    if tune_queries:
+        picked = [tune_queries[k] for k in _sample(len(tune_queries), TUNE_QUERIES)]
+        query_emb = embed_captions(model, [vocab.encode(q) for q in picked], device).cpu().numpy()
     similarity = config.model.similarity
     sides = {}
     out.mkdir(parents=True, exist_ok=True)
     old.unlink(missing_ok=True)      # half-rewritten files must never sit under a valid manifest
-    for side, items, queries, query_is_caption in (("images", image_emb, caption_emb, True),
+    for side, items, queries, query_is_caption in (("images", image_emb, query_emb, True),
                                                    ("captions", caption_emb, image_emb, False)):
         if side == "captions" and not captions:
             sides[side] = None
@@ -433,6 +432,9 @@ class Gallery:
     def __len__(self) -> int:
         return len(self.image_ids)
 
+    def __contains__(self, image_id: str) -> bool:
+        return image_id in self._row
+
     def _search(self, index: VectorIndex, query: np.ndarray, k: int, query_is_caption: bool, side: str):
         info = self.manifest[side]
         scores, rows = index.search(query, k, self.similarity, query_is_caption, info.get("candidates", 100))
@@ -458,6 +460,8 @@ class Gallery:
         from fnemm.data import embed_images
         if isinstance(image, str) and image in self._row:
             return self.images.vectors[self._row[image]][None]
+        if not isinstance(image, Image.Image) and not Path(image).is_file():
+            raise FnemmError(f"{image}: no such image file, and not an image id of {self.folder}")
         if self.encoder is None:
             raise FnemmError(f"{self.store}: new images need the feature store of `fnemm extract` "
                              f"(its CNN and statistics); this index was built from a plain matrix")

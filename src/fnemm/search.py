@@ -29,6 +29,26 @@ from fnemm.losses import scores
 from fnemm.train import check_same_producer, load_checkpoint, resolve_device
 
 
+def select_gallery(features: Features, dataset: Dataset | None, split: str | None
+                   ) -> tuple[list[str], list[tuple[str, str]]]:
+    """(image ids, [(image id, caption)]) of a search gallery: the store's images, only
+    those of ``split`` when given (which needs the dataset), and their captions."""
+    ids = list(features.ids)
+    if dataset is None and split not in (None, "all"):
+        raise FnemmError(f"--split {split}: the splits come from a dataset; pass --dataset too")
+    if dataset is not None and split not in (None, "all"):
+        wanted = {dataset.image_ids[k] for k in dataset.split_indices(split, restval=False)}
+        ids = [i for i in ids if i in wanted]
+        if not ids:
+            raise FnemmError(f"{features.source}: none of its images is in the {split} split of {dataset.name}")
+    captions: list[tuple[str, str]] = []
+    if dataset is not None:
+        owners = set(ids)
+        captions = [(image, c) for image, caps in zip(dataset.image_ids, dataset.captions)
+                    if image in owners for c in caps]
+    return ids, captions
+
+
 class StoreEncoder:
     """Features of new images made exactly as a feature store's were.
 
@@ -91,22 +111,9 @@ class Searcher:
         self.store = Path(features)
         self.features: Features = load_features(self.store, self.kind)
         check_same_producer(checkpoint, self.features)
-        ids = list(self.features.ids)
-        if dataset is None and split not in (None, "all"):
-            raise FnemmError(f"--split {split}: the splits come from a dataset; pass --dataset too")
-        if dataset is not None and split not in (None, "all"):
-            wanted = {dataset.image_ids[k] for k in dataset.split_indices(split, restval=False)}
-            ids = [i for i in ids if i in wanted]
-            if not ids:
-                raise FnemmError(f"{self.store}: none of its images is in the {split} split of {dataset.name}")
-        self.image_ids = ids
-        rows = self.features.rows_for(ids, "the gallery")
+        self.image_ids, self.captions = select_gallery(self.features, dataset, split)
+        rows = self.features.rows_for(self.image_ids, "the gallery")
         self.images = embed_images(self.model, np.asarray(self.features.array[rows]), self.device)
-        self.captions: list[tuple[str, str]] = []
-        if dataset is not None:
-            owners = set(ids)
-            self.captions = [(image, c) for image, caps in zip(dataset.image_ids, dataset.captions)
-                             if image in owners for c in caps]
         self._caption_emb = None
         self._encoder = None
 

@@ -232,7 +232,7 @@ def create_app(gallery: Gallery, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_k
     def image(image_id: str, size: int = Query(DEFAULT_THUMB, description="longest side in pixels")):
         if not THUMB_SIZES[0] <= size <= THUMB_SIZES[1]:
             fail(422, f"size={size}: must be between {THUMB_SIZES[0]} and {THUMB_SIZES[1]}")
-        if image_id not in gallery._row:
+        if image_id not in gallery:
             fail(404, f"{image_id}: no such image in this gallery")
         try:
             data = thumbnail(image_id, size)
