@@ -120,6 +120,18 @@ def test_index_refuses_changed_checkpoint_or_store(built, tmp_path):
         Gallery(folders["FNE-MH"], features=tmp_path / "moved")
     with pytest.raises(FnemmError, match="not an index folder"):
         Gallery(tmp_path)
+    broken = tmp_path / "broken"
+    shutil.copytree(folders["FNE-POE"], broken)
+    (broken / "images.faiss").unlink()
+    with pytest.raises(FnemmError, match="images.faiss is missing"):
+        Gallery(broken)
+    shutil.copy(folders["FNE-POE"] / "images.faiss", broken)
+    (broken / "images.ids.txt").write_text("a.jpg\n")
+    with pytest.raises(FnemmError, match="lists 1 ids for 30 embeddings"):
+        Gallery(broken)
+    (broken / "images.npy").write_bytes(b"garbage")
+    with pytest.raises(FnemmError, match="images.npy: cannot read it"):
+        Gallery(broken)
 
 
 def test_index_cli_errors_and_search(built, tmp_path, capsys):
