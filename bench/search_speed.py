@@ -152,7 +152,7 @@ def main() -> None:
                 if exact_rows is None:
                     exact = VectorIndex.build(approx.vectors, "exact")
                     times, exact_rows = time_queries(gallery, exact, queries)
-                    rows.append((n, "exact", times, 1.0, "", 0.0))
+                    rows.append((n, "exact", times, 1.0, "", None))
                     print(f"{n:>9,}  exact           {percentiles(times)}  recall@10 1.000", flush=True)
                 times, found = time_queries(gallery, approx, queries)
                 recall = recall_at(found, exact_rows, 10)
@@ -167,7 +167,8 @@ def main() -> None:
         print("|---:|---|---|---:|---:|---:|---:|")
         for n, method, times, recall, params, build in rows:
             print(f"| {n:,} | {method} | {params} | {np.percentile(times, 50):.2f} ms | "
-                  f"{np.percentile(times, 99):.2f} ms | {recall:.3f} | {build:.0f} s |")
+                  f"{np.percentile(times, 99):.2f} ms | {recall:.3f} | "
+                  f"{'-' if build is None else f'{build:.0f} s'} |")
         ref = {n: np.percentile(t, 50) for n, m, t, *_ in rows if m == "exact"}
         for n, method, times, *_ in rows:
             if method != "exact":
