@@ -184,7 +184,10 @@ def test_cli_extract_reports_and_errors(images, tmp_path, capsys, monkeypatch):
     assert "11 images, 3 layers of tinycnn:build, 15 FNE features" in text
     assert "skipped img005.jpg: unreadable" in text and "skipped gone.jpg: missing" in text
     assert "1 non-RGB images converted" in text
+    (tmp_path / "blank.txt").write_text("\n  \n")
     for bad, message in [(["--thresholds", "0.2"], "expected LOW,HIGH"),
+                         (["--train-list", str(tmp_path / "none.txt")], "none.txt: no such file"),
+                         (["--train-list", str(tmp_path / "blank.txt")], "no image file names in it"),
                          (["--thresholds", "0.2,-0.2"], "low threshold must be below"),
                          (["--images", str(tmp_path / "nope")], "no such image folder"),
                          (["--cnn", "resnet"], "unknown CNN")]:

@@ -250,6 +250,18 @@ def _at_least_one(flag: str, value: int) -> None:
         raise FnemmError(f"{flag} {value}: expected at least 1")
 
 
+def _read_lines(flag: str, path: str, what: str) -> list[str]:
+    """The non-blank lines of a list file given to ``flag``, stripped; a missing or
+    empty file is a one-line error naming it."""
+    file = Path(path)
+    if not file.is_file():
+        raise FnemmError(f"{flag} {file}: no such file; give a text file of {what}, one per line")
+    lines = [line.strip() for line in file.read_text(encoding="utf-8", errors="replace").splitlines()]
+    if not any(lines):
+        raise FnemmError(f"{flag} {file}: no {what} in it; one per line")
+    return [line for line in lines if line]
+
+
 def _overrides(args) -> list[str]:
     out = list(args.overrides)
     for flag, key in (("epochs", "stages.max_epochs"), ("lr", "stages.lr"), ("margin", "stages.margin"),
@@ -424,12 +436,7 @@ def cmd_extract(args) -> int:
     except ValueError:
         raise FnemmError(f"--thresholds {args.thresholds!r}: expected LOW,HIGH, e.g. -0.25,0.15") from None
     dataset = load_dataset(args.dataset) if args.dataset else None
-    train_list = None
-    if args.train_list:
-        path = Path(args.train_list)
-        if not path.is_file():
-            raise FnemmError(f"{path}: no such file; --train-list takes a file of image names, one a line")
-        train_list = path.read_text(encoding="utf-8").split()
+    train_list = _read_lines("--train-list", args.train_list, "image file names") if args.train_list else None
     config = ExtractConfig(cnn=args.cnn, weights=args.weights, crops=args.crops, thresholds=(low, high),
                            batch_size=args.batch_size, chunk_size=args.chunk_size, workers=args.workers,
                            device=str(resolve_device(args.device)))
@@ -481,14 +488,7 @@ def cmd_index(args) -> int:
     from fnemm.index import build_index, describe_index
     _at_least_one("--threshold", args.threshold)
     dataset = load_dataset(args.dataset) if args.dataset else None
-    tune = None
-    if args.tune_queries:
-        path = Path(args.tune_queries)
-        if not path.is_file():
-            raise FnemmError(f"--tune-queries {path}: no such file; give a text file of sentences, one per line")
-        tune = [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
-        if not tune:
-            raise FnemmError(f"--tune-queries {path}: no sentences in it; one per line")
+    tune = _read_lines("--tune-queries", args.tune_queries, "sentences") if args.tune_queries else None
     manifest = build_index(args.checkpoint, args.features, args.out, dataset, args.split, args.ids,
                            args.method, args.threshold, args.target_recall, args.device, args.quiet, tune)
     print(describe_index(manifest))
