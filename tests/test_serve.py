@@ -100,6 +100,18 @@ def test_rebuild_with_same_inputs_keeps_the_index(built, capsys):
     assert {p.name: p.stat().st_mtime_ns for p in folders["FNE-MH"].iterdir()} == before
 
 
+def test_index_from_an_older_format_version_is_rebuilt(built, tmp_path, capsys):
+    out, folders = built
+    old = tmp_path / "old"
+    shutil.copytree(folders["FNE-MH"], old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    (old / "manifest.json").write_text(json.dumps({**manifest, "version": 1}))   # tuned by older rules
+    assert main(["index", "build", "--checkpoint", str(out / "FNE-MH" / "seed-0"), "--features",
+                 str(out / "features"), "--dataset", SPEC, "--out", str(old)]) == 0
+    assert "index up to date" not in capsys.readouterr().out
+    assert json.loads((old / "manifest.json").read_text())["version"] == manifest["version"] > 1
+
+
 def test_index_refuses_changed_checkpoint_or_store(built, tmp_path):
     out, folders = built
     ckpt = tmp_path / "run"
@@ -159,6 +171,9 @@ def test_index_cli_errors_and_search(built, tmp_path, capsys):
     assert "x.jpg: no such image file, and not an image id of" in capsys.readouterr().err
     assert main([*common, "--out", str(tmp_path / "t"), "--tune-queries", str(tmp_path / "none.txt")]) == 2
     assert "--tune-queries" in capsys.readouterr().err
+    (tmp_path / "blank.txt").write_text("\n\n")
+    assert main([*common, "--out", str(tmp_path / "t"), "--tune-queries", str(tmp_path / "blank.txt")]) == 2
+    assert "no sentences in it" in capsys.readouterr().err
     (tmp_path / "q.txt").write_text("a dog on the beach\n\na girl with a kite\n")
     assert main([*common, "--out", str(tmp_path / "t"), "--tune-queries", str(tmp_path / "q.txt"),
                  "--method", "hnsw"]) == 0

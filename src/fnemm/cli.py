@@ -208,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto (default): exact up to --threshold vectors, HNSW above")
     b.add_argument("--threshold", type=int, default=100_000, help="auto's exact/approximate switch (default 100000)")
     b.add_argument("--target-recall", type=float, default=0.95,
-                   help="recall@10 vs exhaustive search that tuning aims for (default 0.95)")
+                   help="recall@10 vs exhaustive search that tuning reaches with 95%% confidence "
+                        "(default 0.95)")
     b.add_argument("--tune-queries", metavar="FILE",
                    help="sentences to tune the image side on, one per line (default: the dataset's "
                         "captions; without captions, the images themselves)")

@@ -17,9 +17,9 @@ their captions::
     *.faiss          the approximate indexes (exact ones are rebuilt at load: instant)
 
 Approximate search parameters (HNSW efSearch, IVF nprobe, order re-rank
-candidates) are tuned at build time: the smallest that reaches ``target_recall``
-recall@10 against exhaustive search on sample queries (captions for the image
-side, images for the caption side). ``Gallery`` loads a folder, refuses it when
+candidates) are tuned at build time: the smallest whose recall@10 against
+exhaustive search reaches ``target_recall`` with 95% confidence (a lower bound
+over sample queries: captions for the image side, images for the caption side). ``Gallery`` loads a folder, refuses it when
 the checkpoint or store changed since, and answers text and image queries.
 """
 
@@ -120,7 +120,8 @@ class VectorIndex:
 
     def tune(self, queries: np.ndarray, exact_rows: np.ndarray, target: float, k: int = 10) -> float:
         """Smallest efSearch / nprobe whose recall@k vs ``exact_rows`` reaches ``target``
-        (the largest tried when none does); returns the recall it reached."""
+        on queries like these, not only on these (``recall_bound``), or the largest
+        tried when none does; returns the mean recall it reached on ``queries``."""
         if self.method == "hnsw":
             key, ladder = "ef_search", [16, 32, 64, 128, 256, 512, 1024]
         elif self.method == "ivf":
@@ -128,13 +129,13 @@ class VectorIndex:
             key, ladder = "nprobe", sorted({min(nlist, 2 ** e) for e in range(0, 20) if 2 ** (e - 1) < nlist})
         else:
             return 1.0
-        recall = 0.0
+        hits = np.zeros(1)
         for value in ladder:
             self.set_params(**{key: value})
-            recall = recall_at(self.search_ip(queries, k)[1], exact_rows, k)
-            if recall >= target:
+            hits = recall_per_query(self.search_ip(queries, k)[1], exact_rows, k)
+            if recall_bound(hits) >= target:
                 break
-        return recall
+        return float(hits.mean())
 
     def search(self, queries: np.ndarray, k: int, similarity: str = "cosine",
                query_is_caption: bool = True, candidates: int = 100) -> tuple[np.ndarray, np.ndarray]:
@@ -149,16 +150,23 @@ class VectorIndex:
         return np.take_along_axis(exact, top, 1), np.take_along_axis(rows, top, 1)
 
     def exhaustive(self, queries: np.ndarray, k: int, similarity: str, query_is_caption: bool = True):
-        """The exact top-k by brute force (the reference recall is measured against)."""
-        q = torch.from_numpy(np.asarray(queries, np.float32))
-        v = torch.from_numpy(self.vectors)
-        if similarity == "cosine":
-            s = q @ v.t()
-        else:
-            from fnemm.losses import order_scores
-            s = order_scores(v, q).t() if query_is_caption else order_scores(q, v)
-        top = torch.topk(s, min(k, len(self)), dim=1)
-        return top.values.numpy(), top.indices.numpy()
+        """The exact top-k by brute force (the reference recall is measured against), in
+        blocks of queries: a (block, n) score matrix at a time, 400 MB at 1M vectors."""
+        from fnemm.losses import order_scores
+        v = torch.from_numpy(np.asarray(self.vectors, np.float32))
+        values, rows = [], []
+        for s in range(0, len(queries), 100):
+            q = torch.from_numpy(np.asarray(queries[s:s + 100], np.float32))
+            if similarity == "cosine":
+                scores = q @ v.t()
+            else:
+                scores = order_scores(v, q).t() if query_is_caption else order_scores(q, v)
+            top = torch.topk(scores, min(k, len(self)), dim=1)
+            values.append(top.values.numpy())
+            rows.append(top.indices.numpy())
+        if not values:
+            return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
+        return np.concatenate(values), np.concatenate(rows)
 
     def save(self, path: Path) -> None:
         """faiss writes a temporary file that replaces ``path`` (no in-memory copy of a
@@ -187,17 +195,33 @@ class VectorIndex:
         return cls(np.ascontiguousarray(vectors, np.float32), method, index)
 
 
+def recall_per_query(approx: np.ndarray, exact: np.ndarray, k: int = 10) -> np.ndarray:
+    """Per query, the fraction of the exact top-k rows that the approximate top-k found."""
+    return np.array([len(set(a[:k]) & set(e[:k])) / min(k, len(e)) for a, e in zip(approx, exact)])
+
+
 def recall_at(approx: np.ndarray, exact: np.ndarray, k: int = 10) -> float:
     """Mean fraction of the exact top-k rows that the approximate top-k found."""
-    hits = [len(set(a[:k]) & set(e[:k])) / min(k, len(e)) for a, e in zip(approx, exact)]
-    return float(np.mean(hits)) if hits else 1.0
+    hits = recall_per_query(approx, exact, k)
+    return float(hits.mean()) if len(hits) else 1.0
+
+
+def recall_bound(hits: np.ndarray) -> float:
+    """One-sided 95% lower confidence bound of the mean recall over queries like the
+    ones measured (normal approximation): tuning to the mean alone lands half the
+    time below the target on new queries (seen: 0.962 on the tuning sample, 0.950
+    on held-out queries, 1M HNSW)."""
+    if len(hits) < 2:
+        return float(hits.mean()) if len(hits) else 1.0
+    return float(hits.mean() - 1.645 * hits.std(ddof=1) / np.sqrt(len(hits)))
 
 
 # --- index folders: a checkpoint's embeddings of a gallery -------------------------
 
 INDEX_FORMAT = "fnemm-index"
+INDEX_VERSION = 2                  # 2: tuned to a 95% lower bound of recall (1: to the sample mean)
 TUNE_K = 10                        # recall@10 is what the build reports and tunes for
-TUNE_QUERIES = 200                 # sample queries per side (100 for order models: exhaustive S_OE is slow)
+TUNE_QUERIES = 500                 # sample queries per side (100 for order models: exhaustive S_OE is slow)
 CANDIDATE_LADDER = (50, 100, 200, 500, 1000, 2000, 5000)
 
 
@@ -225,7 +249,7 @@ def _tune_side(index: VectorIndex, queries: np.ndarray, similarity: str, query_i
         return {**out, "params": index.params, "recall_at_10": None, "queries": 0}
     k = min(TUNE_K, len(index))
     if similarity == "order":
-        queries = queries[:TUNE_QUERIES // 2]
+        queries = queries[:TUNE_QUERIES // 5]
     _, exact_ip = index.exhaustive(queries, k, "cosine")
     out["recall_at_10"] = round(index.tune(queries, exact_ip, target, k), 4)   # the cosine index itself
     if similarity == "order":
@@ -233,11 +257,11 @@ def _tune_side(index: VectorIndex, queries: np.ndarray, similarity: str, query_i
         for candidates in CANDIDATE_LADDER:
             candidates = min(candidates, len(index))
             _, rows = index.search(queries, k, "order", query_is_caption, candidates)
-            rerank = recall_at(rows, exact, k)
-            if rerank >= target or candidates == len(index):
+            hits = recall_per_query(rows, exact, k)
+            if recall_bound(hits) >= target or candidates == len(index):
                 break
         out["candidates"] = candidates
-        out["rerank_recall_at_10"] = round(rerank, 4)
+        out["rerank_recall_at_10"] = round(float(hits.mean()), 4)
     out["params"] = index.params
     out["queries"] = len(queries)
     return out
@@ -287,7 +311,8 @@ def build_index(checkpoint: str | Path, features: str | Path, out: str | Path, d
             previous = json.loads(old.read_text())
         except ValueError:
             previous = {}
-        if previous.get("request") == request and previous.get("format") == INDEX_FORMAT:
+        if (previous.get("request"), previous.get("format"), previous.get("version")) == \
+                (request, INDEX_FORMAT, INDEX_VERSION):
             if not quiet:
                 print(f"{out}: index up to date (same checkpoint, features and options)")
             return previous
@@ -337,7 +362,7 @@ def build_index(checkpoint: str | Path, features: str | Path, out: str | Path, d
         for name in ("captions.npy", "captions.jsonl", "captions.faiss"):
             (out / name).unlink(missing_ok=True)
     from fnemm import __version__
-    manifest = {"format": INDEX_FORMAT, "version": 1, "fnemm": __version__, "request": request,
+    manifest = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "fnemm": __version__, "request": request,
                 "similarity": similarity, "embed_dim": config.model.embed_dim,
                 "images_dir": store.manifest.get("images_dir"),
                 "images": sides["images"], "captions": sides["captions"],
