@@ -157,7 +157,7 @@ def main() -> None:
                 times, found = time_queries(gallery, approx, queries)
                 recall = recall_at(found, exact_rows, 10)
                 params = ", ".join(f"{k} {v}" for k, v in manifest["images"]["params"].items())
-                rows.append((n, method, times, recall, params, manifest["build_seconds"]))
+                rows.append((n, method, times, recall, params, built))
                 print(f"{n:>9,}  {method:<5} {params:<25} {percentiles(times)}  recall@10 {recall:.3f}  "
                       f"(build {built:.0f} s; tuned on sample queries: {manifest['images']['recall_at_10']})",
                       flush=True)
