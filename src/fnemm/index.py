@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import threading
 import time
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ import torch
 from tqdm import tqdm
 
 from fnemm.errors import FnemmError
-from fnemm.fileio import UMASK, atomic_save_npy, atomic_write_json, atomic_write_text, sha256_file
+from fnemm.fileio import atomic_path, atomic_save_npy, atomic_write_json, atomic_write_text, sha256_file
 
 METHODS = ("auto", "exact", "hnsw", "ivf")
 EXACT_UP_TO = 100_000          # 'auto': exact inner product up to this many vectors
@@ -171,16 +170,8 @@ class VectorIndex:
     def save(self, path: Path) -> None:
         """faiss writes a temporary file that replaces ``path`` (no in-memory copy of a
         multi-GB index)."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
+        with atomic_path(path) as tmp:
             _faiss().write_index(self.index, str(tmp))
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o666 & ~UMASK)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
 
     @classmethod
     def load(cls, path: Path, vectors: np.ndarray, method: str) -> "VectorIndex":
