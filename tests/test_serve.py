@@ -83,6 +83,8 @@ def test_order_index_reranks_and_reports_recall(built):
         assert info["method"] == "hnsw" and info["params"]["ef_search"] >= 16
         assert 0 <= info["rerank_recall_at_10"] <= 1 and info["candidates"] >= 10
         assert (folders["FNE-POE"] / f"{side}.faiss").exists()
+    assert manifest["images"]["tuned_on"] == "the dataset's captions"
+    assert manifest["captions"]["tuned_on"] == "the gallery's images"
     # 30 images <= the candidates: the re-rank is the exhaustive S_OE ranking
     gallery = Gallery(folders["FNE-POE"])
     searcher = Searcher(out / "FNE-POE" / "seed-0", out / "features", load_dataset(SPEC))
@@ -179,6 +181,7 @@ def test_index_cli_errors_and_search(built, tmp_path, capsys):
                  "--method", "hnsw"]) == 0
     tuned = json.loads((tmp_path / "t" / "manifest.json").read_text())
     assert tuned["images"]["queries"] == 2 and tuned["request"]["tune_queries"]
+    assert tuned["images"]["tuned_on"] == "--tune-queries"
     assert main(["search", "--index", str(tmp_path / "test"), "--features", "f", "--text", "dog"]) == 2
     assert main(["serve", "--index", str(tmp_path / "missing")]) == 2
     assert "not an index folder" in capsys.readouterr().err
@@ -270,7 +273,8 @@ def test_oversized_chunked_upload_is_cut_off(client):
 
 def test_image_search_needs_captions(built, tmp_path):
     out, _ = built
-    build_index(out / "FNE-MH" / "seed-0", out / "features", tmp_path / "nocap", quiet=True)
+    manifest = build_index(out / "FNE-MH" / "seed-0", out / "features", tmp_path / "nocap", quiet=True)
+    assert manifest["images"]["tuned_on"].startswith("the images themselves") and manifest["captions"] is None
     bare = TestClient(create_app(Gallery(tmp_path / "nocap")))
     r = bare.post("/search/image", files={"file": ("ok.jpg", photo_bytes(), "image/jpeg")})
     assert r.status_code == 409 and "no captions" in r.json()["error"]

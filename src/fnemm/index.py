@@ -319,16 +319,18 @@ def build_index(checkpoint: str | Path, features: str | Path, out: str | Path, d
         tokens = [vocab.encode(c) for _, c in captions[s:s + block]]
         caption_emb[s:s + block] = embed_captions(model, tokens, device).cpu().numpy()
 
-    query_emb = caption_emb
+    query_emb, image_queries = caption_emb, "the dataset's captions"
     if tune_queries:
+        image_queries = "--tune-queries"
         picked = [tune_queries[k] for k in _sample(len(tune_queries), TUNE_QUERIES)]
         query_emb = embed_captions(model, [vocab.encode(q) for q in picked], device).cpu().numpy()
     similarity = config.model.similarity
     sides = {}
     out.mkdir(parents=True, exist_ok=True)
     old.unlink(missing_ok=True)      # half-rewritten files must never sit under a valid manifest
-    for side, items, queries, query_is_caption in (("images", image_emb, query_emb, True),
-                                                   ("captions", caption_emb, image_emb, False)):
+    for side, items, queries, tuned_on, query_is_caption in (
+            ("images", image_emb, query_emb, image_queries, True),
+            ("captions", caption_emb, image_emb, "the gallery's images", False)):
         if side == "captions" and not captions:
             sides[side] = None
             continue
@@ -336,9 +338,10 @@ def build_index(checkpoint: str | Path, features: str | Path, out: str | Path, d
             print(f"index {side}: {len(items)} vectors ...", flush=True)
         index = VectorIndex.build(items, method, threshold, progress=not quiet)
         if len(queries) == 0:                 # no captions: images query their own side
-            queries = items
+            queries, tuned_on = items, "the images themselves (no captions: --tune-queries FILE is closer to text)"
         info = _tune_side(index, queries[_sample(len(queries), TUNE_QUERIES)], similarity,
                           query_is_caption, target_recall)
+        info["tuned_on"] = tuned_on
         atomic_save_npy(out / f"{side}.npy", items)
         if index.method != "exact":
             index.save(out / f"{side}.faiss")
@@ -374,7 +377,8 @@ def describe_index(manifest: dict) -> str:
         if info.get("params"):
             text += " (" + ", ".join(f"{k} {v}" for k, v in info["params"].items()) + ")"
         if info["method"] != "exact" and info.get("recall_at_10") is not None:
-            text += f", recall@10 vs exact {info['recall_at_10']:.3f} on {info['queries']} queries"
+            text += (f", recall@10 vs exact {info['recall_at_10']:.3f} on {info['queries']} queries "
+                     f"from {info.get('tuned_on', 'a sample')}")
         if "rerank_recall_at_10" in info:
             text += (f", order re-rank of {info['candidates']} cosine candidates: recall@10 vs "
                      f"exhaustive S_OE {info['rerank_recall_at_10']:.3f}")
