@@ -109,6 +109,14 @@ def test_page_in_headless_chromium(server, tmp_path):
             page.wait_for_function("document.getElementById('status').className === 'error'")
             assert "query is empty" in page.inner_text("#status")
             assert errors == []
+
+            # the API docs render from the package's own Swagger UI: no request leaves 127.0.0.1
+            outside = []
+            page.on("request", lambda r: outside.append(r.url) if not r.url.startswith(url) else None)
+            page.goto(url + "/docs")
+            page.get_by_text("/search/text", exact=True).first.wait_for(timeout=30_000)
+            page.screenshot(path=str(tmp_path / "docs.png"))
+            assert outside == [] and errors == []
         finally:
             browser.close()
     assert (tmp_path / "text-search.png").stat().st_size > 10_000

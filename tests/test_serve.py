@@ -3,6 +3,7 @@ real index: the demo's models on 30 bundled Flickr8K photos."""
 
 import io
 import json
+import re
 import shutil
 import warnings
 
@@ -300,7 +301,14 @@ def test_thumbnails_health_docs_and_page(client, built):
                       "features": "fne", "method": {"images": "exact", "captions": "exact"}, "image_upload": True}
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/search/text", "/search/image", "/images/{image_id}", "/healthz"} <= set(paths)
-    assert client.get("/docs").status_code == 200
+    # the schema documents the error bodies the API really sends
+    assert set(paths["/search/image"]["post"]["responses"]) == {"200", "409", "413", "415", "422"}
+    error = paths["/search/text"]["post"]["responses"]["422"]["content"]["application/json"]["schema"]
+    assert error == {"$ref": "#/components/schemas/Error"}
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "cdn" not in docs.text.lower()     # offline: no CDN script
+    scripts = [u for u in re.findall(r'(?:src|href)="([^"]+)"', docs.text) if u.endswith((".js", ".css"))]
+    assert len(scripts) == 2 and all(client.get(u).status_code == 200 for u in scripts), scripts
     page = client.get("/")
     assert page.status_code == 200 and 'id="query"' in page.text and 'id="drop"' in page.text
     assert client.get("/nowhere").json() == {"error": "Not Found"}

@@ -4,7 +4,7 @@
     POST /search/image   multipart: file=<photo>, k=10                  -> captions
     GET  /images/{id}    a JPEG thumbnail of a gallery image (?size=256)
     GET  /healthz        what is loaded
-    GET  /               the search page;  /docs, /openapi.json: the API
+    GET  /               the search page;  /docs, /redoc, /openapi.json: the API
 
 The index is loaded once, before the first request (``create_app(gallery)``).
 Every error the user can cause is a 4xx with ``{"error": "one line"}``; handlers
@@ -97,7 +97,11 @@ def create_app(gallery: Gallery, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_k
     from pydantic import BaseModel, Field
     from starlette.exceptions import HTTPException
 
-    app = fastapi.FastAPI(
+    try:                                   # /docs from Swagger UI files in the package, no CDN
+        from fastapi_offline import FastAPIOffline as make_app
+    except ImportError:
+        make_app = fastapi.FastAPI
+    app = make_app(
         title="fnemm retrieval service",
         description="Image-caption retrieval with a Full-Network Embedding model: "
                     f"{len(gallery)} images, {len(gallery.captions)} captions.",
@@ -131,6 +135,13 @@ def create_app(gallery: Gallery, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_k
     class ImageResults(BaseModel):
         results: list[CaptionHit]
         took_ms: float
+
+    class Error(BaseModel):
+        error: str = Field(..., description="one line: what was wrong and what to send instead")
+
+    def errors(why: dict[int, str]) -> dict:
+        """OpenAPI ``responses`` for the 4xx a route answers, all ``{"error": "..."}``."""
+        return {code: {"model": Error, "description": text} for code, text in why.items()}
 
     def fail(status: int, message: str):
         raise HTTPException(status_code=status, detail=message)
@@ -172,7 +183,8 @@ def create_app(gallery: Gallery, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_k
     def healthz():
         return {"status": "ok", **gallery.info()}
 
-    @app.post("/search/text", response_model=TextResults, summary="a sentence -> the images that fit it")
+    @app.post("/search/text", response_model=TextResults, summary="a sentence -> the images that fit it",
+              responses=errors({422: "empty or overlong query, k out of range, not JSON"}))
     def search_text(body: TextQuery):
         query = body.query.strip()
         if not query:
@@ -186,7 +198,10 @@ def create_app(gallery: Gallery, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_k
                 "results": [{**h, "url": f"/images/{h['image']}"} for h in hits],
                 "took_ms": round(1000 * (time.perf_counter() - t), 2)}
 
-    @app.post("/search/image", response_model=ImageResults, summary="a photo -> the captions that fit it")
+    @app.post("/search/image", response_model=ImageResults, summary="a photo -> the captions that fit it",
+              responses=errors({409: "the index has no captions, or cannot embed new photos",
+                               413: "upload too big (bytes or pixels)", 415: "not an image",
+                               422: "empty upload, no file, k out of range"}))
     def search_image(request: Request, file: UploadFile = File(..., description="a JPEG/PNG/... photo"),
                      k: int = Form(10, description=f"how many captions, 1 to {max_k}")):
         check_k(k)
@@ -228,7 +243,8 @@ def create_app(gallery: Gallery, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_k
         return buf.getvalue()
 
     @app.get("/images/{image_id:path}", summary="a JPEG thumbnail of a gallery image",
-             responses={200: {"content": {"image/jpeg": {}}}})
+             responses={200: {"content": {"image/jpeg": {}}},
+                        **errors({404: "no such image, or its file is missing", 422: "size out of range"})})
     def image(image_id: str, size: int = Query(DEFAULT_THUMB, description="longest side in pixels")):
         if not THUMB_SIZES[0] <= size <= THUMB_SIZES[1]:
             fail(422, f"size={size}: must be between {THUMB_SIZES[0]} and {THUMB_SIZES[1]}")
