@@ -312,3 +312,17 @@ def test_thumbnails_health_docs_and_page(client, built):
     page = client.get("/")
     assert page.status_code == 200 and 'id="query"' in page.text and 'id="drop"' in page.text
     assert client.get("/nowhere").json() == {"error": "Not Found"}
+
+
+def test_serve_warns_when_listening_beyond_this_machine(built, monkeypatch, capsys):
+    import uvicorn
+
+    from fnemm.serve import serve
+    calls = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append((app, kw)))
+    serve(built[1]["FNE-MH"], host="127.0.0.1", port=8123, quiet=True)
+    assert "warning" not in capsys.readouterr().err
+    serve(built[1]["FNE-MH"], host="0.0.0.0", port=8123, quiet=True)
+    assert "listening on 0.0.0.0: whoever reaches port 8123" in capsys.readouterr().err
+    assert [kw["host"] for _, kw in calls] == ["127.0.0.1", "0.0.0.0"] and calls[0][1]["port"] == 8123
+    assert TestClient(calls[1][0]).get("/healthz").json()["images"] == 30

@@ -15,6 +15,7 @@ concurrently (searches only read; the CNN takes turns, see ``StoreEncoder``).
 # (no `from __future__ import annotations`: FastAPI reads the handlers' annotations at run time)
 import io
 import logging
+import sys
 import time
 from functools import lru_cache
 from importlib import resources
@@ -273,6 +274,10 @@ def serve(index: str | Path, host: str = "127.0.0.1", port: int = 8000, checkpoi
         raise FnemmError("the service needs uvicorn; pip install 'fnemm[serve]'") from None
     gallery = Gallery(index, checkpoint, features, device)
     app = create_app(gallery, max_upload_bytes)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"fnemm serve: warning: listening on {host}: whoever reaches port {port} can search and "
+              f"upload, with no authentication; share it behind a proxy that checks who asks",
+              file=sys.stderr, flush=True)
     if not quiet:
         print(f"fnemm serve: {len(gallery)} images, {len(gallery.captions)} captions from {index}; "
               f"open http://{host}:{port}/ (API docs: /docs)", flush=True)
