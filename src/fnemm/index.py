@@ -19,8 +19,9 @@ their captions::
 Approximate search parameters (HNSW efSearch, IVF nprobe, order re-rank
 candidates) are tuned at build time: the smallest whose recall@10 against
 exhaustive search reaches ``target_recall`` with 95% confidence (a lower bound
-over sample queries: captions for the image side, images for the caption side). ``Gallery`` loads a folder, refuses it when
-the checkpoint or store changed since, and answers text and image queries.
+over sample queries: captions for the image side, images for the caption side).
+``Gallery`` loads a folder, refuses it when the checkpoint or store changed
+since, and answers text and image queries.
 """
 
 from __future__ import annotations
@@ -338,7 +339,8 @@ def build_index(checkpoint: str | Path, features: str | Path, out: str | Path, d
             print(f"index {side}: {len(items)} vectors ...", flush=True)
         index = VectorIndex.build(items, method, threshold, progress=not quiet)
         if len(queries) == 0:                 # no captions: images query their own side
-            queries, tuned_on = items, "the images themselves (no captions: --tune-queries FILE is closer to text)"
+            queries = items
+            tuned_on = "the images themselves (no captions: --tune-queries FILE is closer to text)"
         info = _tune_side(index, queries[_sample(len(queries), TUNE_QUERIES)], similarity,
                           query_is_caption, target_recall)
         info["tuned_on"] = tuned_on
