@@ -122,28 +122,30 @@ async def fire(url: str, queries: list[str], rate: float, seconds: float, connec
 
     async def worker():
         reader = writer = None
-        while not todo.empty():
-            i = todo.get_nowait()
-            due = t0 + i / rate
-            await asyncio.sleep(max(0.0, due - time.perf_counter()))
-            try:
-                if writer is None:
-                    reader, writer = await asyncio.open_connection(where.hostname, where.port)
-                writer.write(request(queries[i % len(queries)]))
-                status, body = await answer(reader)
-                if status != 200:
-                    errors.append(f"HTTP {status}: {body[:100].decode(errors='replace')}")
-                elif len(json.loads(body)["results"]) != 10:
-                    errors.append(f"HTTP 200 without 10 results: {body[:100].decode(errors='replace')}")
-                else:
-                    latencies.append(1000 * (time.perf_counter() - due))
-            except (OSError, ValueError, IndexError, asyncio.IncompleteReadError) as e:
-                errors.append(f"{type(e).__name__}: {e}")
-                if writer is not None:
-                    writer.close()
-                reader = writer = None
-        if writer is not None:
-            writer.close()
+        try:
+            while not todo.empty():
+                i = todo.get_nowait()
+                due = t0 + i / rate
+                await asyncio.sleep(max(0.0, due - time.perf_counter()))
+                try:
+                    if writer is None:
+                        reader, writer = await asyncio.open_connection(where.hostname, where.port)
+                    writer.write(request(queries[i % len(queries)]))
+                    status, body = await answer(reader)
+                    if status != 200:
+                        errors.append(f"HTTP {status}: {body[:100].decode(errors='replace')}")
+                    elif len(json.loads(body)["results"]) != 10:
+                        errors.append(f"HTTP 200 without 10 results: {body[:100].decode(errors='replace')}")
+                    else:
+                        latencies.append(1000 * (time.perf_counter() - due))
+                except (OSError, ValueError, IndexError, asyncio.IncompleteReadError) as e:
+                    errors.append(f"{type(e).__name__}: {e}")
+                    if writer is not None:
+                        writer.close()
+                    reader = writer = None
+        finally:                                  # also when cancelled at the deadline
+            if writer is not None:
+                writer.close()
 
     tasks = [asyncio.create_task(worker()) for _ in range(min(connections, n))]
     done, pending = await asyncio.wait(tasks, timeout=seconds + 0.5 + grace)

@@ -57,6 +57,24 @@ def test_concurrent_requests_agree_with_sequential_ones(server):
         assert [h["caption"] for h in r.json()["results"]] == [h["caption"] for h in upload_alone]
 
 
+def test_bench_load_generator_counts_answers_and_stops_on_time(server):
+    """bench/search_speed.py's open-loop client: every answer counted once; a run
+    the server cannot keep up with still ends at its deadline."""
+    import asyncio
+    import sys
+    import time
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from search_speed import fire
+    url, _ = server
+    res = asyncio.run(fire(url, ["a dog runs on the beach", "children playing"], rate=40, seconds=1, connections=4))
+    assert (res["sent"], res["ok"], res["errors"]) == (40, 40, 0) and len(res["latencies"]) == 40
+    t = time.perf_counter()
+    res = asyncio.run(fire(url, ["a dog"], rate=5000, seconds=1, connections=2, grace=0.2))
+    assert time.perf_counter() - t < 3 and res["sent"] == 5000 and res["ok"] + res["errors"] == 5000
+    assert res["errors"] > 0 and "unanswered 0.2 s after the last one was due" in res["first_errors"][-1]
+
+
 def chromium() -> str | None:
     return os.environ.get("FNEMM_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 
