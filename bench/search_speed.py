@@ -148,7 +148,7 @@ async def fire(url: str, queries: list[str], rate: float, seconds: float, connec
                 writer.close()
 
     tasks = [asyncio.create_task(worker()) for _ in range(min(connections, n))]
-    done, pending = await asyncio.wait(tasks, timeout=seconds + 0.5 + grace)
+    _, pending = await asyncio.wait(tasks, timeout=seconds + 0.5 + grace)
     for task in pending:
         task.cancel()
     elapsed = time.perf_counter() - t0
