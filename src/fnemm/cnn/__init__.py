@@ -22,6 +22,7 @@ or pass ``--cnn mypackage.module:build`` to ``fnemm extract`` without registerin
 from __future__ import annotations
 
 import importlib
+import math
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -79,10 +80,14 @@ class TappedCNN(nn.Module):
     in feature order. 4-D outputs are averaged over space, 2-D ones taken as they are.
     ``baseline``: the tap used for the single-layer baseline ("FC7").
     ``labels``: readable tap names for the manifest (default: the module names).
+    ``classifier``: the label of the tap that is the class scores (left out of the
+    ``paper`` group, as the paper leaves out VGG16's fc8); ``blocks``: labels of the
+    taps that end a block (the ``blocks`` group). See :attr:`groups`.
     """
 
     def __init__(self, net: nn.Module, taps: list[str], baseline: str, preprocess: Preprocess,
-                 input_size: int = 224, info: dict | None = None, labels: list[str] | None = None):
+                 input_size: int = 224, info: dict | None = None, labels: list[str] | None = None,
+                 classifier: str | None = None, blocks: list[str] | None = None):
         super().__init__()
         self.net = net.eval()
         self.preprocess = preprocess
@@ -100,6 +105,7 @@ class TappedCNN(nn.Module):
             self._hooks.append(module.register_forward_hook(self._hook))
         self.taps = self._describe(taps, labels or taps)
         self.baseline = self.taps[taps.index(baseline)]
+        self.groups = tap_groups([t.name for t in self.taps], classifier, blocks, self.baseline.name)
         for p in self.parameters():
             p.requires_grad_(False)
 
@@ -152,6 +158,31 @@ class TappedCNN(nn.Module):
             self._outputs = []
 
 
+def tap_groups(labels: list[str], classifier: str | None = None, blocks: list[str] | None = None,
+               baseline: str | None = None) -> dict[str, list[str]]:
+    """The named layer groups of a CNN's taps (``--layers GROUP``):
+
+    ``all``      every tap;
+    ``paper``    every tap but the classifier's scores (the paper taps VGG16's 13 conv
+                 layers, fc6 and fc7, not fc8);
+    ``late``     the last quarter of ``paper`` (the late layers the FNE literature
+                 finds most useful for retrieval);
+    ``blocks``   the taps that end a block (VGG16: each block's last conv, fc6, fc7;
+                 MobileNetV2 / EfficientNet: stem, every projection, the last conv);
+    ``baseline`` the baseline layer alone (the "FC7" of the paper's baseline).
+    """
+    for name in [classifier, baseline, *(blocks or [])]:
+        if name is not None and name not in labels:
+            raise FnemmError(f"layer group: {name!r} is not one of the taps")
+    paper = [t for t in labels if t != classifier]
+    late = paper[len(paper) - math.ceil(len(paper) / 4):]
+    groups = {"all": list(labels), "paper": paper, "late": late,
+              "blocks": [t for t in labels if t in set(blocks)] if blocks else paper}
+    if baseline is not None:
+        groups["baseline"] = [baseline]
+    return groups
+
+
 Builder = Callable[[str | None], TappedCNN]
 _REGISTRY: dict[str, Builder] = {}
 
@@ -169,7 +200,7 @@ def cnn_names() -> list[str]:
 
 
 def _load_builtins() -> None:
-    from fnemm.cnn import mobilenet_v2, vgg16  # noqa: F401  (they register themselves)
+    from fnemm.cnn import efficientnet_lite, mobilenet_v2, vgg16  # noqa: F401  (they register themselves)
 
 
 def build_cnn(name: str, weights: str | None = None) -> TappedCNN:

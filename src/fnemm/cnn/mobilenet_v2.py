@@ -44,9 +44,14 @@ def tapped(path: str | Path, quant: str = "fake") -> TappedCNN:
     preprocess = Preprocess((zero_point,) * 3, (1 / scale,) * 3)
     info = {"weights": str(Path(path).resolve()), "weights_sha256": sha256_file(path),
             "weights_format": "tflite", "quant": quant}
+    labels = [net.labels[i] for i in convs]
+    # the classifier: a conv after the baseline's pooling (MobileNet's 1x1 logits conv)
+    classifier = labels[-1] if convs[-1] != baseline else None
+    # block ends: the first conv (stem), each projection, and the baseline conv
+    blocks = [labels[0]] + [n for n in labels if n.endswith("/project")] + [net.labels[baseline]]
     return TappedCNN(net, [f"outputs.{i}" for i in convs], baseline=f"outputs.{baseline}",
                      preprocess=preprocess, input_size=net.input_size, info=info,
-                     labels=[net.labels[i] for i in convs])
+                     labels=labels, classifier=classifier, blocks=blocks)
 
 
 def _path(weights: str | None) -> Path:

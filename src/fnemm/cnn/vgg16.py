@@ -67,6 +67,10 @@ TAPS_FC = ["classifier.1", "classifier.4"]       # fc6, fc7 after ReLU
 LABELS = [f"conv{b}_{i}" for b, n in ((1, 2), (2, 2), (3, 3), (4, 3), (5, 3)) for i in range(1, n + 1)] + ["fc6", "fc7"]
 
 
+# each block's last conv, and the fully connected layers: the ``blocks`` group
+BLOCKS = ["conv1_2", "conv2_2", "conv3_3", "conv4_3", "conv5_3", "fc6", "fc7"]
+
+
 def tap_names(net: VGG16) -> list[str]:
     return net.conv_relus() + TAPS_FC
 
@@ -175,4 +179,4 @@ def build(weights: str | None) -> TappedCNN:
         preprocess = Preprocess.caffe() if fmt == "keras" else Preprocess.imagenet()
         info = {"weights": str(Path(weights).resolve()), "weights_sha256": sha256_file(weights), "weights_format": fmt}
     return TappedCNN(net, tap_names(net), baseline="classifier.4", preprocess=preprocess,
-                     info=info, labels=LABELS)
+                     info=info, labels=LABELS, blocks=BLOCKS)
