@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from fnemm.errors import FnemmError
 from fnemm.extraction import ExtractConfig, extract
 from fnemm.features import load_features
 from fnemm.fne import crops, discretise, l2_normalise, standardise
+from fnemm.recipe import Recipe
 
 SPLITS = ["train"] * 8 + ["val"] * 2 + ["test"] * 2
 TINY = ExtractConfig(cnn="tinycnn:build", batch_size=3, chunk_size=4, workers=0)
@@ -117,7 +119,7 @@ def test_rerun_reuses_the_store_and_new_thresholds_redo_only_discretisation(imag
     before = {f: (out / f).read_bytes() for f in FILES}
     again = extract(folder, out, dataset, TINY, quiet=True)
     assert again.reused and {f: (out / f).read_bytes() for f in FILES} == before
-    wide = ExtractConfig(**{**TINY.__dict__, "thresholds": (-1.0, 1.0)})
+    wide = replace(TINY, recipe=Recipe(thresholds=(-1.0, 1.0)))
     redone = extract(folder, out, dataset, wide, quiet=True)
     assert not redone.reused and redone.manifest["thresholds"] == [-1.0, 1.0]
     assert (out / "raw.npy").read_bytes() == before["raw.npy"]
@@ -181,7 +183,7 @@ def test_cli_extract_reports_and_errors(images, tmp_path, capsys, monkeypatch):
             "--workers", "0", "--quiet", "--out", str(out)]
     assert main(args) == 0
     text = capsys.readouterr().out
-    assert "11 images, 3 layers of tinycnn:build, 15 FNE features" in text
+    assert "11 images, 3 of 3 layers of tinycnn:build (layers paper, fne -0.25/0.15): 15 features" in text
     assert "skipped img005.jpg: unreadable" in text and "skipped gone.jpg: missing" in text
     assert "1 non-RGB images converted" in text
     (tmp_path / "blank.txt").write_text("\n  \n")
@@ -215,7 +217,7 @@ def test_train_and_evaluate_read_the_store_and_refuse_another_cnns(images, tmp_p
     train(config, usable, features, tmp_path / "run", quiet=True)
     scores = evaluate(tmp_path / "run", usable, tmp_path / "store", split="test")
     assert "rsum" in next(iter(scores.values()))
-    wide = ExtractConfig(**{**TINY.__dict__, "thresholds": (-1.0, 1.0)})
+    wide = replace(TINY, recipe=Recipe(thresholds=(-1.0, 1.0)))
     extract(folder, tmp_path / "other", dataset, wide, quiet=True)
     with pytest.raises(FnemmError, match="made with thresholds=.*trained on thresholds="):
         evaluate(tmp_path / "run", usable, tmp_path / "other", split="test")

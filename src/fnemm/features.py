@@ -137,17 +137,35 @@ def load_features(path: str | Path, kind: str = "fne", ids: str | Path | None = 
     return load_plain(path, Path(ids) if ids else None)
 
 
+def array_entry(folder: Path, name: str, file: str) -> dict:
+    """The manifest's description of an array file already written in ``folder``."""
+    array = np.load(folder / file, mmap_mode="r", allow_pickle=False)
+    return {"file": file, "dtype": str(array.dtype), "shape": list(array.shape),
+            "bytes": (folder / file).stat().st_size}
+
+
+def write_manifest(folder: str | Path, image_ids: list[str], arrays: dict[str, str],
+                   skipped: dict[str, str] | None = None, converted: dict[str, str] | None = None,
+                   **info) -> dict:
+    """The store's manifest.json, written last (atomically) over arrays already in place:
+    ``arrays`` maps each name to its file in ``folder``. The one writer of the format."""
+    folder = Path(folder)
+    from fnemm import __version__
+    manifest = {"format": FORMAT, "version": 1, "fnemm": __version__, **info, "image_ids": list(image_ids),
+                "arrays": {name: array_entry(folder, name, file) for name, file in arrays.items()},
+                "skipped": [{"image": i, "reason": r} for i, r in (skipped or {}).items()],
+                "converted": [{"image": i, "mode": m} for i, m in (converted or {}).items()]}
+    atomic_write_json(folder / "manifest.json", manifest)
+    return manifest
+
+
 def write_store(folder: str | Path, image_ids: list[str], arrays: dict[str, np.ndarray],
                 skipped: dict[str, str] | None = None, **info) -> Path:
-    """Write a complete feature store (arrays first, manifest last, all atomic)."""
+    """Write a complete feature store from arrays in memory (arrays first, manifest last,
+    all atomic)."""
     folder = Path(folder)
-    entries = {}
     for kind, array in arrays.items():
         _check_array(array, len(image_ids), folder / f"{kind}.npy")
         atomic_save_npy(folder / f"{kind}.npy", np.ascontiguousarray(array))
-        entries[kind] = {"file": f"{kind}.npy", "dtype": str(array.dtype), "shape": list(array.shape)}
-    manifest = {"format": FORMAT, "version": 1, **info, "image_ids": list(image_ids),
-                "arrays": entries,
-                "skipped": [{"image": i, "reason": r} for i, r in (skipped or {}).items()]}
-    atomic_write_json(folder / "manifest.json", manifest)
+    write_manifest(folder, image_ids, {kind: f"{kind}.npy" for kind in arrays}, skipped, **info)
     return folder

@@ -5,6 +5,8 @@
     raw   -> z-score with mean/std of the *training* images only           (standardise)
           -> {-1, 0, 1} with thresholds (-0.25, 0.15)                      (discretise)
     baseline ("FC7"): the raw activations of one layer, L2-normalised.
+
+Which layers and which of these steps a store uses is its recipe (fnemm.recipe).
 """
 
 from __future__ import annotations
@@ -93,10 +95,3 @@ def l2_normalise(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, np.float32)
     norm = np.linalg.norm(x, axis=1, keepdims=True)
     return x / np.maximum(norm, 1e-12)
-
-
-def encode(raw: np.ndarray, mean: np.ndarray, std: np.ndarray, thresholds: tuple[float, float],
-           baseline: slice) -> dict[str, np.ndarray]:
-    """Raw rows -> {'fne': {-1,0,1} codes (int8), 'fc7': the baseline columns, L2-normalised}."""
-    return {"fne": discretise(standardise(raw, mean, std), *thresholds),
-            "fc7": l2_normalise(np.asarray(raw)[:, baseline])}

@@ -21,9 +21,9 @@ from fnemm.cnn import TappedCNN, build_cnn
 from fnemm.data import embed_captions, embed_images
 from fnemm.datasets import Dataset
 from fnemm.errors import FnemmError
-from fnemm.extraction import forward_images, load_stats, read_image
+from fnemm.extraction import forward_images, read_image, store_encoder
 from fnemm.features import Features, load_features
-from fnemm.fne import crops, encode
+from fnemm.fne import crops
 from fnemm.fileio import sha256_file
 from fnemm.losses import scores
 from fnemm.train import check_same_producer, load_checkpoint, resolve_device
@@ -56,7 +56,7 @@ class StoreEncoder:
 
     def __init__(self, store: str | Path, device: str = "cpu"):
         self.store = Path(store)
-        self.mean, self.std, self.manifest = load_stats(self.store)
+        self.encoder, self.manifest = store_encoder(self.store)
         m = self.manifest
         weights = m.get("weights")
         if weights not in (None, "random") and not Path(weights).is_file():
@@ -68,7 +68,6 @@ class StoreEncoder:
                              f"re-extract the store or restore the file")
         self.cnn: TappedCNN = build_cnn(m["cnn"], weights if weights != "random" else "random").to(device)
         self.device, self.crops = device, int(m["crops"])
-        self.low, self.high = m["thresholds"]
         self._lock = threading.Lock()
 
     def encode(self, path: str | Path) -> dict[str, np.ndarray]:
@@ -85,8 +84,7 @@ class StoreEncoder:
     def _encode_crops(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
         with self._lock:
             raw = forward_images(self.cnn, pixels, self.crops, self.device).astype(np.float16)
-        base = slice(self.cnn.baseline.start, self.cnn.baseline.stop)
-        return {"raw": raw, **encode(raw, self.mean, self.std, (self.low, self.high), base)}
+        return {"raw": raw, **self.encoder(raw)}
 
 
 @dataclass
