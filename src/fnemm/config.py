@@ -23,6 +23,9 @@ class ModelConfig:
     similarity: str = "cosine"     # 'cosine' (Eq. 2) or 'order' (Eq. 3)
     use_abs: bool = False          # absolute value of both embeddings (order variants)
     layer_norm: bool = False       # layer-normalised GRU (Ba et al. 2016)
+    # Dropout on the image features before the image map, while training (0: none, the
+    # paper). With thousands of FNE dimensions and few images the map overfits early.
+    image_dropout: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,9 @@ class TrainConfig:
     stages: tuple[StageConfig, ...] = (StageConfig(),)
     batch_size: int = 128          # 127 in-batch negatives per pair
     grad_clip: float = 2.0         # max gradient norm
+    # Decoupled weight decay (AdamW) of the image map only (0: none, the paper). The FNE
+    # papers fed the codes to an L2-regularised SVM; the paper's map is unregularised.
+    image_weight_decay: float = 0.0
     seed: int = 0
     # Captions per image used for validation/test (the standard protocol uses 5).
     eval_captions: int = 5
@@ -239,3 +245,5 @@ def validate(config: TrainConfig) -> None:
         raise FnemmError("batch_size must be >= 2 (the loss needs in-batch negatives)")
     if min(config.model.word_dim, config.model.embed_dim) < 1:
         raise FnemmError("model.word_dim and model.embed_dim must be >= 1")
+    if not 0 <= config.model.image_dropout < 1 or config.image_weight_decay < 0:
+        raise FnemmError("model.image_dropout must be in [0, 1) and image_weight_decay >= 0")

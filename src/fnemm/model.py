@@ -78,16 +78,18 @@ class TextEncoder(nn.Module):
 
 
 class ImageEncoder(nn.Module):
-    """Bias-free linear map of the image features into the joint space."""
+    """Bias-free linear map of the image features into the joint space (input dropout
+    while training, when asked for)."""
 
-    def __init__(self, feature_dim: int, embed_dim: int, use_abs: bool = False):
+    def __init__(self, feature_dim: int, embed_dim: int, use_abs: bool = False, dropout: float = 0.0):
         super().__init__()
         self.fc = nn.Linear(feature_dim, embed_dim, bias=False)
         self.use_abs = use_abs
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         nn.init.xavier_uniform_(self.fc.weight)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        v = l2_normalize(self.fc(features.float()))
+        v = l2_normalize(self.fc(self.dropout(features.float())))
         return v.abs() if self.use_abs else v
 
 
@@ -97,7 +99,7 @@ class JointEmbedding(nn.Module):
         self.config = config
         self.feature_dim = feature_dim
         self.vocab_size = vocab_size
-        self.image = ImageEncoder(feature_dim, config.embed_dim, config.use_abs)
+        self.image = ImageEncoder(feature_dim, config.embed_dim, config.use_abs, config.image_dropout)
         self.text = TextEncoder(vocab_size, config.word_dim, config.embed_dim,
                                 config.use_abs, config.layer_norm)
 
