@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 from fnemm.errors import FnemmError
+from fnemm.extraction import ExtractConfig
+from fnemm.recipe import POSTS
 
 EPILOG_TRAIN = """\
 examples:
@@ -41,7 +43,8 @@ stats.npy (mean and std over the training images), fne.npy (int8 {-1,0,1}),
 fc7.npy (the baseline layer, L2-normalised) and manifest.json (image ids, CNN,
 weights sha256, taps and their columns, crops, thresholds, skipped images).
 Interrupted? Run the same command again: it continues where it stopped. Run it
-again with other --thresholds and only the discretisation is redone.
+again with other --layers, --post, --thresholds or training images and only the
+assembly from raw.npy is redone (seconds), never the forward pass.
 --cnn also takes package.module:function, a builder returning a fnemm.cnn.TappedCNN.
 """
 
@@ -102,9 +105,22 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "mobilenet_v2: the bundled .tflite by default)")
     p.add_argument("--out", required=True, metavar="DIR", help="feature store folder")
     p.add_argument("--crops", type=int, default=10, choices=[1, 10], help="10 (default) or 1 (centre)")
+    p.add_argument("--layers", default="paper", metavar="SPEC",
+                   help="which layers: groups (all, paper, late, blocks, lastN%%), names, globs, "
+                        "START:STOP ranges, !ITEM to leave out; comma-separated (default: paper = "
+                        "every layer but the classifier's scores; `fnemm layers` lists them)")
+    p.add_argument("--post", default="fne", choices=POSTS,
+                   help="post-processing: fne (the paper: z-score, thresholds, {-1,0,1}), zscore, "
+                        "zscore-layer-l2, center, center-layer, layer-l2, l2 (default fne)")
     p.add_argument("--thresholds", default="-0.25,0.15", metavar="LOW,HIGH",
                    help="discretisation thresholds on the z-scores (default: -0.25,0.15)")
-    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 4)")
+    p.add_argument("--clip", type=float, default=3.0, help="--post zscore: clip at +-CLIP (default 3)")
+    p.add_argument("--pca", type=int, default=0, metavar="N",
+                   help="project on the top N principal components of the training images (default: off)")
+    p.add_argument("--with-baseline", action="store_true",
+                   help="append the L2 baseline layer to the features")
+    p.add_argument("--batch-size", type=int, default=ExtractConfig.batch_size,
+                   help=f"images per forward pass (default {ExtractConfig.batch_size})")
     p.add_argument("--chunk-size", type=int, default=256, help="images per resumable chunk (default 256)")
     p.add_argument("--workers", type=int, default=1, help="image-decoding processes (default 1; 0: none)")
     _add_common(p)
@@ -236,6 +252,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=1, help="runs per model (default 1)")
     p.add_argument("--workers", type=int, default=1, help="image-decoding processes (default 1)")
     _add_common(p)
+
+    p = sub.add_parser("study", help="when does the FNE pay off? variants x CNNs x re-splits x seeds, "
+                                     "with paired statistics",
+                       description="Train every image-feature variant (layers, post-processing, "
+                                   "regularisation) with every CNN on several re-splits and seeds, and "
+                                   "compare each with the baseline and with the paper's FNE on the same "
+                                   "splits and seeds (95% intervals, paired t-test over splits). Writes "
+                                   "OUT/study.md and OUT/study.png; re-running resumes; several processes "
+                                   "on one OUT share the runs.")
+    p.add_argument("--dataset", action="append", metavar="PATH",
+                   help="captions and splits (default flickr8k-1k, the bundled photos)")
+    p.add_argument("--images", metavar="DIR", help="the images (default: the bundled Flickr8K photos)")
+    p.add_argument("--out", default="runs/study", metavar="DIR", help="default runs/study")
+    p.add_argument("--quick", action="store_true",
+                   help="a grid that runs in minutes on a CPU: MobileNetV2, 1 crop, 300 images, "
+                        "baseline/fne/fne-late, 2 splits, 8 epochs")
+    p.add_argument("--cnns", help="comma-separated (default mobilenet_v2,efficientnet_lite0)")
+    p.add_argument("--variants", help="comma-separated (default: all; `fnemm study --list` shows them)")
+    p.add_argument("--splits", type=int, help="re-splits, the first the dataset's own (default 5)")
+    p.add_argument("--seeds", type=int, help="seeds per split (default 3)")
+    p.add_argument("--train-sizes", metavar="N,N", help="learning curve: also train on N training images")
+    p.add_argument("--curve-variants", metavar="A,B", help="variants of the learning curve (default baseline,fne)")
+    p.add_argument("--epochs", type=int, help="cap every run's epochs")
+    p.add_argument("--max-images", type=int, help="use about this many images of the dataset")
+    p.add_argument("--crops", type=int, choices=[1, 10], help="crops per image (default 10)")
+    p.add_argument("--workers", type=int, default=1, help="image-decoding processes (default 1)")
+    p.add_argument("--list", action="store_true", help="list the variants and exit")
+    _add_common(p)
+
+    p = sub.add_parser("layers", help="a CNN's layers, groups and what --layers selects",
+                       description="List the tapped layers of a CNN (position, name, kind, width) and "
+                                   "its layer groups; with --layers, mark the ones that spec selects.")
+    p.add_argument("--cnn", default="mobilenet_v2", help="a registered CNN (default mobilenet_v2)")
+    p.add_argument("--weights", metavar="FILE", help="weights (not needed to list VGG16's layers)")
+    p.add_argument("--layers", metavar="SPEC", help="mark what this --layers spec selects")
 
     p = sub.add_parser("presets", help="list the paper's pipelines as presets",
                        description="Every Table-1 variant for flickr8k / flickr30k / coco, FNE and FC7; demo/ = the flickr8k ones scaled to flickr8k-1k on a CPU.")
@@ -430,7 +481,8 @@ def cmd_presets(args) -> int:
 
 def cmd_extract(args) -> int:
     from fnemm.datasets import load_dataset
-    from fnemm.extraction import ExtractConfig, extract
+    from fnemm.extraction import extract
+    from fnemm.recipe import Recipe
     from fnemm.train import resolve_device
     try:
         low, high = (float(v) for v in args.thresholds.split(","))
@@ -438,16 +490,19 @@ def cmd_extract(args) -> int:
         raise FnemmError(f"--thresholds {args.thresholds!r}: expected LOW,HIGH, e.g. -0.25,0.15") from None
     dataset = load_dataset(args.dataset) if args.dataset else None
     train_list = _read_lines("--train-list", args.train_list, "image file names") if args.train_list else None
-    config = ExtractConfig(cnn=args.cnn, weights=args.weights, crops=args.crops, thresholds=(low, high),
+    recipe = Recipe(layers=args.layers, post=args.post, thresholds=(low, high), clip=args.clip, pca=args.pca,
+                    baseline=args.with_baseline)
+    config = ExtractConfig(cnn=args.cnn, weights=args.weights, crops=args.crops, recipe=recipe,
                            batch_size=args.batch_size, chunk_size=args.chunk_size, workers=args.workers,
                            device=str(resolve_device(args.device)))
     result = extract(args.images, args.out, dataset, config, stats_from=args.stats, train_list=train_list,
                      quiet=args.quiet)
     m = result.manifest
-    fractions = ", ".join(f"{int(v):+d}: {f:.3f}" for v, f in m.get("fne_fractions", {}).items()) or "?"
-    print(f"{args.out}: {result.images} images, {len(m['taps'])} layers of {m['cnn']}, "
-          f"{m['arrays']['fne']['shape'][1]} FNE features ({fractions}), baseline {m['baseline']['tap']} "
-          f"({m['arrays']['fc7']['shape'][1]}-d); {result.skipped} skipped")
+    fractions = ", ".join(f"{int(v):+d}: {f:.3f}" for v, f in m["fne_fractions"].items()) \
+        if "fne_fractions" in m else m["arrays"]["fne"]["dtype"]
+    print(f"{args.out}: {result.images} images, {len(m['layers'])} of {len(m['taps'])} layers of {m['cnn']} "
+          f"({recipe.describe()}): {m['arrays']['fne']['shape'][1]} features ({fractions}), baseline "
+          f"{m['baseline']['tap']} ({m['arrays']['fc7']['shape'][1]}-d); {result.skipped} skipped")
     for s in m["skipped"][:5]:
         print(f"  skipped {s['image']}: {s['reason']}")
     if len(m["skipped"]) > 5:
@@ -508,9 +563,58 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_study(args) -> int:
+    from dataclasses import replace
+
+    from fnemm.datasets import load_dataset
+    from fnemm.paths import find_data
+    from fnemm.study import QUICK, VARIANTS, Grid, Study
+    from fnemm.train import resolve_device
+    if args.list:
+        for v in VARIANTS:
+            print(f"{v.name:<22} {v.about}")
+        return 0
+    device = resolve_device(args.device)
+    dataset = load_dataset(args.dataset or "flickr8k-1k")
+    images = Path(args.images) if args.images else find_data("flickr8k/images")
+    if images is None:
+        raise FnemmError("--images DIR: where the dataset's images are (the bundled ones were not found)")
+    grid = QUICK if args.quick else Grid()
+    split = lambda text: tuple(x.strip() for x in text.split(",") if x.strip())  # noqa: E731
+    changes = {"cnns": split(args.cnns) if args.cnns else None,
+               "variants": split(args.variants) if args.variants else None,
+               "splits": args.splits, "seeds": args.seeds, "epochs": args.epochs, "crops": args.crops,
+               "max_images": args.max_images,
+               "train_sizes": tuple(int(n) for n in split(args.train_sizes)) if args.train_sizes else None,
+               "curve_variants": split(args.curve_variants) if args.curve_variants else None}
+    grid = replace(grid, **{k: v for k, v in changes.items() if v is not None})
+    summary = Study(dataset, images, Path(args.out), grid, device, args.workers, args.quiet).run()
+    print(f"{len(summary['results'])} results; report: {Path(args.out) / 'study.md'}")
+    return 0
+
+
+def cmd_layers(args) -> int:
+    from fnemm.cnn import build_cnn
+    from fnemm.recipe import select_layers
+    weights = args.weights or ("random" if args.cnn == "vgg16" else None)
+    cnn = build_cnn(args.cnn, weights)
+    names = [t.name for t in cnn.taps]
+    picked = set(select_layers(args.layers, names, cnn.groups)) if args.layers else set()
+    member = {n: [g for g, taps in cnn.groups.items() if n in taps and g not in ("all",)] for n in names}
+    print(f"{'':2}{'#':>3}  {'layer':<28} {'kind':<5} {'width':>6}  groups")
+    for k, t in enumerate(cnn.taps):
+        mark = "*" if k in picked else " "
+        print(f"{mark:2}{k:>3}  {t.name:<28} {t.kind:<5} {t.channels:>6}  {','.join(member[t.name])}")
+    print(f"{len(names)} layers, {cnn.dim} features; baseline {cnn.baseline.name}")
+    if args.layers:
+        width = sum(cnn.taps[k].channels for k in picked)
+        print(f"--layers {args.layers}: {len(picked)} layers, {width} features (marked *)")
+    return 0
+
+
 COMMANDS = {"extract": cmd_extract, "search": cmd_search, "train": cmd_train, "evaluate": cmd_evaluate,
             "report": cmd_report, "demo": cmd_demo, "index": cmd_index, "serve": cmd_serve,
-            "stability": cmd_stability, "presets": cmd_presets}
+            "stability": cmd_stability, "presets": cmd_presets, "study": cmd_study, "layers": cmd_layers}
 
 
 def main(argv: list[str] | None = None) -> int:

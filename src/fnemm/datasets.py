@@ -24,6 +24,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from fnemm.errors import FnemmError
 
 SPLITS = ("train", "val", "test")
@@ -51,6 +53,46 @@ class Dataset:
     def subset(self, indices: list[int]) -> "Dataset":
         return Dataset(self.name, [self.image_ids[k] for k in indices],
                        [self.captions[k] for k in indices], [self.splits[k] for k in indices])
+
+    def resplit(self, seed: int) -> "Dataset":
+        """The same images with the split of each drawn at random (``seed``), every split
+        keeping its size; seed 0 is the dataset's own split. A re-split is a fresh draw of
+        train/val/test images for studies whose differences must hold beyond one split."""
+        if seed == 0:
+            return self
+        rng = np.random.default_rng(seed)
+        order = rng.permutation(len(self.splits))
+        splits = [self.splits[k] for k in order]          # the same multiset, shuffled
+        return Dataset(f"{self.name}#split{seed}", list(self.image_ids), list(self.captions), splits)
+
+    def with_train_size(self, n: int, seed: int = 0) -> "Dataset":
+        """Only ``n`` of the training images (drawn with ``seed``), val and test as they
+        are: a point of a learning curve."""
+        train = self.split_indices("train")
+        if not 0 < n <= len(train):
+            raise FnemmError(f"{self.name}: cannot keep {n} training images of {len(train)}")
+        if n == len(train):
+            return self
+        keep = set(np.random.default_rng(seed).choice(train, n, replace=False).tolist())
+        drop = set(train) - keep
+        data = self.subset([k for k in range(len(self.image_ids)) if k not in drop])
+        data.name = f"{self.name}#train{n}"
+        return data
+
+    def head(self, n: int) -> "Dataset":
+        """A small version for quick runs: the first images of each split, about n in all
+        (a fifth for val and for test, at least 2 each, the rest train)."""
+        share = {"val": max(2, n // 5), "test": max(2, n // 5)}
+        share["train"] = max(2, n - share["val"] - share["test"])
+        keep = [k for s in ("train", "val", "test") for k in self.split_indices(s, restval=False)[:share[s]]]
+        return self.subset(sorted(keep))
+
+    def to_jsonl(self, path: str | Path) -> Path:
+        """Write as a .jsonl that ``load_dataset`` reads back (atomically)."""
+        from fnemm.fileio import atomic_write_text
+        atomic_write_text(path, "".join(json.dumps({"image": i, "captions": c, "split": s}) + "\n"
+                                        for i, c, s in zip(self.image_ids, self.captions, self.splits)))
+        return Path(path)
 
     def counts(self) -> dict[str, int]:
         out = {s: 0 for s in (*SPLITS, "restval")}

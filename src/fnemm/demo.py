@@ -49,10 +49,7 @@ def run_demo(out: str | Path = "runs/demo", data: str | Path | None = None, seed
     dataset = load_dataset(spec)             # a clear error when the bundled data is not there
     folder = Path(data) if data else find_data("flickr8k")
     if max_images:
-        per_split = {s: [k for k, x in enumerate(dataset.splits) if x == s] for s in ("train", "val", "test")}
-        share = {"train": max_images - 2 * max(2, max_images // 5), "val": max(2, max_images // 5),
-                 "test": max(2, max_images // 5)}
-        dataset = dataset.subset(sorted(k for s, ks in per_split.items() for k in ks[:share[s]]))
+        dataset = dataset.head(max_images)
     _log(quiet, f"== data: {dataset.summary()}")
 
     t = time.perf_counter()

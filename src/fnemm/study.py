@@ -1,0 +1,296 @@
+"""``fnemm study``: when does the Full-Network Embedding pay off?
+
+A grid of image-feature variants (layers x post-processing x training-side
+regularisation, see ``VARIANTS``) x CNNs x re-splits of a dataset x seeds, each an
+ordinary resumable run folder, then paired comparisons of every variant against the
+baseline ("FC7": the CNN's last conv pooled, L2) and against the paper's FNE, on
+the same split and seed. Re-split 0 is the dataset's own split; the others draw
+train/val/test at random with the same sizes, so a difference must hold beyond one
+choice of test images. Optionally a learning curve: fewer training images.
+
+    OUT/study.json          the grid (a re-run resumes it) and, at the end, every result
+    OUT/splits/*.jsonl      each re-split (and training-size cut) as a dataset file
+    OUT/features/CNN/base   the forward pass (raw.npy), once per CNN
+    OUT/features/CNN/S/R    per split S and recipe R: statistics and features from base
+    OUT/runs/CNN/nN/VARIANT/split-K/seed-S   the runs (train + test metrics)
+    OUT/study.md, study.png the table with intervals and p-values, and a plot
+
+Several ``fnemm study`` processes on one OUT share the work: each run and each store
+is locked while one of them writes it (``fnemm.locks``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from fnemm.config import apply_overrides, get_preset
+from fnemm.datasets import Dataset
+from fnemm.errors import FnemmError
+from fnemm.extraction import ExtractConfig, derive_store, extract
+from fnemm.features import load_features
+from fnemm.fileio import atomic_write_json
+from fnemm.locks import Busy, folder_lock
+from fnemm.recipe import Recipe
+from fnemm.report import metrics_path, save_metrics
+from fnemm.stats import paired_over_groups
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    recipe: Recipe | None                 # None: the baseline layer (the store's fc7 array)
+    overrides: tuple[str, ...] = ()       # training-side changes (--set)
+    about: str = ""
+
+
+VARIANTS = (
+    Variant("baseline", None, about="the last conv layer pooled, L2 (the paper's FC7 baseline)"),
+    Variant("fne", Recipe(), about="the paper: every layer but the classifier, z-score, {-1,0,1}"),
+    Variant("fne-all", Recipe(layers="all"), about="the paper's FNE plus the classifier's scores"),
+    Variant("fne-baseline-layer", Recipe(layers="baseline"), about="the baseline's layer alone, z-score, {-1,0,1}"),
+    Variant("fne-late", Recipe(layers="late"), about="the last quarter of the layers"),
+    Variant("fne-blocks", Recipe(layers="blocks"), about="block outputs only (stem, projections, last conv)"),
+    Variant("fne-wide-thresholds", Recipe(thresholds=(-0.5, 0.5)), about="thresholds -0.5/0.5 (more zeros)"),
+    Variant("zscore", Recipe(post="zscore"), about="continuous z-scores clipped to +-3"),
+    Variant("zscore-layer-l2", Recipe(post="zscore-layer-l2"), about="z-scores, each layer L2-normalised"),
+    Variant("layer-l2", Recipe(post="layer-l2"), about="raw activations, each layer L2-normalised"),
+    Variant("center", Recipe(post="center"), about="centred only: raw relative magnitudes kept (a global rescaling)"),
+    Variant("center-layer", Recipe(post="center-layer"), about="centred, each layer over its RMS std"),
+    Variant("fne+baseline", Recipe(baseline=True), about="the paper's FNE with the L2 baseline appended"),
+    Variant("fne-pca256", Recipe(pca=256), about="the paper's FNE projected on 256 principal components"),
+    Variant("fne-weight-decay", Recipe(), ("image_weight_decay=1.0",), about="image map with AdamW decay 1.0"),
+    Variant("fne-dropout", Recipe(), ("model.image_dropout=0.5",), about="input dropout 0.5 on the codes"),
+    Variant("late-center-layer", Recipe(layers="late", post="center-layer"), about="late layers, centred per layer"),
+)
+BY_NAME = {v.name: v for v in VARIANTS}
+PRESETS = {"baseline": "demo/FC7-MH", "fne": "demo/FNE-MH"}      # the pipeline every variant trains
+
+
+@dataclass(frozen=True)
+class Grid:
+    cnns: tuple[str, ...] = ("mobilenet_v2", "efficientnet_lite0")
+    variants: tuple[str, ...] = tuple(v.name for v in VARIANTS)
+    splits: int = 5
+    seeds: int = 3
+    train_sizes: tuple[int, ...] = ()               # learning curve: fewer training images
+    curve_variants: tuple[str, ...] = ("baseline", "fne")
+    epochs: int | None = None                       # cap on every stage's max epochs
+    crops: int = 10
+    max_images: int | None = None                   # a smaller dataset (quick runs)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Grid":
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+QUICK = Grid(cnns=("mobilenet_v2",), variants=("baseline", "fne", "fne-late"), splits=2, seeds=1,
+             epochs=8, crops=1, max_images=300)
+
+
+def variants(names) -> tuple[Variant, ...]:
+    unknown = [n for n in names if n not in BY_NAME]
+    if unknown:
+        raise FnemmError(f"--variants {unknown[0]}: unknown; choose from {', '.join(BY_NAME)}")
+    if "baseline" not in names or "fne" not in names:
+        raise FnemmError("--variants must include baseline and fne (every variant is compared with them)")
+    return tuple(BY_NAME[n] for n in names)
+
+
+def _slug(recipe: Recipe) -> str:
+    text = f"{recipe.layers}-{recipe.post}"
+    if recipe.post == "fne" and recipe.thresholds != Recipe().thresholds:
+        text += f"-{recipe.thresholds[0]:g}_{recipe.thresholds[1]:g}"
+    if recipe.post == "zscore":
+        text += f"-clip{recipe.clip:g}"
+    text += f"-pca{recipe.pca}" if recipe.pca else ""
+    text += "+baseline" if recipe.baseline else ""
+    return re.sub(r"[^A-Za-z0-9_.+-]", "_", text)
+
+
+@dataclass
+class Unit:
+    """One run of the grid."""
+    cnn: str
+    variant: Variant
+    split: int
+    size: int                 # training images
+    seed: int
+    data: Path = field(repr=False)        # its dataset file
+    run: Path = field(repr=False)
+
+
+class Study:
+    def __init__(self, dataset: Dataset, images: Path, out: Path, grid: Grid, device: str = "cpu",
+                 workers: int = 1, quiet: bool = False):
+        self.out, self.grid, self.device, self.workers, self.quiet = Path(out), grid, device, workers, quiet
+        self.images = Path(images)
+        self.dataset = dataset.head(grid.max_images) if grid.max_images else dataset
+        self.variants = variants(grid.variants)
+        if grid.splits < 1 or grid.seeds < 1:
+            raise FnemmError("--splits and --seeds must be >= 1")
+        self.full = len(self.dataset.split_indices("train"))
+        bad = [n for n in grid.train_sizes if not 0 < n < self.full]
+        if bad:
+            raise FnemmError(f"--train-sizes {bad[0]}: expected fewer than the {self.full} training images")
+
+    def log(self, text: str) -> None:
+        if not self.quiet:
+            print(text, flush=True)
+
+    # --- the grid --------------------------------------------------------------
+    def units(self) -> list[Unit]:
+        """Every run, the full training set first, split by split (so that the paired
+        comparisons can be made from the splits finished so far)."""
+        g, units = self.grid, []
+        sizes = [self.full] + sorted(g.train_sizes, reverse=True)
+        for size in sizes:
+            chosen = self.variants if size == self.full else [v for v in self.variants if v.name in g.curve_variants]
+            for split in range(g.splits):
+                data = self.out / "splits" / (f"split-{split}.jsonl" if size == self.full
+                                              else f"split-{split}-train{size}.jsonl")
+                for cnn in g.cnns:
+                    for v in chosen:
+                        for seed in range(g.seeds):
+                            run = self.out / "runs" / cnn / f"n{size}" / v.name / f"split-{split}" / f"seed-{seed}"
+                            units.append(Unit(cnn, v, split, size, seed, data, run))
+        return units
+
+    def split_data(self, split: int, size: int) -> Dataset:
+        data = self.dataset.resplit(split)
+        return data.with_train_size(size, seed=split) if size < self.full else data
+
+    def _write_splits(self) -> None:
+        for size in [self.full, *self.grid.train_sizes]:
+            for split in range(self.grid.splits):
+                path = self.out / "splits" / (f"split-{split}.jsonl" if size == self.full
+                                              else f"split-{split}-train{size}.jsonl")
+                if not path.exists():
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    self.split_data(split, size).to_jsonl(path)
+
+    def base_store(self, cnn: str) -> Path:
+        """The forward pass of every image through ``cnn``, once (statistics of split 0)."""
+        base = self.out / "features" / cnn / "base"
+        if not (base / "manifest.json").exists():
+            self.log(f"== extract {cnn} ({self.grid.crops} crops) -> {base}")
+        with folder_lock(base, "a feature store", wait=True):
+            extract(self.images, base, self.dataset, ExtractConfig(cnn=cnn, crops=self.grid.crops,
+                                                                   workers=self.workers, device=self.device),
+                    quiet=True)
+        return base
+
+    def store(self, unit: Unit, recipe: Recipe) -> Path:
+        """The unit's features: ``recipe`` with the statistics of its training images."""
+        data = self.split_data(unit.split, unit.size)
+        folder = self.out / "features" / unit.cnn / f"split-{unit.split}-n{unit.size}" / _slug(recipe)
+        train = {data.image_ids[k] for k in data.split_indices("train")}
+        with folder_lock(folder, "a feature store", wait=True):
+            derive_store(self.out / "features" / unit.cnn / "base", folder, train, recipe)
+        return folder
+
+    def config(self, unit: Unit):
+        preset = PRESETS["baseline" if unit.variant.recipe is None else "fne"]
+        overrides = [*unit.variant.overrides, f"seed={unit.seed}"]
+        if self.grid.epochs:
+            overrides.append(f"stages.max_epochs={self.grid.epochs}")
+        return preset, apply_overrides(get_preset(preset), overrides), overrides
+
+    def run_one(self, unit: Unit) -> dict | None:
+        """Train and test one unit (resuming it), unless done or another worker has it."""
+        from fnemm.datasets import load_dataset
+        from fnemm.train import evaluate, train
+        target = metrics_path(unit.run, "test")
+        if target.exists():
+            return json.loads(target.read_text())
+        try:
+            with folder_lock(unit.run, "a study run"):
+                if target.exists():
+                    return json.loads(target.read_text())
+                store = self.store(unit, unit.variant.recipe or Recipe())
+                preset, config, overrides = self.config(unit)
+                dataset = load_dataset(unit.data)
+                features = load_features(store, config.features)
+                t = time.perf_counter()
+                train(config, dataset, features, unit.run, resume=(unit.run / "last.pt").exists(),
+                      device=self.device, quiet=True,
+                      run_info={"preset": preset, "overrides": overrides, "study": unit.variant.name,
+                                "args": {"dataset": [str(unit.data)], "features": str(store)}})
+                results = evaluate(unit.run, dataset, features, "test", device=self.device)
+                save_metrics(target, "test", unit.run, results)
+                rsum = next(iter(results.values()))["rsum"]
+                self.log(f"   {unit.cnn} n{unit.size} {unit.variant.name} split {unit.split} seed {unit.seed}: "
+                         f"test rsum {rsum:.1f} ({time.perf_counter() - t:.0f} s)")
+                return json.loads(target.read_text())
+        except Busy:
+            return None
+
+    def run(self) -> dict:
+        """Run (or resume, or join) the grid, then summarise whatever is finished."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        saved = self.out / "study.json"
+        if saved.exists():
+            old = Grid.from_dict(json.loads(saved.read_text()).get("grid", {}))
+            if replace(old, variants=(), cnns=(), train_sizes=(), curve_variants=(), seeds=1, splits=1) != \
+                    replace(self.grid, variants=(), cnns=(), train_sizes=(), curve_variants=(), seeds=1, splits=1):
+                raise FnemmError(f"{saved}: this study was started with another epochs/crops/max-images; "
+                                 f"re-run with the same options or choose another --out")
+        atomic_write_json(saved, {"grid": self.grid.to_dict()})
+        self._write_splits()
+        for cnn in self.grid.cnns:
+            self.base_store(cnn)
+        units = self.units()
+        self.log(f"== {len(units)} runs ({sum(metrics_path(u.run, 'test').exists() for u in units)} done) -> "
+                 f"{self.out / 'runs'}")
+        for k, unit in enumerate(units):
+            if not metrics_path(unit.run, "test").exists():
+                self.log(f"-- [{k + 1}/{len(units)}] {unit.cnn} n{unit.size} {unit.variant.name} "
+                         f"split {unit.split} seed {unit.seed}")
+                self.run_one(unit)
+        return self.summarise(units)
+
+    # --- results ---------------------------------------------------------------
+    def summarise(self, units: list[Unit]) -> dict:
+        rows = {}
+        for u in units:
+            path = metrics_path(u.run, "test")
+            if path.exists():
+                m = next(iter(json.loads(path.read_text())["results"].values()))
+                rows[(u.cnn, u.size, u.variant.name, u.split, u.seed)] = m
+        summary = summarise(rows, self.grid, self.full)
+        atomic_write_json(self.out / "study.json", {"grid": self.grid.to_dict(), **summary})
+        from fnemm.study_report import write_report
+        write_report(self.out, summary, self.grid, self.dataset)
+        return summary
+
+
+def summarise(rows: dict, grid: Grid, full: int) -> dict:
+    """Per CNN x training size x variant: test rsum over the finished runs, and paired
+    comparisons with the baseline and with the paper's FNE (same split and seed)."""
+    out = []
+    for cnn in grid.cnns:
+        for size in sorted({k[1] for k in rows if k[0] == cnn}, reverse=True):
+            cell = {k[2:]: v for k, v in rows.items() if k[0] == cnn and k[1] == size}
+            for name in [v for v in grid.variants if any(k[0] == v for k in cell)]:
+                mine = {k[1:]: v for k, v in cell.items() if k[0] == name}
+                rsums = np.array([m["rsum"] for m in mine.values()])
+                entry = {"cnn": cnn, "train_images": size, "variant": name, "runs": len(mine),
+                         "splits": len({k[0] for k in mine}),
+                         "rsum_mean": float(rsums.mean()), "rsum_std": float(rsums.std(ddof=1)) if len(rsums) > 1 else 0.0,
+                         "i2t_r1": float(np.mean([m["i2t_r1"] for m in mine.values()])),
+                         "t2i_r1": float(np.mean([m["t2i_r1"] for m in mine.values()]))}
+                for other in ("baseline", "fne"):
+                    theirs = {k[1:]: v for k, v in cell.items() if k[0] == other}
+                    pairs = [(k[0], mine[k]["rsum"], theirs[k]["rsum"]) for k in mine if k in theirs]
+                    if other != name and pairs:
+                        entry[f"vs_{other}"] = paired_over_groups(pairs).to_dict()
+                out.append(entry)
+    return {"results": out, "full_train_images": full}
