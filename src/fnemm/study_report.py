@@ -120,7 +120,7 @@ def write_report(out: Path, summary: dict, grid, dataset) -> Path:
     from fnemm.study import BY_NAME
     about = {name: v.about for name, v in BY_NAME.items()}
     results, full = summary["results"], summary["full_train_images"]
-    parts = [f"# When does the Full-Network Embedding pay off? (fnemm study)\n",
+    parts = ["# When does the Full-Network Embedding pay off? (fnemm study)\n",
              f"{dataset.summary()}; {grid.splits} split(s) (split 0: the dataset's own; the others drawn at "
              f"random with the same sizes) x {grid.seeds} seed(s); every variant trains the demo/FNE-MH "
              f"pipeline (the baseline demo/FC7-MH) and is compared with the baseline and with the paper's FNE "
