@@ -38,7 +38,9 @@ from liveserver import serving  # noqa: E402
 from fnemm.config import ModelConfig, StageConfig, TrainConfig  # noqa: E402
 from fnemm.datasets import load_dataset  # noqa: E402
 from fnemm.features import load_features  # noqa: E402
-from fnemm.index import Gallery, VectorIndex, build_index, recall_at  # noqa: E402
+from fnemm.gallery import Gallery  # noqa: E402
+from fnemm.index import VectorIndex, recall_at  # noqa: E402
+from fnemm.index_folder import build_index  # noqa: E402
 from fnemm.train import train  # noqa: E402
 
 DIM = 48
@@ -80,7 +82,7 @@ def time_queries(gallery: Gallery, index: VectorIndex, queries: list[str], k: in
         t = time.perf_counter()
         hits = gallery.text(q, k)
         times.append(1000 * (time.perf_counter() - t))
-        rows.append([row[h["image"]] for h in hits])
+        rows.append([row[h.image] for h in hits])
     return times, np.array(rows)
 
 
@@ -196,7 +198,7 @@ def main() -> None:
                 manifest = build_index(run, npy, folder, ids=ids, method=method, quiet=True,
                                        tune_queries=synthetic.captions(1000, seed=99))   # not the timed ones
                 built = time.perf_counter() - t
-                gallery = Gallery(folder, encoder=False)
+                gallery = Gallery.from_index(folder, encoder=False)
                 approx = gallery.images
                 if exact_rows is None:
                     exact = VectorIndex.build(approx.vectors, "exact")

@@ -1,19 +1,17 @@
-"""`fnemm serve` in a child process on a free 127.0.0.1 port (tests and bench/search_speed.py)."""
+"""`fnemm serve` in a child process on 127.0.0.1 (tests and bench/search_speed.py).
+
+The server binds port 0 and prints the port it got before it serves; the socket
+listens from then on, so the first request simply waits for the app: no free-port
+guess (bind-and-release races other processes) and no polling on the clock."""
 
 from __future__ import annotations
 
 import contextlib
-import socket
+import re
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -21,26 +19,32 @@ def serving(index: Path, log: Path, *args: str, timeout: float = 120):
     """Yields the base URL once /healthz answers; stops the server on exit. The
     server's output goes to ``log``, which a start-up failure quotes."""
     import httpx
-    port = free_port()
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "fnemm.cli", "serve", "--index", str(index),
-                                 "--port", str(port), *args], stdout=out, stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "fnemm.cli", "serve", "--index", str(index), "--port", "0",
+                             *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = open(log, "w")
+    try:
+        first = ""
+        for line in proc.stdout:                  # until the line that names the address
+            out.write(line)
+            if m := re.search(r"http://127\.0\.0\.1:(\d+)/", line):
+                first = m.group(1)
+                break
+        if not first:
+            proc.wait()
+            out.flush()
+            raise RuntimeError(f"fnemm serve did not start:\n{Path(log).read_text()}")
+        # keep draining its output into the log, so that it never blocks on a full pipe
+        drain = threading.Thread(target=lambda: [out.write(line) for line in proc.stdout], daemon=True)
+        drain.start()
+        url = f"http://127.0.0.1:{first}"
+        if httpx.get(url + "/healthz", timeout=timeout).status_code != 200:
+            raise RuntimeError(f"fnemm serve is not healthy:\n{Path(log).read_text()}")
+        yield url
+    finally:
+        proc.terminate()
         try:
-            deadline = time.monotonic() + timeout
-            while True:
-                try:
-                    if httpx.get(url + "/healthz", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"fnemm serve did not start:\n{Path(log).read_text()}")
-                time.sleep(0.2)
-            yield url
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        out.close()

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -152,28 +151,86 @@ def _cli(*args):
     return [sys.executable, "-m", "fnemm.cli", "extract", *args]
 
 
+def _env(**extra):
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path]), **extra}
+
+
 def test_resume_after_kill_is_byte_identical(images, tmp_path):
     folder, data = images
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
     common = ["--images", str(folder), "--dataset", str(data), "--cnn", "tinycnn:build", "--batch-size", "1",
               "--chunk-size", "2", "--workers", "1", "--threads", "1", "--quiet"]
     ref, cut = tmp_path / "ref", tmp_path / "cut"
-    subprocess.run(_cli(*common, "--out", str(ref)), check=True, env=env)
-
-    proc = subprocess.Popen(_cli(*common, "--out", str(cut)), env={**env, "TINYCNN_SLEEP": "0.3"})
-    deadline = time.time() + 120
-    while time.time() < deadline and not (cut / ".partial" / "chunk-00001.json").exists():
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (cut / "manifest.json").exists(), "finished before it could be killed"
-    committed = sorted(p.name for p in (cut / ".partial").glob("chunk-*.json"))
-    assert 2 <= len(committed) < 7
-    out = subprocess.run(_cli(*common, "--out", str(cut)), env=env, capture_output=True, text=True)
+    subprocess.run(_cli(*common, "--out", str(ref)), check=True, env=_env())
+    # killed (SIGKILL, as kill -9) right after it commits chunk 2 of 7
+    killed = subprocess.run(_cli(*common, "--out", str(cut)), env=_env(FNEMM_DIE_AT="chunk-2"))
+    assert killed.returncode == -signal.SIGKILL
+    assert not (cut / "manifest.json").exists()
+    assert sorted(p.name for p in (cut / ".partial").glob("chunk-*.json")) == \
+        ["chunk-00000.json", "chunk-00001.json", "chunk-00002.json"]
+    out = subprocess.run(_cli(*common, "--out", str(cut)), env=_env(), capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     for f in FILES:
         assert (ref / f).read_bytes() == (cut / f).read_bytes(), f
     assert not (cut / ".partial").exists()
+
+
+@pytest.mark.parametrize("point", ["assemble-stats", "assemble-arrays"])
+def test_an_interrupted_reassembly_is_never_reused(images, tmp_path, point):
+    """Killed while re-standardising with other thresholds, the store must not be taken
+    for the old one: the original command re-assembles it, to the same bytes as before."""
+    folder, data = images
+    common = ["--images", str(folder), "--dataset", str(data), "--cnn", "tinycnn:build", "--workers", "0",
+              "--threads", "1", "--out", str(tmp_path / "store")]
+    subprocess.run(_cli(*common), check=True, env=_env(), capture_output=True)
+    before = {f: (tmp_path / "store" / f).read_bytes() for f in FILES}
+    killed = subprocess.run(_cli(*common, "--thresholds=-1,1"), env=_env(FNEMM_DIE_AT=point))
+    assert killed.returncode == -signal.SIGKILL
+    assert not (tmp_path / "store" / "manifest.json").exists()      # nothing vouches for the arrays
+    again = subprocess.run(_cli(*common), env=_env(), capture_output=True, text=True)
+    assert again.returncode == 0 and "reusing it" not in again.stdout, again.stdout
+    assert {f: (tmp_path / "store" / f).read_bytes() for f in FILES} == before
+
+
+def test_other_layers_or_post_processing_reassemble_to_a_fresh_extractions_bytes(images, tmp_path):
+    folder, data = images
+    dataset = load_dataset(data)
+    extract(folder, tmp_path / "store", dataset, TINY, quiet=True)
+    raw = (tmp_path / "store" / "raw.npy").read_bytes()
+    for recipe in (Recipe(layers="conv2,fc"), Recipe(post="zscore", clip=2.0), Recipe(post="center-layer", pca=3),
+                   Recipe(layers="!fc", baseline=True)):
+        config = replace(TINY, recipe=recipe)
+        redone = extract(folder, tmp_path / "store", dataset, config, quiet=True)
+        fresh = extract(folder, tmp_path / f"fresh-{recipe.post}-{recipe.pca}", dataset, config, quiet=True)
+        assert not redone.reused and (tmp_path / "store" / "raw.npy").read_bytes() == raw
+        for f in ["stats.npy", "fne.npy", "fc7.npy"] + (["pca.npy"] if recipe.pca else []):
+            assert (tmp_path / "store" / f).read_bytes() == (fresh.out / f).read_bytes(), (recipe, f)
+        assert {k: v for k, v in redone.manifest.items() if k != "arrays"} == \
+            {k: v for k, v in fresh.manifest.items() if k != "arrays"}
+        assert redone.manifest["recipe"] == recipe.to_dict()
+    m = extract(folder, tmp_path / "store", dataset, replace(TINY, recipe=Recipe(layers="conv2,fc")), quiet=True)
+    assert m.manifest["layers"] == ["conv2", "fc"] and m.manifest["arrays"]["fne"]["shape"] == [11, 11]
+    with pytest.raises(FnemmError, match="matches no layer"):
+        extract(folder, tmp_path / "store", dataset, replace(TINY, recipe=Recipe(layers="conv9")), quiet=True)
+
+
+def test_a_derived_store_equals_an_extraction_with_those_training_images(images, tmp_path):
+    from fnemm.assembly import derive_store
+    folder, data = images
+    base = extract(folder, tmp_path / "base", load_dataset(data), TINY, quiet=True)
+    train = {"img000.jpg", "img002.jpg", "img007.jpg", "img010.jpg"}
+    recipe = Recipe(post="zscore-layer-l2")
+    derived = derive_store(tmp_path / "base", tmp_path / "derived", train, recipe)
+    direct = extract(folder, tmp_path / "direct", None, replace(TINY, recipe=recipe), train_list=sorted(train),
+                     quiet=True)
+    assert derived["image_ids"] == direct.manifest["image_ids"] != []
+    assert derived["stats"]["images"] == 4 and "raw" not in derived["arrays"]
+    # the direct store lists every image of the folder (with a row for the never-listed ones too)
+    rows = [direct.manifest["image_ids"].index(i) for i in derived["image_ids"]]
+    for f in ("fne.npy", "fc7.npy"):
+        np.testing.assert_array_equal(np.load(tmp_path / "derived" / f), np.load(tmp_path / "direct" / f)[rows])
+    np.testing.assert_array_equal(np.load(tmp_path / "derived" / "stats.npy"), np.load(tmp_path / "direct" / "stats.npy"))
+    assert derive_store(tmp_path / "base", tmp_path / "derived", train, recipe) == derived     # reused
+    assert base.manifest["image_ids"] == derived["image_ids"]
 
 
 def test_cli_extract_reports_and_errors(images, tmp_path, capsys, monkeypatch):
@@ -206,7 +263,8 @@ def test_cli_extract_reports_and_errors(images, tmp_path, capsys, monkeypatch):
 
 def test_train_and_evaluate_read_the_store_and_refuse_another_cnns(images, tmp_path):
     from fnemm.config import apply_overrides, get_preset
-    from fnemm.train import evaluate, train
+    from fnemm.evaluation import evaluate
+    from fnemm.train import train
     folder, data = images
     dataset = load_dataset(data)
     extract(folder, tmp_path / "store", dataset, TINY, quiet=True)

@@ -62,9 +62,12 @@ def test_order_scores_np_matches_the_training_loss_definition():
 def test_order_rerank_of_cosine_candidates_vs_exhaustive(query_is_caption):
     items = np.abs(clustered(3000, seed=5))
     queries = np.abs(clustered(100, seed=6))
-    index = VectorIndex.build(unit(items), "exact")
-    index.vectors = unit(items)
+    index = VectorIndex.build(unit(items), "ivf")
+    index.set_params(nprobe=index.params["nlist"])           # every list probed: exact cosine candidates
     _, exhaustive = index.exhaustive(unit(queries), 10, "order", query_is_caption)
+    exact_scores, exact_rows = VectorIndex.build(unit(items), "exact").search(unit(queries), 10, "order",
+                                                                              query_is_caption)
+    np.testing.assert_array_equal(exact_rows, exhaustive)   # an exact index searches S_OE exhaustively
     scores, rows = index.search(unit(queries), 10, "order", query_is_caption, candidates=3000)
     assert recall_at(rows, exhaustive, 10) == 1.0           # every item a candidate: exact
     assert (np.diff(scores, axis=1) <= 1e-6).all()           # sorted best first

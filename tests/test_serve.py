@@ -3,6 +3,7 @@ real index: the demo's models on 30 bundled Flickr8K photos."""
 
 import io
 import json
+import logging
 import re
 import shutil
 import warnings
@@ -17,10 +18,10 @@ pytest.importorskip("fastapi")
 from conftest import DATA  # noqa: E402
 from fnemm.cli import main  # noqa: E402
 from fnemm.datasets import load_dataset  # noqa: E402
-from fnemm.errors import FnemmError  # noqa: E402
-from fnemm.index import Gallery, build_index  # noqa: E402
-from fnemm.search import Searcher  # noqa: E402
-from fnemm.serve import MAX_K, create_app  # noqa: E402
+from fnemm.errors import Conflict, FnemmError, NotAnImage, NotFound, TooLarge  # noqa: E402
+from fnemm.gallery import MAX_K, Gallery  # noqa: E402
+from fnemm.index_folder import build_index  # noqa: E402
+from fnemm.serve import create_app  # noqa: E402
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")           # starlette's note that it prefers httpx2
@@ -36,8 +37,8 @@ def built(demo, tmp_path_factory):
     root = tmp_path_factory.mktemp("index")
     dataset = load_dataset(SPEC)
     folders = {"FNE-MH": root / "mh", "FNE-POE": root / "poe"}
-    build_index(out / "FNE-MH" / "seed-0", out / "features", folders["FNE-MH"], dataset, quiet=True)
-    build_index(out / "FNE-POE" / "seed-0", out / "features", folders["FNE-POE"], dataset, method="hnsw",
+    build_index(out / "FNE-MH" / "seed-0", out / "features", folders["FNE-MH"], dataset=dataset, quiet=True)
+    build_index(out / "FNE-POE" / "seed-0", out / "features", folders["FNE-POE"], dataset=dataset, method="hnsw",
                 quiet=True)
     return out, folders
 
@@ -45,7 +46,7 @@ def built(demo, tmp_path_factory):
 @pytest.fixture(scope="module")
 def client(built):
     _, folders = built
-    return TestClient(create_app(Gallery(folders["FNE-MH"]), max_upload_bytes=200_000))
+    return TestClient(create_app(Gallery.from_index(folders["FNE-MH"]), max_upload_bytes=200_000))
 
 
 def photo_bytes(name=None, size=(320, 240), fmt="JPEG") -> bytes:
@@ -60,19 +61,31 @@ def photo_bytes(name=None, size=(320, 240), fmt="JPEG") -> bytes:
 
 def test_index_matches_brute_force_search(built):
     out, folders = built
-    gallery = Gallery(folders["FNE-MH"])
+    gallery = Gallery.from_index(folders["FNE-MH"])
     manifest = json.loads((folders["FNE-MH"] / "manifest.json").read_text())
     assert manifest["images"]["method"] == "exact" and manifest["images"]["count"] == 30
     assert manifest["captions"]["count"] == 150 and len(manifest["request"]["checkpoint"]["sha256"]) == 64
-    searcher = Searcher(out / "FNE-MH" / "seed-0", out / "features", load_dataset(SPEC))
+    searcher = Gallery.from_store(out / "FNE-MH" / "seed-0", out / "features", load_dataset(SPEC))
     for query in ("a dog runs on the beach", "two children play in the snow", "a man on a bike"):
         ours, ref = gallery.text(query, 10), searcher.text(query, 10)
-        assert [h["image"] for h in ours] == [h.image for h in ref]
-        np.testing.assert_allclose([h["score"] for h in ours], [h.score for h in ref], atol=1e-5)
-        assert ours[0]["captions"] == gallery.captions_of[ours[0]["image"]] and len(ours[0]["captions"]) == 5
+        assert [h.image for h in ours] == [h.image for h in ref]
+        np.testing.assert_allclose([h.score for h in ours], [h.score for h in ref], atol=1e-5)
+        assert ours[0].captions == gallery.captions_of[ours[0].image] and len(ours[0].captions) == 5
     image_id = gallery.image_ids[3]
     ours, ref = gallery.image(image_id, 7), searcher.image(image_id, 7)
-    assert [(h["image"], h["caption"]) for h in ours] == [(h.image, h.caption) for h in ref]
+    assert [(h.image, h.caption) for h in ours] == [(h.image, h.caption) for h in ref]
+    # brute force, by hand: the scores are the model's cosine of caption and image embeddings
+    import torch
+    from fnemm.checkpoint import open_model
+    from fnemm.data import embed_captions, embed_images
+    from fnemm.features import load_features
+    opened = open_model(out / "FNE-MH" / "seed-0", out / "features")
+    feats = load_features(out / "features")
+    img = embed_images(opened.model, np.asarray(feats.array), "cpu")
+    cap = embed_captions(opened.model, [opened.vocab.encode("a man on a bike")], "cpu")
+    scores = (img @ cap.T)[:, 0]
+    best = torch.argsort(scores, descending=True)[:10].tolist()
+    assert [h.image for h in gallery.text("a man on a bike", 10)] == [feats.ids[k] for k in best]
 
 
 def test_order_index_reranks_and_reports_recall(built):
@@ -87,11 +100,11 @@ def test_order_index_reranks_and_reports_recall(built):
     assert manifest["images"]["tuned_on"] == "the dataset's captions"
     assert manifest["captions"]["tuned_on"] == "the gallery's images"
     # 30 images <= the candidates: the re-rank is the exhaustive S_OE ranking
-    gallery = Gallery(folders["FNE-POE"])
-    searcher = Searcher(out / "FNE-POE" / "seed-0", out / "features", load_dataset(SPEC))
+    gallery = Gallery.from_index(folders["FNE-POE"])
+    searcher = Gallery.from_store(out / "FNE-POE" / "seed-0", out / "features", load_dataset(SPEC))
     ours, ref = gallery.text("a black dog in the grass", 10), searcher.text("a black dog in the grass", 10)
-    assert [h["image"] for h in ours] == [h.image for h in ref]
-    np.testing.assert_allclose([h["score"] for h in ours], [h.score for h in ref], atol=1e-5)
+    assert [h.image for h in ours] == [h.image for h in ref]
+    np.testing.assert_allclose([h.score for h in ours], [h.score for h in ref], atol=1e-5)
 
 
 def test_rebuild_with_same_inputs_keeps_the_index(built, capsys):
@@ -119,34 +132,51 @@ def test_index_refuses_changed_checkpoint_or_store(built, tmp_path):
     out, folders = built
     ckpt = tmp_path / "run"
     shutil.copytree(out / "FNE-MH" / "seed-0", ckpt)
-    Gallery(folders["FNE-MH"], checkpoint=ckpt, encoder=False)          # an identical copy is fine
+    Gallery.from_index(folders["FNE-MH"], checkpoint=ckpt, encoder=False)          # an identical copy is fine
     with open(ckpt / "best.pt", "ab") as f:
         f.write(b"\0")
     with pytest.raises(FnemmError, match=r"not the checkpoint .* \(sha256 differs\); rebuild it: fnemm index build"):
-        Gallery(folders["FNE-MH"], checkpoint=ckpt)
+        Gallery.from_index(folders["FNE-MH"], checkpoint=ckpt)
     store = tmp_path / "store"
     shutil.copytree(out / "features", store)
     manifest = json.loads((store / "manifest.json").read_text())
     manifest["thresholds"] = [-0.5, 0.5]
     (store / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(FnemmError, match="not the feature store"):
-        Gallery(folders["FNE-MH"], features=store)
+        Gallery.from_index(folders["FNE-MH"], features=store)
     with pytest.raises(FnemmError, match="is not there"):
-        Gallery(folders["FNE-MH"], features=tmp_path / "moved")
+        Gallery.from_index(folders["FNE-MH"], features=tmp_path / "moved")
     with pytest.raises(FnemmError, match="not an index folder"):
-        Gallery(tmp_path)
+        Gallery.from_index(tmp_path)
     broken = tmp_path / "broken"
     shutil.copytree(folders["FNE-POE"], broken)
     (broken / "images.faiss").unlink()
-    with pytest.raises(FnemmError, match="images.faiss is missing"):
-        Gallery(broken)
+    with pytest.raises(FnemmError, match="images.faiss: missing or not the size the manifest records"):
+        Gallery.from_index(broken)
     shutil.copy(folders["FNE-POE"] / "images.faiss", broken)
-    (broken / "images.ids.txt").write_text("a.jpg\n")
-    with pytest.raises(FnemmError, match="lists 1 ids for 30 embeddings"):
-        Gallery(broken)
-    (broken / "images.npy").write_bytes(b"garbage")
-    with pytest.raises(FnemmError, match="images.npy: cannot read it"):
-        Gallery(broken)
+    (broken / "images.ids.json").write_text('["a.jpg"]')
+    with pytest.raises(FnemmError, match="images.ids.json: missing or not the size"):
+        Gallery.from_index(broken)
+    (broken / "manifest.json").write_text("{not json")
+    with pytest.raises(FnemmError, match=r"manifest.json:1: invalid JSON .*rebuild it: fnemm index build"):
+        Gallery.from_index(broken)
+
+
+def test_a_damaged_index_is_rebuilt_by_the_same_command(built, tmp_path, capsys):
+    """The advice of every load error, `fnemm index build` with the same inputs, repairs the
+    index: files whose bytes changed (same size) make it out of date."""
+    out, folders = built
+    damaged = tmp_path / "damaged"
+    shutil.copytree(folders["FNE-MH"], damaged)
+    data = bytearray((damaged / "images.npy").read_bytes())
+    data[-400:] = b"\x7f" * 400                           # same size, other numbers
+    (damaged / "images.npy").write_bytes(bytes(data))
+    args = ["index", "build", "--checkpoint", str(out / "FNE-MH" / "seed-0"), "--features", str(out / "features"),
+            "--dataset", SPEC, "--out", str(damaged)]
+    assert main(args) == 0
+    assert "up to date" not in capsys.readouterr().out
+    assert (damaged / "images.npy").read_bytes() == (folders["FNE-MH"] / "images.npy").read_bytes()
+    assert main(args) == 0 and "index up to date" in capsys.readouterr().out
 
 
 def test_index_cli_errors_and_search(built, tmp_path, capsys):
@@ -196,9 +226,9 @@ def test_text_search_endpoint(client, built):
     body = r.json()
     assert [h["rank"] for h in body["results"]] == [1, 2, 3, 4, 5]
     assert all(a["score"] >= b["score"] for a, b in zip(body["results"], body["results"][1:]))
-    ref = Gallery(built[1]["FNE-MH"], encoder=False).text("a dog runs on the beach", 5)
-    assert [h["image"] for h in body["results"]] == [h["image"] for h in ref]
-    assert body["results"][0]["url"] == f"/images/{ref[0]['image']}"
+    ref = Gallery.from_index(built[1]["FNE-MH"], encoder=False).text("a dog runs on the beach", 5)
+    assert [h["image"] for h in body["results"]] == [h.image for h in ref]
+    assert body["results"][0]["url"] == f"/images/{ref[0].image}"
     r = client.post("/search/text", json={"query": "a zzqxv dog"})        # k defaults to 10
     assert len(r.json()["results"]) == 10 and r.json()["unknown_words"] == ["zzqxv"]
     assert len(client.post("/search/text", json={"query": "dog", "k": MAX_K}).json()["results"]) == 30
@@ -224,7 +254,7 @@ def test_text_search_rejects_bad_input(client, body, status, message):
 
 
 def test_image_search_endpoint(client, built):
-    gallery = Gallery(built[1]["FNE-MH"])
+    gallery = Gallery.from_index(built[1]["FNE-MH"])
     image_id = gallery.image_ids[0]
     r = client.post("/search/image", files={"file": (image_id, photo_bytes(image_id), "image/jpeg")},
                     data={"k": "4"})
@@ -233,8 +263,8 @@ def test_image_search_endpoint(client, built):
     assert len(hits) == 4 and all(h["url"] == f"/images/{h['image']}" for h in hits)
     # the upload goes through the store's CNN and statistics: same captions as the stored image
     by_id = gallery.image(image_id, 4)
-    assert [h["caption"] for h in hits] == [h["caption"] for h in by_id]
-    np.testing.assert_allclose([h["score"] for h in hits], [h["score"] for h in by_id], atol=0.05)
+    assert [h["caption"] for h in hits] == [h.caption for h in by_id]
+    np.testing.assert_allclose([h["score"] for h in hits], [h.score for h in by_id], atol=0.05)
     png = client.post("/search/image", files={"file": ("noise.png", photo_bytes(fmt="PNG"), "image/png")})
     assert png.status_code == 200 and len(png.json()["results"]) == 10
 
@@ -276,7 +306,7 @@ def test_image_search_needs_captions(built, tmp_path):
     out, _ = built
     manifest = build_index(out / "FNE-MH" / "seed-0", out / "features", tmp_path / "nocap", quiet=True)
     assert manifest["images"]["tuned_on"].startswith("the images themselves") and manifest["captions"] is None
-    bare = TestClient(create_app(Gallery(tmp_path / "nocap")))
+    bare = TestClient(create_app(Gallery.from_index(tmp_path / "nocap")))
     r = bare.post("/search/image", files={"file": ("ok.jpg", photo_bytes(), "image/jpeg")})
     assert r.status_code == 409 and "no captions" in r.json()["error"]
     r = bare.post("/search/text", json={"query": "a dog"})
@@ -284,7 +314,7 @@ def test_image_search_needs_captions(built, tmp_path):
 
 
 def test_thumbnails_health_docs_and_page(client, built):
-    gallery = Gallery(built[1]["FNE-MH"], encoder=False)
+    gallery = Gallery.from_index(built[1]["FNE-MH"], encoder=False)
     image_id = gallery.image_ids[5]
     r = client.get(f"/images/{image_id}", params={"size": 128})
     assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
@@ -319,10 +349,91 @@ def test_serve_warns_when_listening_beyond_this_machine(built, monkeypatch, caps
 
     from fnemm.serve import serve
     calls = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append((app, kw)))
-    serve(built[1]["FNE-MH"], host="127.0.0.1", port=8123, quiet=True)
-    assert "warning" not in capsys.readouterr().err
-    serve(built[1]["FNE-MH"], host="0.0.0.0", port=8123, quiet=True)
-    assert "listening on 0.0.0.0: whoever reaches port 8123" in capsys.readouterr().err
-    assert [kw["host"] for _, kw in calls] == ["127.0.0.1", "0.0.0.0"] and calls[0][1]["port"] == 8123
+
+    def run(self, sockets):
+        calls.append((self.config.app, [s.getsockname() for s in sockets]))
+        for s in sockets:
+            s.close()
+    monkeypatch.setattr(uvicorn.Server, "run", run)
+    serve(built[1]["FNE-MH"], host="127.0.0.1", port=0, quiet=True)
+    printed = capsys.readouterr()
+    assert "warning" not in printed.err
+    port = calls[0][1][0][1]
+    assert port > 0 and f"http://127.0.0.1:{port}/" in printed.out     # port 0: the real one is printed
+    serve(built[1]["FNE-MH"], host="0.0.0.0", port=0, quiet=True)
+    assert f"listening on 0.0.0.0: whoever reaches port {calls[1][1][0][1]}" in capsys.readouterr().err
+    assert calls[1][1][0][0] == "0.0.0.0"
     assert TestClient(calls[1][0]).get("/healthz").json()["images"] == 30
+
+
+# --- every route maps the gallery's errors, and nothing leaks ------------------------------
+
+class Raising:
+    """A gallery whose every query raises ``error``: what each route answers then."""
+
+    def __init__(self, error):
+        self.error, self.captions, self.manifest = error, [], {}
+
+    def __len__(self):
+        return 0
+
+    def raise_(self, *args, **kwargs):
+        raise self.error
+
+    text = image = similar = thumbnail = info = raise_
+
+
+@pytest.mark.parametrize("error", [FnemmError("bad k"), NotFound("no such thing"), Conflict("no captions here"),
+                                   TooLarge("too many pixels"), NotAnImage("not a photo")])
+def test_every_route_answers_the_gallerys_errors_as_json(built, error, caplog):
+    from fnemm.serve import get_gallery
+    app = create_app(Gallery.from_index(built[1]["FNE-MH"], encoder=False))
+    app.dependency_overrides[get_gallery] = lambda: Raising(error)
+    client = TestClient(app, raise_server_exceptions=False)
+    photo = {"file": ("p.jpg", photo_bytes(), "image/jpeg")}
+    calls = {"text": lambda: client.post("/search/text", json={"query": "a dog"}),
+             "image": lambda: client.post("/search/image", files=photo),
+             "similar": lambda: client.post("/search/similar", data={"image": "x.jpg"}),
+             "thumbnail": lambda: client.get("/images/x.jpg"),
+             "healthz": lambda: client.get("/healthz")}
+    with caplog.at_level(logging.WARNING):
+        for route, call in calls.items():
+            r = call()
+            assert r.status_code == error.status and r.json() == {"error": str(error)}, (route, r.text)
+    assert not [rec for rec in caplog.records if rec.exc_info], "a user error logged a traceback"
+
+
+def test_similar_images_surrogates_urls_and_no_paths_in_answers(client, built):
+    gallery = Gallery.from_index(built[1]["FNE-MH"], encoder=False)
+    image_id = gallery.image_ids[2]
+    r = client.post("/search/similar", data={"image": image_id, "k": "4"})
+    assert r.status_code == 200
+    hits = r.json()["results"]
+    assert hits[0]["image"] == image_id and hits[0]["score"] == pytest.approx(1.0, abs=1e-5)   # itself first
+    emb = gallery.images.vectors
+    row = gallery.image_ids.index(image_id)
+    order = np.argsort(-(emb @ emb[row]), kind="stable")[:4]
+    assert [h["image"] for h in hits] == [gallery.image_ids[k] for k in order]
+    up = client.post("/search/similar", files={"file": (image_id, photo_bytes(image_id), "image/jpeg")},
+                     data={"k": "3"})
+    assert up.status_code == 200 and up.json()["results"][0]["image"] == image_id
+    for data, files, status, message in [({"image": "/etc/passwd"}, None, 404, "no such image in this gallery"),
+                                         ({}, None, 422, "send either file"),
+                                         ({"image": image_id}, {"file": ("p.jpg", photo_bytes(), "image/jpeg")},
+                                          422, "send either file")]:
+        r = client.post("/search/similar", data=data, files=files)
+        assert r.status_code == status and message in r.json()["error"], r.text
+    # a lone surrogate in the query is a 422, not a 500
+    r = client.post("/search/text", content=b'{"query": "\\ud800 dog"}', headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "not valid Unicode" in r.json()["error"]
+    # answers never name server paths
+    images_dir = str(DATA / "flickr8k" / "images")
+    for r in (client.get("/images/nope.jpg"), client.post("/search/similar", data={"image": "nope.jpg"})):
+        assert r.status_code == 404 and images_dir not in r.text and str(built[1]["FNE-MH"]) not in r.text
+
+
+def test_result_urls_are_percent_encoded():
+    from fnemm.gallery import Hit
+    from fnemm.serve import with_urls
+    urls = [h["url"] for h in with_urls([Hit(1, 0.5, "a#b?c d.jpg"), Hit(2, 0.4, "dir/x.jpg")])]
+    assert urls == ["/images/a%23b%3Fc%20d.jpg", "/images/dir%2Fx.jpg"]

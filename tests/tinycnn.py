@@ -1,10 +1,4 @@
-"""A tiny CNN for extraction tests: ``--cnn tinycnn:build`` (tests/ on PYTHONPATH).
-
-Set TINYCNN_SLEEP (seconds per forward pass) to make a run slow enough to kill.
-"""
-
-import os
-import time
+"""A tiny CNN for extraction tests: ``--cnn tinycnn:build`` (tests/ on PYTHONPATH)."""
 
 import numpy as np
 import torch
@@ -22,9 +16,6 @@ class Tiny(nn.Module):
         self.fc = nn.Sequential(nn.Linear(24, 5), nn.ReLU())
 
     def forward(self, x):
-        delay = float(os.environ.get("TINYCNN_SLEEP", "0"))
-        if delay:
-            time.sleep(delay)
         return self.fc(self.features(x).flatten(1))
 
 

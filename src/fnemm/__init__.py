@@ -1,20 +1,27 @@
 """fnemm: image-caption retrieval with the Full-Network Embedding.
 
-Library entry points (the CLI calls these):
+Library entry points (the CLI calls these)::
 
-    from fnemm import extract, load_dataset, load_features, get_preset, train, evaluate, Searcher
+    from fnemm import (extract, load_dataset, load_features, get_preset, train, resume, train_seeds,
+                       evaluate, open_model, Gallery, build_index)
 """
 
 __version__ = "0.1.0"
 
+from fnemm.checkpoint import load_checkpoint, open_model
 from fnemm.config import PRESETS, ModelConfig, StageConfig, TrainConfig, apply_overrides, get_preset
 from fnemm.datasets import Dataset, load_dataset
 from fnemm.errors import FnemmError
+from fnemm.evaluation import evaluate
 from fnemm.extraction import ExtractConfig, extract
 from fnemm.features import Features, load_features, write_store
-from fnemm.search import Searcher
-from fnemm.train import evaluate, load_checkpoint, train
+from fnemm.gallery import Gallery, Hit, Searcher
+from fnemm.index_folder import build_index
+from fnemm.recipe import Recipe
+from fnemm.runs import evaluate_runs, resume, train_seeds
+from fnemm.train import train
 
-__all__ = ["PRESETS", "Dataset", "ExtractConfig", "Features", "FnemmError", "Searcher", "ModelConfig", "StageConfig", "TrainConfig",
-           "apply_overrides", "evaluate", "extract", "get_preset", "load_checkpoint", "load_dataset", "load_features",
-           "train", "write_store"]
+__all__ = ["PRESETS", "Dataset", "ExtractConfig", "Features", "FnemmError", "Gallery", "Hit", "ModelConfig",
+           "Recipe", "Searcher", "StageConfig", "TrainConfig", "apply_overrides", "build_index", "evaluate",
+           "evaluate_runs", "extract", "get_preset", "load_checkpoint", "load_dataset", "load_features",
+           "open_model", "resume", "train", "train_seeds", "write_store"]

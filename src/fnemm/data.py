@@ -58,7 +58,8 @@ def split_data(dataset: Dataset, features: Features, vocab: Vocab, split: str) -
 @torch.no_grad()
 def embed_images(model, features: np.ndarray, device: str, batch: int = 1024) -> torch.Tensor:
     model.eval()
-    out = [model.image(torch.from_numpy(np.asarray(features[s:s + batch])).to(device))
+    # torch.tensor copies: rows of a read-only memory-mapped store cannot be shared
+    out = [model.image(torch.tensor(np.asarray(features[s:s + batch])).to(device))
            for s in range(0, len(features), batch)]
     return torch.cat(out) if out else torch.zeros(0, model.config.embed_dim)
 

@@ -10,7 +10,6 @@ finished (the feature store, each trained run, each evaluation).
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from fnemm.config import apply_overrides, get_preset
@@ -19,10 +18,9 @@ from fnemm.extraction import ExtractConfig, extract
 from fnemm.features import load_features
 from fnemm.fileio import atomic_write_text
 from fnemm.paths import find_data
-from fnemm.report import (chance_rsum, contact_sheet, load_run, markdown_table, metrics_path, plot_curves,
-                          save_metrics, seed_dirs)
-from fnemm.search import Searcher
-from fnemm.train import evaluate, train
+from fnemm.gallery import Gallery
+from fnemm.report import chance_rsum, contact_sheet, load_run, markdown_table, plot_curves
+from fnemm.runs import evaluate_runs, seed_dirs, train_seeds
 
 MODELS = ("FNE-MH", "FC7-MH", "FNE-POE")
 QUERY = "a dog runs on the beach"
@@ -65,22 +63,16 @@ def run_demo(out: str | Path = "runs/demo", data: str | Path | None = None, seed
             config = apply_overrides(config, [f"stages.max_epochs={epochs}"])
         features = load_features(store, config.features)
         t = time.perf_counter()
-        for k in range(seeds):
-            run = out / name / f"seed-{k}"
-            _log(quiet, f"== 2/4 train {preset} seed {k} -> {run}")
-            seeded = replace(config, seed=config.seed + k)
-            train(seeded, dataset, features, run, resume=(run / "last.pt").exists(), quiet=quiet,
-                  run_info={"preset": preset, "args": {"dataset": [spec], "features": str(store)}})
+        _log(quiet, f"== 2/4 train {preset} x {seeds} seed(s) -> {out / name}")
+        train_seeds(config, dataset, features, out / name, seeds, resume=True, quiet=quiet,
+                    run_info={"preset": preset, "args": {"dataset": [spec], "features": str(store)}},
+                    log=None if quiet else print)
         timings[f"train {name}"] = time.perf_counter() - t
 
     t = time.perf_counter()
     _log(quiet, "== 3/4 evaluate on the test images")
     for name in models:
-        for run in seed_dirs(out / name):
-            target = metrics_path(run, "test")
-            if target.exists() and target.stat().st_mtime >= (run / "best.pt").stat().st_mtime:
-                continue
-            save_metrics(target, "test", run, evaluate(run, dataset, store, "test"))
+        evaluate_runs(out / name, dataset, store, "test", fresh=True)
     timings["evaluate"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -130,12 +122,11 @@ Query: "{query_caption}" (one of the test captions; its own image is {found}).
 
 def _retrieval_example(model_dir: Path, dataset, store: Path, images: Path) -> tuple[Path, str, str]:
     """The first test caption as a query; its top-5 test images as a contact sheet."""
-    searcher = Searcher(seed_dirs(model_dir)[0], store, dataset, "test")
+    gallery = Gallery.from_store(seed_dirs(model_dir)[0], store, dataset, "test", encoder=False)
     first = dataset.split_indices("test")[0]
     truth, caption = dataset.image_ids[first], dataset.captions[first][0]
-    hits = searcher.text(caption, 5)
-    ranks = [h.image for h in searcher.text(caption, len(searcher.image_ids))]
-    found = f"ranked {ranks.index(truth) + 1} of {len(ranks)}" if truth in ranks else "not in the gallery"
+    hits = gallery.text(caption, 5)
+    found = f"ranked {gallery.rank_of(caption, truth)} of {len(gallery)}" if truth in gallery else "not in the gallery"
     thumbs = [(images / h.image, f"{h.rank}. {h.score:+.3f}" + (" (true image)" if h.image == truth else ""))
               for h in hits]
     sheet = contact_sheet(f'"{caption}"', thumbs, model_dir.parent / "retrieval.png")

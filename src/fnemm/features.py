@@ -27,6 +27,10 @@ from fnemm.errors import FnemmError
 from fnemm.fileio import atomic_save_npy, atomic_write_json
 
 FORMAT = "fnemm-features"
+# What a store's raw activations depend on (a store's statistics only fit raw activations
+# that agree on these), and what its features depend on (a model only fits those).
+RAW_KEYS = ("weights_sha256", "quant", "taps", "crops")
+FEATURE_KEYS = ("cnn", *RAW_KEYS, "thresholds", "recipe")
 
 
 @dataclass

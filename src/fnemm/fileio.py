@@ -85,3 +85,25 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def read_json(path: str | Path, fix: str, expect: type = dict):
+    """The JSON value in ``path`` (of type ``expect``), or a one-line FnemmError naming the
+    file, what is wrong with it and ``fix`` (what the user should do)."""
+    from fnemm.errors import FnemmError
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+        value = json.loads(text)
+    except FileNotFoundError:
+        raise FnemmError(f"{path}: missing; {fix}") from None
+    except IsADirectoryError:
+        raise FnemmError(f"{path}: a folder, not a JSON file; {fix}") from None
+    except UnicodeDecodeError:
+        raise FnemmError(f"{path}: not UTF-8 text (damaged?); {fix}") from None
+    except json.JSONDecodeError as e:
+        raise FnemmError(f"{path}:{e.lineno}: invalid JSON ({e.msg}); {fix}") from None
+    if not isinstance(value, expect):
+        raise FnemmError(f"{path}: expected a JSON {'object' if expect is dict else expect.__name__}, "
+                         f"found {type(value).__name__}; {fix}")
+    return value

@@ -8,14 +8,14 @@ mean +- std over its seeds.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from fnemm.errors import FnemmError
-from fnemm.fileio import atomic_write_json
+from fnemm.fileio import atomic_path
+from fnemm.runs import load_metrics, saved_info, seed_dirs, val_curve
 
 COLUMNS = ["i2t_r1", "i2t_r5", "i2t_r10", "i2t_medr", "t2i_r1", "t2i_r5", "t2i_r10", "t2i_medr", "rsum"]
 HEADER = ["R@1", "R@5", "R@10", "Med r", "R@1", "R@5", "R@10", "Med r", "rsum"]
@@ -27,13 +27,6 @@ PAPER = {
     "flickr30k": {"FNE-MH": (37.7, 66.6, 78.6, 27.8, 56.0, 67.1), "FC7-MH": (33.6, 59.4, 69.3, 23.6, 50.0, 61.8)},
     "coco": {"FNE-MH": (50.2, 80.5, 90.5, 37.2, 71.9, 83.0), "FC7-MH": (44.6, 75.8, 85.7, 34.1, 68.2, 80.7)},
 }
-
-
-def seed_dirs(path: Path) -> list[Path]:
-    """The runs of a folder: its seed-N subfolders (sorted by N), or the folder itself."""
-    seeds = sorted((p for p in path.glob("seed-*") if p.is_dir() and p.name[5:].isdigit()),
-                   key=lambda p: int(p.name[5:]))
-    return seeds or [path]
 
 
 @dataclass
@@ -53,42 +46,19 @@ def _label(preset: str | None, path: Path) -> str:
     return preset.split("/")[-1] if preset else path.name
 
 
-def metrics_path(run: Path, split: str) -> Path:
-    """Where ``fnemm evaluate`` keeps a run's metrics on ``split``."""
-    return run / f"metrics-{split}.json"
-
-
-def save_metrics(target: Path, split: str, checkpoint: str | Path, results: dict) -> None:
-    atomic_write_json(target, {"split": split, "checkpoint": str(checkpoint), "results": results})
-
-
-def val_curve(run: Path) -> list[float]:
-    """Validation rsum per epoch from a run's metrics.jsonl ([] when it has none yet)."""
-    history = run / "metrics.jsonl"
-    if not history.exists():
-        return []
-    epochs = (json.loads(line) for line in history.read_text().splitlines() if line.strip())
-    return [e["val"]["rsum"] for e in epochs if e.get("val")]
-
-
 def load_run(path: str | Path, split: str = "test") -> RunSummary:
     path = Path(path)
     if not path.is_dir():
         raise FnemmError(f"{path}: no such run folder")
     seeds, curves, preset = [], [], None
     for run in seed_dirs(path):
-        metrics = metrics_path(run, split)
-        if not metrics.exists():
-            raise FnemmError(f"{metrics}: not evaluated yet; run `fnemm evaluate --checkpoint {path} "
-                             f"--split {split} ...` first")
-        results = json.loads(metrics.read_text())["results"]
+        results = load_metrics(run, split)
         seeds.append(next(iter(results.values())))      # the whole split (first protocol)
         curve = val_curve(run)
         if curve:
             curves.append(curve)
-        info = run / "run.json"
-        if info.exists() and preset is None:
-            preset = json.loads(info.read_text()).get("preset")
+        if (run / "run.json").exists() and preset is None:
+            preset = saved_info(run).get("preset")
     return RunSummary(_label(preset, path), path, seeds, curves, preset)
 
 
@@ -132,11 +102,9 @@ def plot_curves(runs: list[RunSummary], path: str | Path) -> Path:
     ax.legend()
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
-    tmp.replace(path)
     return path
 
 
@@ -157,10 +125,8 @@ def contact_sheet(title: str, images: list[tuple[Path, str]], path: str | Path, 
         for line_no, line in enumerate(_wrap(label, 30)[:2]):
             draw.text((x, title_h + thumb + 4 + 14 * line_no), line, fill="black")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    sheet.save(tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        sheet.save(tmp, format="PNG")
     return path
 
 

@@ -1,54 +1,224 @@
-"""The retrieval service: a FastAPI app over one index folder, and its web page.
+"""The retrieval service: a FastAPI app over one :class:`~fnemm.gallery.Gallery`, and its page.
 
     POST /search/text    {"query": "a dog runs on the beach", "k": 10}  -> images
     POST /search/image   multipart: file=<photo>, k=10                  -> captions
+    POST /search/similar multipart: file=<photo> or image=<id>, k=10    -> images like it
     GET  /images/{id}    a JPEG thumbnail of a gallery image (?size=256)
     GET  /healthz        what is loaded
     GET  /               the search page;  /docs, /redoc, /openapi.json: the API
 
-The index is loaded once, before the first request (``create_app(gallery)``).
-Every error the user can cause is a 4xx with ``{"error": "one line"}``; handlers
-are plain functions that FastAPI runs in its thread pool, so requests proceed
-concurrently (searches only read; the CNN takes turns, see ``StoreEncoder``).
+The gallery is loaded once (``create_app(gallery)``) and reaches the routes through a
+dependency (``get_gallery``). Routes only translate HTTP to gallery calls: the
+gallery checks every query and raises ``FnemmError`` subclasses, which one exception
+handler answers with their status and ``{"error": "one line"}``. Handlers are plain
+functions run in FastAPI's thread pool, so requests proceed concurrently (searches
+only read; the CNN takes turns; image decoding is bounded, see ``DECODES``).
 """
 
 # (no `from __future__ import annotations`: FastAPI reads the handlers' annotations at run time)
-import io
 import logging
+import socket
 import sys
+import threading
 import time
-from functools import lru_cache
 from importlib import resources
 from pathlib import Path
+from typing import Optional
+from urllib.parse import quote
 
-from fnemm.errors import FnemmError
-from fnemm.index import Gallery
+from fastapi import APIRouter, Depends, FastAPI, File, Form, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException
 
-MAX_QUERY_CHARS = 1000
-MAX_K = 100
+from fnemm.encode import decode_upload
+from fnemm.errors import FnemmError, TooLarge
+from fnemm.gallery import MAX_K, MAX_QUERY_CHARS, Gallery
+
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
-MAX_PIXELS = 50_000_000            # bigger uploads are refused before decoding (decompression bombs)
-THUMB_SIZES = (64, 1024)            # allowed ?size= range
 DEFAULT_THUMB = 256
+# Decoded photos at once: a 50-megapixel RGBA upload decodes to ~200 MB, so the thread
+# pool's 40 workers must not all decode together.
+DECODES = threading.BoundedSemaphore(2)
 
 log = logging.getLogger("fnemm.serve")
 
 
-def _fastapi():
-    try:
-        import fastapi
-        try:
-            import python_multipart  # noqa: F401  (FastAPI's form parser)
-        except ImportError:
-            import multipart  # noqa: F401  (its name before python-multipart 0.0.13)
-    except ImportError:
-        raise FnemmError("the service needs FastAPI; pip install 'fnemm[serve]' "
-                         "(fastapi, uvicorn, python-multipart, faiss-cpu)") from None
-    return fastapi
+# --- the API's bodies ----------------------------------------------------------------
+
+class TextQuery(BaseModel):
+    query: str = Field(..., description=f"a sentence, 1 to {MAX_QUERY_CHARS} characters",
+                       examples=["a dog runs on the beach"])
+    k: int = Field(10, description=f"how many images, 1 to {MAX_K}")
+
+
+class ImageHit(BaseModel):
+    rank: int
+    score: float
+    image: str
+    url: str
+    captions: list[str]
+
+
+class TextResults(BaseModel):
+    query: str
+    unknown_words: list[str]
+    results: list[ImageHit]
+    took_ms: float
+
+
+class CaptionHit(BaseModel):
+    rank: int
+    score: float
+    caption: str
+    image: str
+    url: str
+
+
+class CaptionResults(BaseModel):
+    results: list[CaptionHit]
+    took_ms: float
+
+
+class SimilarResults(BaseModel):
+    results: list[ImageHit]
+    took_ms: float
+
+
+class Error(BaseModel):
+    error: str = Field(..., description="one line: what was wrong and what to send instead")
+
+
+def errors(why: dict[int, str]) -> dict:
+    """OpenAPI ``responses`` for the 4xx a route answers, all ``{"error": "..."}``."""
+    return {code: {"model": Error, "description": text} for code, text in why.items()}
+
+
+# --- dependencies and helpers ------------------------------------------------------------
+
+def get_gallery(request: Request) -> Gallery:
+    return request.app.state.gallery
+
+
+def upload_limit(request: Request) -> int:
+    return request.app.state.max_upload_bytes
 
 
 def mib(n: int) -> str:
     return f"{n / 2 ** 20:.3g} MiB"
+
+
+def url(image_id: str) -> str:
+    return "/images/" + quote(image_id, safe="")
+
+
+def with_urls(hits) -> list[dict]:
+    return [{**h.to_dict(), "url": url(h.image)} for h in hits]
+
+
+def read_upload(file: UploadFile, limit: int):
+    """The uploaded photo, decoded (bounded in size, bytes and concurrent decodes)."""
+    data = file.file.read(limit + 1)
+    if len(data) > limit:
+        raise TooLarge(f"{file.filename}: upload over {mib(limit)}; send a smaller photo")
+    with DECODES:
+        return decode_upload(data, file.filename or "upload")
+
+
+def took(t: float) -> float:
+    return round(1000 * (time.perf_counter() - t), 2)
+
+
+# --- the routes ----------------------------------------------------------------------------
+
+router = APIRouter()
+
+
+@router.get("/", response_class=HTMLResponse, include_in_schema=False)
+def page():
+    return HTMLResponse(resources.files("fnemm").joinpath("web/index.html").read_text(encoding="utf-8"))
+
+
+@router.get("/healthz", summary="what the service has loaded")
+def healthz(gallery: Gallery = Depends(get_gallery)):
+    return {"status": "ok", **gallery.info()}
+
+
+@router.post("/search/text", response_model=TextResults, summary="a sentence -> the images that fit it",
+             responses=errors({422: "empty, overlong or invalid query, k out of range, not JSON"}))
+def search_text(body: TextQuery, gallery: Gallery = Depends(get_gallery)):
+    t = time.perf_counter()
+    hits = gallery.text(body.query, body.k)
+    return {"query": body.query.strip(), "unknown_words": gallery.unknown_words(body.query),
+            "results": with_urls(hits), "took_ms": took(t)}
+
+
+@router.post("/search/image", response_model=CaptionResults, summary="a photo -> the captions that fit it",
+             responses=errors({409: "the gallery has no captions, or cannot embed new photos",
+                               413: "upload too big (bytes or pixels)", 415: "not an image",
+                               422: "empty upload, no file, k out of range"}))
+def search_image(file: UploadFile = File(..., description="a JPEG/PNG/... photo"),
+                 k: int = Form(10, description=f"how many captions, 1 to {MAX_K}"),
+                 gallery: Gallery = Depends(get_gallery), limit: int = Depends(upload_limit)):
+    t = time.perf_counter()
+    hits = gallery.image(read_upload(file, limit), k, files=False)
+    return {"results": with_urls(hits), "took_ms": took(t)}
+
+
+@router.post("/search/similar", response_model=SimilarResults, summary="a photo or a gallery image -> "
+                                                                        "the gallery images most like it",
+             responses=errors({404: "no such image id", 409: "the gallery cannot embed new photos",
+                               413: "upload too big (bytes or pixels)", 415: "not an image",
+                               422: "neither or both of file and image, k out of range"}))
+def search_similar(file: Optional[UploadFile] = File(None, description="a photo"),  # noqa: UP007 (FastAPI)
+                   image: Optional[str] = Form(None, description="or the id of a gallery image"),  # noqa: UP007
+                   k: int = Form(10, description=f"how many images, 1 to {MAX_K}"),
+                   gallery: Gallery = Depends(get_gallery), limit: int = Depends(upload_limit)):
+    if (file is None) == (image is None):
+        raise FnemmError("send either file=<photo> or image=<id of a gallery image>")
+    t = time.perf_counter()
+    hits = gallery.similar(image if image is not None else read_upload(file, limit), k, files=False)
+    return {"results": with_urls(hits), "took_ms": took(t)}
+
+
+@router.get("/images/{image_id:path}", summary="a JPEG thumbnail of a gallery image",
+            responses={200: {"content": {"image/jpeg": {}}},
+                       **errors({404: "no such image, or its file is missing", 422: "size out of range"})})
+def thumbnail(image_id: str, size: int = Query(DEFAULT_THUMB, description="longest side in pixels"),
+              gallery: Gallery = Depends(get_gallery)):
+    return Response(gallery.thumbnail(image_id, size), media_type="image/jpeg",
+                    headers={"Cache-Control": "public, max-age=86400"})
+
+
+# --- errors --------------------------------------------------------------------------------
+
+async def fnemm_error(request: Request, exc: FnemmError):
+    return JSONResponse({"error": str(exc)}, status_code=exc.status)
+
+
+async def http_error(request: Request, exc: HTTPException):
+    return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
+
+async def validation_error(request: Request, exc: RequestValidationError):
+    parts = []
+    for err in exc.errors():
+        loc = list(err.get("loc", ()))
+        if loc and loc[0] in ("body", "query", "path", "form", "header"):
+            where = ".".join(str(x) for x in loc[1:]) or "body"
+        else:
+            where = ".".join(str(x) for x in loc) or "request"
+        if err.get("type") == "json_invalid":
+            parts.append("the body is not valid JSON; send {\"query\": \"...\", \"k\": 10}")
+        else:
+            parts.append(f"{where}: {err.get('msg', 'invalid')}")
+    return JSONResponse({"error": "; ".join(parts) or "invalid request"}, status_code=422)
+
+
+async def internal_error(request: Request, exc: Exception):
+    log.exception("internal error on %s", request.url.path)
+    return JSONResponse({"error": f"internal error ({type(exc).__name__}); see the server log"}, status_code=500)
 
 
 class BodyLimit:
@@ -67,7 +237,6 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         length = dict(scope.get("headers") or []).get(b"content-length", b"")
         if length.isdigit() and int(length) > self.limit:
-            from starlette.responses import JSONResponse
             return await JSONResponse({"error": self._message()}, status_code=413)(scope, receive, send)
         seen = 0
 
@@ -77,208 +246,63 @@ class BodyLimit:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
-                    from starlette.exceptions import HTTPException
                     raise HTTPException(status_code=413, detail=self._message())
             return message
 
         await self.app(scope, limited, send)
 
 
-def page_html() -> str:
-    return resources.files("fnemm").joinpath("web/index.html").read_text(encoding="utf-8")
-
-
-def create_app(gallery: Gallery, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_k: int = MAX_K):
+def create_app(gallery: Gallery, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> FastAPI:
     """The ASGI app serving ``gallery`` (already loaded)."""
-    fastapi = _fastapi()
-    from fastapi import File, Form, Query, Request, UploadFile
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import HTMLResponse, JSONResponse, Response
-    from PIL import Image, UnidentifiedImageError
-    from pydantic import BaseModel, Field
-    from starlette.exceptions import HTTPException
-
     try:                                   # /docs from Swagger UI files in the package, no CDN
         from fastapi_offline import FastAPIOffline as make_app
     except ImportError:
-        make_app = fastapi.FastAPI
-    app = make_app(
-        title="fnemm retrieval service",
-        description="Image-caption retrieval with a Full-Network Embedding model: "
-                    f"{len(gallery)} images, {len(gallery.captions)} captions.",
-        version=gallery.manifest.get("fnemm", ""))
-
-    class TextQuery(BaseModel):
-        query: str = Field(..., description=f"a sentence, 1 to {MAX_QUERY_CHARS} characters",
-                           examples=["a dog runs on the beach"])
-        k: int = Field(10, description=f"how many images, 1 to {max_k}")
-
-    class ImageHit(BaseModel):
-        rank: int
-        score: float
-        image: str
-        url: str
-        captions: list[str]
-
-    class TextResults(BaseModel):
-        query: str
-        unknown_words: list[str]
-        results: list[ImageHit]
-        took_ms: float
-
-    class CaptionHit(BaseModel):
-        rank: int
-        score: float
-        caption: str
-        image: str
-        url: str
-
-    class ImageResults(BaseModel):
-        results: list[CaptionHit]
-        took_ms: float
-
-    class Error(BaseModel):
-        error: str = Field(..., description="one line: what was wrong and what to send instead")
-
-    def errors(why: dict[int, str]) -> dict:
-        """OpenAPI ``responses`` for the 4xx a route answers, all ``{"error": "..."}``."""
-        return {code: {"model": Error, "description": text} for code, text in why.items()}
-
-    def fail(status: int, message: str):
-        raise HTTPException(status_code=status, detail=message)
-
-    def check_k(k: int) -> None:
-        if not 1 <= k <= max_k:
-            fail(422, f"k={k}: must be between 1 and {max_k}")
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException):
-        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError):
-        parts = []
-        for err in exc.errors():
-            loc = list(err.get("loc", ()))
-            if loc and loc[0] in ("body", "query", "path", "form", "header"):
-                where = ".".join(str(x) for x in loc[1:]) or "body"
-            else:
-                where = ".".join(str(x) for x in loc) or "request"
-            if err.get("type") == "json_invalid":
-                parts.append("the body is not valid JSON; send {\"query\": \"...\", \"k\": 10}")
-            else:
-                parts.append(f"{where}: {err.get('msg', 'invalid')}")
-        return JSONResponse({"error": "; ".join(parts) or "invalid request"}, status_code=422)
-
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, exc: Exception):
-        log.exception("internal error on %s", request.url.path)
-        return JSONResponse({"error": f"internal error ({type(exc).__name__}); see the server log"},
-                            status_code=500)
-
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def page():
-        return HTMLResponse(page_html())
-
-    @app.get("/healthz", summary="what the service has loaded")
-    def healthz():
-        return {"status": "ok", **gallery.info()}
-
-    @app.post("/search/text", response_model=TextResults, summary="a sentence -> the images that fit it",
-              responses=errors({422: "empty or overlong query, k out of range, not JSON"}))
-    def search_text(body: TextQuery):
-        query = body.query.strip()
-        if not query:
-            fail(422, "query is empty; give a sentence, e.g. \"a dog runs on the beach\"")
-        if len(body.query) > MAX_QUERY_CHARS:
-            fail(422, f"query is {len(body.query)} characters; at most {MAX_QUERY_CHARS}")
-        check_k(body.k)
-        t = time.perf_counter()
-        hits = gallery.text(query, body.k)
-        return {"query": query, "unknown_words": gallery.unknown_words(query),
-                "results": [{**h, "url": f"/images/{h['image']}"} for h in hits],
-                "took_ms": round(1000 * (time.perf_counter() - t), 2)}
-
-    @app.post("/search/image", response_model=ImageResults, summary="a photo -> the captions that fit it",
-              responses=errors({409: "the index has no captions, or cannot embed new photos",
-                               413: "upload too big (bytes or pixels)", 415: "not an image",
-                               422: "empty upload, no file, k out of range"}))
-    def search_image(request: Request, file: UploadFile = File(..., description="a JPEG/PNG/... photo"),
-                     k: int = Form(10, description=f"how many captions, 1 to {max_k}")):
-        check_k(k)
-        if gallery.caption_index is None:
-            fail(409, "this index has no captions to rank; rebuild it with `fnemm index build --dataset ...`")
-        if gallery.encoder is None:
-            fail(409, "this index was built from a plain feature matrix: new photos cannot be embedded; "
-                      "build it from a feature store of `fnemm extract`")
-        data = file.file.read(max_upload_bytes + 1)
-        if len(data) > max_upload_bytes:
-            fail(413, f"{file.filename}: upload over {mib(max_upload_bytes)}; send a smaller photo")
-        if not data:
-            fail(422, f"{file.filename}: the upload is empty; send a JPEG/PNG photo")
-        try:
-            image = Image.open(io.BytesIO(data))
-            if image.width * image.height > MAX_PIXELS:
-                fail(413, f"{file.filename}: {image.width}x{image.height} pixels; at most "
-                          f"{MAX_PIXELS // 1_000_000} megapixels")
-            image.load()
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError, SyntaxError):
-            fail(415, f"{file.filename}: not an image this server can read; send a JPEG/PNG photo")
-        if image.width < 1 or image.height < 1:
-            fail(415, f"{file.filename}: the image is empty")
-        t = time.perf_counter()
-        hits = gallery.image(image, k)
-        return {"results": [{**h, "url": f"/images/{h['image']}"} for h in hits],
-                "took_ms": round(1000 * (time.perf_counter() - t), 2)}
-
-    @lru_cache(maxsize=1024)
-    def thumbnail(image_id: str, size: int) -> bytes | None:
-        path = gallery.image_path(image_id)
-        if path is None:
-            return None
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-            img.thumbnail((size, size))
-            buf = io.BytesIO()
-            img.save(buf, "JPEG", quality=85)
-        return buf.getvalue()
-
-    @app.get("/images/{image_id:path}", summary="a JPEG thumbnail of a gallery image",
-             responses={200: {"content": {"image/jpeg": {}}},
-                        **errors({404: "no such image, or its file is missing", 422: "size out of range"})})
-    def image(image_id: str, size: int = Query(DEFAULT_THUMB, description="longest side in pixels")):
-        if not THUMB_SIZES[0] <= size <= THUMB_SIZES[1]:
-            fail(422, f"size={size}: must be between {THUMB_SIZES[0]} and {THUMB_SIZES[1]}")
-        if image_id not in gallery:
-            fail(404, f"{image_id}: no such image in this gallery")
-        try:
-            data = thumbnail(image_id, size)
-        except OSError as e:
-            fail(404, f"{image_id}: its file cannot be read ({type(e).__name__})")
-        if data is None:
-            fail(404, f"{image_id}: in the index, but its file is not under {gallery.images_dir}")
-        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=86400"})
-
+        make_app = FastAPI
+    app = make_app(title="fnemm retrieval service",
+                   description="Image-caption retrieval with a Full-Network Embedding model: "
+                               f"{len(gallery)} images, {len(gallery.captions)} captions.",
+                   version=gallery.manifest.get("fnemm", ""))
+    app.state.gallery, app.state.max_upload_bytes = gallery, max_upload_bytes
+    app.include_router(router)
+    app.add_exception_handler(FnemmError, fnemm_error)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(Exception, internal_error)
     app.add_middleware(BodyLimit, limit=max_upload_bytes + 64 * 1024)     # + multipart headers
-    app.state.gallery = gallery
     return app
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening socket (``port`` 0: any free one; the caller reads which)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise FnemmError(f"--host {host} --port {port}: cannot listen there ({e.strerror}); "
+                         f"choose another --port (0: any free one)") from None
+    sock.listen(2048)
+    return sock
 
 
 def serve(index: str | Path, host: str = "127.0.0.1", port: int = 8000, checkpoint=None, features=None,
           device: str = "cpu", max_upload_bytes: int = MAX_UPLOAD_BYTES, quiet: bool = False) -> None:
-    """Load ``index`` once, then serve it with uvicorn until interrupted."""
-    _fastapi()
-    try:
-        import uvicorn
-    except ImportError:
-        raise FnemmError("the service needs uvicorn; pip install 'fnemm[serve]'") from None
-    gallery = Gallery(index, checkpoint, features, device)
+    """Load ``index`` once, then serve it with uvicorn until interrupted. The first line
+    printed names the address, with the real port when ``port`` is 0."""
+    import uvicorn
+    gallery = Gallery.from_index(index, checkpoint, features, device)
+    gallery.encoder                         # load the CNN now: a missing weights file fails at start
     app = create_app(gallery, max_upload_bytes)
+    sock = listen(host, port)
+    port = sock.getsockname()[1]
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"fnemm serve: warning: listening on {host}: whoever reaches port {port} can search and "
               f"upload, with no authentication; share it behind a proxy that checks who asks",
               file=sys.stderr, flush=True)
-    if not quiet:
-        print(f"fnemm serve: {len(gallery)} images, {len(gallery.captions)} captions from {index}; "
-              f"open http://{host}:{port}/ (API docs: /docs)", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning" if quiet else "info", access_log=not quiet)
+    print(f"fnemm serve: http://{host}:{port}/ ({len(gallery)} images, {len(gallery.captions)} captions "
+          f"from {index}; API docs: /docs)", flush=True)
+    config = uvicorn.Config(app, log_level="warning" if quiet else "info", access_log=not quiet,
+                            timeout_keep_alive=5)
+    uvicorn.Server(config).run(sockets=[sock])

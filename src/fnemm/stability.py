@@ -1,4 +1,4 @@
-"""The paper's MOE stability study (Sec. 4.4, Table 5) as a command, on any dataset.
+"""The paper's MOE stability study (Section 6, Table 5) as a command, on any dataset.
 
 Each configuration is trained with several seeds; a run "starts training" when its
 validation rsum ever exceeds 10 (regular scores are > 200). The paper: word dim
@@ -15,8 +15,7 @@ from fnemm.config import ModelConfig, StageConfig, TrainConfig, apply_overrides
 from fnemm.datasets import Dataset
 from fnemm.errors import FnemmError
 from fnemm.features import load_features
-from fnemm.report import val_curve
-from fnemm.train import train
+from fnemm.runs import seed_dirs, train_seeds, val_curve
 
 THRESHOLD = 10.0
 
@@ -60,15 +59,10 @@ def run_study(dataset: Dataset, features: str | Path, out: str | Path, seeds: in
     for row in rows:
         if row.features not in stores:
             stores[row.features] = load_features(features, row.features)
-        best = []
-        for k in range(seeds):
-            run = out / row.name / f"seed-{k}"
-            if not quiet:
-                print(f"--- {row.name} seed {k} -> {run}", flush=True)
-            config = row_config(row, k, overrides)
-            train(config, dataset, stores[row.features], run, resume=(run / "last.pt").exists(),
-                  quiet=quiet, device=device, run_info={"preset": f"table5/{row.name}"})
-            best.append(max(val_curve(run), default=0.0))
+        train_seeds(row_config(row, 0, overrides), dataset, stores[row.features], out / row.name, seeds,
+                    resume=True, quiet=quiet, device=device, run_info={"preset": f"table5/{row.name}"},
+                    log=None if quiet else lambda text, name=row.name: print(f"{text} ({name})", flush=True))
+        best = [max(val_curve(run), default=0.0) for run in seed_dirs(out / row.name)[:seeds]]
         success = sum(b > THRESHOLD for b in best)
         results.append({"model": row.name, "lr": row.lr, "margin": row.margin, "abs": row.use_abs,
                         "success": f"{success}/{seeds}", "paper": row.paper,

@@ -32,12 +32,13 @@ import numpy as np
 from fnemm.config import apply_overrides, get_preset
 from fnemm.datasets import Dataset
 from fnemm.errors import FnemmError
-from fnemm.extraction import ExtractConfig, derive_store, extract
+from fnemm.assembly import derive_store
+from fnemm.extraction import ExtractConfig, extract
 from fnemm.features import load_features
 from fnemm.fileio import atomic_write_json
 from fnemm.locks import Busy, folder_lock
 from fnemm.recipe import Recipe
-from fnemm.report import metrics_path, save_metrics
+from fnemm.runs import metrics_path, save_metrics
 from fnemm.stats import paired_over_groups
 
 
@@ -207,7 +208,8 @@ class Study:
     def run_one(self, unit: Unit) -> dict | None:
         """Train and test one unit (resuming it), unless done or another worker has it."""
         from fnemm.datasets import load_dataset
-        from fnemm.train import evaluate, train
+        from fnemm.evaluation import evaluate
+        from fnemm.train import train
         target = metrics_path(unit.run, "test")
         if target.exists():
             return json.loads(target.read_text())

@@ -30,29 +30,19 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from fnemm.checkpoint import FORMAT as CHECKPOINT_FORMAT
+from fnemm.checkpoint import resolve_device
 from fnemm.config import TrainConfig, validate
 from fnemm.data import SplitData, build_vocab, embed_captions, embed_images, split_data
 from fnemm.datasets import Dataset
 from fnemm.errors import FnemmError
+from fnemm.faults import die_at
 from fnemm.metrics import evaluate_embeddings, format_metrics
-from fnemm.features import Features, load_features
+from fnemm.features import Features
 from fnemm.fileio import atomic_torch_save, atomic_write_json, atomic_write_text
 from fnemm.losses import contrastive_loss
 from fnemm.model import JointEmbedding
 from fnemm.text import Vocab, pad_batch
-
-CHECKPOINT_FORMAT = "fnemm-checkpoint"
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise FnemmError(f"--device {device}: no CUDA device is available here; use --device cpu")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise FnemmError(f"--device {device}: expected cpu, cuda, cuda:N or auto")
-    return device
-
 
 def validation_metrics(model: JointEmbedding, data: SplitData, per_image: int, device: str,
                        folds: int = 1) -> dict[str, float]:
@@ -241,6 +231,7 @@ class Trainer:
                 self._save_last()
             else:
                 self._write_metrics()
+            die_at(f"epoch-{st.epoch}", f"{self.out.name}/epoch-{st.epoch}")
             if not self.quiet:
                 tqdm.write(f"epoch {st.epoch} (stage {st.stage + 1}) loss {loss:.3f} | "
                            f"val {format_metrics(val)}{'  *best' if improved else ''}")
@@ -271,95 +262,3 @@ def train(config: TrainConfig, dataset: Dataset, features: Features, out_dir: st
     trainer = Trainer(config, train_split, val_split, vocab, Path(out_dir), device, quiet, info,
                       checkpoint_every)
     return trainer.fit(resume=resume)
-
-
-# --- using a trained model -----------------------------------------------------
-
-def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[JointEmbedding, Vocab, TrainConfig, dict]:
-    """(model, vocab, config, raw checkpoint) of a ``best.pt``/``last.pt`` file or a run folder."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "best.pt"
-    if not path.exists():
-        raise FnemmError(f"{path}: no such checkpoint; pass a run folder or its best.pt "
-                         f"(written after the first epoch of `fnemm train`)")
-    device = resolve_device(device)
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise FnemmError(f"{path}: not a readable checkpoint ({type(e).__name__}); is it an fnemm best.pt?") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise FnemmError(f"{path}: not an fnemm checkpoint")
-    config = TrainConfig.from_dict(ckpt["config"])
-    vocab = Vocab(ckpt["vocab"])
-    model = JointEmbedding(config.model, len(vocab), ckpt["feature_dim"])
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), vocab, config, ckpt
-
-
-PRODUCER_KEYS = ("cnn", "weights_sha256", "crops", "thresholds")
-
-
-def check_same_producer(checkpoint: str | Path, features: Features) -> None:
-    """Refuse a feature store made differently (CNN, weights, crops, thresholds) from the
-    one the model was trained on, when both say how they were made."""
-    path = Path(checkpoint)
-    run_json = (path if path.is_dir() else path.parent) / "run.json"
-    if not features.manifest or not run_json.exists():
-        return
-    try:
-        trained = json.loads(run_json.read_text())["features"]["producer"]
-    except (KeyError, ValueError, TypeError):
-        return
-    differ = [k for k in PRODUCER_KEYS if k in trained and trained[k] != features.manifest.get(k)]
-    if differ:
-        k = differ[0]
-        raise FnemmError(f"{features.source}: these features were made with {k}={features.manifest.get(k)!r}, "
-                         f"the model was trained on {k}={trained[k]!r}; extract them the same way")
-
-
-def evaluate(checkpoint: str | Path, dataset: Dataset, features: Features | str | Path,
-             split: str = "test", protocol: str = "auto", device: str = "cpu",
-             ids: str | Path | None = None) -> dict[str, dict[str, float]]:
-    """Recall@K and ranks of a trained model on ``split``.
-
-    ``features`` is loaded Features, or a path (store folder or .npy with ``ids``)
-    read with the feature kind the checkpoint was trained on.
-
-    protocol: 'all' (every image of the split, e.g. the 1K Flickr test), '1k'
-    (the first 1,000), '5fold' (mean over 5 folds of 1,000, MSCOCO), '5k' (all 5,000),
-    'auto' (all; plus 1k and 5fold when the split has 5,000 images, as MSCOCO's).
-    """
-    device = resolve_device(device)
-    model, vocab, config, ckpt = load_checkpoint(checkpoint, device)
-    if not isinstance(features, Features):
-        features = load_features(features, config.features, ids)
-    if features.dim != ckpt["feature_dim"]:
-        raise FnemmError(f"{features.source}: features have {features.dim} dimensions but the checkpoint "
-                         f"was trained on {ckpt['feature_dim']}; pass the same kind of features "
-                         f"(store and --set features=...) as in training")
-    check_same_producer(checkpoint, features)
-    data = split_data(dataset, features, vocab, split)
-    captions, owner = data.eval_captions(config.eval_captions)
-    img = embed_images(model, data.features, device)
-    cap = embed_captions(model, captions, device)
-    sim = config.model.similarity
-    n = len(data)
-    wanted = {"auto": ["all"] + (["1k", "5fold"] if n == 5000 else []),
-              "all": ["all"], "5k": ["all"], "1k": ["1k"], "5fold": ["5fold"]}.get(protocol)
-    if wanted is None:
-        raise FnemmError(f"--protocol {protocol}: expected auto, all, 1k, 5fold or 5k")
-    results = {}
-    for name in wanted:
-        if name == "all":
-            results[f"{n}"] = evaluate_embeddings(img, cap, owner, sim)
-        elif name == "1k":
-            if n < 1000:
-                raise FnemmError(f"--protocol 1k needs >= 1000 {split} images; this split has {n}")
-            keep = owner < 1000
-            results["1k"] = evaluate_embeddings(img[:1000], cap[keep], owner[keep], sim)
-        else:
-            if n % 5:
-                raise FnemmError(f"--protocol 5fold needs a multiple of 5 {split} images; this split has {n}")
-            results["5fold"] = evaluate_embeddings(img, cap, owner, sim, folds=5)
-    return results

@@ -1,0 +1,86 @@
+"""The ``fnemm`` command: argument parsing only; the work is in the library.
+
+Each command lives in a module of this package as a pair side by side: ``add_NAME(sub)``
+builds its parser and ``NAME(args)`` calls the library with what it parsed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from fnemm.errors import FnemmError
+
+
+def add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+
+
+def add_data(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--dataset", action="append", required=required, metavar="PATH",
+                   help="captions and splits (see below); repeat for several COCO captions files")
+    p.add_argument("--features", required=required, metavar="PATH",
+                   help="feature store folder, or a .npy matrix (with --ids)")
+    p.add_argument("--ids", metavar="FILE", help="image ids of a .npy feature matrix, one per row")
+
+
+def at_least_one(flag: str, value: int) -> None:
+    if value < 1:
+        raise FnemmError(f"{flag} {value}: expected at least 1")
+
+
+def read_lines(flag: str, path: str, what: str) -> list[str]:
+    """The non-blank lines of a list file given to ``flag``, stripped; a missing or
+    empty file is a one-line error naming it."""
+    file = Path(path)
+    if not file.is_file():
+        raise FnemmError(f"{flag} {file}: no such file; give a text file of {what}, one per line")
+    lines = [line.strip() for line in file.read_text(encoding="utf-8", errors="replace").splitlines()]
+    if not any(lines):
+        raise FnemmError(f"{flag} {file}: no {what} in it; one per line")
+    return [line for line in lines if line]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from fnemm import __version__
+    from fnemm.cli import features, runs, search, studies
+    parser = argparse.ArgumentParser(
+        prog="fnemm",
+        description="Image-caption retrieval with the Full-Network Embedding "
+                    "(Vilalta et al. 2019): extract image features, train, evaluate, report and search.")
+    parser.add_argument("--version", action="version", version=f"fnemm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module in (features, runs, search, studies):
+        for add, handler in module.COMMANDS:
+            add(sub).set_defaults(handler=handler)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    if getattr(args, "threads", None):
+        import torch
+        torch.set_num_threads(args.threads)
+    try:
+        return args.handler(args)
+    except FnemmError as e:
+        print(f"fnemm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        hint = {"train": "; continue it with `fnemm train --out DIR --resume`",
+                "extract": "; run the same command again to continue",
+                "study": "; run the same command again to continue"}.get(args.command, "")
+        print(f"fnemm: interrupted{hint}", file=sys.stderr)
+        return 130
+    except BrokenPipeError:              # `fnemm presets | head`: the reader left, not an error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0

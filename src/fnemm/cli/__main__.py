@@ -1,0 +1,5 @@
+import sys
+
+from fnemm.cli import main
+
+sys.exit(main())

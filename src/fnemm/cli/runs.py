@@ -1,0 +1,213 @@
+"""fnemm train | evaluate | report | presets: run folders."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from fnemm.cli import add_common, add_data
+from fnemm.errors import FnemmError
+
+EPILOG_TRAIN = """\
+examples:
+  fnemm train --preset flickr8k/FNE-MH --dataset data/flickr8k --features feats/ --out runs/fne-mh
+  fnemm train --preset flickr8k/FC7-MH --dataset data/flickr8k --features feats/ --out runs/fc7-mh
+  fnemm train --preset flickr30k/FNE-POE --dataset dataset_flickr30k.json \\
+      --features f30k.npy --ids f30k.ids.txt --out runs/poe --set model.embed_dim=512
+  fnemm train --out runs/fne-mh --resume          # continue an interrupted run exactly
+  fnemm train --out runs/seeds --seeds 3 --resume # every unfinished seed of a --seeds run
+
+--dataset takes a Flickr folder (token file + split lists), Karpathy's dataset_*.json,
+COCO captions_*.json files (repeat --dataset; prefix SPLIT= when the name does not
+say it), or a .jsonl of {"image", "captions", "split"} lines.
+--features takes a feature store folder (from `fnemm extract`) or a plain .npy
+matrix (rows = images) with --ids FILE (one image id per row).
+Any preset value can be changed with --set KEY=VALUE (see `fnemm presets --show NAME`
+for the keys), e.g. --set stages.0.lr=1e-3, --set stages.max_epochs=50 (all stages).
+"""
+
+SHORTCUTS = (("epochs", "stages.max_epochs"), ("lr", "stages.lr"), ("margin", "stages.margin"),
+             ("patience", "stages.patience"), ("embed_dim", "model.embed_dim"), ("word_dim", "model.word_dim"),
+             ("batch_size", "batch_size"), ("seed", "seed"))
+
+
+def add_train(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("train", help="train a joint embedding from a preset",
+                       description="Train one of the paper's pipelines on image features + captions. "
+                                   "Writes config.json, best.pt, last.pt and metrics.jsonl to --out.",
+                       epilog=EPILOG_TRAIN, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", help="e.g. flickr8k/FNE-MH (list: fnemm presets)")
+    add_data(p, required=False)
+    p.add_argument("--out", required=True, metavar="DIR", help="run folder")
+    p.add_argument("--resume", action="store_true", help="continue the run (or every seed) in --out where it stopped")
+    p.add_argument("--seeds", type=int, default=None, metavar="N",
+                   help="train N runs with seeds seed..seed+N-1 into OUT/seed-K/ (report aggregates them)")
+    p.add_argument("--checkpoint-every", type=float, default=120.0, metavar="SECONDS",
+                   help="write last.pt (for --resume) at most this often; 0 = every epoch (default 120)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override any config value (repeatable)")
+    p.add_argument("--epochs", type=int, help="max epochs of every stage")
+    p.add_argument("--lr", type=float, help="learning rate of every stage")
+    p.add_argument("--margin", type=float, help="hinge margin of every stage")
+    p.add_argument("--patience", type=int, help="early stop: epochs without a better val rsum")
+    p.add_argument("--embed-dim", type=int, help="joint embedding size")
+    p.add_argument("--word-dim", type=int, help="word embedding size")
+    p.add_argument("--batch-size", type=int, help="pairs per batch (default 128)")
+    p.add_argument("--layer-norm", action="store_true", help="layer-normalised GRU")
+    p.add_argument("--seed", type=int, help="random seed (default 0)")
+    add_common(p)
+    return p
+
+
+def _overrides(args) -> list[str]:
+    out = list(args.overrides)
+    out += [f"{key}={getattr(args, flag)}" for flag, key in SHORTCUTS if getattr(args, flag) is not None]
+    return out + (["model.layer_norm=true"] if args.layer_norm else [])
+
+
+def train(args) -> int:
+    from fnemm.checkpoint import resolve_device
+    from fnemm.config import apply_overrides, get_preset
+    from fnemm.datasets import load_dataset
+    from fnemm.features import load_features
+    from fnemm.metrics import format_metrics
+    from fnemm.runs import resume, resume_seeds, train_seeds
+    from fnemm.train import train as train_run
+    device = resolve_device(args.device)          # fail before any slow loading
+    out, overrides = Path(args.out), _overrides(args)
+    common = {"device": device, "quiet": args.quiet, "checkpoint_every": args.checkpoint_every}
+    log = None if args.quiet else (lambda text: print(text, file=sys.stderr))
+    if args.resume and not args.preset:
+        if overrides:
+            raise FnemmError(f"{out}: --resume continues the saved config ({out / 'config.json'}); drop --set "
+                             f"and the shortcuts (--lr, --epochs...), or start a new --out")
+        # the run folder says what it was trained on; --dataset/--features: moved since
+        moved = {"dataset": args.dataset, "features": args.features, "ids": args.ids}
+        if args.seeds is not None or (out / "seed-0").is_dir():
+            summaries = resume_seeds(out, args.seeds, log=log, **moved, **common)
+        else:
+            summaries = [resume(out, **moved, **common)]
+    else:
+        if not args.preset:
+            raise FnemmError("--preset is required for a new run (e.g. flickr8k/FNE-MH; see `fnemm presets`)")
+        if not args.dataset or not args.features:
+            raise FnemmError("--dataset and --features are required")
+        config = apply_overrides(get_preset(args.preset), overrides)
+        dataset = load_dataset(args.dataset)
+        features = load_features(args.features, config.features, args.ids)
+        if log:
+            log(dataset.summary())
+            log(f"features: {features.source} [{features.kind}] {features.array.shape[0]} x {features.dim}")
+        info = {"preset": args.preset, "overrides": overrides,
+                "args": {"dataset": [str(d) for d in args.dataset], "features": str(args.features), "ids": args.ids}}
+        if args.seeds is None:
+            summaries = [train_run(config, dataset, features, out, resume=args.resume and (out / "last.pt").exists(),
+                                   run_info=info, **common)]
+        else:
+            summaries = train_seeds(config, dataset, features, out, args.seeds, resume=args.resume, run_info=info,
+                                    log=log, **common)
+    for s in summaries:
+        val = s["val"]
+        print(f"best epoch {s['best_epoch']} of {s['epochs']}: val {format_metrics(val) if val else '(none)'}\n"
+              f"checkpoint: {Path(s['out']) / 'best.pt'}")
+    if len(summaries) > 1:
+        import numpy as np
+        rsums = [s["val"]["rsum"] if s["val"] else float("nan") for s in summaries]
+        print(f"{len(rsums)} seeds: best val rsum {np.mean(rsums):.1f} ± {np.std(rsums, ddof=1):.1f} "
+              f"({', '.join(f'{r:.1f}' for r in rsums)})")
+    return 0
+
+
+def add_evaluate(sub) -> argparse.ArgumentParser:
+    from fnemm.evaluation import PROTOCOLS
+    p = sub.add_parser("evaluate", help="recall@K and ranks of a trained model",
+                       description="Image annotation (i2t) and image retrieval (t2i): R@1/5/10, "
+                                   "median and mean rank, rsum. Writes metrics-SPLIT.json to the run folder.")
+    p.add_argument("--checkpoint", required=True, metavar="PATH", help="run folder (or seeds folder) or its best.pt")
+    add_data(p, required=True)
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--protocol", default="auto", choices=PROTOCOLS,
+                   help="auto: the whole split, plus MSCOCO's 1K and 5-fold 1K when it has 5,000 images")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.add_argument("--output", metavar="FILE", help="where to write the metrics (default: next to the checkpoint)")
+    add_common(p)
+    return p
+
+
+def evaluate(args) -> int:
+    from fnemm.datasets import load_dataset
+    from fnemm.metrics import format_metrics
+    from fnemm.runs import evaluate_runs, metrics_path
+    every = evaluate_runs(args.checkpoint, load_dataset(args.dataset), args.features, args.split, args.protocol,
+                          args.device, ids=args.ids, output=args.output)
+    if args.json:
+        print(json.dumps(every if len(every) > 1 else next(iter(every.values())), indent=2))
+        return 0
+    for run, results in every.items():
+        for name, m in results.items():
+            label = f"{name} images" if name.isdigit() else name
+            print(f"{args.split} [{label}] {format_metrics(m)}" + (f"  ({Path(run).name})" if len(every) > 1 else ""))
+        folder = Path(run) if Path(run).is_dir() else Path(run).parent
+        print(f"written: {args.output or metrics_path(folder, args.split)}")
+    return 0
+
+
+def add_report(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("report", help="paper-style table and plots from evaluated runs",
+                       description="One row per run folder (mean ± std when it holds seed-N/ runs), "
+                                   "optionally beside the paper's numbers; markdown, and a PNG of the "
+                                   "validation rsum per epoch with --out.")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders evaluated with `fnemm evaluate`")
+    p.add_argument("--split", default="test", help="which metrics-SPLIT.json to read (default test)")
+    p.add_argument("--paper", choices=["flickr8k", "flickr30k", "coco"], help="add the paper's rows")
+    p.add_argument("--out", metavar="DIR", help="write report.md and val_rsum.png there")
+    return p
+
+
+def report(args) -> int:
+    from fnemm.fileio import atomic_write_text
+    from fnemm.report import load_run, markdown_table, plot_curves
+    runs = [load_run(r, args.split) for r in args.runs]
+    table = markdown_table(runs, args.paper)
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        plot = plot_curves(runs, out / "val_rsum.png")
+        atomic_write_text(out / "report.md", f"# fnemm report ({args.split})\n\n{table}\n\n"
+                                             f"![validation rsum per epoch]({plot.name})\n")
+        print(f"written: {out / 'report.md'}, {plot}")
+    return 0
+
+
+def add_presets(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("presets", help="list the paper's pipelines as presets",
+                       description="Every Table-1 variant for flickr8k / flickr30k / coco, FNE and FC7; "
+                                   "demo/ = the flickr8k ones scaled to flickr8k-1k on a CPU.")
+    p.add_argument("--family", choices=["flickr8k", "flickr30k", "coco", "demo"], help="only this dataset family")
+    p.add_argument("--show", metavar="NAME", help="print one preset's full config as JSON")
+    return p
+
+
+def presets(args) -> int:
+    from fnemm.config import PRESETS, get_preset
+    if args.show:
+        print(get_preset(args.show).to_json())
+        return 0
+    head = (f"{'preset':<22} {'loss':<8} {'sim':<6} {'embed':>5} {'word':>5} {'lr':<15} {'margin':>6} "
+            f"{'abs':<4} {'epochs':>6}")
+    print(head)
+    print("-" * len(head))
+    for name, c in PRESETS.items():
+        if args.family and not name.startswith(args.family + "/"):
+            continue
+        loss = "->".join(s.loss for s in c.stages)
+        lr = "->".join(f"{s.lr:g}" for s in c.stages)
+        print(f"{name:<22} {loss:<8} {c.model.similarity:<6} {c.model.embed_dim:>5} {c.model.word_dim:>5} "
+              f"{lr:<15} {c.stages[0].margin:>6g} {'yes' if c.model.use_abs else 'no':<4} "
+              f"{c.stages[0].max_epochs:>6}")
+    return 0
+
+
+COMMANDS = [(add_train, train), (add_evaluate, evaluate), (add_report, report), (add_presets, presets)]

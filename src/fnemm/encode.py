@@ -1,0 +1,85 @@
+"""New images into a feature store's space, and untrusted image bytes decoded safely.
+
+:class:`StoreEncoder` makes the features of an image that is not in a store exactly
+as the store made its own: the same CNN and weights (checked by sha256), crops,
+training statistics, layers and post-processing (``fnemm.recipe``).
+:func:`decode_upload` turns bytes from a client into an RGB image or a one-line
+error with the HTTP status it deserves (413 too large, 415 not an image).
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from fnemm.cnn import TappedCNN, build_cnn
+from fnemm.errors import FnemmError, NotAnImage, TooLarge
+from fnemm.assembly import store_encoder
+from fnemm.extraction import forward_images, read_image
+from fnemm.fileio import sha256_file
+from fnemm.fne import crops
+
+MAX_PIXELS = 50_000_000            # bigger images are refused before decoding (decompression bombs)
+
+
+class StoreEncoder:
+    """Features of new images made exactly as a feature store's were.
+
+    Thread-safe: the CNN's taps collect into one buffer, so forward passes take turns."""
+
+    def __init__(self, store: str | Path, device: str = "cpu"):
+        self.store = Path(store)
+        self.encoder, self.manifest = store_encoder(self.store)
+        m = self.manifest
+        weights = m.get("weights")
+        if weights not in (None, "random") and not Path(weights).is_file():
+            raise FnemmError(f"{self.store}: its CNN weights {weights} are not here; embedding a new image "
+                             f"needs the same weights file at that path")
+        if weights not in (None, "random") and m.get("weights_sha256") and \
+                sha256_file(weights) != m["weights_sha256"]:
+            raise FnemmError(f"{weights}: changed since {self.store} was extracted (sha256 differs); "
+                             f"re-extract the store or restore the file")
+        self.cnn: TappedCNN = build_cnn(m["cnn"], weights if weights != "random" else "random").to(device)
+        self.device, self.crops = device, int(m["crops"])
+        self._lock = threading.Lock()
+
+    def encode(self, path: str | Path) -> dict[str, np.ndarray]:
+        """{'raw', 'fne', 'fc7'} rows (1, D) of one image file."""
+        pixels, why, _ = read_image(Path(path) if Path(path).is_file() else None, self.crops)
+        if why is not None:
+            raise NotAnImage(f"{Path(path).name}: cannot use this image ({why}); give a JPEG/PNG photo")
+        return self._encode_crops(pixels)
+
+    def encode_image(self, image: Image.Image) -> dict[str, np.ndarray]:
+        """As :meth:`encode`, for an image already decoded (e.g. an upload)."""
+        return self._encode_crops(crops(image, self.crops))
+
+    def _encode_crops(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        with self._lock:
+            raw = forward_images(self.cnn, pixels, self.crops, self.device).astype(np.float16)
+        return {"raw": raw, **self.encoder(raw)}
+
+
+def decode_upload(data: bytes, name: str = "upload", max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """An image from untrusted bytes: refused before decoding when it declares more than
+    ``max_pixels`` (413), or when it is not an image PIL reads whole (415)."""
+    if not data:
+        raise FnemmError(f"{name}: the upload is empty; send a JPEG/PNG photo")
+    try:
+        image = Image.open(io.BytesIO(data))
+        if image.width * image.height > max_pixels:
+            raise TooLarge(f"{name}: {image.width}x{image.height} pixels; at most {max_pixels // 1_000_000} megapixels")
+        image.load()
+    except TooLarge:
+        raise
+    except Image.DecompressionBombError:
+        raise TooLarge(f"{name}: too many pixels; at most {max_pixels // 1_000_000} megapixels") from None
+    except Exception:  # noqa: BLE001 - PIL raises many kinds for a damaged or foreign file
+        raise NotAnImage(f"{name}: not an image this server can read; send a JPEG/PNG photo") from None
+    if image.width < 1 or image.height < 1:
+        raise NotAnImage(f"{name}: the image is empty")
+    return image

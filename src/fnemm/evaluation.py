@@ -1,0 +1,54 @@
+"""Evaluation of a trained model on a split: the paper's protocols over fnemm.metrics.
+
+Protocols: 'all' (every image of the split, e.g. the 1K Flickr test), '1k' (the first
+1,000), '5fold' (mean over 5 folds of 1,000, MSCOCO's usual extra), '5k' (all 5,000),
+'auto' (all; plus 1k and 5fold when the split has 5,000 images, as MSCOCO's).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fnemm.checkpoint import open_model
+from fnemm.data import embed_captions, embed_images, split_data
+from fnemm.datasets import Dataset
+from fnemm.errors import FnemmError
+from fnemm.features import Features
+from fnemm.metrics import evaluate_embeddings
+
+PROTOCOLS = ("auto", "all", "1k", "5fold", "5k")
+
+
+def evaluate(checkpoint: str | Path, dataset: Dataset, features: Features | str | Path,
+             split: str = "test", protocol: str = "auto", device: str = "cpu",
+             ids: str | Path | None = None) -> dict[str, dict[str, float]]:
+    """Recall@K and ranks of a trained model on ``split``: {protocol name: metrics}.
+
+    ``features`` is loaded Features, or a path (store folder or .npy with ``ids``)
+    read with the feature kind the checkpoint was trained on."""
+    if protocol not in PROTOCOLS:
+        raise FnemmError(f"--protocol {protocol}: expected one of {', '.join(PROTOCOLS)}")
+    opened = open_model(checkpoint, features, device, ids)
+    model, config, device = opened.model, opened.config, opened.device
+    data = split_data(dataset, opened.features, opened.vocab, split)
+    captions, owner = data.eval_captions(config.eval_captions)
+    img = embed_images(model, data.features, device)
+    cap = embed_captions(model, captions, device)
+    sim = config.model.similarity
+    n = len(data)
+    wanted = {"auto": ["all"] + (["1k", "5fold"] if n == 5000 else []),
+              "all": ["all"], "5k": ["all"], "1k": ["1k"], "5fold": ["5fold"]}[protocol]
+    results = {}
+    for name in wanted:
+        if name == "all":
+            results[f"{n}"] = evaluate_embeddings(img, cap, owner, sim)
+        elif name == "1k":
+            if n < 1000:
+                raise FnemmError(f"--protocol 1k needs >= 1000 {split} images; this split has {n}")
+            keep = owner < 1000
+            results["1k"] = evaluate_embeddings(img[:1000], cap[keep], owner[keep], sim)
+        else:
+            if n % 5:
+                raise FnemmError(f"--protocol 5fold needs a multiple of 5 {split} images; this split has {n}")
+            results["5fold"] = evaluate_embeddings(img, cap, owner, sim, folds=5)
+    return results

@@ -1,0 +1,182 @@
+"""Run folders: what ``fnemm train`` writes, and everything done with them afterwards.
+
+A run folder holds one training run::
+
+    config.json        the resolved TrainConfig          run.json      what it was trained on
+    best.pt, last.pt   checkpoints (fnemm.checkpoint)    metrics.jsonl one line per epoch
+    metrics-SPLIT.json what `fnemm evaluate` measured on SPLIT
+
+and a seeds folder holds ``seed-0/``, ``seed-1/``... of them. Training several seeds,
+resuming any run (or every unfinished seed) from its folder alone, and evaluating
+and saving metrics live here, for the CLI, the demo, the stability study, the FNE
+study and Python alike (``fnemm.resume``, ``fnemm.train_seeds``)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+from fnemm.config import TrainConfig
+from fnemm.datasets import Dataset, load_dataset
+from fnemm.errors import FnemmError
+from fnemm.features import Features, load_features
+from fnemm.fileio import atomic_write_json, read_json
+
+
+def seed_dirs(path: str | Path) -> list[Path]:
+    """The runs of a folder: its seed-N subfolders (sorted by N), or the folder itself."""
+    path = Path(path)
+    seeds = sorted((p for p in path.glob("seed-*") if p.is_dir() and p.name[5:].isdigit()),
+                   key=lambda p: int(p.name[5:]))
+    return seeds or [path]
+
+
+def metrics_path(run: Path, split: str) -> Path:
+    """Where ``fnemm evaluate`` keeps a run's metrics on ``split``."""
+    return Path(run) / f"metrics-{split}.json"
+
+
+def save_metrics(target: Path, split: str, checkpoint: str | Path, results: dict) -> None:
+    atomic_write_json(target, {"split": split, "checkpoint": str(checkpoint), "results": results})
+
+
+def load_metrics(run: Path, split: str) -> dict:
+    """{protocol: metrics} that ``fnemm evaluate`` saved for ``split``."""
+    path = metrics_path(run, split)
+    fix = f"evaluate it again: fnemm evaluate --checkpoint {run} --split {split} ..."
+    if not path.exists():
+        raise FnemmError(f"{path}: not evaluated yet; run `fnemm evaluate --checkpoint {run} "
+                         f"--split {split} ...` first")
+    results = read_json(path, fix).get("results")
+    if not isinstance(results, dict) or not results or \
+            not all(isinstance(m, dict) and "rsum" in m for m in results.values()):
+        raise FnemmError(f"{path}: no metrics in it; {fix}")
+    return results
+
+
+def val_curve(run: Path) -> list[float]:
+    """Validation rsum per epoch from a run's metrics.jsonl ([] when it has none yet)."""
+    history = Path(run) / "metrics.jsonl"
+    if not history.exists():
+        return []
+    out = []
+    for n, line in enumerate(history.read_bytes().decode("utf-8", "replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append(float(json.loads(line)["val"]["rsum"]))
+        except (ValueError, KeyError, TypeError):
+            raise FnemmError(f"{history}:{n}: not an epoch record; the run folder is damaged "
+                             f"(resume it with `fnemm train --out {run} --resume`)") from None
+    return out
+
+
+def saved_config(run: Path) -> TrainConfig:
+    """The config a run was started with (its config.json)."""
+    d = read_json(Path(run) / "config.json", "the run folder is damaged; start a new --out")
+    try:
+        return TrainConfig.from_dict(d)
+    except (TypeError, ValueError, KeyError) as e:
+        raise FnemmError(f"{Path(run) / 'config.json'}: not a config of this fnemm ({e}); start a new --out") from None
+
+
+def saved_info(run: Path) -> dict:
+    """What a run was trained on (its run.json: preset, dataset and features arguments)."""
+    return read_json(Path(run) / "run.json", "the run folder is damaged; start a new --out")
+
+
+def _inputs(run: Path, config: TrainConfig, dataset, features, ids=None) -> tuple[Dataset, Features]:
+    """The run's dataset and features: as given (loaded, or paths: e.g. moved since), else
+    where its run.json says they were."""
+    args = saved_info(run).get("args") or {}
+    if isinstance(dataset, (str, Path, list)):
+        dataset = load_dataset(dataset)
+    if isinstance(features, (str, Path)):
+        features = load_features(features, config.features, ids)
+    if dataset is None:
+        if not args.get("dataset"):
+            raise FnemmError(f"{run / 'run.json'}: does not say which dataset it was trained on; pass --dataset")
+        dataset = load_dataset(args["dataset"])
+    if features is None:
+        if not args.get("features"):
+            raise FnemmError(f"{run / 'run.json'}: does not say which features it was trained on; pass --features")
+        features = load_features(args["features"], config.features, args.get("ids"))
+    return dataset, features
+
+
+def resume(out: str | Path, *, dataset=None, features=None, ids=None, device: str = "cpu", quiet: bool = False,
+           checkpoint_every: float = 120.0) -> dict:
+    """Continue the run in ``out`` where it stopped, from its folder alone (config.json;
+    the dataset and features named in run.json unless given: loaded, or paths)."""
+    from fnemm.train import train
+    out = Path(out)
+    if not (out / "last.pt").exists():
+        raise FnemmError(f"{out}: no run to resume here (no last.pt); start one with --preset")
+    config = saved_config(out)
+    dataset, features = _inputs(out, config, dataset, features, ids)
+    info = saved_info(out)
+    keep = {k: v for k, v in info.items() if k not in ("dataset", "n_train", "n_val", "features",
+                                                        "vocab_size", "feature_dim")}
+    return train(config, dataset, features, out, resume=True, device=device, quiet=quiet, run_info=keep,
+                 checkpoint_every=checkpoint_every)
+
+
+def train_seeds(config: TrainConfig, dataset: Dataset, features: Features, out: str | Path, seeds: int, *,
+                resume: bool = False, device: str = "cpu", quiet: bool = False, run_info: dict | None = None,
+                checkpoint_every: float = 120.0, log=None) -> list[dict]:
+    """Train ``seeds`` runs of ``config`` into ``out/seed-K`` with seeds config.seed + K.
+    With ``resume``, every seed continues from wherever it is: finished, interrupted or
+    not started (each must have been started with this config)."""
+    from fnemm.train import train
+    if seeds < 1:
+        raise FnemmError(f"--seeds {seeds}: expected at least 1")
+    out, summaries = Path(out), []
+    for k in range(seeds):
+        run = out / f"seed-{k}"
+        if log:
+            log(f"--- seed {config.seed + k} ({k + 1} of {seeds}) -> {run}")
+        summaries.append(train(replace(config, seed=config.seed + k), dataset, features, run,
+                               resume=resume and (run / "last.pt").exists(), device=device, quiet=quiet,
+                               run_info=run_info, checkpoint_every=checkpoint_every))
+    return summaries
+
+
+def resume_seeds(out: str | Path, seeds: int | None = None, **kwargs) -> list[dict]:
+    """Resume every seed of a seeds folder (``seeds``: how many there should be; default
+    as many as have started), unstarted ones from seed-0's config and inputs."""
+    out = Path(out)
+    first = out / "seed-0"
+    if not (first / "config.json").exists():
+        raise FnemmError(f"{out}: no seed-0/ run to resume from; start the seeds with --preset")
+    started = len([p for p in seed_dirs(out) if p != out])
+    config = saved_config(first)
+    dataset, features = _inputs(first, config, kwargs.pop("dataset", None), kwargs.pop("features", None),
+                                kwargs.pop("ids", None))
+    info = {k: v for k, v in saved_info(first).items() if k in ("preset", "overrides", "args")}
+    return train_seeds(config, dataset, features, out, seeds or started, resume=True, run_info=info, **kwargs)
+
+
+def evaluate_runs(path: str | Path, dataset: Dataset, features, split: str = "test", protocol: str = "auto",
+                  device: str = "cpu", ids: str | Path | None = None, output: str | Path | None = None,
+                  fresh: bool = False) -> dict[str, dict]:
+    """Evaluate a run (a folder or a .pt) or every seed of a seeds folder on ``split`` and
+    save each one's metrics beside it (or to ``output``, for a single run): {run: results}.
+    With ``fresh``, metrics saved after the run's best.pt are kept, not recomputed."""
+    from fnemm.evaluation import evaluate
+    path = Path(path)
+    runs = seed_dirs(path) if path.is_dir() and not (path / "best.pt").exists() else [path]
+    if len(runs) > 1 and output:
+        raise FnemmError(f"{path}: holds {len(runs)} seeds; --output names one file, leave it out")
+    every = {}
+    for run in runs:
+        folder = run if run.is_dir() else run.parent
+        target = Path(output) if output else metrics_path(folder, split)
+        best = folder / "best.pt"
+        if fresh and target.exists() and best.exists() and target.stat().st_mtime >= best.stat().st_mtime:
+            every[str(run)] = load_metrics(folder, split)
+            continue
+        results = evaluate(run, dataset, features, split, protocol, device, ids=ids)
+        save_metrics(target, split, run, results)
+        every[str(run)] = results
+    return every

@@ -1,0 +1,90 @@
+"""The joint embedding against references: the layer-normalised GRU step by step in
+float64 numpy, padded batches against captions run alone, embed_captions' order."""
+
+import numpy as np
+import pytest
+import torch
+
+from fnemm.config import ModelConfig
+from fnemm.data import embed_captions, embed_images
+from fnemm.model import JointEmbedding, LayerNormGRU
+from fnemm.text import pad_batch
+
+
+def _ln(x, gain, bias, eps=1e-5):
+    mu = x.mean(-1, keepdims=True)
+    var = x.var(-1, keepdims=True)
+    return (x - mu) / np.sqrt(var + eps) * gain + bias
+
+
+def reference_ln_gru(gru: LayerNormGRU, x: np.ndarray, length: int) -> np.ndarray:
+    """One sequence, step by step (Ba et al. 2016 applied to the GRU), in float64."""
+    p = {k: v.detach().double().numpy() for k, v in gru.state_dict().items()}
+    h = np.zeros(gru.hidden_size)
+    for t in range(length):
+        gx = _ln(p["x2h.weight"] @ x[t], p["ln_x.weight"], p["ln_x.bias"])
+        gh = _ln(p["h2h.weight"] @ h, p["ln_h.weight"], p["ln_h.bias"])
+        rx, zx, nx = np.split(gx, 3)
+        rh, zh, nh = np.split(gh, 3)
+        r = 1 / (1 + np.exp(-(rx + rh)))
+        z = 1 / (1 + np.exp(-(zx + zh)))
+        n = np.tanh(nx + r * nh)
+        h = (1 - z) * n + z * h
+    return h
+
+
+def test_layer_norm_gru_matches_a_step_by_step_reference():
+    torch.manual_seed(0)
+    gru = LayerNormGRU(5, 7)
+    with torch.no_grad():                      # non-trivial gains and biases
+        for ln in (gru.ln_x, gru.ln_h):
+            ln.weight.uniform_(0.5, 1.5)
+            ln.bias.uniform_(-0.3, 0.3)
+    x = torch.randn(3, 6, 5)
+    lengths = torch.tensor([6, 2, 4])
+    out = gru(x, lengths).detach().double().numpy()
+    for b in range(3):
+        np.testing.assert_allclose(out[b], reference_ln_gru(gru, x[b].double().numpy(), int(lengths[b])),
+                                   rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_a_padded_batch_equals_each_caption_alone(layer_norm):
+    torch.manual_seed(1)
+    model = JointEmbedding(ModelConfig(word_dim=6, embed_dim=8, layer_norm=layer_norm), vocab_size=20,
+                           feature_dim=4).eval()
+    captions = [[3, 4, 5, 6, 7], [8], [9, 10, 11], [2, 3]]
+    tokens, lengths = pad_batch(captions)
+    assert tokens.shape == (4, 5) and lengths.tolist() == [5, 1, 3, 2]
+    with torch.no_grad():
+        batch = model.text(tokens, lengths)
+        alone = torch.cat([model.text(torch.tensor([c]), torch.tensor([len(c)])) for c in captions])
+    torch.testing.assert_close(batch, alone, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(batch.norm(dim=1), torch.ones(4))
+
+
+def test_embed_captions_keeps_input_order_and_batches_do_not_matter():
+    torch.manual_seed(2)
+    model = JointEmbedding(ModelConfig(word_dim=6, embed_dim=8), vocab_size=30, feature_dim=4)
+    rng = np.random.default_rng(0)
+    captions = [list(rng.integers(2, 30, size=rng.integers(1, 12))) for _ in range(50)]
+    whole = embed_captions(model, captions, "cpu")
+    small = embed_captions(model, captions, "cpu", batch=7)       # length-sorted in other groups
+    torch.testing.assert_close(whole, small, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        for k in (0, 17, 49):
+            alone = model.text(torch.tensor([captions[k]]), torch.tensor([len(captions[k])]))[0]
+            torch.testing.assert_close(whole[k], alone, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("use_abs", [False, True])
+def test_image_encoder_is_a_bias_free_linear_map_then_l2(use_abs):
+    torch.manual_seed(3)
+    model = JointEmbedding(ModelConfig(word_dim=6, embed_dim=8, use_abs=use_abs), vocab_size=10, feature_dim=5)
+    feats = np.random.default_rng(1).integers(-1, 2, size=(9, 5)).astype(np.int8)    # FNE codes
+    got = embed_images(model, feats, "cpu", batch=4).numpy()
+    w = model.image.fc.weight.detach().double().numpy()
+    ref = feats.astype(np.float64) @ w.T
+    ref /= np.linalg.norm(ref, axis=1, keepdims=True)
+    np.testing.assert_allclose(got, np.abs(ref) if use_abs else ref, rtol=1e-5, atol=1e-6)
+    assert model.image.fc.bias is None
