@@ -52,7 +52,7 @@ def read_checkpoint(path: str | Path, device: str = "cpu") -> dict:
     path = checkpoint_file(path)
     if not path.exists():
         raise FnemmError(f"{path}: no such checkpoint; pass a run folder or its best.pt "
-                         f"(written after the first epoch of `fnemm train`)")
+                         f"(written after the first training epoch)")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=False)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file

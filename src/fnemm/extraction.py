@@ -25,7 +25,6 @@ converted to RGB and listed in ``converted``.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -41,10 +40,11 @@ from fnemm.cnn import TappedCNN, build_cnn, check_finite
 from fnemm.datasets import Dataset
 from fnemm.errors import FnemmError
 from fnemm.faults import die_at
-from fnemm.fileio import atomic_save_npy, atomic_write_json
+from fnemm.fileio import atomic_save_npy, atomic_write_json, read_json
 from fnemm.fne import CROP, RESIZE, crops
 from fnemm.recipe import Recipe, select_layers
 
+RESTART = "delete {partial} and run the same command again (the forward pass starts over)"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
@@ -197,7 +197,7 @@ def _run_chunks(cnn: TappedCNN, paths: list[Path | None], ids: list[str], config
 
 
 def _join_chunks(partial: Path, n_chunks: int, dim: int, out: Path) -> dict:
-    metas = [json.loads((partial / f"chunk-{c:05d}.json").read_text()) for c in range(n_chunks)]
+    metas = [read_json(partial / f"chunk-{c:05d}.json", RESTART.format(partial=partial)) for c in range(n_chunks)]
     ids = [i for m in metas for i in m["image_ids"]]
     raw = np.lib.format.open_memmap(partial / "raw.npy.tmp", mode="w+", dtype=np.float16, shape=(len(ids), dim))
     row = 0
@@ -272,12 +272,7 @@ def plan(out: Path, identity: dict, assembly: dict) -> Plan:
         return Plan("assemble", _state_of(manifest), manifest, f"{', '.join(changed)} changed")
     job = partial / "job.json"
     if job.exists():
-        try:
-            old = json.loads(job.read_text(encoding="utf-8"))
-        except ValueError:
-            old = None
-        if not isinstance(old, dict):
-            raise FnemmError(f"{job}: damaged; delete {partial} (the forward pass starts over)")
+        old = read_json(job, RESTART.format(partial=partial))
         done = (partial / "raw.json").exists() and (out / "raw.npy").exists()
         keys = FORWARD_KEYS if done else tuple(identity)
         changed = [k for k in keys if old.get(k) != identity.get(k)]
@@ -286,7 +281,7 @@ def plan(out: Path, identity: dict, assembly: dict) -> Plan:
                              f"({', '.join(changed)} differ); re-run with the same settings to resume, "
                              f"or choose another --out (or delete {partial})")
         if done:
-            return Plan("assemble", json.loads((partial / "raw.json").read_text(encoding="utf-8")),
+            return Plan("assemble", read_json(partial / "raw.json", RESTART.format(partial=partial)),
                         reason="an interrupted assembly")
     return Plan("forward")
 

@@ -17,14 +17,13 @@ lines (``--ids``, or ``feats.ids.txt`` / ``ids.txt`` beside it).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from fnemm.errors import FnemmError
-from fnemm.fileio import atomic_save_npy, atomic_write_json
+from fnemm.fileio import atomic_save_npy, atomic_write_json, read_json
 
 FORMAT = "fnemm-features"
 # What a store's raw activations depend on (a store's statistics only fit raw activations
@@ -79,29 +78,32 @@ def _check_ids(ids: list[str], path: Path) -> None:
         seen.add(i)
 
 
-def _load_npy(path: Path) -> np.ndarray:
+def _load_npy(path: Path, fix: str = "re-create it with numpy.save") -> np.ndarray:
+    if not path.is_file():
+        raise FnemmError(f"{path}: missing; {fix}")
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError) as e:
-        raise FnemmError(f"{path}: not a readable .npy array ({e}); re-create it with numpy.save") from None
+    except (ValueError, OSError, EOFError) as e:
+        raise FnemmError(f"{path}: not a readable .npy array ({str(e).splitlines()[0][:100] or 'empty'}); "
+                         f"{fix}") from None
 
 
 def load_store(folder: Path, kind: str = "fne") -> Features:
     manifest_path = folder / "manifest.json"
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise FnemmError(f"{manifest_path}:{e.lineno}: invalid JSON ({e.msg}); re-run `fnemm extract`") from None
+    fix = "re-run `fnemm extract` into this folder (the same command rebuilds it)"
+    manifest = read_json(manifest_path, fix)
     if manifest.get("format") != FORMAT:
         raise FnemmError(f"{manifest_path}: not an fnemm feature store (format={manifest.get('format')!r})")
-    arrays = manifest.get("arrays", {})
+    arrays, ids = manifest.get("arrays"), manifest.get("image_ids")
+    if not isinstance(arrays, dict) or not isinstance(ids, list) or not all(isinstance(i, str) for i in ids) or \
+            not all(isinstance(a, dict) and isinstance(a.get("file"), str) for a in arrays.values()):
+        raise FnemmError(f"{manifest_path}: incomplete (no arrays or image ids); {fix}")
     if kind not in arrays:
         have = ", ".join(arrays) or "none"
         raise FnemmError(f"{folder}: this feature store has no {kind!r} features (it has: {have}); "
                          f"choose --set features=... accordingly or re-extract")
-    ids = list(manifest["image_ids"])
     path = folder / arrays[kind]["file"]
-    array = _load_npy(path)
+    array = _load_npy(path, fix)
     _check_array(array, len(ids), path)
     _check_ids(ids, manifest_path)
     skipped = {s["image"]: s.get("reason", "") for s in manifest.get("skipped", [])}

@@ -21,7 +21,6 @@ is locked while one of them writes it (``fnemm.locks``).
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -35,10 +34,10 @@ from fnemm.errors import FnemmError
 from fnemm.assembly import derive_store
 from fnemm.extraction import ExtractConfig, extract
 from fnemm.features import load_features
-from fnemm.fileio import atomic_write_json
+from fnemm.fileio import atomic_write_json, read_json
 from fnemm.locks import Busy, folder_lock
 from fnemm.recipe import Recipe
-from fnemm.runs import metrics_path, save_metrics
+from fnemm.runs import load_metrics, metrics_path, save_metrics
 from fnemm.stats import paired_over_groups
 
 
@@ -212,11 +211,11 @@ class Study:
         from fnemm.train import train
         target = metrics_path(unit.run, "test")
         if target.exists():
-            return json.loads(target.read_text())
+            return load_metrics(unit.run, "test")
         try:
             with folder_lock(unit.run, "a study run"):
                 if target.exists():
-                    return json.loads(target.read_text())
+                    return load_metrics(unit.run, "test")
                 store = self.store(unit, unit.variant.recipe or Recipe())
                 preset, config, overrides = self.config(unit)
                 dataset = load_dataset(unit.data)
@@ -231,7 +230,7 @@ class Study:
                 rsum = next(iter(results.values()))["rsum"]
                 self.log(f"   {unit.cnn} n{unit.size} {unit.variant.name} split {unit.split} seed {unit.seed}: "
                          f"test rsum {rsum:.1f} ({time.perf_counter() - t:.0f} s)")
-                return json.loads(target.read_text())
+                return results
         except Busy:
             return None
 
@@ -240,7 +239,7 @@ class Study:
         self.out.mkdir(parents=True, exist_ok=True)
         saved = self.out / "study.json"
         if saved.exists():
-            old = Grid.from_dict(json.loads(saved.read_text()).get("grid", {}))
+            old = Grid.from_dict(read_json(saved, f"delete {saved} to start the study afresh").get("grid", {}))
             if replace(old, variants=(), cnns=(), train_sizes=(), curve_variants=(), seeds=1, splits=1) != \
                     replace(self.grid, variants=(), cnns=(), train_sizes=(), curve_variants=(), seeds=1, splits=1):
                 raise FnemmError(f"{saved}: this study was started with another epochs/crops/max-images; "
@@ -263,9 +262,8 @@ class Study:
     def summarise(self, units: list[Unit]) -> dict:
         rows = {}
         for u in units:
-            path = metrics_path(u.run, "test")
-            if path.exists():
-                m = next(iter(json.loads(path.read_text())["results"].values()))
+            if metrics_path(u.run, "test").exists():
+                m = next(iter(load_metrics(u.run, "test").values()))
                 rows[(u.cnn, u.size, u.variant.name, u.split, u.seed)] = m
         summary = summarise(rows, self.grid, self.full)
         atomic_write_json(self.out / "study.json", {"grid": self.grid.to_dict(), **summary})
