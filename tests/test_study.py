@@ -2,13 +2,15 @@
 paired statistics and report, re-splits, the learning curve and shared work."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
 from conftest import DATA
 from fnemm.cli import main
 from fnemm.datasets import load_dataset
-from fnemm.locks import folder_lock
+from test_locks import HOLD
 
 pytestmark = pytest.mark.skipif(not (DATA / "flickr8k" / "images").is_dir(),
                                 reason="../shared/data (bundled Flickr8K photos) not present")
@@ -22,10 +24,13 @@ def study_args(out, *extra):
 
 def test_quick_study_end_to_end(tmp_path, capsys):
     out = tmp_path / "study"
-    # another worker holds one run: this one leaves it and does the rest
+    # another worker (process) holds one run: this one leaves it and does the rest
     busy = out / "runs" / "mobilenet_v2" / "n24" / "fne-late" / "split-1" / "seed-0"
-    with folder_lock(busy, "a study run"):
-        assert main(study_args(out, "--train-sizes", "12")) == 0
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(busy), "exit"], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    assert main(study_args(out, "--train-sizes", "12")) == 0
+    holder.communicate("go\n")
     assert not (busy / "metrics-test.json").exists()
     done = sorted(p.parent.relative_to(out / "runs") for p in (out / "runs").rglob("metrics-test.json"))
     # 3 variants x 2 splits at 24 training images (one left to the other worker),

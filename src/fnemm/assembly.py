@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from fnemm.cnn import TappedCNN, tap_groups
 from fnemm.errors import FnemmError
-from fnemm.faults import die_at
+from fnemm.faults import fault
 from fnemm.features import FORMAT, RAW_KEYS, write_manifest
 from fnemm.fileio import atomic_save_npy, read_json
 from fnemm.fne import CROP, RESIZE, THRESHOLDS, RunningStats
@@ -169,7 +169,7 @@ def assemble(out: Path, producer: dict, state: dict, recipe: Recipe, train_ids: 
         encoder.pca = fit_pca(encoder.features(raw[rows]), recipe.pca)
     out.mkdir(parents=True, exist_ok=True)
     atomic_save_npy(out / "stats.npy", np.stack([mean, std]))
-    die_at("assemble-stats")
+    fault("assemble-stats")
     extra = {}
     if encoder.pca is not None:
         atomic_save_npy(out / "pca.npy", np.vstack([encoder.pca[0][None], encoder.pca[1]]).astype(np.float32))
@@ -187,7 +187,7 @@ def assemble(out: Path, producer: dict, state: dict, recipe: Recipe, train_ids: 
 
     width = encoder.baseline.stop - encoder.baseline.start
     _write_arrays(out, len(ids), {"fne": (recipe.dtype, encoder.width), "fc7": (np.float32, width)}, fill, quiet)
-    die_at("assemble-arrays")
+    fault("assemble-arrays")
     if counts.sum():
         extra["fne_fractions"] = {str(v): round(float(c) / int(counts.sum()), 4) for v, c in zip((-1, 0, 1), counts)}
     names = [t["name"] for t in producer["taps"]]

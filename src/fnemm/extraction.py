@@ -27,7 +27,9 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import signal
 from dataclasses import asdict, dataclass, field
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -39,8 +41,9 @@ from fnemm.assembly import assemble, ids_sha, producer_of, read_manifest
 from fnemm.cnn import TappedCNN, build_cnn, check_finite
 from fnemm.datasets import Dataset
 from fnemm.errors import FnemmError
-from fnemm.faults import die_at
+from fnemm.faults import fault
 from fnemm.fileio import atomic_save_npy, atomic_write_json, read_json
+from fnemm.locks import folder_lock
 from fnemm.fne import CROP, RESIZE, crops
 from fnemm.recipe import Recipe, select_layers
 
@@ -125,8 +128,17 @@ def keep_freed_memory() -> None:
         pass                                # not glibc: nothing to tune
 
 
-def _worker_init(_):
+def _worker_init(parent: int, _):
+    """A decoding process: one thread, and it dies with the job (as kill -9 would kill
+    the job's main process alone, its workers would sleep on forever, holding memory)."""
     torch.set_num_threads(1)          # decoding is the worker's job; the main process runs the CNN
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)      # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass                          # not Linux: the parent check below still runs
+    if os.getppid() != parent:        # the parent died before prctl took effect
+        os._exit(1)
 
 
 def _collate(items):
@@ -160,7 +172,7 @@ def _run_chunks(cnn: TappedCNN, paths: list[Path | None], ids: list[str], config
     batches = [list(r[b:b + config.batch_size]) for _, r in todo for b in range(0, len(r), config.batch_size)]
     loader = torch.utils.data.DataLoader(
         _Images(paths, config.crops), batch_sampler=batches, collate_fn=_collate,
-        num_workers=config.workers, worker_init_fn=_worker_init if config.workers else None,
+        num_workers=config.workers, worker_init_fn=functools.partial(_worker_init, os.getpid()) if config.workers else None,
         prefetch_factor=4 if config.workers else None)
     chunk_of = {k: c for c, r in todo for k in r}
     rows: list[np.ndarray] = []
@@ -192,7 +204,7 @@ def _run_chunks(cnn: TappedCNN, paths: list[Path | None], ids: list[str], config
                 atomic_save_npy(partial / f"chunk-{chunk:05d}.npy", array)
                 atomic_write_json(partial / f"chunk-{chunk:05d}.json",
                                   {"image_ids": kept, "skipped": skipped, "converted": converted})
-                die_at(f"chunk-{chunk}")
+                fault(f"chunk-{chunk}")
                 rows, kept, skipped, converted = [], [], {}, {}
 
 
@@ -323,34 +335,35 @@ def extract(images: str | Path, out: str | Path, dataset: Dataset | None = None,
     assembly = {"train_ids_sha256": info["train_ids_sha256"], "recipe": config.recipe.to_dict(),
                 "stats_from": str(Path(stats_from).resolve()) if stats_from else None}
     info["stats_from"] = assembly["stats_from"]
-    todo = plan(out, identity, assembly)
-    if todo.action == "reuse":
-        if not quiet:
-            print(f"{out}: complete ({len(todo.manifest['image_ids'])} images); reusing it")
-        m = todo.manifest
-        return ExtractResult(out, m, len(m["image_ids"]), len(m["skipped"]), True)
-    partial = out / ".partial"
-    if todo.action == "assemble" and todo.manifest is not None:
-        # Back to "forward done, not assembled" before any array changes: a kill from here on
-        # leaves a folder that the next run assembles, never new arrays under the old manifest.
-        partial.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(partial / "job.json", identity)
-        atomic_write_json(partial / "raw.json", todo.state)
-        (out / "manifest.json").unlink()
-        if not quiet:
-            print(f"{out}: {todo.reason}; re-assembling from raw.npy (no forward pass)")
-    state = todo.state
-    if todo.action == "forward":
-        partial.mkdir(parents=True, exist_ok=True)
-        if not (partial / "job.json").exists():
+    with folder_lock(out, "a feature store"):
+        todo = plan(out, identity, assembly)
+        if todo.action == "reuse":
+            if not quiet:
+                print(f"{out}: complete ({len(todo.manifest['image_ids'])} images); reusing it")
+            m = todo.manifest
+            return ExtractResult(out, m, len(m["image_ids"]), len(m["skipped"]), True)
+        partial = out / ".partial"
+        if todo.action == "assemble" and todo.manifest is not None:
+            # Back to "forward done, not assembled" before any array changes: a kill from here on
+            # leaves a folder that the next run assembles, never new arrays under the old manifest.
+            partial.mkdir(parents=True, exist_ok=True)
             atomic_write_json(partial / "job.json", identity)
-        n_chunks = (len(ids) + config.chunk_size - 1) // config.chunk_size
-        _run_chunks(cnn, resolve_paths(images, ids), ids, config, partial, quiet)
-        state = _join_chunks(partial, n_chunks, cnn.dim, out)
-    if not state["image_ids"]:
-        raise FnemmError(f"{images}: none of the {len(ids)} images could be read "
-                         f"(e.g. {next(iter(state['skipped'].items()))}); check --images")
-    manifest = assemble(out, producer_of(cnn, config.crops), state, config.recipe, train_ids,
-                        Path(stats_from) if stats_from else None, info=info, quiet=quiet)
-    shutil.rmtree(partial)
-    return ExtractResult(out, manifest, len(state["image_ids"]), len(state["skipped"]))
+            atomic_write_json(partial / "raw.json", todo.state)
+            (out / "manifest.json").unlink()
+            if not quiet:
+                print(f"{out}: {todo.reason}; re-assembling from raw.npy (no forward pass)")
+        state = todo.state
+        if todo.action == "forward":
+            partial.mkdir(parents=True, exist_ok=True)
+            if not (partial / "job.json").exists():
+                atomic_write_json(partial / "job.json", identity)
+            n_chunks = (len(ids) + config.chunk_size - 1) // config.chunk_size
+            _run_chunks(cnn, resolve_paths(images, ids), ids, config, partial, quiet)
+            state = _join_chunks(partial, n_chunks, cnn.dim, out)
+        if not state["image_ids"]:
+            raise FnemmError(f"{images}: none of the {len(ids)} images could be read "
+                             f"(e.g. {next(iter(state['skipped'].items()))}); check --images")
+        manifest = assemble(out, producer_of(cnn, config.crops), state, config.recipe, train_ids,
+                            Path(stats_from) if stats_from else None, info=info, quiet=quiet)
+        shutil.rmtree(partial)
+        return ExtractResult(out, manifest, len(state["image_ids"]), len(state["skipped"]))

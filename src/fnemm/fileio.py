@@ -107,3 +107,14 @@ def read_json(path: str | Path, fix: str, expect: type = dict):
         raise FnemmError(f"{path}: expected a JSON {'object' if expect is dict else expect.__name__}, "
                          f"found {type(value).__name__}; {fix}")
     return value
+
+
+def remove_stale_temps(folder: str | Path) -> list[Path]:
+    """Remove the temporary files a killed writer left in ``folder`` (and its .partial/):
+    only call it holding the folder's lock, when no writer can be alive."""
+    folder = Path(folder)
+    stale = [p for d in (folder, folder / ".partial") if d.is_dir() for p in d.iterdir()
+             if p.is_file() and p.name.endswith(".tmp") and (p.name.startswith(".") or p.name == "raw.npy.tmp")]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale

@@ -29,7 +29,9 @@ from fnemm.checkpoint import checkpoint_file, open_model
 from fnemm.data import embed_captions, embed_images
 from fnemm.errors import FnemmError
 from fnemm.fileio import atomic_save_npy, atomic_write_json, atomic_write_text, read_json, sha256_file
+from fnemm.faults import fault
 from fnemm.index import EXACT_UP_TO, METHODS, TUNE_QUERIES, VectorIndex, sample, tune_side
+from fnemm.locks import folder_lock
 
 FORMAT = "fnemm-index"
 VERSION = 3            # 3: exact sides search exhaustively (order too), ids as JSON, file hashes
@@ -117,7 +119,6 @@ def build_index(checkpoint: str | Path, features: str | Path, out: str | Path, *
     The image side is tuned on sample caption queries: ``tune_queries`` (sentences,
     e.g. what users search for), else the dataset's captions, else (no captions) the
     images themselves."""
-    from fnemm.gallery import select_gallery
     if not 0 < target_recall <= 1:
         raise FnemmError(f"--target-recall {target_recall}: expected a fraction in (0, 1]")
     if method not in METHODS:
@@ -125,6 +126,14 @@ def build_index(checkpoint: str | Path, features: str | Path, out: str | Path, *
     t0 = time.perf_counter()
     split, out, features = split or "all", Path(out), Path(features)
     opened = open_model(checkpoint, features, device, ids)
+    with folder_lock(out, "an index"):
+        return _build(opened, features, out, dataset, split, ids, method, threshold, target_recall, quiet,
+                      tune_queries, t0)
+
+
+def _build(opened, features: Path, out: Path, dataset, split: str, ids, method: str, threshold: int,
+           target_recall: float, quiet: bool, tune_queries: list[str] | None, t0: float) -> dict:
+    from fnemm.gallery import select_gallery
     store = opened.features
     gallery, captions = select_gallery(store, dataset, split)
     request = _request(opened, features, store, dataset, split, ids, method, threshold, target_recall, tune_queries)
@@ -154,6 +163,7 @@ def build_index(checkpoint: str | Path, features: str | Path, out: str | Path, *
     sides = {"images": _write_side(out, "images", image_emb, query_emb, image_queries, True, **common),
              "captions": _write_side(out, "captions", caption_emb, image_emb, "the gallery's images", False,
                                      **common) if captions else None}
+    fault("index-sides")
     atomic_write_json(out / "images.ids.json", gallery)
     if captions:
         atomic_write_text(out / "captions.jsonl",

@@ -3,6 +3,7 @@
 The lock belongs to the open file, so it goes away with the process however it ends
 (kill -9 included): a stale lock file never blocks the next run. The file records who
 holds it (pid, command) so a refused second writer can say which process to wait for.
+Whoever takes the lock first removes the temporary files a killed writer left there.
 """
 
 from __future__ import annotations
@@ -17,8 +18,24 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from fnemm.errors import FnemmError
+from fnemm.fileio import remove_stale_temps
 
 LOCK_FILE = ".lock"
+_HELD: dict[str, int] = {}     # folder -> descriptor of the locks this process holds
+
+
+def _close_in_child() -> None:
+    # A forked child (a DataLoader worker) shares the lock's open file: were the parent
+    # killed, the child would keep the folder locked. It never writes there: let go.
+    for fd in _HELD.values():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_in_child)
 
 
 class Busy(FnemmError):
@@ -35,11 +52,15 @@ def _holder(path: Path) -> str:
 
 @contextmanager
 def folder_lock(folder: str | Path, what: str = "this folder", wait: bool = False) -> Iterator[Path]:
-    """Hold ``folder``'s lock for the block (creating the folder). When another process
-    holds it: raise :class:`Busy` at once, naming that process, or with ``wait`` block
-    until it lets go."""
+    """Hold ``folder``'s lock for the block (creating the folder); re-entrant within a
+    process. When another process holds it: raise :class:`Busy` at once, naming that
+    process, or with ``wait`` block until it lets go."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    key = str(folder.resolve())
+    if key in _HELD:                  # this process holds it already (e.g. a study run, then its training)
+        yield folder
+        return
     path = folder / LOCK_FILE
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -52,6 +73,10 @@ def folder_lock(folder: str | Path, what: str = "this folder", wait: bool = Fals
                        f"finish, or choose another output folder") from None
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps({"pid": os.getpid(), "command": " ".join(sys.argv)[:500]}).encode())
+        _HELD[key] = fd
+        remove_stale_temps(folder)          # a killed writer's half-files: no writer is alive now
         yield folder
     finally:
+        if _HELD.get(key) == fd:
+            del _HELD[key]
         os.close(fd)          # releases the lock

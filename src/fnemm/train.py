@@ -36,7 +36,8 @@ from fnemm.config import TrainConfig, validate
 from fnemm.data import SplitData, build_vocab, embed_captions, embed_images, split_data
 from fnemm.datasets import Dataset
 from fnemm.errors import FnemmError
-from fnemm.faults import die_at
+from fnemm.faults import fault
+from fnemm.locks import folder_lock
 from fnemm.metrics import evaluate_embeddings, format_metrics
 from fnemm.features import Features
 from fnemm.fileio import atomic_torch_save, atomic_write_json, atomic_write_text
@@ -130,11 +131,21 @@ class Trainer:
         self._write_metrics()
 
     def _restore(self, ckpt: dict) -> None:
-        if ckpt.get("config") != self.config.to_dict():
+        # compared as configs, not dicts: a field added since the run started takes its
+        # default, which is what the run was trained with
+        try:
+            saved = TrainConfig.from_dict(ckpt["config"])
+        except (KeyError, TypeError, ValueError):
+            saved = None
+        if saved != self.config:
             raise FnemmError(f"{self.out / 'last.pt'}: the run was made with another config; "
                              f"resume without changing presets/--set, or use a new --out")
-        self.model.load_state_dict(ckpt["model"])
-        self.state = TrainState(**ckpt["state"])
+        try:
+            self.model.load_state_dict(ckpt["model"])
+            self.state = TrainState(**ckpt["state"])
+        except (KeyError, TypeError, RuntimeError) as e:
+            raise FnemmError(f"{self.out / 'last.pt'}: damaged or from another fnemm ({type(e).__name__}); "
+                             f"start the run again in a new --out") from None
         self.optimizer = self._new_optimizer()
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.rng.bit_generator.state = ckpt["numpy_rng"]
@@ -146,7 +157,14 @@ class Trainer:
             if not resume:
                 raise FnemmError(f"{self.out}: a run is already here; pass --resume to continue it "
                                  f"or choose another --out")
-            self._restore(torch.load(last, map_location=self.device, weights_only=False))
+            try:
+                ckpt = torch.load(last, map_location=self.device, weights_only=False)
+            except Exception as e:  # noqa: BLE001 - any unpickling failure means a damaged file
+                raise FnemmError(f"{last}: not a readable checkpoint ({type(e).__name__}; killed while it was "
+                                 f"copied?); start the run again in a new --out") from None
+            if not isinstance(ckpt, dict):
+                raise FnemmError(f"{last}: not an fnemm checkpoint; start the run again in a new --out")
+            self._restore(ckpt)
             return
         self.out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.out / "config.json", self.config.to_json() + "\n")
@@ -201,6 +219,11 @@ class Trainer:
                 or (stage.patience is not None and self.state.stale >= stage.patience))
 
     def fit(self, resume: bool = False) -> dict:
+        """Train (or resume) to the end; one process at a time per run folder."""
+        with folder_lock(self.out, "a training run"):
+            return self._fit(resume)
+
+    def _fit(self, resume: bool) -> dict:
         self._start(resume)
         st = self.state
         while not st.done:
@@ -231,7 +254,7 @@ class Trainer:
                 self._save_last()
             else:
                 self._write_metrics()
-            die_at(f"epoch-{st.epoch}", f"{self.out.name}/epoch-{st.epoch}")
+            fault(f"epoch-{st.epoch}", f"{self.out.name}/epoch-{st.epoch}")
             if not self.quiet:
                 tqdm.write(f"epoch {st.epoch} (stage {st.stage + 1}) loss {loss:.3f} | "
                            f"val {format_metrics(val)}{'  *best' if improved else ''}")
