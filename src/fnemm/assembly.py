@@ -68,13 +68,38 @@ def read_manifest(store: Path) -> dict:
     return manifest
 
 
+def damaged_files(store: Path, manifest: dict) -> list[str]:
+    """The store's array files (``arrays``, statistics, PCA) that are missing, not the size
+    the manifest records, or not a readable .npy: a cheap check, no hashing."""
+    files = [a.get("file") for a in (manifest.get("arrays") or {}).values() if isinstance(a, dict)]
+    sizes = {a.get("file"): a.get("bytes") for a in (manifest.get("arrays") or {}).values() if isinstance(a, dict)}
+    for extra in ("stats", "pca"):
+        if isinstance(manifest.get(extra), dict):
+            files.append(manifest[extra].get("file"))
+            sizes[manifest[extra].get("file")] = manifest[extra].get("bytes")
+    bad = []
+    for name in files:
+        path = store / str(name)
+        if not isinstance(name, str) or not path.is_file() or \
+                (sizes.get(name) is not None and path.stat().st_size != sizes[name]):
+            bad.append(str(name))
+            continue
+        try:
+            np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError, EOFError):
+            bad.append(name)
+    return bad
+
+
 def load_stats(store: str | Path) -> tuple[np.ndarray, np.ndarray, dict]:
     """(mean, std, manifest) of a feature store, for extracting more images with them."""
     store = Path(store)
     manifest = read_manifest(store)
     try:
         stats = np.load(store / manifest["stats"]["file"], allow_pickle=False)
-    except (OSError, KeyError, TypeError, ValueError):
+        if stats.ndim != 2 or len(stats) != 2:
+            raise ValueError("not [mean; std]")
+    except (OSError, KeyError, TypeError, ValueError, EOFError):
         raise FnemmError(f"{store}: not a complete feature store with statistics (run `fnemm extract` "
                          f"with --dataset there first)") from None
     return stats[0], stats[1], manifest
@@ -86,7 +111,7 @@ def _load_pca(store: Path, manifest: dict) -> tuple[np.ndarray, np.ndarray] | No
         return None
     try:
         array = np.load(store / entry["file"], allow_pickle=False)
-    except (OSError, KeyError, TypeError, ValueError):
+    except (OSError, KeyError, TypeError, ValueError, EOFError):
         raise FnemmError(f"{store}: its PCA ({entry.get('file')}) cannot be read; re-run `fnemm extract`") from None
     return array[0].astype(np.float64), array[1:].astype(np.float64)
 
@@ -169,11 +194,12 @@ def assemble(out: Path, producer: dict, state: dict, recipe: Recipe, train_ids: 
         encoder.pca = fit_pca(encoder.features(raw[rows]), recipe.pca)
     out.mkdir(parents=True, exist_ok=True)
     atomic_save_npy(out / "stats.npy", np.stack([mean, std]))
+    stats_info["bytes"] = (out / "stats.npy").stat().st_size
     fault("assemble-stats")
     extra = {}
     if encoder.pca is not None:
         atomic_save_npy(out / "pca.npy", np.vstack([encoder.pca[0][None], encoder.pca[1]]).astype(np.float32))
-        extra["pca"] = {"file": "pca.npy", "components": recipe.pca}
+        extra["pca"] = {"file": "pca.npy", "components": recipe.pca, "bytes": (out / "pca.npy").stat().st_size}
         encoder.pca = tuple(a.astype(np.float32).astype(np.float64) for a in encoder.pca)   # as stored
     else:
         (out / "pca.npy").unlink(missing_ok=True)

@@ -36,14 +36,16 @@ class StoreEncoder:
         self.encoder, self.manifest = store_encoder(self.store)
         m = self.manifest
         weights = m.get("weights")
-        if weights not in (None, "random") and not Path(weights).is_file():
-            raise FnemmError(f"{self.store}: its CNN weights {weights} are not here; embedding a new image "
-                             f"needs the same weights file at that path")
-        if weights not in (None, "random") and m.get("weights_sha256") and \
-                sha256_file(weights) != m["weights_sha256"]:
-            raise FnemmError(f"{weights}: changed since {self.store} was extracted (sha256 differs); "
-                             f"re-extract the store or restore the file")
-        self.cnn: TappedCNN = build_cnn(m["cnn"], weights if weights != "random" else "random").to(device)
+        if m.get("weights_sha256"):            # a weights file: the very same one
+            if not weights or not Path(weights).is_file():
+                raise FnemmError(f"{self.store}: its CNN weights {weights} are not here; embedding a new image "
+                                 f"needs the same weights file at that path")
+            if sha256_file(weights) != m["weights_sha256"]:
+                raise FnemmError(f"{weights}: changed since {self.store} was extracted (sha256 differs); "
+                                 f"re-extract the store or restore the file")
+        elif weights != "random":
+            weights = None                     # the builder's own (e.g. a seeded test network)
+        self.cnn: TappedCNN = build_cnn(m["cnn"], weights).to(device)
         self.device, self.crops = device, int(m["crops"])
         self._lock = threading.Lock()
 

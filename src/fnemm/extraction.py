@@ -37,7 +37,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from fnemm.assembly import assemble, ids_sha, producer_of, read_manifest
+from fnemm.assembly import assemble, damaged_files, ids_sha, producer_of
+from fnemm.features import FORMAT
 from fnemm.cnn import TappedCNN, build_cnn, check_finite
 from fnemm.datasets import Dataset
 from fnemm.errors import FnemmError
@@ -273,15 +274,31 @@ def plan(out: Path, identity: dict, assembly: dict) -> Plan:
     ``assembly`` ({stats source, recipe}); refuse a folder holding another job."""
     partial = out / ".partial"
     if (out / "manifest.json").exists() and not partial.exists():
-        manifest = read_manifest(out)
+        try:
+            manifest = read_json(out / "manifest.json", "")
+        except FnemmError:                # damaged: nothing in the folder can be trusted
+            return Plan("forward", reason="its manifest.json is damaged: extracting again")
+        if manifest.get("format") != FORMAT:
+            raise FnemmError(f"{out}: holds a manifest.json that is not an fnemm feature store's; "
+                             f"choose another --out")
         differ = [k for k in FORWARD_KEYS if manifest.get(k) != identity.get(k)]
         if differ:
             raise FnemmError(f"{out}: already holds a feature store of other images or another CNN "
                              f"({', '.join(differ)} differ); choose another --out or delete it")
+        try:
+            state = _state_of(manifest)
+        except (KeyError, TypeError):
+            return Plan("forward", reason="its manifest.json is incomplete: extracting again")
+        damaged = damaged_files(out, manifest)
+        raw = (manifest.get("arrays") or {}).get("raw", {}).get("file", "raw.npy")
+        if raw in damaged or not (out / raw).is_file():
+            return Plan("forward", reason=f"{raw} is damaged or missing: extracting again")
+        if damaged:
+            return Plan("assemble", state, manifest, f"{damaged[0]} is damaged or missing")
         changed = [k for k, v in assembly.items() if manifest.get(k) != v]
         if not changed:
-            return Plan("reuse", _state_of(manifest), manifest)
-        return Plan("assemble", _state_of(manifest), manifest, f"{', '.join(changed)} changed")
+            return Plan("reuse", state, manifest)
+        return Plan("assemble", state, manifest, f"{', '.join(changed)} changed")
     job = partial / "job.json"
     if job.exists():
         old = read_json(job, RESTART.format(partial=partial))
@@ -354,6 +371,9 @@ def extract(images: str | Path, out: str | Path, dataset: Dataset | None = None,
                 print(f"{out}: {todo.reason}; re-assembling from raw.npy (no forward pass)")
         state = todo.state
         if todo.action == "forward":
+            if todo.reason and not quiet:
+                print(f"{out}: {todo.reason}")
+            (out / "manifest.json").unlink(missing_ok=True)    # it vouches for nothing any more
             partial.mkdir(parents=True, exist_ok=True)
             if not (partial / "job.json").exists():
                 atomic_write_json(partial / "job.json", identity)

@@ -46,6 +46,16 @@ def _label(preset: str | None, path: Path) -> str:
     return preset.split("/")[-1] if preset else path.name
 
 
+def _preset(run: Path) -> str | None:
+    """The preset a run was trained from: its run.json says, else its best.pt."""
+    if (run / "run.json").exists():
+        return saved_info(run).get("preset")
+    if (run / "best.pt").exists():
+        from fnemm.checkpoint import read_checkpoint
+        return read_checkpoint(run / "best.pt").get("preset")
+    return None
+
+
 def load_run(path: str | Path, split: str = "test") -> RunSummary:
     path = Path(path)
     if not path.is_dir():
@@ -57,8 +67,8 @@ def load_run(path: str | Path, split: str = "test") -> RunSummary:
         curve = val_curve(run)
         if curve:
             curves.append(curve)
-        if (run / "run.json").exists() and preset is None:
-            preset = saved_info(run).get("preset")
+        if preset is None:
+            preset = _preset(run)
     return RunSummary(_label(preset, path), path, seeds, curves, preset)
 
 

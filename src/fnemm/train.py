@@ -112,7 +112,7 @@ class Trainer:
     def _payload(self) -> dict:
         return {"format": CHECKPOINT_FORMAT, "version": 1, "config": self.config.to_dict(),
                 "vocab": self.vocab.itos[2:], "feature_dim": self.model.feature_dim,
-                "features": self.run_info.get("features", {}),
+                "features": self.run_info.get("features", {}), "preset": self.run_info.get("preset"),
                 "model": self.model.state_dict()}
 
     def _write_metrics(self) -> None:
@@ -165,6 +165,7 @@ class Trainer:
             if not isinstance(ckpt, dict):
                 raise FnemmError(f"{last}: not an fnemm checkpoint; start the run again in a new --out")
             self._restore(ckpt)
+            self._write_metrics()       # metrics.jsonl as last.pt knows it (repairs a damaged one)
             return
         self.out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.out / "config.json", self.config.to_json() + "\n")

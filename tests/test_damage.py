@@ -1,0 +1,192 @@
+"""The damage matrix: every file of a feature store, a run folder and an index folder
+truncated, emptied, garbled, made non-UTF-8, valid JSON of the wrong type, cut by a
+line, or removed; every command that reads it. Each must end in one `fnemm: error:`
+line naming the file (or its folder), or in the right result: the same output as on
+the undamaged files, or (for commands that write) the folder repaired. Never a
+traceback: an exception other than FnemmError fails the test."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tinycnn
+from fnemm.cli import main
+from test_extract import write_dataset
+from test_train import SMALL
+
+BINARY = ["truncated", "emptied", "garbled", "removed"]
+JSON = BINARY + ["not-utf8", "wrong-type"]
+JSONL = JSON + ["line-removed"]
+
+
+def damage(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "emptied":
+        path.write_bytes(b"")
+    elif how == "garbled":
+        path.write_bytes(np.random.default_rng(len(data)).integers(0, 256, len(data), dtype=np.uint8).tobytes())
+    elif how == "removed":
+        path.unlink()
+    elif how == "not-utf8":
+        path.write_bytes(b"\xff\xfe" + data[2:])
+    elif how == "wrong-type":
+        path.write_text("[]" if data.lstrip()[:1] == b"{" else "{}")
+    elif how == "line-removed":
+        lines = data.decode().splitlines(keepends=True)
+        path.write_text("".join(lines[:-1]))
+
+
+def build(root: Path, images: bool = True) -> None:
+    """A store, a trained run (evaluated) and an index in ``root`` (images and dataset too,
+    unless ``images`` is False: they are there already)."""
+    if images:
+        write_dataset(root, tinycnn.write_images(root / "images", 12), extra=())
+    data = root / "data.jsonl"
+    assert main(extract_args(root)) == 0
+    assert main(["train", "--preset", "flickr8k/FNE-MH", "--dataset", str(data), "--features", str(root / "store"),
+                 "--out", str(root / "run"), "--epochs", "2", "--quiet", "--checkpoint-every", "0",
+                 *sum((["--set", s] for s in SMALL), [])]) == 0
+    assert main(["evaluate", "--checkpoint", str(root / "run"), "--dataset", str(data), "--features",
+                 str(root / "store")]) == 0
+    assert main(index_args(root)) == 0
+
+
+def extract_args(root: Path) -> list[str]:
+    return ["extract", "--images", str(root / "images"), "--dataset", str(root / "data.jsonl"), "--cnn",
+            "tinycnn:build", "--workers", "0", "--quiet", "--out", str(root / "store")]
+
+
+def index_args(root: Path) -> list[str]:
+    return ["index", "build", "--checkpoint", str(root / "run"), "--features", str(root / "store"), "--dataset",
+            str(root / "data.jsonl"), "--out", str(root / "index"), "--quiet"]
+
+
+def commands(root: Path) -> dict[str, list[str]]:
+    data, store, run = str(root / "data.jsonl"), str(root / "store"), str(root / "run")
+    return {
+        "extract": extract_args(root),
+        "train": ["train", "--preset", "flickr8k/FNE-MH", "--dataset", data, "--features", store, "--out",
+                  str(root / "new-run"), "--epochs", "1", "--quiet", *sum((["--set", s] for s in SMALL), [])],
+        "resume": ["train", "--out", run, "--resume", "--quiet"],
+        "evaluate": ["evaluate", "--checkpoint", run, "--dataset", data, "--features", store, "--json",
+                     "--output", str(root / "m.json")],
+        "report": ["report", run],
+        "search-text": ["search", "--checkpoint", run, "--features", store, "--text", "picture number 3", "--json"],
+        "search-image": ["search", "--checkpoint", run, "--features", store, "--dataset", data, "--image",
+                         str(root / "images" / "img004.jpg"), "--json"],
+        "index": index_args(root),
+        "index-text": ["search", "--index", str(root / "index"), "--text", "picture number 3", "--json"],
+        "index-image": ["search", "--index", str(root / "index"), "--image", "img001.jpg", "--json"],
+    }
+
+
+READERS = {  # which commands read each file
+    "store/manifest.json": ["extract", "train", "evaluate", "search-text", "search-image", "index"],
+    "store/fne.npy": ["extract", "train", "evaluate", "search-text", "index"],
+    "store/fc7.npy": ["extract"],
+    "store/stats.npy": ["extract", "search-image"],
+    "store/raw.npy": ["extract"],
+    "run/config.json": ["resume"],
+    "run/run.json": ["resume", "report"],
+    "run/metrics.jsonl": ["resume", "report"],
+    "run/metrics-test.json": ["report"],
+    "run/best.pt": ["evaluate", "search-text", "index"],
+    "run/last.pt": ["resume"],
+    "index/manifest.json": ["index-text", "index", "index-image"],
+    "index/images.npy": ["index-text", "index"],
+    "index/images.ids.json": ["index-text", "index"],
+    "index/captions.npy": ["index-image", "index"],
+    "index/captions.jsonl": ["index-image", "index"],
+}
+WRITERS = {"extract": "store", "resume": "run", "index": "index"}     # commands that may repair what they read
+
+
+def kinds(name: str) -> list[str]:
+    return JSONL if name.endswith(".jsonl") else JSON if name.endswith(".json") else BINARY
+
+
+CASES = [(f, how) for f in READERS for how in kinds(f)]
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pristine") / "w"
+    build(root)
+    return root
+
+
+def run(args, capsys):
+    code = main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _rebase(text: str, a: Path, b: Path) -> str:
+    return text.replace(str(a), str(b))
+
+
+@pytest.mark.parametrize("file,how", CASES, ids=[f"{f}:{h}" for f, h in CASES])
+def test_damaged_file(pristine, tmp_path, capsys, file, how):
+    root = tmp_path / "w"
+    shutil.copytree(pristine, root, symlinks=True)
+    # the copies point at each other, not at the pristine world
+    for meta in (root / "run" / "run.json", root / "index" / "manifest.json"):
+        meta.write_text(_rebase(meta.read_text(), pristine, root))
+    expected = {}
+    for name, args in commands(root).items():          # what the undamaged world answers
+        if name in READERS[file] and name not in WRITERS:
+            code, out, err = run(args, capsys)
+            assert code == 0, (name, err)
+            expected[name] = out
+    shutil.rmtree(root / "new-run", ignore_errors=True)
+    damage(root / file, how)
+    target = Path(file).name
+    for name in READERS[file]:
+        code, out, err = run(commands(root)[name], capsys)
+        if code == 0:
+            if name in WRITERS:                         # it repaired what it writes
+                assert_repaired(WRITERS[name], pristine, root, capsys)
+            else:
+                assert out == expected[name], f"{name}: a different answer with {file} {how}"
+        else:
+            line = err.strip()
+            assert code == 2 and line.startswith("fnemm: error:") and "\n" not in line, (name, err)
+            assert target in line or str(root / Path(file).parent) in line, (name, line)
+
+
+def assert_repaired(what: str, pristine: Path, root: Path, capsys) -> None:
+    if what == "store":
+        for f in ("raw.npy", "stats.npy", "fne.npy", "fc7.npy"):
+            assert (root / "store" / f).read_bytes() == (pristine / "store" / f).read_bytes(), f
+    elif what == "index":
+        code, out, _ = run(commands(root)["index-text"], capsys)
+        ref = run(commands(pristine)["index-text"], capsys)[1]
+        assert code == 0 and out == ref
+    else:
+        assert json.loads((root / "run" / "config.json").read_text()) == \
+            json.loads((pristine / "run" / "config.json").read_text())
+        assert len((root / "run" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_image_names_with_newlines_and_line_separators(tmp_path, capsys):
+    """Names a line-per-id file cannot hold: extract, train, index and search them."""
+    names = tinycnn.write_images(tmp_path / "plain", 12)
+    odd = [n.replace("img", "im\ng" if k % 3 == 0 else "im\u2028g" if k % 3 == 1 else "im#g?") for k, n in
+           enumerate(names)]
+    (tmp_path / "images").mkdir()
+    for a, b in zip(names, odd):
+        (tmp_path / "plain" / a).rename(tmp_path / "images" / b)
+    write_dataset(tmp_path, odd, extra=())
+    build(tmp_path, images=False)
+    capsys.readouterr()
+    assert main(["search", "--index", str(tmp_path / "index"), "--text", "picture number 4", "-k", "12",
+                 "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)["results"]
+    assert sorted(h["image"] for h in hits) == sorted(odd)
+    assert main(["search", "--index", str(tmp_path / "index"), "--image", odd[0], "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["results"][0]["caption"].startswith("picture number")
