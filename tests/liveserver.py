@@ -14,10 +14,15 @@ import threading
 from pathlib import Path
 
 
+class Url(str):
+    """The base URL, with the server's process id (``.pid``)."""
+    pid: int
+
+
 @contextlib.contextmanager
 def serving(index: Path, log: Path, *args: str, timeout: float = 120):
-    """Yields the base URL once /healthz answers; stops the server on exit. The
-    server's output goes to ``log``, which a start-up failure quotes."""
+    """Yields the base URL (a str; ``.pid`` the server's process) once /healthz answers;
+    stops the server on exit. Its output goes to ``log``, which a start-up failure quotes."""
     import httpx
     proc = subprocess.Popen([sys.executable, "-m", "fnemm.cli", "serve", "--index", str(index), "--port", "0",
                              *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -36,7 +41,8 @@ def serving(index: Path, log: Path, *args: str, timeout: float = 120):
         # keep draining its output into the log, so that it never blocks on a full pipe
         drain = threading.Thread(target=lambda: [out.write(line) for line in proc.stdout], daemon=True)
         drain.start()
-        url = f"http://127.0.0.1:{first}"
+        url = Url(f"http://127.0.0.1:{first}")
+        url.pid = proc.pid
         if httpx.get(url + "/healthz", timeout=timeout).status_code != 200:
             raise RuntimeError(f"fnemm serve is not healthy:\n{Path(log).read_text()}")
         yield url

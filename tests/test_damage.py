@@ -17,7 +17,7 @@ from fnemm.cli import main
 from test_extract import write_dataset
 from test_train import SMALL
 
-BINARY = ["truncated", "emptied", "garbled", "removed"]
+BINARY = ["truncated", "emptied", "garbled", "removed", "overwritten"]
 JSON = BINARY + ["not-utf8", "wrong-type"]
 JSONL = JSON + ["line-removed"]
 
@@ -28,6 +28,9 @@ def damage(path: Path, how: str) -> None:
         path.write_bytes(data[: len(data) // 2])
     elif how == "emptied":
         path.write_bytes(b"")
+    elif how == "overwritten":              # the same size, the header intact: 1/3 of the data replaced
+        n = len(data)
+        path.write_bytes(data[: n // 3] + bytes(np.full(n // 3, 0x41, np.uint8)) + data[2 * (n // 3):])
     elif how == "garbled":
         path.write_bytes(np.random.default_rng(len(data)).integers(0, 256, len(data), dtype=np.uint8).tobytes())
     elif how == "removed":
@@ -160,8 +163,8 @@ def test_damaged_file(pristine, tmp_path, capsys, file, how):
 
 
 def assert_repaired(what: str, pristine: Path, root: Path, capsys) -> None:
-    if what == "store":
-        for f in ("raw.npy", "stats.npy", "fne.npy", "fc7.npy"):
+    if what == "store":          # what a store serves (raw.npy only feeds a re-assembly, which checks it)
+        for f in ("stats.npy", "fne.npy", "fc7.npy"):
             assert (root / "store" / f).read_bytes() == (pristine / "store" / f).read_bytes(), f
     elif what == "index":
         code, out, _ = run(commands(root)["index-text"], capsys)
@@ -190,3 +193,17 @@ def test_image_names_with_newlines_and_line_separators(tmp_path, capsys):
     assert sorted(h["image"] for h in hits) == sorted(odd)
     assert main(["search", "--index", str(tmp_path / "index"), "--image", odd[0], "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["results"][0]["caption"].startswith("picture number")
+
+
+def test_a_reassembly_never_reads_a_damaged_raw_npy(pristine, tmp_path, capsys):
+    """raw.npy overwritten in place (same size, header intact): a store that is reused is
+    fine, but other thresholds must not be computed from those numbers."""
+    root = tmp_path / "w"
+    shutil.copytree(pristine, root)
+    damage(root / "store" / "raw.npy", "overwritten")
+    code, out, _ = run([*extract_args(root)[:-1], str(root / "store"), "--thresholds=-1,1"], capsys)
+    assert code == 0
+    assert (root / "store" / "raw.npy").read_bytes() == (pristine / "store" / "raw.npy").read_bytes()
+    assert main([*extract_args(root), "--verify"]) == 0      # and back: re-assembled from the repaired raw
+    for f in ("stats.npy", "fne.npy", "fc7.npy"):
+        assert (root / "store" / f).read_bytes() == (pristine / "store" / f).read_bytes(), f

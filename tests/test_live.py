@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -55,6 +56,33 @@ def test_concurrent_requests_agree_with_sequential_ones(server):
     for r in uploads:
         assert r.status_code == 200
         assert [h["caption"] for h in r.json()["results"]] == [h["caption"] for h in upload_alone]
+
+
+def test_big_uploads_at_once_keep_the_server_memory_bounded(server):
+    """16 uploads of a 7000x7000 RGBA PNG (49 megapixels, ~200 MB decoded, a few hundred
+    KB sent) at once: decoding takes turns two at a time and each photo is reduced to
+    256x256 before the next stage, so the server's peak RSS stays under 2 GiB (it
+    reached 6.9 GB when every request decoded at once)."""
+    import io
+
+    from PIL import Image
+    url, _ = server
+    buf = io.BytesIO()
+    Image.linear_gradient("L").resize((7000, 7000)).convert("RGBA").save(buf, "PNG")
+    png = buf.getvalue()
+    assert len(png) < 5_000_000
+
+    def upload(_):
+        with httpx.Client(base_url=url, timeout=300) as client:
+            return client.post("/search/image", files={"file": ("big.png", png, "image/png")}, data={"k": "3"})
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(upload, range(16)))
+    assert [r.status_code for r in answers] == [200] * 16
+    status = Path(f"/proc/{url.pid}/status").read_text()
+    peak_kib = int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1])
+    assert peak_kib < 2 * 1024 * 1024, f"peak RSS {peak_kib / 1024:.0f} MiB"
+    print(json.dumps({"server_peak_rss_mib": round(peak_kib / 1024)}))
 
 
 def test_bench_load_generator_counts_answers_and_stops_on_time(server):

@@ -157,3 +157,25 @@ def test_image_weight_decay_and_dropout(synth, tmp_path):
     model.train()
     torch.manual_seed(0)
     assert not torch.equal(model.image(x), model.image(x))
+
+
+def test_a_megabyte_caption_is_cut_with_a_warning_and_memory_stays_bounded(synth, tmp_path):
+    """One 1 MB caption among the training captions: cut to max_caption_tokens (100), the
+    warning names the image, and the training process peaks under 1 GiB (uncut, every
+    batch holding it would pad to 250,000 steps)."""
+    jsonl, npy, ids = synth
+    records = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    records[0]["captions"][0] = "a dog runs " * 90_000                  # ~1 MB, 270,000 tokens
+    (tmp_path / "big.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    script = ("import resource, sys, fnemm\n"
+              "from fnemm.config import apply_overrides\n"
+              "ds, feats = fnemm.load_dataset(sys.argv[1]), fnemm.load_features(sys.argv[2], ids=sys.argv[3])\n"
+              "cfg = apply_overrides(fnemm.get_preset('flickr8k/FNE-MH'), sys.argv[5:])\n"
+              "fnemm.train(cfg, ds, feats, sys.argv[4], quiet=True)\n"
+              "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "big.jsonl"), str(npy), str(ids),
+                           str(tmp_path / "run"), *SMALL, "stages.max_epochs=1"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    peak_kib = int(done.stdout.split()[-1])
+    assert peak_kib < 1024 * 1024, f"peak RSS {peak_kib / 1024:.0f} MiB"
+    assert "1 caption(s) longer than 100 tokens cut to 100, e.g. caption 1 of img00000.jpg" in done.stderr

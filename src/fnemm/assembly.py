@@ -23,7 +23,7 @@ from fnemm.cnn import TappedCNN, tap_groups
 from fnemm.errors import FnemmError
 from fnemm.faults import fault
 from fnemm.features import FORMAT, RAW_KEYS, write_manifest
-from fnemm.fileio import atomic_save_npy, read_json
+from fnemm.fileio import atomic_save_npy, read_json, sha256_file
 from fnemm.fne import CROP, RESIZE, THRESHOLDS, RunningStats
 from fnemm.recipe import Encoder, Recipe, fit_pca, select_layers
 
@@ -68,20 +68,23 @@ def read_manifest(store: Path) -> dict:
     return manifest
 
 
-def damaged_files(store: Path, manifest: dict) -> list[str]:
+def damaged_files(store: Path, manifest: dict, hashes: bool = False) -> list[str]:
     """The store's array files (``arrays``, statistics, PCA) that are missing, not the size
-    the manifest records, or not a readable .npy: a cheap check, no hashing."""
+    the manifest records, or not a readable .npy (with ``hashes``: or whose sha256
+    differs from the manifest's)."""
     files = [a.get("file") for a in (manifest.get("arrays") or {}).values() if isinstance(a, dict)]
     sizes = {a.get("file"): a.get("bytes") for a in (manifest.get("arrays") or {}).values() if isinstance(a, dict)}
     for extra in ("stats", "pca"):
         if isinstance(manifest.get(extra), dict):
             files.append(manifest[extra].get("file"))
             sizes[manifest[extra].get("file")] = manifest[extra].get("bytes")
+    hashed = {a.get("file"): a.get("sha256") for a in (manifest.get("arrays") or {}).values() if isinstance(a, dict)}
     bad = []
     for name in files:
         path = store / str(name)
         if not isinstance(name, str) or not path.is_file() or \
-                (sizes.get(name) is not None and path.stat().st_size != sizes[name]):
+                (sizes.get(name) is not None and path.stat().st_size != sizes[name]) or \
+                (hashes and hashed.get(name) and sha256_file(path) != hashed[name]):
             bad.append(str(name))
             continue
         try:

@@ -70,7 +70,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[JointEmbeddi
     ckpt = read_checkpoint(path, device)
     try:
         config = TrainConfig.from_dict(ckpt["config"])
-        vocab = Vocab(ckpt["vocab"])
+        vocab = Vocab(ckpt["vocab"], config.max_caption_tokens)
         model = JointEmbedding(config.model, len(vocab), ckpt["feature_dim"])
         model.load_state_dict(ckpt["model"])
     except (TypeError, KeyError, ValueError, RuntimeError) as e:

@@ -53,6 +53,10 @@ class TrainConfig:
     seed: int = 0
     # Captions per image used for validation/test (the standard protocol uses 5).
     eval_captions: int = 5
+    # Longer captions are cut to this many tokens, with a warning (the authors' code keeps
+    # at most 100 words; real captions have < 50): one huge caption must not pad every
+    # batch to its length.
+    max_caption_tokens: int = 100
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -245,5 +249,7 @@ def validate(config: TrainConfig) -> None:
         raise FnemmError("batch_size must be >= 2 (the loss needs in-batch negatives)")
     if min(config.model.word_dim, config.model.embed_dim) < 1:
         raise FnemmError("model.word_dim and model.embed_dim must be >= 1")
+    if config.max_caption_tokens < 1:
+        raise FnemmError("max_caption_tokens must be >= 1")
     if not 0 <= config.model.image_dropout < 1 or config.image_weight_decay < 0:
         raise FnemmError("model.image_dropout must be in [0, 1) and image_weight_decay >= 0")

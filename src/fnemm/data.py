@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,7 +52,16 @@ def split_data(dataset: Dataset, features: Features, vocab: Vocab, split: str) -
     order = np.argsort(rows, kind="stable")
     block = np.empty((len(rows), features.dim), dtype=features.array.dtype)
     block[order] = features.array[rows[order]]
-    caps = [[vocab.encode(c) for c in dataset.captions[k]] for k in indices]
+    caps, cut = [], []
+    for k in indices:
+        encoded = [vocab.encode_checked(c) for c in dataset.captions[k]]
+        caps.append([ids for ids, _ in encoded])
+        cut += [(dataset.image_ids[k], n + 1) for n, (_, was_cut) in enumerate(encoded) if was_cut]
+    if cut:
+        image, n = cut[0]
+        print(f"fnemm: warning: {dataset.name} ({split}): {len(cut)} caption(s) longer than {vocab.max_tokens} "
+              f"tokens cut to {vocab.max_tokens}, e.g. caption {n} of {image} "
+              f"(--set max_caption_tokens=N to change)", file=sys.stderr)
     return SplitData(ids, block, caps)
 
 

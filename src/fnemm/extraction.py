@@ -269,9 +269,10 @@ def _state_of(manifest: dict) -> dict:
             "converted": {s["image"]: s["mode"] for s in manifest.get("converted", [])}}
 
 
-def plan(out: Path, identity: dict, assembly: dict) -> Plan:
+def plan(out: Path, identity: dict, assembly: dict, verify: bool = False) -> Plan:
     """Decide what to do in ``out`` for a job of this forward ``identity`` and this
-    ``assembly`` ({stats source, recipe}); refuse a folder holding another job."""
+    ``assembly`` ({stats source, recipe}); refuse a folder holding another job. A
+    complete store's files are checked (sizes; sha256 too with ``verify``)."""
     partial = out / ".partial"
     if (out / "manifest.json").exists() and not partial.exists():
         try:
@@ -289,16 +290,18 @@ def plan(out: Path, identity: dict, assembly: dict) -> Plan:
             state = _state_of(manifest)
         except (KeyError, TypeError):
             return Plan("forward", reason="its manifest.json is incomplete: extracting again")
-        damaged = damaged_files(out, manifest)
+        damaged = damaged_files(out, manifest, hashes=verify)
         raw = (manifest.get("arrays") or {}).get("raw", {}).get("file", "raw.npy")
         if raw in damaged or not (out / raw).is_file():
             return Plan("forward", reason=f"{raw} is damaged or missing: extracting again")
-        if damaged:
-            return Plan("assemble", state, manifest, f"{damaged[0]} is damaged or missing")
         changed = [k for k, v in assembly.items() if manifest.get(k) != v]
-        if not changed:
+        if not damaged and not changed:
             return Plan("reuse", state, manifest)
-        return Plan("assemble", state, manifest, f"{', '.join(changed)} changed")
+        # about to be re-assembled from raw.npy: it must be the very one the manifest describes
+        if damaged_files(out, {"arrays": {"raw": manifest["arrays"]["raw"]}}, hashes=True):
+            return Plan("forward", reason=f"{raw} differs from the manifest's sha256: extracting again")
+        reason = f"{damaged[0]} is damaged or missing" if damaged else f"{', '.join(changed)} changed"
+        return Plan("assemble", state, manifest, reason)
     job = partial / "job.json"
     if job.exists():
         old = read_json(job, RESTART.format(partial=partial))
@@ -317,12 +320,13 @@ def plan(out: Path, identity: dict, assembly: dict) -> Plan:
 
 def extract(images: str | Path, out: str | Path, dataset: Dataset | None = None,
             config: ExtractConfig = ExtractConfig(), stats_from: str | Path | None = None,
-            train_list: list[str] | None = None, quiet: bool = False) -> ExtractResult:
+            train_list: list[str] | None = None, quiet: bool = False, verify: bool = False) -> ExtractResult:
     """Extract the images of ``dataset`` (or every image under ``images``) into the
     feature store ``out``, resuming whatever an earlier run left there.
 
     Statistics come from the dataset's training split, else from the images named in
-    ``train_list``, else from another store (``stats_from``)."""
+    ``train_list``, else from another store (``stats_from``). A complete store is reused
+    when its files are intact: sizes are checked, and with ``verify`` their sha256."""
     images, out = Path(images), Path(out)
     if config.crops not in (1, 10):
         raise FnemmError(f"--crops {config.crops}: expected 10 (corners, centre and mirrors) or 1 (centre)")
@@ -353,7 +357,7 @@ def extract(images: str | Path, out: str | Path, dataset: Dataset | None = None,
                 "stats_from": str(Path(stats_from).resolve()) if stats_from else None}
     info["stats_from"] = assembly["stats_from"]
     with folder_lock(out, "a feature store"):
-        todo = plan(out, identity, assembly)
+        todo = plan(out, identity, assembly, verify)
         if todo.action == "reuse":
             if not quiet:
                 print(f"{out}: complete ({len(todo.manifest['image_ids'])} images); reusing it")

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from fnemm.errors import FnemmError
-from fnemm.fileio import atomic_save_npy, atomic_write_json, read_json
+from fnemm.fileio import atomic_save_npy, atomic_write_json, read_json, sha256_file
 
 FORMAT = "fnemm-features"
 # What a store's raw activations depend on (a store's statistics only fit raw activations
@@ -88,7 +88,7 @@ def _load_npy(path: Path, fix: str = "re-create it with numpy.save") -> np.ndarr
                          f"{fix}") from None
 
 
-def load_store(folder: Path, kind: str = "fne") -> Features:
+def load_store(folder: Path, kind: str = "fne", verify: bool = False) -> Features:
     manifest_path = folder / "manifest.json"
     fix = "re-run `fnemm extract` into this folder (the same command rebuilds it)"
     manifest = read_json(manifest_path, fix)
@@ -103,6 +103,8 @@ def load_store(folder: Path, kind: str = "fne") -> Features:
         raise FnemmError(f"{folder}: this feature store has no {kind!r} features (it has: {have}); "
                          f"choose --set features=... accordingly or re-extract")
     path = folder / arrays[kind]["file"]
+    if (wrong := verify_array(folder, arrays[kind], hashes=verify)) is not None:
+        raise FnemmError(f"{path}: damaged ({wrong}); {fix}")
     array = _load_npy(path, fix)
     _check_array(array, len(ids), path)
     _check_ids(ids, manifest_path)
@@ -128,8 +130,10 @@ def load_plain(path: Path, ids_path: Path | None = None) -> Features:
     return Features(ids, array, str(path), "plain")
 
 
-def load_features(path: str | Path, kind: str = "fne", ids: str | Path | None = None) -> Features:
-    """Features from a store folder (array ``kind``) or a plain ``.npy`` (+ ``ids``)."""
+def load_features(path: str | Path, kind: str = "fne", ids: str | Path | None = None,
+                  verify: bool = False) -> Features:
+    """Features from a store folder (array ``kind``; its size checked against the manifest,
+    its sha256 too with ``verify``) or a plain ``.npy`` (+ ``ids``)."""
     path = Path(path)
     if not path.exists():
         raise FnemmError(f"{path}: no such feature store or .npy file; run `fnemm extract` or "
@@ -137,17 +141,30 @@ def load_features(path: str | Path, kind: str = "fne", ids: str | Path | None = 
     if path.is_dir():
         if not (path / "manifest.json").exists():
             raise FnemmError(f"{path}: no manifest.json; not a feature store (run `fnemm extract`)")
-        return load_store(path, kind)
+        return load_store(path, kind, verify)
     if path.suffix != ".npy":
         raise FnemmError(f"{path}: expected a feature store folder or a .npy file")
     return load_plain(path, Path(ids) if ids else None)
 
 
 def array_entry(folder: Path, name: str, file: str) -> dict:
-    """The manifest's description of an array file already written in ``folder``."""
+    """The manifest's description of an array file already written in ``folder``: what a
+    reader checks (its size, always; its sha256 when asked to verify)."""
     array = np.load(folder / file, mmap_mode="r", allow_pickle=False)
     return {"file": file, "dtype": str(array.dtype), "shape": list(array.shape),
-            "bytes": (folder / file).stat().st_size}
+            "bytes": (folder / file).stat().st_size, "sha256": sha256_file(folder / file)}
+
+
+def verify_array(folder: Path, entry: dict, hashes: bool = False) -> str | None:
+    """What is wrong with one array file of a store, against its manifest entry (None: fine)."""
+    path = folder / entry["file"]
+    if not path.is_file():
+        return "missing"
+    if entry.get("bytes") is not None and path.stat().st_size != entry["bytes"]:
+        return f"{path.stat().st_size} bytes, the manifest says {entry['bytes']}"
+    if hashes and entry.get("sha256") and sha256_file(path) != entry["sha256"]:
+        return "its sha256 differs from the manifest's"
+    return None
 
 
 def write_manifest(folder: str | Path, image_ids: list[str], arrays: dict[str, str],

@@ -33,9 +33,15 @@ def crop_boxes(size: int = RESIZE, crop: int = CROP, n: int = 10) -> list[tuple[
     raise ValueError(f"crops={n}: expected 1 or 10")
 
 
+def resized(image: Image.Image, size: int = RESIZE) -> Image.Image:
+    """The image as the crops are cut from it: RGB, size x size (bilinear). Applying it
+    twice changes nothing, so a large upload can be reduced to this early."""
+    return image.convert("RGB").resize((size, size), Image.BILINEAR)
+
+
 def crops(image: Image.Image, n: int = 10, size: int = RESIZE, crop: int = CROP) -> np.ndarray:
     """(n, crop, crop, 3) uint8 crops of an RGB image resized to size x size."""
-    a = np.asarray(image.convert("RGB").resize((size, size), Image.BILINEAR))
+    a = np.asarray(resized(image, size))
     out = np.empty((n, crop, crop, 3), np.uint8)
     for k, (top, left) in enumerate(crop_boxes(size, crop, n)):
         c = a[top:top + crop, left:left + crop]

@@ -61,7 +61,14 @@ def _files_intact(folder: Path, files: dict, hashes: bool) -> str | None:
 
 def _request(opened, features: Path, store, dataset, split: str, ids, method: str, threshold: int,
              target_recall: float, tune_queries: list[str] | None) -> dict:
-    """Everything the index depends on: the same request later means the same index."""
+    """Everything the index depends on: the same request later means the same index. The
+    store's manifest hash covers its arrays' sha256; the array read is checked against it."""
+    entry = (store.manifest.get("arrays") or {}).get(store.kind)
+    if entry:
+        from fnemm.features import verify_array
+        if (wrong := verify_array(features, entry, hashes=True)) is not None:
+            raise FnemmError(f"{features / entry['file']}: damaged ({wrong}); re-run `fnemm extract` "
+                             f"into {features} (the same command repairs it)")
     return {
         "checkpoint": {"path": str(opened.path.resolve()), "sha256": sha256_file(opened.path)},
         "features": {"path": str(features.resolve()), "kind": store.kind,
@@ -244,10 +251,19 @@ def read_index(folder: str | Path, checkpoint: str | Path | None = None,
     if sha256_file(store_file(store)) != store_sha:
         raise FnemmError(f"{store}: not the feature store {folder} was built from "
                          f"(its {store_file(store).name} sha256 differs); {rebuild}")
-    bad = _files_intact(folder, m["files"], hashes=False)
+    # sizes of every file; the small ones (ids, captions) by hash too; embeddings by their norms below
+    small = {n: r for n, r in m["files"].items() if not n.endswith((".npy", ".faiss"))}
+    bad = _files_intact(folder, m["files"], hashes=False) or _files_intact(folder, small, hashes=True)
     if bad is not None:
         raise FnemmError(f"{folder / bad}: missing or not the size the manifest records (an interrupted "
                          f"copy?); {rebuild}")
+    try:
+        if not isinstance(m["images"], dict) or (m.get("captions") is not None and not isinstance(m["captions"], dict)):
+            raise TypeError
+        for side in [s for s in ("images", "captions") if m.get(s)]:
+            int(m[side]["count"]), str(m[side]["method"])
+    except (KeyError, TypeError, ValueError):
+        raise FnemmError(f"{folder / 'manifest.json'}: incomplete or damaged (no image side); {rebuild}") from None
     image_ids = read_json(folder / "images.ids.json", rebuild, list)
     if not all(isinstance(i, str) for i in image_ids) or len(set(image_ids)) != len(image_ids):
         raise FnemmError(f"{folder / 'images.ids.json'}: not a list of distinct image ids; {rebuild}")
@@ -287,6 +303,10 @@ def _side(folder: Path, manifest: dict, side: str, count: int, listed_in: str) -
     if vectors.ndim != 2 or len(vectors) != info["count"] or len(vectors) != count:
         raise FnemmError(f"{folder / (side + '.npy')}: {len(vectors)} rows, the manifest says {info['count']} "
                          f"and {listed_in} lists {count}; {rebuild}")
+    for s in range(0, len(vectors), 65536):     # embeddings are unit vectors: damage shows in their norms
+        norms = np.linalg.norm(np.asarray(vectors[s:s + 65536], np.float64), axis=1)
+        if len(norms) and not np.all(np.abs(norms - 1) < 1e-3):
+            raise FnemmError(f"{folder / (side + '.npy')}: damaged (rows that are not unit vectors); {rebuild}")
     if info["method"] == "exact":           # searched in full at every query: in memory
         return VectorIndex.build(vectors, "exact")
     index = VectorIndex.load(folder / f"{side}.faiss", vectors, info["method"])

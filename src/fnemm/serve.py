@@ -287,11 +287,33 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def share_malloc_arenas() -> None:
+    """Keep the memory the server holds near what its bounded work in flight needs
+    (DECODES, the CNN's lock). glibc gives each thread its own arena, keeps there what
+    the thread freed, and raises its mmap threshold after big frees, so a server whose
+    threads had each once decoded a 50-megapixel upload, or run the CNN, kept all of
+    it: 16 such uploads at once peaked at 5.6 GiB. Two arenas for all threads, a fixed
+    32 MiB mmap threshold, and PIL image blocks of 64 MiB (so decoded images are mmap'd
+    and really freed): 1.55 GiB, and uploads no slower (median 184 vs 202 ms over 5
+    interleaved runs of 15; a fixed 256 KiB threshold alone gave 1.3 GiB but 1.6x slower
+    uploads, the CNN's activation maps faulting in anew each time)."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-8, 2)                                    # M_ARENA_MAX
+        libc.mallopt(-3, 32 << 20)                             # M_MMAP_THRESHOLD: fixed at 32 MiB
+    except (OSError, AttributeError):
+        pass                                                   # not glibc: nothing to tune
+    from PIL import Image
+    Image.core.set_block_size(64 << 20)     # decoded images in blocks above that: mmap'd, freed for real
+
+
 def serve(index: str | Path, host: str = "127.0.0.1", port: int = 8000, checkpoint=None, features=None,
           device: str = "cpu", max_upload_bytes: int = MAX_UPLOAD_BYTES, quiet: bool = False) -> None:
     """Load ``index`` once, then serve it with uvicorn until interrupted. The first line
     printed names the address, with the real port when ``port`` is 0."""
     import uvicorn
+    share_malloc_arenas()
     gallery = Gallery.from_index(index, checkpoint, features, device)
     gallery.encoder                         # load the CNN now: a missing weights file fails at start
     app = create_app(gallery, max_upload_bytes)

@@ -26,9 +26,11 @@ def tokenize(caption: str) -> list[str]:
 
 
 class Vocab:
-    """Word <-> id map. Id 0 is padding, id 1 the unknown word."""
+    """Word <-> id map. Id 0 is padding, id 1 the unknown word. ``max_tokens`` caps every
+    encoded caption (a megabyte-long caption would pad every batch to its length)."""
 
-    def __init__(self, words: Iterable[str] = ()):
+    def __init__(self, words: Iterable[str] = (), max_tokens: int | None = None):
+        self.max_tokens = max_tokens
         self.itos: list[str] = [PAD, UNK]
         self.stoi: dict[str, int] = {PAD: 0, UNK: 1}
         for w in words:
@@ -45,9 +47,15 @@ class Vocab:
         return len(self.itos)
 
     def encode(self, caption: str) -> list[int]:
-        """Token ids of ``caption``; never empty (an empty caption is one <unk>)."""
-        ids = [self.stoi.get(w, 1) for w in tokenize(caption)]
-        return ids or [1]
+        """Token ids of ``caption``, at most ``max_tokens``; never empty (an empty caption is one <unk>)."""
+        return self.encode_checked(caption)[0]
+
+    def encode_checked(self, caption: str) -> tuple[list[int], bool]:
+        """(token ids, whether they were cut to ``max_tokens``)."""
+        ids = [self.stoi.get(w, 1) for w in tokenize(caption)] or [1]
+        if self.max_tokens is not None and len(ids) > self.max_tokens:
+            return ids[:self.max_tokens], True
+        return ids, False
 
     def to_json(self) -> str:
         return json.dumps(self.itos[2:])

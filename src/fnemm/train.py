@@ -276,6 +276,7 @@ def train(config: TrainConfig, dataset: Dataset, features: Features, out_dir: st
     """
     validate(config)
     vocab = build_vocab(dataset)
+    vocab.max_tokens = config.max_caption_tokens
     train_split = split_data(dataset, features, vocab, "train")
     val_split = split_data(dataset, features, vocab, "val")
     info = {"dataset": dataset.name, "n_train": len(train_split), "n_val": len(val_split),

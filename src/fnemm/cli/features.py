@@ -72,6 +72,8 @@ def add_extract(sub) -> argparse.ArgumentParser:
                    help=f"images per resumable chunk (default {ExtractConfig.chunk_size})")
     p.add_argument("--workers", type=int, default=ExtractConfig.workers,
                    help=f"image-decoding processes (default {ExtractConfig.workers}; 0: none)")
+    p.add_argument("--verify", action="store_true",
+                   help="before reusing a complete store, check its files' sha256, not only their sizes")
     add_common(p)
     return p
 
@@ -93,7 +95,7 @@ def extract(args) -> int:
                            batch_size=args.batch_size, chunk_size=args.chunk_size, workers=args.workers,
                            device=resolve_device(args.device))
     result = extract(args.images, args.out, dataset, config, stats_from=args.stats, train_list=train_list,
-                     quiet=args.quiet)
+                     quiet=args.quiet, verify=args.verify)
     m = result.manifest
     fractions = ", ".join(f"{int(v):+d}: {f:.3f}" for v, f in m["fne_fractions"].items()) \
         if "fne_fractions" in m else m["arrays"]["fne"]["dtype"]
