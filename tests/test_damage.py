@@ -207,3 +207,16 @@ def test_a_reassembly_never_reads_a_damaged_raw_npy(pristine, tmp_path, capsys):
     assert main([*extract_args(root), "--verify"]) == 0      # and back: re-assembled from the repaired raw
     for f in ("stats.npy", "fne.npy", "fc7.npy"):
         assert (root / "store" / f).read_bytes() == (pristine / "store" / f).read_bytes(), f
+    # through the service: percent-encoded result URLs fetch the thumbnails of such names
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from fnemm.gallery import Gallery
+    from fnemm.serve import create_app
+    client = TestClient(create_app(Gallery.from_index(tmp_path / "index")))
+    results = client.post("/search/text", json={"query": "picture number 2", "k": 12}).json()["results"]
+    odd_hash = next(r for r in results if "#" in r["image"])
+    assert "%23" in odd_hash["url"] and "%3F" in odd_hash["url"]
+    for r in results:
+        thumb = client.get(r["url"], params={"size": 64})
+        assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg", r["image"]

@@ -269,10 +269,21 @@ def test_image_search_endpoint(client, built):
     assert png.status_code == 200 and len(png.json()["results"]) == 10
 
 
-def big_dimensions_png() -> bytes:
+def big_dimensions_png(width: int = 8000, height: int = 8000) -> bytes:
+    """A PNG that declares width x height: a real one, or (too big to make) a 1x1 PNG
+    whose header says so, its checksum fixed."""
+    import struct
+    import zlib
     buf = io.BytesIO()
-    Image.new("1", (8000, 8000)).save(buf, "PNG")       # 64 megapixels in a few KB
-    return buf.getvalue()
+    if width * height <= 10 ** 8:
+        Image.new("1", (width, height)).save(buf, "PNG")       # 64 megapixels in a few KB
+        return buf.getvalue()
+    Image.new("1", (1, 1)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = bytes(data[12:16]) + struct.pack(">II", width, height) + bytes(data[24:29])
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(ihdr))
+    return bytes(data)
 
 
 @pytest.mark.parametrize("files, data, status, message", [
@@ -283,6 +294,7 @@ def big_dimensions_png() -> bytes:
      "request body over 0.253 MiB"),                                   # refused on its Content-Length
     ({"file": ("a.jpg", b"\xff" * 210_000, "image/jpeg")}, {}, 413, "a.jpg: upload over 0.191 MiB"),
     ({"file": ("huge.png", big_dimensions_png(), "image/png")}, {}, 413, "8000x8000 pixels"),
+    ({"file": ("bomb.png", big_dimensions_png(100_000, 100_000), "image/png")}, {}, 413, "too many pixels"),
     ({"file": ("ok.jpg", photo_bytes(), "image/jpeg")}, {"k": "0"}, 422, "k=0"),
     ({"file": ("ok.jpg", photo_bytes(), "image/jpeg")}, {"k": "500"}, 422, "k=500"),
     ({"file": ("ok.jpg", photo_bytes(), "image/jpeg")}, {"k": "lots"}, 422, "k: Input should be a valid integer"),
