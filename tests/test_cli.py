@@ -61,7 +61,7 @@ def test_broken_caption_line(capsys, synth, tmp_path):
     lines = jsonl.read_text().splitlines()
     lines[4] = lines[4][:-5]
     jsonl.write_text("\n".join(lines) + "\n")
-    code, _, err = run(capsys, "train", "--preset", "flickr8k/FNE-MH", "--dataset", jsonl,
+    code, _, err = run(capsys, "train", "--preset", "flickr30k/FNE-MH", "--dataset", jsonl,
                        "--features", npy, "--out", tmp_path / "r")
     assert_one_line_error(code, err, f"{jsonl}:5: invalid JSON")
 
@@ -69,14 +69,14 @@ def test_broken_caption_line(capsys, synth, tmp_path):
 def test_ids_that_do_not_match(capsys, synth, tmp_path):
     jsonl, npy, ids = synth
     ids.write_text("\n".join(f"other{k}.jpg" for k in range(600)) + "\n")
-    code, _, err = run(capsys, "train", "--preset", "flickr8k/FNE-MH", "--dataset", jsonl,
+    code, _, err = run(capsys, "train", "--preset", "flickr30k/FNE-MH", "--dataset", jsonl,
                        "--features", npy, "--out", tmp_path / "r")
     assert_one_line_error(code, err, str(npy), "have no features", "img00000.jpg")
 
 
 def test_wrong_feature_dim(capsys, synth, tmp_path):
     jsonl, npy, ids = synth
-    code, _, err = run(capsys, "train", "--preset", "flickr8k/FNE-MH", "--dataset", jsonl,
+    code, _, err = run(capsys, "train", "--preset", "flickr30k/FNE-MH", "--dataset", jsonl,
                        "--features", npy, "--out", tmp_path / "r", "--epochs", "1", "--quiet", *SMALL)
     assert code == 0, err
     wide = tmp_path / "wide.npy"
@@ -88,7 +88,7 @@ def test_wrong_feature_dim(capsys, synth, tmp_path):
 
 def test_resume_refuses_config_changes_and_missing_checkpoint(capsys, synth, tmp_path):
     jsonl, npy, _ = synth
-    code, _, err = run(capsys, "train", "--preset", "flickr8k/FNE-MH", "--dataset", jsonl,
+    code, _, err = run(capsys, "train", "--preset", "flickr30k/FNE-MH", "--dataset", jsonl,
                        "--features", npy, "--out", tmp_path / "r", "--epochs", "1", "--quiet", *SMALL)
     assert code == 0, err
     code, _, err = run(capsys, "train", "--out", tmp_path / "r", "--resume", "--lr", "1")
@@ -100,10 +100,10 @@ def test_resume_refuses_config_changes_and_missing_checkpoint(capsys, synth, tmp
 
 def test_bad_override_and_device(capsys, synth, tmp_path):
     jsonl, npy, _ = synth
-    code, _, err = run(capsys, "train", "--preset", "flickr8k/FNE-MH", "--dataset", jsonl,
+    code, _, err = run(capsys, "train", "--preset", "flickr30k/FNE-MH", "--dataset", jsonl,
                        "--features", npy, "--out", tmp_path / "r", "--set", "model.embed_dim=wide")
     assert_one_line_error(code, err, "model.embed_dim=wide", "expected int")
-    code, _, err = run(capsys, "train", "--preset", "flickr8k/FNE-MH", "--dataset", jsonl,
+    code, _, err = run(capsys, "train", "--preset", "flickr30k/FNE-MH", "--dataset", jsonl,
                        "--features", npy, "--out", tmp_path / "r2", "--device", "tpu", *SMALL)
     assert_one_line_error(code, err, "--device tpu")
 
@@ -119,7 +119,7 @@ def test_help_is_there(capsys):
 def test_train_seeds_evaluate_and_report_mean_and_std(capsys, synth, tmp_path):
     jsonl, npy, ids = synth
     common = ["--dataset", jsonl, "--features", npy, "--ids", ids]
-    code, out, err = run(capsys, "train", "--preset", "flickr8k/FNE-MH", *common, "--out", tmp_path / "s",
+    code, out, err = run(capsys, "train", "--preset", "flickr30k/FNE-MH", *common, "--out", tmp_path / "s",
                          "--seeds", "2", "--epochs", "2", "--quiet", "--set", "model.embed_dim=32",
                          "--set", "model.word_dim=16")
     assert code == 0, err

@@ -53,7 +53,7 @@ def refused(args, holder) -> str:
 
 def train_args(synth, out, *extra):
     jsonl, npy, ids = synth
-    return ["train", "--preset", "flickr8k/FNE-MH", "--dataset", str(jsonl), "--features", str(npy), "--ids", str(ids),
+    return ["train", "--preset", "flickr30k/FNE-MH", "--dataset", str(jsonl), "--features", str(npy), "--ids", str(ids),
             "--out", str(out), "--epochs", "2", "--quiet", "--threads", "1", *sum((["--set", s] for s in SMALL), []),
             *extra]
 
@@ -76,7 +76,7 @@ def test_a_second_index_build_into_the_same_folder_is_refused(synth, tmp_path):
     from fnemm import get_preset, load_dataset, load_features, train
     from fnemm.config import apply_overrides
     jsonl, npy, ids = synth
-    config = apply_overrides(get_preset("flickr8k/FNE-MH"), [*SMALL, "stages.max_epochs=1"])
+    config = apply_overrides(get_preset("flickr30k/FNE-MH"), [*SMALL, "stages.max_epochs=1"])
     for name in ("a", "b"):
         train(apply_overrides(config, [f"seed={ord(name)}"]), load_dataset(jsonl), load_features(npy, ids=ids),
               tmp_path / name, quiet=True)

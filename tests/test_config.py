@@ -1,3 +1,6 @@
+import json
+from pathlib import Path
+
 import pytest
 
 from fnemm import PRESETS, FnemmError, apply_overrides, get_preset
@@ -12,26 +15,66 @@ def test_every_table1_variant_exists():
                 assert f"{fam}/{feat}-{pipe}" in PRESETS
 
 
-def test_table1_values():
+def test_paper_preset_values():
     mh = get_preset("flickr8k/fne-mh")
     assert (mh.model.embed_dim, mh.model.word_dim, mh.model.similarity, mh.model.use_abs) == (1024, 1024, "cosine", False)
-    assert [(s.loss, s.lr, s.margin, s.max_epochs) for s in mh.stages] == [("max", 2e-4, 0.2, 400)]
+    # the paper's 400 epochs at 2e-4, then the authors' reload at 2e-5 for up to 800 from the best
+    assert [(s.loss, s.lr, s.margin, s.max_epochs) for s in mh.stages] == [("max", 2e-4, 0.2, 400),
+                                                                           ("max", 2e-5, 0.2, 800)]
     assert mh.batch_size == 128 and mh.grad_clip == 2.0 and mh.features == "fne"
+    assert mh.grad_clip_mode == "per-tensor" and mh.val_images is None
     assert get_preset("flickr30k/FNE-MH").model.embed_dim == 1536
     assert get_preset("coco/FNE-MH").model.embed_dim == 2048
     assert get_preset("coco/FC7-MH").stages[0].max_epochs == 200
     moe = get_preset("flickr8k/FC7-MOE")
     assert (moe.model.embed_dim, moe.model.word_dim, moe.stages[0].lr, moe.stages[0].margin,
-            moe.model.use_abs, moe.features) == (1536, 1536, 1e-3, 0.05, True, "fc7")
+            moe.model.use_abs, moe.features) == (1536, 1536, 1e-4, 0.05, True, "fc7")
     moebl = get_preset("flickr8k/FNE-MOE-bl")
     assert (moebl.model.similarity, moebl.stages[0].lr, moebl.stages[0].margin, moebl.model.use_abs) == \
         ("order", 2e-4, 0.2, False)
     poe = get_preset("flickr8k/FNE-POE")
-    assert [(s.loss, s.lr) for s in poe.stages] == [("sum", 1e-3), ("max", 1e-4)]
-    assert poe.stages[0].patience is not None and poe.stages[1].patience is None
-    coco_sh = get_preset("coco/FNE-SH")
-    assert coco_sh.model.word_dim == 2000 and coco_sh.stages[0].lr == 2.5e-4
+    assert [(s.loss, s.lr, s.max_epochs) for s in poe.stages] == [("sum", 1e-3, 200), ("max", 1e-4, 200)]
+    assert poe.stages[0].patience is None and poe.stages[1].patience is None       # stage 1 in full
+    coco_sh = get_preset("coco/FNE-SH")                        # the scripts: Flickr word dims and lrs
+    assert coco_sh.model.word_dim == 1024 and coco_sh.stages[0].lr == 2e-4 and coco_sh.val_images == 1000
+    coco_shbl = get_preset("coco/FNE-SH-bl")                  # no script: Table 1's caption
+    assert coco_shbl.model.word_dim == 2000 and coco_shbl.stages[0].lr == 2.5e-4
     assert get_preset("coco/FNE-POE").model.embed_dim == 2048
+    assert all(p.grad_clip_mode == "global" for n, p in PRESETS.items() if n.startswith("demo/"))
+
+
+AUTHORS_FILE = Path(__file__).resolve().parents[2] / "shared" / "authors-launchers.md"
+LOSS = {"SH": ("sum", "cosine"), "MH": ("max", "cosine"), "OE": ("sum", "order"), "MOE": ("max", "order")}
+
+
+@pytest.mark.skipif(not AUTHORS_FILE.exists(), reason="../shared/authors-launchers.md not present")
+def test_every_preset_follows_the_authors_scripts():
+    """Each script row of ../shared/authors-launchers.md against its preset's last stage."""
+    family = {"f8k": "flickr8k", "f30k": "flickr30k", "coco": "coco"}
+    rows = [line.strip().strip("|").split("|") for line in AUTHORS_FILE.read_text().splitlines()
+            if line.startswith("| ") and "_F" in line.split("|")[1]]
+    assert len(rows) == 53
+    for cells in rows:
+        name, loss, sim, embed, word, lr, margin, use_abs, epochs, _reload = (c.strip() for c in cells)
+        fam, rest = name.split("_", 1)
+        preset = get_preset(f"{family[fam]}/{rest}")
+        last = preset.stages[-1]
+        assert (last.loss, preset.model.similarity) == LOSS[loss] and sim == preset.model.similarity, name
+        assert (preset.model.embed_dim, preset.model.word_dim) == (int(embed), int(word)), name
+        assert (last.lr, last.margin, last.max_epochs) == (float(lr), float(margin), int(epochs)), name
+        assert preset.model.use_abs == (use_abs == "True"), name
+        assert all(s.margin == float(margin) for s in preset.stages), name
+
+
+def test_presets_say_where_values_come_from(capsys):
+    from fnemm.cli import main
+    assert main(["presets", "--show", "flickr8k/FNE-MOE"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["stages"][0]["lr"] == 1e-4                     # stdout: the config JSON alone
+    assert "stages.0.lr: authors' script f8k_FNE-MOE; Table 1 says 0.001" in err
+    assert main(["presets", "--paper-table", "--family", "coco"]) == 0
+    table = capsys.readouterr().out
+    assert "coco/FNE-MOE" in table and "0.0001/0.00025*" in table and "flickr8k" not in table
 
 
 def test_overrides():
@@ -55,9 +98,10 @@ def test_unknown_preset_suggests():
 
 
 def test_demo_presets_scale_flickr8k_without_changing_the_method():
+    from fnemm.presets import table1_preset
     for feat in ("FNE", "FC7"):
         for pipe in ("MH", "SOE", "POE", "PH"):
-            demo, full = PRESETS[f"demo/{feat}-{pipe}"], PRESETS[f"flickr8k/{feat}-{pipe}"]
+            demo, full = PRESETS[f"demo/{feat}-{pipe}"], table1_preset("flickr8k", feat, pipe)
             assert (demo.model.similarity, demo.model.use_abs, demo.features) == \
                 (full.model.similarity, full.model.use_abs, full.features)
             assert [s.loss for s in demo.stages] == [s.loss for s in full.stages]

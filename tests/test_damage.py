@@ -51,7 +51,7 @@ def build(root: Path, images: bool = True) -> None:
         write_dataset(root, tinycnn.write_images(root / "images", 12), extra=())
     data = root / "data.jsonl"
     assert main(extract_args(root)) == 0
-    assert main(["train", "--preset", "flickr8k/FNE-MH", "--dataset", str(data), "--features", str(root / "store"),
+    assert main(["train", "--preset", "flickr30k/FNE-MH", "--dataset", str(data), "--features", str(root / "store"),
                  "--out", str(root / "run"), "--epochs", "2", "--quiet", "--checkpoint-every", "0",
                  *sum((["--set", s] for s in SMALL), [])]) == 0
     assert main(["evaluate", "--checkpoint", str(root / "run"), "--dataset", str(data), "--features",
@@ -73,7 +73,7 @@ def commands(root: Path) -> dict[str, list[str]]:
     data, store, run = str(root / "data.jsonl"), str(root / "store"), str(root / "run")
     return {
         "extract": extract_args(root),
-        "train": ["train", "--preset", "flickr8k/FNE-MH", "--dataset", data, "--features", store, "--out",
+        "train": ["train", "--preset", "flickr30k/FNE-MH", "--dataset", data, "--features", store, "--out",
                   str(root / "new-run"), "--epochs", "1", "--quiet", *sum((["--set", s] for s in SMALL), [])],
         "resume": ["train", "--out", run, "--resume", "--quiet"],
         "evaluate": ["evaluate", "--checkpoint", run, "--dataset", data, "--features", store, "--json",
@@ -193,6 +193,19 @@ def test_image_names_with_newlines_and_line_separators(tmp_path, capsys):
     assert sorted(h["image"] for h in hits) == sorted(odd)
     assert main(["search", "--index", str(tmp_path / "index"), "--image", odd[0], "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["results"][0]["caption"].startswith("picture number")
+    # through the service: percent-encoded result URLs fetch the thumbnails of such names
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from fnemm.gallery import Gallery
+    from fnemm.serve import create_app
+    client = TestClient(create_app(Gallery.from_index(tmp_path / "index")))
+    results = client.post("/search/text", json={"query": "picture number 2", "k": 12}).json()["results"]
+    odd_hash = next(r for r in results if "#" in r["image"])
+    assert "%23" in odd_hash["url"] and "%3F" in odd_hash["url"]
+    for r in results:
+        thumb = client.get(r["url"], params={"size": 64})
+        assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg", r["image"]
 
 
 def test_a_reassembly_never_reads_a_damaged_raw_npy(pristine, tmp_path, capsys):
@@ -207,16 +220,3 @@ def test_a_reassembly_never_reads_a_damaged_raw_npy(pristine, tmp_path, capsys):
     assert main([*extract_args(root), "--verify"]) == 0      # and back: re-assembled from the repaired raw
     for f in ("stats.npy", "fne.npy", "fc7.npy"):
         assert (root / "store" / f).read_bytes() == (pristine / "store" / f).read_bytes(), f
-    # through the service: percent-encoded result URLs fetch the thumbnails of such names
-    pytest.importorskip("fastapi")
-    from fastapi.testclient import TestClient
-
-    from fnemm.gallery import Gallery
-    from fnemm.serve import create_app
-    client = TestClient(create_app(Gallery.from_index(tmp_path / "index")))
-    results = client.post("/search/text", json={"query": "picture number 2", "k": 12}).json()["results"]
-    odd_hash = next(r for r in results if "#" in r["image"])
-    assert "%23" in odd_hash["url"] and "%3F" in odd_hash["url"]
-    for r in results:
-        thumb = client.get(r["url"], params={"size": 64})
-        assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg", r["image"]

@@ -67,8 +67,9 @@ def karpathy(tmp_path, name="dataset_coco.json"):
 def test_karpathy_with_restval(tmp_path):
     ds = load_dataset(karpathy(tmp_path))
     assert ds.name == "coco"
-    assert ds.split_indices("train") == [0, 1]
-    assert ds.split_indices("train", restval=False) == [0]
+    assert ds.split_indices("train") == [0]                       # the paper's: train2014 only
+    assert ds.split_indices("restval") == [1]
+    assert ds.with_restval().split_indices("train") == [0, 1]
     assert ds.split_indices("test") == [3, 4]
     assert len(ds.captions[1]) == 6
 

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 import tinycnn
 from fnemm.cli import main
@@ -102,5 +103,37 @@ def test_layout_extracts_trains_and_evaluates(layout, tmp_path, capsys):
                 "--features", str(tmp_path / "store"), "--split", split)
     assert "rsum" in out
     manifest = json.loads((tmp_path / "store" / "manifest.json").read_text())
-    n_train = 6 if layout != "coco-captions-files" else 8
-    assert manifest["stats"]["images"] == n_train
+    n_train = 3 if layout == "coco-karpathy-restval" else 6 if layout != "coco-captions-files" else 8
+    assert manifest["stats"]["images"] == n_train     # COCO: train2014 only, the paper's (restval: below)
+    if layout == "coco-captions-files":
+        code = main(["evaluate", "--checkpoint", str(tmp_path / "run"), *data_args, "--features",
+                     str(tmp_path / "store"), "--split", "test"])
+        assert code == 2 and "pass --dataset dataset_coco.json" in capsys.readouterr().err
+
+
+def test_coco_restval_is_trained_on_only_when_asked(tmp_path, capsys):
+    """The paper trains MSCOCO on train2014's images alone; --restval adds restval to the
+    statistics, the vocabulary and the training set alike."""
+    preset, dataset, images = karpathy(tmp_path / "data", "coco")
+    data = json.loads(Path(dataset[0]).read_text())
+    for img in data["images"]:                    # a word only restval captions use
+        if img["split"] == "restval":
+            img["sentences"][0]["raw"] += " zebracorn"
+    Path(dataset[0]).write_text(json.dumps(data))
+    runs = {}
+    for restval in (False, True):
+        flag = ["--restval"] if restval else []
+        store, run = tmp_path / f"store-{restval}", tmp_path / f"run-{restval}"
+        assert main(["extract", "--images", str(images), "--dataset", dataset[0], "--cnn", "tinycnn:build",
+                     "--workers", "0", "--out", str(store), "--quiet", *flag]) == 0
+        assert main(["train", "--preset", preset, "--dataset", dataset[0], "--features", str(store), "--out",
+                     str(run), *SMALL, *flag]) == 0
+        runs[restval] = json.loads((run / "run.json").read_text())
+        manifest = json.loads((store / "manifest.json").read_text())
+        assert manifest["stats"]["images"] == (6 if restval else 3)
+        vocab = torch.load(run / "best.pt", weights_only=False)["vocab"]
+        assert ("zebracorn" in vocab) == restval
+    assert (runs[False]["n_train"], runs[True]["n_train"]) == (3, 6)
+    capsys.readouterr()
+    # resuming a --restval run keeps training on restval (run.json remembers it)
+    assert main(["train", "--out", str(tmp_path / "run-True"), "--resume", "--quiet"]) == 0

@@ -16,7 +16,7 @@ KILLED_TRAINING = """
 import sys, fnemm
 from fnemm.config import apply_overrides
 ds, feats = fnemm.load_dataset(sys.argv[1]), fnemm.load_features(sys.argv[2], ids=sys.argv[3])
-config = apply_overrides(fnemm.get_preset("flickr8k/FNE-MH"), sys.argv[5:])
+config = apply_overrides(fnemm.get_preset("flickr30k/FNE-MH"), sys.argv[5:])
 fnemm.train(config, ds, feats, sys.argv[4], quiet=True, checkpoint_every=0,
             run_info={"args": {"dataset": [sys.argv[1]], "features": sys.argv[2], "ids": sys.argv[3]}})
 """
@@ -54,7 +54,7 @@ def test_a_notebook_session(synth, tmp_path):
 
 def test_a_killed_multi_seed_run_resumes_in_one_command(synth, tmp_path):
     jsonl, npy, ids = synth
-    common = ["--preset", "flickr8k/FNE-MH", "--dataset", str(jsonl), "--features", str(npy), "--ids", str(ids),
+    common = ["--preset", "flickr30k/FNE-MH", "--dataset", str(jsonl), "--features", str(npy), "--ids", str(ids),
               "--epochs", "3", "--lr", "2e-3", "--quiet", "--threads", "1", "--checkpoint-every", "0",
               "--seeds", "3", *sum((["--set", s] for s in SMALL), [])]
     cli = [sys.executable, "-m", "fnemm.cli", "train"]

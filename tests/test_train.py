@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -82,7 +83,7 @@ def test_resume_after_kill_reaches_the_same_state(synth, tmp_path, checkpoint_ev
     With "1e9" last.pt is only written at the start, so the resume re-runs every
     epoch whose metrics were already written."""
     jsonl, npy, ids = synth
-    common = ["--preset", "flickr8k/FNE-MH", "--dataset", str(jsonl), "--features", str(npy),
+    common = ["--preset", "flickr30k/FNE-MH", "--dataset", str(jsonl), "--features", str(npy),
               "--ids", str(ids), "--epochs", "8", "--lr", "2e-3", "--quiet", "--threads", "1",
               "--checkpoint-every", checkpoint_every,
               *sum((["--set", s] for s in SMALL), [])]
@@ -167,15 +168,48 @@ def test_a_megabyte_caption_is_cut_with_a_warning_and_memory_stays_bounded(synth
     records = [json.loads(line) for line in jsonl.read_text().splitlines()]
     records[0]["captions"][0] = "a dog runs " * 90_000                  # ~1 MB, 270,000 tokens
     (tmp_path / "big.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    script = ("import resource, sys, fnemm\n"
+    # VmHWM: this process's own peak (ru_maxrss would count the forking pytest's RSS too,
+    # which Linux carries across exec)
+    script = ("import sys, fnemm\n"
               "from fnemm.config import apply_overrides\n"
               "ds, feats = fnemm.load_dataset(sys.argv[1]), fnemm.load_features(sys.argv[2], ids=sys.argv[3])\n"
-              "cfg = apply_overrides(fnemm.get_preset('flickr8k/FNE-MH'), sys.argv[5:])\n"
+              "cfg = apply_overrides(fnemm.get_preset('flickr30k/FNE-MH'), sys.argv[5:])\n"
               "fnemm.train(cfg, ds, feats, sys.argv[4], quiet=True)\n"
-              "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+              "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')][0])\n")
     done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "big.jsonl"), str(npy), str(ids),
                            str(tmp_path / "run"), *SMALL, "stages.max_epochs=1"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     peak_kib = int(done.stdout.split()[-1])
     assert peak_kib < 1024 * 1024, f"peak RSS {peak_kib / 1024:.0f} MiB"
     assert "1 caption(s) longer than 100 tokens cut to 100, e.g. caption 1 of img00000.jpg" in done.stderr
+
+
+def test_gradient_clipping_per_tensor_and_global_by_hand():
+    from fnemm.train import clip_gradients
+    a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, 2))
+
+    def grads():
+        a.grad = torch.tensor([3.0, 4.0, 0.0])                  # norm 5
+        b.grad = torch.tensor([[0.3, 0.0], [0.0, 0.4]])         # norm 0.5
+    grads()
+    clip_gradients([a, b], 2.0, "per-tensor")                   # each on its own: a to norm 2, b untouched
+    torch.testing.assert_close(a.grad, torch.tensor([3.0, 4.0, 0.0]) * 2 / (5 + 1e-6))
+    torch.testing.assert_close(b.grad, torch.tensor([[0.3, 0.0], [0.0, 0.4]]))
+    grads()
+    clip_gradients([a, b], 2.0, "global")                      # one norm: sqrt(25 + 0.25), both scaled
+    scale = 2 / (np.sqrt(25.25) + 1e-6)
+    torch.testing.assert_close(a.grad, torch.tensor([3.0, 4.0, 0.0]) * scale)
+    torch.testing.assert_close(b.grad, torch.tensor([[0.3, 0.0], [0.0, 0.4]]) * scale)
+
+
+def test_curriculum_full_policy_runs_stage_one_to_its_end_and_continues_from_its_best(synth, tmp_path):
+    jsonl, npy, ids = synth
+    cfg = TrainConfig(model=ModelConfig(word_dim=32, embed_dim=64),
+                      stages=(StageConfig(loss="sum", lr=5e-3, max_epochs=6, patience=None),
+                              StageConfig(loss="max", lr=1e-4, max_epochs=2)), batch_size=32)
+    train(cfg, load_dataset(jsonl), load_features(npy, ids=ids), tmp_path / "run", quiet=True)
+    hist = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [h["stage"] for h in hist] == [1] * 6 + [2] * 2           # no early end of stage 1
+    best1 = max(h["val"]["rsum"] for h in hist[:6])
+    # stage 2 starts from stage 1's best weights: its first epoch is near that best, not the last epoch
+    assert hist[6]["val"]["rsum"] >= best1 - 30

@@ -24,6 +24,10 @@ class SplitData:
     def __len__(self) -> int:
         return len(self.image_ids)
 
+    def head(self, n: int) -> "SplitData":
+        """The first ``n`` images (e.g. MSCOCO's 1K validation images)."""
+        return SplitData(self.image_ids[:n], self.features[:n], self.captions[:n])
+
     def eval_captions(self, per_image: int) -> tuple[list[list[int]], torch.Tensor]:
         """The first ``per_image`` captions of every image, flattened, and the
         image index of each (the standard 5-captions protocol)."""
@@ -36,7 +40,7 @@ class SplitData:
 
 
 def build_vocab(dataset: Dataset) -> Vocab:
-    """Every word of the train (with restval) and validation captions (Sec. 4.3.2)."""
+    """Every word of the train and validation captions (Sec. 4.3.2)."""
     keep = set(dataset.split_indices("train")) | set(dataset.split_indices("val"))
     return Vocab.build(c for k in sorted(keep) for c in dataset.captions[k])
 
@@ -44,8 +48,8 @@ def build_vocab(dataset: Dataset) -> Vocab:
 def split_data(dataset: Dataset, features: Features, vocab: Vocab, split: str) -> SplitData:
     indices = dataset.split_indices(split)
     if not indices:
-        raise FnemmError(f"dataset {dataset.name!r} has no {split!r} images; "
-                         f"check the split lists / 'split' fields of --dataset")
+        raise FnemmError(dataset.missing.get(split) or f"dataset {dataset.name!r} has no {split!r} images; "
+                                                        f"check the split lists / 'split' fields of --dataset")
     ids = [dataset.image_ids[k] for k in indices]
     rows = features.rows_for(ids, f"the {split} split")
     # Sorted reads are friendlier to a memory-mapped store; then back to order.

@@ -3,9 +3,11 @@
 Loaders (``load_dataset`` picks one from the path):
 - the raw Flickr8K/Flickr30K release: a folder with the token file
   (``<image>#<n><TAB><caption>`` lines) and the split lists;
-- Karpathy's ``dataset_{flickr8k,flickr30k,coco}.json`` (COCO's "restval"
-  images are extra training data, see ``Dataset.split_indices``);
-- COCO's ``captions_{train,val}2014.json``, one file per split;
+- Karpathy's ``dataset_{flickr8k,flickr30k,coco}.json`` (COCO's "restval" images
+  are not trained on unless asked, ``Dataset.with_restval``: the paper used the
+  82,783 train2014 images; VSE++ and later work add the 30,504 restval);
+- COCO's ``captions_{train,val}2014.json``, one file per split (they hold no test
+  split: the paper's test images are Karpathy's, from dataset_coco.json);
 - a JSON-lines file ``{"image": ..., "captions": [...], "split": ...}`` per line
   for users' own data;
 - ``flickr8k-1k`` (or ``flickr8k-1k=FOLDER``): the real benchmark bundled in
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -39,20 +41,28 @@ class Dataset:
     image_ids: list[str]
     captions: list[list[str]]   # captions[k] describe image_ids[k]
     splits: list[str]           # 'train' | 'val' | 'test' | 'restval', per image
+    # what to do about a split the files do not have: {split: one line of advice}
+    missing: dict[str, str] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         if not (len(self.image_ids) == len(self.captions) == len(self.splits)):
             raise ValueError("image_ids, captions and splits must have one entry per image")
 
-    def split_indices(self, split: str, restval: bool = True) -> list[int]:
-        """Positions of the images of ``split``; 'train' includes 'restval' unless
-        ``restval`` is False."""
-        wanted = {split, "restval"} if (split == "train" and restval) else {split}
-        return [k for k, s in enumerate(self.splits) if s in wanted]
+    def split_indices(self, split: str) -> list[int]:
+        """Positions of the images of ``split`` (MSCOCO's restval images are their own
+        split: not 'train' unless :meth:`with_restval` made them so)."""
+        return [k for k, s in enumerate(self.splits) if s == split]
+
+    def with_restval(self) -> "Dataset":
+        """MSCOCO's restval images as training images (113,287 in all instead of 82,783)."""
+        if "restval" not in self.splits:
+            return self
+        return Dataset(f"{self.name}+restval", list(self.image_ids), list(self.captions),
+                       ["train" if s == "restval" else s for s in self.splits], dict(self.missing))
 
     def subset(self, indices: list[int]) -> "Dataset":
         return Dataset(self.name, [self.image_ids[k] for k in indices],
-                       [self.captions[k] for k in indices], [self.splits[k] for k in indices])
+                       [self.captions[k] for k in indices], [self.splits[k] for k in indices], dict(self.missing))
 
     def resplit(self, seed: int) -> "Dataset":
         """The same images with the split of each drawn at random (``seed``), every split
@@ -63,7 +73,8 @@ class Dataset:
         rng = np.random.default_rng(seed)
         order = rng.permutation(len(self.splits))
         splits = [self.splits[k] for k in order]          # the same multiset, shuffled
-        return Dataset(f"{self.name}#split{seed}", list(self.image_ids), list(self.captions), splits)
+        return Dataset(f"{self.name}#split{seed}", list(self.image_ids), list(self.captions), splits,
+                       dict(self.missing))
 
     def with_train_size(self, n: int, seed: int = 0) -> "Dataset":
         """Only ``n`` of the training images (drawn with ``seed``), val and test as they
@@ -84,7 +95,7 @@ class Dataset:
         (a fifth for val and for test, at least 2 each, the rest train)."""
         share = {"val": max(2, n // 5), "test": max(2, n // 5)}
         share["train"] = max(2, n - share["val"] - share["test"])
-        keep = [k for s in ("train", "val", "test") for k in self.split_indices(s, restval=False)[:share[s]]]
+        keep = [k for s in ("train", "val", "test") for k in self.split_indices(s)[:share[s]]]
         return self.subset(sorted(keep))
 
     def to_jsonl(self, path: str | Path) -> Path:
@@ -248,7 +259,11 @@ def load_coco_captions(paths: list[tuple[Path, str | None]], data=None) -> Datas
                 split[image] = sp
             if text:
                 caps[image].append(text)
-    return _build("coco", order, caps, split, paths[0][0])
+    dataset = _build("coco", order, caps, split, paths[0][0])
+    if "test" not in dataset.splits:
+        dataset.missing["test"] = ("COCO's captions files have no test split; the paper's 1K test images are "
+                                   "Karpathy's: pass --dataset dataset_coco.json (his split file) instead")
+    return dataset
 
 
 # --- JSON lines ----------------------------------------------------------------

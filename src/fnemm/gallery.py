@@ -62,7 +62,7 @@ def select_gallery(features: Features, dataset: Dataset | None, split: str | Non
     if dataset is None and split not in (None, "all"):
         raise FnemmError(f"--split {split}: the splits come from a dataset; pass --dataset too")
     if dataset is not None and split not in (None, "all"):
-        wanted = {dataset.image_ids[k] for k in dataset.split_indices(split, restval=False)}
+        wanted = {dataset.image_ids[k] for k in dataset.split_indices(split)}
         ids = [i for i in ids if i in wanted]
         if not ids:
             raise FnemmError(f"{features.source}: none of its images is in the {split} split of {dataset.name}")

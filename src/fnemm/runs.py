@@ -92,12 +92,16 @@ def _inputs(run: Path, config: TrainConfig, dataset, features, ids=None) -> tupl
     args = saved_info(run).get("args") or {}
     if isinstance(dataset, (str, Path, list)):
         dataset = load_dataset(dataset)
+        if args.get("restval"):
+            dataset = dataset.with_restval()
     if isinstance(features, (str, Path)):
         features = load_features(features, config.features, ids)
     if dataset is None:
         if not args.get("dataset"):
             raise FnemmError(f"{run / 'run.json'}: does not say which dataset it was trained on; pass --dataset")
         dataset = load_dataset(args["dataset"])
+        if args.get("restval"):                 # MSCOCO trained with restval
+            dataset = dataset.with_restval()
     if features is None:
         if not args.get("features"):
             raise FnemmError(f"{run / 'run.json'}: does not say which features it was trained on; pass --features")

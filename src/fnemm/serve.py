@@ -30,6 +30,7 @@ from fastapi import APIRouter, Depends, FastAPI, File, Form, Query, Request, Upl
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.exceptions import HTTPException
 
 from fnemm.encode import decode_upload
@@ -132,6 +133,19 @@ def took(t: float) -> float:
 
 # --- the routes ----------------------------------------------------------------------------
 
+class AnyId(Convertor):
+    """An image id as it is: any characters, slashes and newlines too (Starlette's
+    ``path`` stops at a newline, and an id is a file name)."""
+    regex = r"[\s\S]+"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("anyid", AnyId())
 router = APIRouter()
 
 
@@ -182,7 +196,7 @@ def search_similar(file: Optional[UploadFile] = File(None, description="a photo"
     return {"results": with_urls(hits), "took_ms": took(t)}
 
 
-@router.get("/images/{image_id:path}", summary="a JPEG thumbnail of a gallery image",
+@router.get("/images/{image_id:anyid}", summary="a JPEG thumbnail of a gallery image",
             responses={200: {"content": {"image/jpeg": {}}},
                        **errors({404: "no such image, or its file is missing", 422: "size out of range"})})
 def thumbnail(image_id: str, size: int = Query(DEFAULT_THUMB, description="longest side in pixels"),

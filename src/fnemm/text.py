@@ -6,6 +6,7 @@ word of the train and validation captions.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 
 import torch
@@ -13,16 +14,30 @@ from nltk.tokenize import NLTKWordTokenizer
 
 PAD, UNK = "<pad>", "<unk>"
 _tokenizer = NLTKWordTokenizer()
+# Words whose period is not a sentence's end (punkt learns such lists; these are the ones
+# captions use). Single letters (initials: "U. Miami") and dotted acronyms ("S.C.U.B.A.")
+# are never split either.
+ABBREVIATIONS = frozenset("mr mrs ms dr jr sr st mt ft vs etc co inc ltd no prof gen col lt sgt capt ave "
+                          "blvd rd jan feb mar apr jun jul aug sep sept oct nov dec approx dept".split())
+_SENTENCE_END = re.compile(r"(?<![\w.])([A-Za-z0-9][A-Za-z0-9'-]*[A-Za-z0-9])\.(?=\s+\S)")
+
+
+def _split_sentences(text: str) -> str:
+    """A space before each sentence-ending period inside ``text`` ("runs. It" -> "runs . It")."""
+    return _SENTENCE_END.sub(lambda m: m.group(0) if m.group(1).lower() in ABBREVIATIONS
+                             else f"{m.group(1)} .", text)
 
 
 def tokenize(caption: str) -> list[str]:
-    """Word tokens of ``caption``, lower-cased.
+    """Word tokens of ``caption``, lower-cased, as NLTK's ``word_tokenize`` gives them.
 
-    NLTK's ``word_tokenize`` first splits sentences with the punkt model, which
-    cannot be downloaded here; a caption is one sentence, so the word tokenizer
-    it wraps (NLTKWordTokenizer, an improved Treebank tokenizer) is used directly.
+    ``word_tokenize`` first splits sentences with the punkt model, which cannot be
+    downloaded here, then runs its word tokenizer (NLTKWordTokenizer, an improved
+    Treebank tokenizer) on each; that tokenizer alone splits off only the final
+    period. Inner sentence ends are split off first (``_split_sentences``), keeping
+    abbreviations, initials and acronyms whole as punkt does.
     """
-    return _tokenizer.tokenize(caption.lower())
+    return _tokenizer.tokenize(_split_sentences(caption).lower())
 
 
 class Vocab:

@@ -40,6 +40,8 @@ def add_extract(sub) -> argparse.ArgumentParser:
     p.add_argument("--images", required=True, metavar="DIR", help="folder holding the image files")
     p.add_argument("--dataset", action="append", metavar="PATH",
                    help="which images, and the training split for the statistics (as for train)")
+    p.add_argument("--restval", action="store_true",
+                   help="MSCOCO: statistics over restval too (as `fnemm train --restval`; the paper: train2014 only)")
     p.add_argument("--train-list", metavar="FILE",
                    help="without --dataset: every image under --images, statistics from the ones "
                         "named in FILE (one file name per line)")
@@ -88,6 +90,8 @@ def extract(args) -> int:
     except ValueError:
         raise FnemmError(f"--thresholds {args.thresholds!r}: expected LOW,HIGH, e.g. -0.25,0.15") from None
     dataset = load_dataset(args.dataset) if args.dataset else None
+    if dataset is not None and args.restval:
+        dataset = dataset.with_restval()
     train_list = read_lines("--train-list", args.train_list, "image file names") if args.train_list else None
     recipe = Recipe(layers=args.layers, post=args.post, thresholds=(low, high), clip=args.clip, pca=args.pca,
                     baseline=args.with_baseline)

@@ -56,14 +56,27 @@ def add_train(sub) -> argparse.ArgumentParser:
     p.add_argument("--word-dim", type=int, help="word embedding size")
     p.add_argument("--batch-size", type=int, help="pairs per batch (default 128)")
     p.add_argument("--layer-norm", action="store_true", help="layer-normalised GRU")
+    p.add_argument("--clip", choices=["per-tensor", "global"],
+                   help="gradient clipping: each parameter tensor to norm 2 (the authors', paper presets) "
+                        "or one global norm (VSE++)")
+    p.add_argument("--curriculum", choices=["full", "patience"],
+                   help="a curriculum's first stage: full (its max epochs, best kept: the authors') or "
+                        "patience (ends after 20 epochs without a better val rsum)")
+    p.add_argument("--restval", action="store_true",
+                   help="MSCOCO: train on restval too (113,287 images; the paper uses train2014's 82,783)")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     add_common(p)
     return p
 
 
 def _overrides(args) -> list[str]:
+    from fnemm.presets import CURRICULUM_PATIENCE
     out = list(args.overrides)
     out += [f"{key}={getattr(args, flag)}" for flag, key in SHORTCUTS if getattr(args, flag) is not None]
+    if args.clip:
+        out.append(f"grad_clip_mode={args.clip}")
+    if args.curriculum:
+        out.append(f"stages.0.patience={'none' if args.curriculum == 'full' else CURRICULUM_PATIENCE}")
     return out + (["model.layer_norm=true"] if args.layer_norm else [])
 
 
@@ -96,12 +109,15 @@ def train(args) -> int:
             raise FnemmError("--dataset and --features are required")
         config = apply_overrides(get_preset(args.preset), overrides)
         dataset = load_dataset(args.dataset)
+        if args.restval:
+            dataset = dataset.with_restval()
         features = load_features(args.features, config.features, args.ids)
         if log:
             log(dataset.summary())
             log(f"features: {features.source} [{features.kind}] {features.array.shape[0]} x {features.dim}")
         info = {"preset": args.preset, "overrides": overrides,
-                "args": {"dataset": [str(d) for d in args.dataset], "features": str(args.features), "ids": args.ids}}
+                "args": {"dataset": [str(d) for d in args.dataset], "features": str(args.features), "ids": args.ids,
+                         "restval": args.restval}}
         if args.seeds is None:
             summaries = [train_run(config, dataset, features, out, resume=args.resume and (out / "last.pt").exists(),
                                    run_info=info, **common)]
@@ -128,8 +144,9 @@ def add_evaluate(sub) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="run folder (or seeds folder) or its best.pt")
     add_data(p, required=True)
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
-    p.add_argument("--protocol", default="auto", choices=PROTOCOLS,
-                   help="auto: the whole split, plus MSCOCO's 1K and 5-fold 1K when it has 5,000 images")
+    p.add_argument("--protocol", default="auto", metavar="|".join(PROTOCOLS),
+                   help="auto (default): the whole split, or on a 5,000-image split (MSCOCO) the paper's "
+                        "first 1K; also 1k, 5fold, 5k, all, or several comma-separated, e.g. 1k,5fold,5k")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.add_argument("--output", metavar="FILE", help="where to write the metrics (default: next to the checkpoint)")
     add_common(p)
@@ -186,14 +203,21 @@ def add_presets(sub) -> argparse.ArgumentParser:
                        description="Every Table-1 variant for flickr8k / flickr30k / coco, FNE and FC7; "
                                    "demo/ = the flickr8k ones scaled to flickr8k-1k on a CPU.")
     p.add_argument("--family", choices=["flickr8k", "flickr30k", "coco", "demo"], help="only this dataset family")
-    p.add_argument("--show", metavar="NAME", help="print one preset's full config as JSON")
+    p.add_argument("--show", metavar="NAME", help="print one preset's full config as JSON, and where each "
+                                                 "value that is not Table 1's comes from")
+    p.add_argument("--paper-table", action="store_true",
+                   help="every paper preset beside the paper's Table 1, differences marked")
     return p
 
 
 def presets(args) -> int:
-    from fnemm.config import PRESETS, get_preset
+    from fnemm.presets import PRESETS, describe_sources, get_preset, paper_table
     if args.show:
-        print(get_preset(args.show).to_json())
+        print(get_preset(args.show).to_json())           # stdout: the config JSON alone
+        print("\n".join(f"# {line}" for line in describe_sources(args.show)), file=sys.stderr)
+        return 0
+    if args.paper_table:
+        print(paper_table(args.family if args.family != "demo" else None))
         return 0
     head = (f"{'preset':<22} {'loss':<8} {'sim':<6} {'embed':>5} {'word':>5} {'lr':<15} {'margin':>6} "
             f"{'abs':<4} {'epochs':>6}")
