@@ -55,7 +55,8 @@ def scores(images: torch.Tensor, captions: torch.Tensor, similarity: str) -> tor
     raise ValueError(f"unknown similarity {similarity!r}; expected one of {SIMILARITIES}")
 
 
-def hinge_loss(score_matrix: torch.Tensor, margin: float, reduction: str) -> torch.Tensor:
+def hinge_loss(score_matrix: torch.Tensor, margin: float, reduction: str,
+               pairs: slice | None = None) -> torch.Tensor:
     """Contrastive hinge loss over the in-batch negatives, both directions.
 
     ``score_matrix[k, k]`` is the positive pair k; every other entry of row k is a
@@ -64,7 +65,8 @@ def hinge_loss(score_matrix: torch.Tensor, margin: float, reduction: str) -> tor
 
     reduction='sum' is L_S (Eq. 1): the hinges of all negatives are added.
     reduction='max' is L_M (Eq. 4, VSE++): only the hardest negative counts.
-    Both are summed over the batch, as in the paper.
+    Both are summed over the batch, as in the paper; with ``pairs``, over those pairs
+    only (their rows and columns: one process's share of a distributed batch).
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"unknown reduction {reduction!r}; expected one of {REDUCTIONS}")
@@ -77,6 +79,8 @@ def hinge_loss(score_matrix: torch.Tensor, margin: float, reduction: str) -> tor
     eye = torch.eye(n, dtype=torch.bool, device=score_matrix.device)
     cost_caption = cost_caption.masked_fill(eye, 0)
     cost_image = cost_image.masked_fill(eye, 0)
+    if pairs is not None:
+        cost_caption, cost_image = cost_caption[pairs], cost_image[:, pairs]
     if reduction == "max":
         return cost_caption.max(dim=1).values.sum() + cost_image.max(dim=0).values.sum()
     return cost_caption.sum() + cost_image.sum()

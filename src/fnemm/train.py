@@ -20,6 +20,7 @@ Run folder::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -32,9 +33,11 @@ from tqdm.auto import tqdm
 
 from fnemm.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from fnemm.checkpoint import resolve_device
+from fnemm import distributed
 from fnemm.config import TrainConfig, validate
 from fnemm.data import SplitData, build_vocab, embed_captions, embed_images, split_data
 from fnemm.datasets import Dataset
+from fnemm.distributed import Dist
 from fnemm.errors import FnemmError
 from fnemm.faults import fault
 from fnemm.locks import folder_lock
@@ -96,12 +99,14 @@ class TrainState:
 class Trainer:
     def __init__(self, config: TrainConfig, train: SplitData, val: SplitData, vocab: Vocab,
                  out_dir: Path, device: str = "cpu", quiet: bool = False, run_info: dict | None = None,
-                 checkpoint_every: float = 120.0):
+                 checkpoint_every: float = 120.0, dist: Dist | None = None):
         validate(config)
         self.config, self.train_data, self.val_data, self.vocab = config, train, val, vocab
         self.out = Path(out_dir)
         self.device = resolve_device(device)
-        self.quiet = quiet
+        self.dist = dist                       # several processes (fnemm.distributed); None: one
+        self.main = dist is None or dist.main  # the one process that validates and writes
+        self.quiet = quiet or not self.main
         self.run_info = run_info or {}
         # last.pt (model + Adam, hundreds of MB for the paper's sizes) is written at
         # most this often, in seconds; 0 writes it after every epoch.
@@ -110,6 +115,10 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.rng = np.random.default_rng(config.seed)
         self.model = JointEmbedding(config.model, len(vocab), train.features.shape[1]).to(self.device)
+        self.net = self.model
+        if dist is not None:
+            from torch.nn.parallel import DistributedDataParallel
+            self.net = DistributedDataParallel(self.model, device_ids=[self.device] if self.device != "cpu" else None)
         self.state = TrainState()
         self.optimizer = self._new_optimizer()
 
@@ -132,10 +141,14 @@ class Trainer:
                 "model": self.model.state_dict()}
 
     def _write_metrics(self) -> None:
+        if not self.main:
+            return
         lines = "".join(json.dumps(h) + "\n" for h in self.state.history)
         atomic_write_text(self.out / "metrics.jsonl", lines)
 
     def _save_last(self) -> None:
+        if not self.main:
+            return
         self._saved_at = time.monotonic()
         atomic_torch_save(self.out / "last.pt", {
             **self._payload(),
@@ -169,7 +182,10 @@ class Trainer:
 
     def _start(self, resume: bool) -> None:
         last = self.out / "last.pt"
-        if last.exists():
+        exists = last.exists()
+        if self.dist is not None:              # every process decides as the first one found the folder
+            exists = distributed.broadcast(exists)
+        if exists:
             if not resume:
                 raise FnemmError(f"{self.out}: a run is already here; pass --resume to continue it "
                                  f"or choose another --out")
@@ -183,10 +199,11 @@ class Trainer:
             self._restore(ckpt)
             self._write_metrics()       # metrics.jsonl as last.pt knows it (repairs a damaged one)
             return
-        self.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.out / "config.json", self.config.to_json() + "\n")
-        atomic_write_json(self.out / "run.json", {**self.run_info, "vocab_size": len(self.vocab),
-                                                  "feature_dim": self.model.feature_dim})
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.out / "config.json", self.config.to_json() + "\n")
+            atomic_write_json(self.out / "run.json", {**self.run_info, "vocab_size": len(self.vocab),
+                                                      "feature_dim": self.model.feature_dim})
         self._save_last()
 
     # --- one epoch -------------------------------------------------------------
@@ -200,22 +217,32 @@ class Trainer:
         total, batches = 0.0, 0
         desc = (f"stage {self.state.stage + 1}/{len(self.config.stages)} "
                 f"epoch {self.state.stage_epoch + 1}/{stage.max_epochs}")
+        world = self.dist.world if self.dist else 1
         bar = tqdm(range(0, len(perm), bs), desc=desc, leave=False, disable=self.quiet, unit="batch")
         for start in bar:
-            idx = perm[start:start + bs]
-            if len(idx) < 2:          # a lone pair has no negatives
+            idx, pick = perm[start:start + bs], picks[start:start + bs]
+            if len(idx) < max(2, world):      # a lone pair has no negatives; every process needs a pair
                 continue
+            if self.dist is not None:         # this process's share of the (global) batch
+                parts = distributed.shares(len(idx), world)
+                idx, pick = idx[parts[self.dist.rank]], pick[parts[self.dist.rank]]
             feats = torch.from_numpy(data.features[idx]).to(self.device)
-            tokens, lengths = pad_batch([data.captions[k][p] for k, p in zip(idx, picks[start:start + bs])])
-            img, cap = self.model(feats, tokens.to(self.device), lengths)
-            loss = contrastive_loss(img, cap, self.config.model.similarity, stage.loss, stage.margin)
+            tokens, lengths = pad_batch([data.captions[k][p] for k, p in zip(idx, pick)])
+            img, cap = self.net(feats, tokens.to(self.device), lengths)
+            if self.dist is None:
+                loss = contrastive_loss(img, cap, self.config.model.similarity, stage.loss, stage.margin)
+            else:
+                loss = distributed.sharded_loss(img, cap, parts, self.dist.rank, world, self.config.model.similarity,
+                                                stage.loss, stage.margin)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             clip_gradients(self.model.parameters(), self.config.grad_clip, self.config.grad_clip_mode)
             self.optimizer.step()
-            total += loss.item()
+            total += loss.item() / world
             batches += 1
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.set_postfix(loss=f"{loss.item() / world:.3f}")
+        if self.dist is not None:             # the batch losses are the processes' parts summed
+            total = distributed.all_sum(total)
         return total / max(batches, 1)
 
     def _next_stage(self) -> None:
@@ -224,6 +251,8 @@ class Trainer:
         st.stage_epoch, st.stale, st.stage_best_rsum = 0, 0, -math.inf
         if st.stage < len(self.config.stages):
             # Curriculum: the next stage starts from the best model so far.
+            if self.dist is not None:
+                distributed.barrier()          # the first process has written it
             best = torch.load(self.out / "best.pt", map_location=self.device, weights_only=False)
             self.model.load_state_dict(best["model"])
             self.optimizer = self._new_optimizer()
@@ -236,8 +265,8 @@ class Trainer:
                 or (stage.patience is not None and self.state.stale >= stage.patience))
 
     def fit(self, resume: bool = False) -> dict:
-        """Train (or resume) to the end; one process at a time per run folder."""
-        with folder_lock(self.out, "a training run"):
+        """Train (or resume) to the end; one process (group) at a time per run folder."""
+        with folder_lock(self.out, "a training run") if self.main else contextlib.nullcontext():
             return self._fit(resume)
 
     def _fit(self, resume: bool) -> dict:
@@ -250,7 +279,10 @@ class Trainer:
                 continue
             t0 = time.perf_counter()
             loss = self._epoch()
-            val = validation_metrics(self.model, self.val_data, self.config.eval_captions, self.device)
+            val = validation_metrics(self.model, self.val_data, self.config.eval_captions, self.device) \
+                if self.main else None
+            if self.dist is not None:          # the others follow the first process's validation
+                val = distributed.broadcast(val)
             st.epoch += 1
             st.stage_epoch += 1
             improved = val["rsum"] > st.best_rsum
@@ -260,8 +292,9 @@ class Trainer:
                 st.stale += 1
             if improved:
                 st.best_rsum, st.best_epoch = val["rsum"], st.epoch
-                atomic_torch_save(self.out / "best.pt", {**self._payload(), "epoch": st.epoch,
-                                                         "stage": st.stage + 1, "val": val})
+                if self.main:
+                    atomic_torch_save(self.out / "best.pt", {**self._payload(), "epoch": st.epoch,
+                                                             "stage": st.stage + 1, "val": val})
             st.history.append({"epoch": st.epoch, "stage": st.stage + 1, "stage_epoch": st.stage_epoch,
                                "lr": self.config.stages[st.stage].lr, "loss": loss, "val": val,
                                "best": improved, "time_s": round(time.perf_counter() - t0, 3)})
@@ -291,6 +324,7 @@ def train(config: TrainConfig, dataset: Dataset, features: Features, out_dir: st
     Returns the best epoch's summary; the run folder holds the checkpoints.
     """
     validate(config)
+    dist, device = distributed.from_env(resolve_device(device))     # under torchrun: one of N processes
     vocab = build_vocab(dataset)
     vocab.max_tokens = config.max_caption_tokens
     train_split = split_data(dataset, features, vocab, "train")
@@ -303,5 +337,5 @@ def train(config: TrainConfig, dataset: Dataset, features: Features, out_dir: st
                                       if k not in ("image_ids", "skipped", "arrays")}},
             **(run_info or {})}
     trainer = Trainer(config, train_split, val_split, vocab, Path(out_dir), device, quiet, info,
-                      checkpoint_every)
+                      checkpoint_every, dist)
     return trainer.fit(resume=resume)

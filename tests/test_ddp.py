@@ -1,0 +1,82 @@
+"""Training across processes (gloo on CPU): the sharded loss and its gradients equal the
+single-process ones on the whole batch, and a 2-process run of `fnemm train` under
+torchrun ends where a 1-process run ends."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from fnemm.distributed import shares, sharded_loss
+from fnemm.losses import contrastive_loss
+from test_train import SMALL
+
+N, D, WORLD = 13, 6, 2          # 13 pairs: shares of 7 and 6
+
+
+def batch(similarity: str):
+    g = torch.Generator().manual_seed(3)
+    img = torch.nn.functional.normalize(torch.randn(N, D, generator=g, dtype=torch.float64), dim=1)
+    cap = torch.nn.functional.normalize(img + 0.8 * torch.randn(N, D, generator=g, dtype=torch.float64), dim=1)
+    return (img.abs(), cap.abs()) if similarity == "order" else (img, cap)
+
+
+def _worker(rank: int, init: str, out: str, similarity: str, reduction: str):
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
+    img, cap = batch(similarity)
+    parts = shares(N, WORLD)
+    mine = parts[rank]
+    local_img = img[mine].clone().requires_grad_(True)
+    local_cap = cap[mine].clone().requires_grad_(True)
+    loss = sharded_loss(local_img, local_cap, parts, rank, WORLD, similarity, reduction, margin=0.2)
+    loss.backward()
+    torch.save({"loss": loss.detach(), "img": local_img.grad, "cap": local_cap.grad}, f"{out}-{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("similarity", ["cosine", "order"])
+@pytest.mark.parametrize("reduction", ["sum", "max"])
+def test_sharded_loss_and_gradients_equal_the_whole_batch(tmp_path, similarity, reduction):
+    mp.spawn(_worker, args=(f"file://{tmp_path / 'rendezvous'}", str(tmp_path / "part"), similarity, reduction),
+             nprocs=WORLD, join=True)
+    got = [torch.load(tmp_path / f"part-{r}.pt") for r in range(WORLD)]
+    img, cap = batch(similarity)
+    img.requires_grad_(True)
+    cap.requires_grad_(True)
+    loss = contrastive_loss(img, cap, similarity, reduction, 0.2)
+    loss.backward()
+    # each process's loss is its pairs' part x WORLD (DDP averages): the parts sum to the loss
+    torch.testing.assert_close(sum(g["loss"] for g in got) / WORLD, loss.detach(), rtol=1e-12, atol=1e-12)
+    # the gathered gradient reaches each process's own rows, x WORLD likewise
+    parts = shares(N, WORLD)
+    for r, g in enumerate(got):
+        torch.testing.assert_close(g["img"] / WORLD, img.grad[parts[r]], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(g["cap"] / WORLD, cap.grad[parts[r]], rtol=1e-10, atol=1e-12)
+
+
+def test_a_two_process_run_ends_where_a_one_process_run_ends(synth, tmp_path):
+    jsonl, npy, ids = synth
+    args = ["train", "--preset", "flickr30k/FNE-MH", "--dataset", str(jsonl), "--features", str(npy), "--ids",
+            str(ids), "--epochs", "2", "--lr", "2e-3", "--quiet", "--threads", "1", "--checkpoint-every", "0",
+            *sum((["--set", s] for s in SMALL), [])]
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    subprocess.run([sys.executable, "-m", "fnemm.cli", *args, "--out", str(tmp_path / "one")], check=True, env=env)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                    "-m", "fnemm.cli", *args, "--out", str(tmp_path / "two")], check=True, env=env,
+                   capture_output=True)
+    one = torch.load(tmp_path / "one" / "last.pt", weights_only=False)
+    two = torch.load(tmp_path / "two" / "last.pt", weights_only=False)
+    # float32 sums in another order, then Adam: equal to 1e-4 of the weights' scale
+    for k, v in one["model"].items():
+        torch.testing.assert_close(two["model"][k], v, rtol=1e-3, atol=1e-4, msg=k)
+    print(json.dumps({"max_abs_weight_difference": max(float((two["model"][k] - v).abs().max())
+                                                         for k, v in one["model"].items())}))
+    h1 = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    h2 = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in h2] == [1, 2]
+    for a, b in zip(h1, h2):
+        assert abs(a["loss"] - b["loss"]) < 1e-3 * abs(a["loss"]) and abs(a["val"]["rsum"] - b["val"]["rsum"]) < 1.0
