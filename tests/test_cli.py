@@ -39,7 +39,7 @@ def test_train_then_evaluate(capsys, synth, tmp_path):
                          "--features", npy, "--json")
     assert code == 0, err
     res = json.loads(out)
-    assert set(res["90"]) >= {"i2t_r1", "t2i_r10", "i2t_medr", "rsum"}
+    assert set(res["all"]) >= {"i2t_r1", "t2i_r10", "i2t_medr", "rsum"} and res["all"]["images"] == 90
     assert (tmp_path / "r" / "metrics-test.json").exists()
 
 
@@ -159,3 +159,25 @@ def test_stability_study_counts_runs_that_start_training(capsys, tmp_path):
     code, _, err = run(capsys, "stability", "--dataset", jsonl, "--features", store, "--out", tmp_path / "x",
                        "--rows", "MOE-XX")
     assert_one_line_error(code, err, "not a Table 5 row")
+
+
+def test_logs_piped_to_a_file_are_whole_lines(synth, tmp_path):
+    """No carriage returns when stdout/stderr are not a terminal: one line per epoch;
+    --progress on forces bars, --quiet drops the epoch lines."""
+    import subprocess
+    import sys
+    jsonl, npy, ids = synth
+    args = [sys.executable, "-m", "fnemm.cli", "train", "--preset", "flickr30k/FNE-MH", "--dataset", str(jsonl),
+            "--features", str(npy), "--ids", str(ids), "--epochs", "2", "--threads", "1", "--set",
+            "model.embed_dim=32", "--set", "model.word_dim=16", "--batch-size", "32"]
+    done = subprocess.run([*args, "--out", str(tmp_path / "a")], capture_output=True, text=True, check=True)
+    assert "\r" not in done.stdout + done.stderr
+    epochs = [line for line in done.stdout.splitlines() if line.startswith("epoch ")]
+    assert [line.split()[1] for line in epochs] == ["1", "2"] and all("val i2t" in line for line in epochs)
+    bars = subprocess.run([*args, "--out", str(tmp_path / "b"), "--progress", "on"], capture_output=True,
+                          text=True, check=True)
+    assert "batch/s" in bars.stderr                     # a bar was drawn
+    quiet = subprocess.run([*args, "--out", str(tmp_path / "c"), "--quiet"], capture_output=True, text=True,
+                           check=True)
+    assert not [line for line in quiet.stdout.splitlines() if line.startswith("epoch ")]
+    assert "best epoch" in quiet.stdout

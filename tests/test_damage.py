@@ -154,8 +154,9 @@ def test_damaged_file(pristine, tmp_path, capsys, file, how):
         if code == 0:
             if name in WRITERS:                         # it repaired what it writes
                 assert_repaired(WRITERS[name], pristine, root, capsys)
-            else:
-                assert out == expected[name], f"{name}: a different answer with {file} {how}"
+            else:                                       # (image paths: the pristine or the copied images)
+                same = [o.replace(str(pristine), "<W>").replace(str(root), "<W>") for o in (out, expected[name])]
+                assert same[0] == same[1], f"{name}: a different answer with {file} {how}"
         else:
             line = err.strip()
             assert code == 2 and line.startswith("fnemm: error:") and "\n" not in line, (name, err)
@@ -169,7 +170,7 @@ def assert_repaired(what: str, pristine: Path, root: Path, capsys) -> None:
     elif what == "index":
         code, out, _ = run(commands(root)["index-text"], capsys)
         ref = run(commands(pristine)["index-text"], capsys)[1]
-        assert code == 0 and out == ref
+        assert code == 0 and out.replace(str(root), str(pristine)) == ref
     else:
         assert json.loads((root / "run" / "config.json").read_text()) == \
             json.loads((pristine / "run" / "config.json").read_text())
@@ -195,7 +196,10 @@ def test_image_names_with_newlines_and_line_separators(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["results"][0]["caption"].startswith("picture number")
     # through the service: percent-encoded result URLs fetch the thumbnails of such names
     pytest.importorskip("fastapi")
-    from fastapi.testclient import TestClient
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")           # starlette's note that it prefers httpx2
+        from fastapi.testclient import TestClient
 
     from fnemm.gallery import Gallery
     from fnemm.serve import create_app

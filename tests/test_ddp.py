@@ -35,6 +35,7 @@ def _worker(rank: int, init: str, out: str, similarity: str, reduction: str):
     loss = sharded_loss(local_img, local_cap, parts, rank, WORLD, similarity, reduction, margin=0.2)
     loss.backward()
     torch.save({"loss": loss.detach(), "img": local_img.grad, "cap": local_cap.grad}, f"{out}-{rank}.pt")
+    torch.distributed.barrier()           # both done before either tears down (gloo aborts otherwise)
     torch.distributed.destroy_process_group()
 
 

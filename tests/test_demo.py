@@ -49,13 +49,21 @@ def test_search_text_and_image(demo, capsys):
     assert main(["search", *common, "--text", "a dog runs on the beach", "-k", "3", "--json"]) == 0
     hits = json.loads(capsys.readouterr().out)["results"]
     assert [h["rank"] for h in hits] == [1, 2, 3]
+    assert all(len(h["captions"]) == 5 and Path(h["path"]).is_file() for h in hits)
     assert hits[0]["score"] >= hits[1]["score"] >= hits[2]["score"]
     test_ids = set(json.loads((out / "features" / "manifest.json").read_text())["image_ids"])
     assert all(h["image"] in test_ids for h in hits)
     # a photo from outside the gallery goes through the same CNN + statistics
     assert main(["search", *common, "--image", str(DATA / "reference-images" / "cat.bmp"), "-k", "2"]) == 0
-    text = capsys.readouterr().out
-    assert text.splitlines()[0].startswith("query:") and len(text.splitlines()) == 3
+    lines = capsys.readouterr().out.splitlines()
+    # query, then per hit: rank, score, image and its caption in quotes; then the image's path
+    assert lines[0].startswith("query:") and len(lines) == 5
+    assert lines[1].split()[0] == "1" and lines[1].count('"') == 2 and lines[2].strip().endswith(".jpg")
+    assert Path(lines[2].strip()).is_file()
+    # text queries show each image's first caption and how many more, and warn of unknown words
+    assert main(["search", *common, "--text", "a zzqxv dog", "-k", "2"]) == 0
+    printed = capsys.readouterr()
+    assert "(+4)" in printed.out and "zzqxv" in printed.err and "vocabulary" in printed.err
     # an image of the store queried as a file or by id embeds identically
     from fnemm.datasets import load_dataset
     from fnemm.gallery import Gallery

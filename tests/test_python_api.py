@@ -48,7 +48,7 @@ def test_a_notebook_session(synth, tmp_path):
     assert len(captions) == 3 and all(c.caption for c in captions)
     assert gallery.similar(first, k=1)[0].image == first
     scores = fnemm.evaluate(cut, dataset, npy, "test", ids=ids)
-    assert scores["90"]["rsum"] > 100
+    assert scores["all"]["rsum"] > 100 and scores["all"]["images"] == 90
     assert gallery.rank_of("a red dog is running .", hits[0].image) == 1
 
 

@@ -45,7 +45,7 @@ def test_learns_far_above_chance(synth, tmp_path, similarity, use_abs):
     assert summary["val"]["rsum"] > 3 * chance, summary
     # Test split, through the public evaluate(): also far above chance.
     test = evaluate(tmp_path / "run", ds, feats, "test")
-    assert test["90"]["rsum"] > 3 * chance
+    assert test["all"]["rsum"] > 3 * chance
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 12
     best = max(json.loads(x)["val"]["rsum"] for x in lines)

@@ -17,7 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
+from fnemm.progress import bar
 
 from fnemm.cnn import TappedCNN, tap_groups
 from fnemm.errors import FnemmError
@@ -32,7 +32,7 @@ BLOCK = 4096          # rows per block when streaming raw.npy
 
 def _blocks(n: int, what: str, quiet: bool):
     """Block starts over n rows, with a progress bar when there is more than one block."""
-    return tqdm(range(0, n, BLOCK), desc=what, unit="block", disable=quiet or n <= BLOCK)
+    return bar(range(0, n, BLOCK), desc=what, unit="block", quiet=quiet or n <= BLOCK)
 
 
 def train_statistics(raw: np.ndarray, rows: np.ndarray, quiet: bool = True) -> RunningStats:

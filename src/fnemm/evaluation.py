@@ -23,7 +23,8 @@ PROTOCOLS = ("auto", "all", "1k", "5fold", "5k")
 def evaluate(checkpoint: str | Path, dataset: Dataset, features: Features | str | Path,
              split: str = "test", protocol: str = "auto", device: str = "cpu",
              ids: str | Path | None = None) -> dict[str, dict[str, float]]:
-    """Recall@K and ranks of a trained model on ``split``: {protocol name: metrics}.
+    """Recall@K and ranks of a trained model on ``split``: {protocol: metrics}, the
+    protocols named 'all', '1k', '5fold'; each metrics dict also says how many ``images``.
 
     ``features`` is loaded Features, or a path (store folder or .npy with ``ids``)
     read with the feature kind the checkpoint was trained on."""
@@ -43,14 +44,14 @@ def evaluate(checkpoint: str | Path, dataset: Dataset, features: Features | str 
     results = {}
     for name in wanted:
         if name == "all":
-            results[f"{n}"] = evaluate_embeddings(img, cap, owner, sim)
+            results["all"] = {**evaluate_embeddings(img, cap, owner, sim), "images": n}
         elif name == "1k":
             if n < 1000:
                 raise FnemmError(f"--protocol 1k needs >= 1000 {split} images; this split has {n}")
             keep = owner < 1000
-            results["1k"] = evaluate_embeddings(img[:1000], cap[keep], owner[keep], sim)
+            results["1k"] = {**evaluate_embeddings(img[:1000], cap[keep], owner[keep], sim), "images": 1000}
         else:
             if n % 5:
                 raise FnemmError(f"--protocol 5fold needs a multiple of 5 {split} images; this split has {n}")
-            results["5fold"] = evaluate_embeddings(img, cap, owner, sim, folds=5)
+            results["5fold"] = {**evaluate_embeddings(img, cap, owner, sim, folds=5), "images": n // 5}
     return results

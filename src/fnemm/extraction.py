@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
+from fnemm.progress import bar as progress_bar
 
 from fnemm.assembly import assemble, damaged_files, ids_sha, producer_of
 from fnemm.features import FORMAT
@@ -180,7 +180,7 @@ def _run_chunks(cnn: TappedCNN, paths: list[Path | None], ids: list[str], config
     kept: list[str] = []
     skipped: dict[str, str] = {}
     converted: dict[str, str] = {}
-    bar = tqdm(total=n, initial=done_images, unit="img", desc="extract", disable=quiet, smoothing=0.1)
+    bar = progress_bar(total=n, initial=done_images, unit="img", desc="extract", quiet=quiet, smoothing=0.1)
     with bar:
         for batch in loader:
             good = [(k, c) for k, c, why, _ in batch if why is None]

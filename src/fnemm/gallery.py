@@ -268,9 +268,17 @@ def Searcher(checkpoint, features, dataset=None, split=None, device="cpu") -> Ga
     return Gallery.from_store(checkpoint, features, dataset, split, device)
 
 
-def format_hits(hits: list[Hit]) -> str:
+def format_hits(hits: list[Hit], paths: dict[str, Path | None] | None = None) -> str:
+    """A table a person can judge: rank, score, image, its caption (text -> image: the
+    first of its captions and how many more), and where the image file is."""
     lines = []
     for h in hits:
         text = f"{h.rank:3d}  {h.score:+.4f}  {h.image}"
-        lines.append(text + (f"  {h.caption}" if h.caption is not None else ""))
+        if h.caption is not None:
+            text += f'  "{h.caption}"'
+        elif h.captions:
+            text += f'  "{h.captions[0]}"' + (f" (+{len(h.captions) - 1})" if len(h.captions) > 1 else "")
+        lines.append(text)
+        if paths and paths.get(h.image):
+            lines.append(f"{'':19}{paths[h.image]}")
     return "\n".join(lines)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
+from fnemm.progress import bar
 
 from fnemm.errors import FnemmError
 from fnemm.fileio import atomic_path
@@ -75,8 +75,7 @@ class VectorIndex:
             index.train(train)
             index.nprobe = max(1, nlist // 3)    # measured: recall@10 0.73 at nlist/8, 0.97 at ~nlist/3
         block = 50_000                # added in blocks for the progress bar (as good as one add)
-        for s in tqdm(range(0, n, block), desc=f"{method} index", unit="block",
-                      disable=not progress or n <= block):
+        for s in bar(range(0, n, block), desc=f"{method} index", unit="block", quiet=not progress or n <= block):
             index.add(vectors[s:s + block])
         return cls(vectors, method, index)
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
+from fnemm.progress import bar
 
 from fnemm.checkpoint import checkpoint_file, open_model
 from fnemm.data import embed_captions, embed_images
@@ -85,11 +85,11 @@ def _embed(opened, store, gallery: list[str], captions: list[tuple[str, str]], q
     model, vocab, device, dim = opened.model, opened.vocab, opened.device, opened.config.model.embed_dim
     rows = store.rows_for(gallery, "the gallery")
     images = np.empty((len(gallery), dim), np.float32)
-    for s in tqdm(range(0, len(rows), BLOCK), desc="embed images", unit="block", disable=quiet or len(rows) <= BLOCK):
+    for s in bar(range(0, len(rows), BLOCK), desc="embed images", unit="block", quiet=quiet or len(rows) <= BLOCK):
         images[s:s + BLOCK] = embed_images(model, np.asarray(store.array[rows[s:s + BLOCK]]), device).cpu().numpy()
     texts = np.empty((len(captions), dim), np.float32)
-    for s in tqdm(range(0, len(captions), BLOCK), desc="embed captions", unit="block",
-                  disable=quiet or len(captions) <= BLOCK):
+    for s in bar(range(0, len(captions), BLOCK), desc="embed captions", unit="block",
+                 quiet=quiet or len(captions) <= BLOCK):
         tokens = [vocab.encode(c) for _, c in captions[s:s + BLOCK]]
         texts[s:s + BLOCK] = embed_captions(model, tokens, device).cpu().numpy()
     return images, texts

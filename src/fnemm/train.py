@@ -29,7 +29,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from fnemm.progress import bar as progress_bar
+from fnemm.progress import say
 
 from fnemm.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from fnemm.checkpoint import resolve_device
@@ -218,7 +219,7 @@ class Trainer:
         desc = (f"stage {self.state.stage + 1}/{len(self.config.stages)} "
                 f"epoch {self.state.stage_epoch + 1}/{stage.max_epochs}")
         world = self.dist.world if self.dist else 1
-        bar = tqdm(range(0, len(perm), bs), desc=desc, leave=False, disable=self.quiet, unit="batch")
+        bar = progress_bar(range(0, len(perm), bs), desc=desc, leave=False, quiet=self.quiet, unit="batch")
         for start in bar:
             idx, pick = perm[start:start + bs], picks[start:start + bs]
             if len(idx) < max(2, world):      # a lone pair has no negatives; every process needs a pair
@@ -267,7 +268,10 @@ class Trainer:
     def fit(self, resume: bool = False) -> dict:
         """Train (or resume) to the end; one process (group) at a time per run folder."""
         with folder_lock(self.out, "a training run") if self.main else contextlib.nullcontext():
-            return self._fit(resume)
+            summary = self._fit(resume)
+        if self.dist is not None:
+            distributed.barrier()             # the first process has written everything
+        return summary
 
     def _fit(self, resume: bool) -> dict:
         self._start(resume)
@@ -306,7 +310,7 @@ class Trainer:
                 self._write_metrics()
             fault(f"epoch-{st.epoch}", f"{self.out.name}/epoch-{st.epoch}")
             if not self.quiet:
-                tqdm.write(f"epoch {st.epoch} (stage {st.stage + 1}) loss {loss:.3f} | "
+                say(f"epoch {st.epoch} (stage {st.stage + 1}) loss {loss:.3f} | "
                            f"val {format_metrics(val)}{'  *best' if improved else ''}")
         return self.best_summary()
 

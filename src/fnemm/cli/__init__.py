@@ -18,6 +18,9 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    p.add_argument("--progress", choices=["auto", "on", "off"], default="auto",
+                   help="progress bars: auto (default) draws them only on a terminal; piped to a file, "
+                        "whole lines only (TQDM_DISABLE=1 also turns them off)")
 
 
 def add_data(p: argparse.ArgumentParser, required: bool) -> None:
@@ -69,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "threads", None):
         import torch
         torch.set_num_threads(args.threads)
+    if getattr(args, "progress", "auto") != "auto":
+        from fnemm.progress import ENV
+        os.environ[ENV] = args.progress
     try:
         return args.handler(args)
     except FnemmError as e:

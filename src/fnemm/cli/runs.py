@@ -147,8 +147,9 @@ def add_evaluate(sub) -> argparse.ArgumentParser:
     p.add_argument("--protocol", default="auto", metavar="|".join(PROTOCOLS),
                    help="auto (default): the whole split, or on a 5,000-image split (MSCOCO) the paper's "
                         "first 1K; also 1k, 5fold, 5k, all, or several comma-separated, e.g. 1k,5fold,5k")
-    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
-    p.add_argument("--output", metavar="FILE", help="where to write the metrics (default: next to the checkpoint)")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON (keyed by protocol)")
+    p.add_argument("--out", "--output", dest="output", metavar="FILE",
+                   help="where to write the metrics (default: metrics-SPLIT.json next to the checkpoint)")
     add_common(p)
     return p
 
@@ -160,11 +161,13 @@ def evaluate(args) -> int:
     every = evaluate_runs(args.checkpoint, load_dataset(args.dataset), args.features, args.split, args.protocol,
                           args.device, ids=args.ids, output=args.output)
     if args.json:
-        print(json.dumps(every if len(every) > 1 else next(iter(every.values())), indent=2))
+        rounded = {run: {p: {k: round(v, 4) for k, v in m.items()} for p, m in res.items()}
+                   for run, res in every.items()}
+        print(json.dumps(rounded if len(rounded) > 1 else next(iter(rounded.values())), indent=2))
         return 0
     for run, results in every.items():
         for name, m in results.items():
-            label = f"{name} images" if name.isdigit() else name
+            label = f"{name}: {m['images']} images" if "images" in m else name
             print(f"{args.split} [{label}] {format_metrics(m)}" + (f"  ({Path(run).name})" if len(every) > 1 else ""))
         folder = Path(run) if Path(run).is_dir() else Path(run).parent
         print(f"written: {args.output or metrics_path(folder, args.split)}")

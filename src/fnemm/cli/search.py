@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from fnemm.cli import add_common, at_least_one, read_lines
 from fnemm.errors import FnemmError
@@ -60,13 +61,22 @@ def search(args) -> int:
         dataset = load_dataset(args.dataset) if args.dataset else None
         gallery = Gallery.from_store(args.checkpoint, args.features, dataset, args.split, args.device,
                                      encoder=args.image is not None)
-    hits = gallery.text(args.text, args.k) if args.text is not None else gallery.image(args.image, args.k)
+    if args.text is not None:
+        hits = gallery.text(args.text, args.k)
+        unknown = gallery.unknown_words(args.text)
+        if unknown:
+            print(f"fnemm: warning: not in the model's vocabulary, so read as <unk>: {', '.join(unknown)}",
+                  file=sys.stderr)
+    else:
+        hits = gallery.image(args.image, args.k)
+    paths = {h.image: gallery.image_path(h.image) for h in hits}
     if args.json:
         print(json.dumps({"query": {"text": args.text} if args.text is not None else {"image": args.image},
-                          "results": [h.to_dict() for h in hits]}, indent=2))
+                          "results": [{**h.to_dict(), "path": str(paths[h.image]) if paths[h.image] else None}
+                                      for h in hits]}, indent=2))
     else:
         print(f"query: {args.text!r}" if args.text is not None else f"query: {args.image}")
-        print(format_hits(hits))
+        print(format_hits(hits, paths))
     return 0
 
 

@@ -15,7 +15,8 @@ def add_demo(sub) -> argparse.ArgumentParser:
                                    "(demo/ presets) -> test recall@K -> OUT/report.md with plots. "
                                    "Re-running reuses every finished stage.")
     p.add_argument("--out", default="runs/demo", metavar="DIR", help="default runs/demo")
-    p.add_argument("--data", metavar="DIR", help="the Flickr8K folder (default ../shared/data/flickr8k)")
+    p.add_argument("--dataset", "--data", dest="data", metavar="DIR",
+                   help="the Flickr8K folder with its images/ (default ../shared/data/flickr8k)")
     p.add_argument("--seeds", type=int, default=1, help="runs per model (default 1)")
     p.add_argument("--workers", type=int, default=1, help="image-decoding processes (default 1)")
     add_common(p)
