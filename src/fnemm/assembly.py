@@ -23,7 +23,7 @@ from fnemm.cnn import TappedCNN, tap_groups
 from fnemm.errors import FnemmError
 from fnemm.faults import fault
 from fnemm.features import FORMAT, RAW_KEYS, write_manifest
-from fnemm.fileio import atomic_save_npy, read_json, sha256_file
+from fnemm.fileio import atomic_save_npy, locate, read_json, relative_to, sha256_file
 from fnemm.fne import CROP, RESIZE, THRESHOLDS, RunningStats
 from fnemm.recipe import Encoder, Recipe, fit_pca, select_layers
 
@@ -250,6 +250,8 @@ def derive_store(base: str | Path, out: str | Path, train_ids: set[str], recipe:
     producer = {k: manifest[k] for k in PRODUCER_FIELDS if k in manifest}
     producer["groups"] = groups_of(manifest)
     info = {**wanted, **{k: manifest[k] for k in ("dataset", "images_dir", "image_ids_sha256") if k in manifest}}
+    if images := locate(base, manifest.get("images_dir_relative"), manifest.get("images_dir")):
+        info["images_dir_relative"] = relative_to(images, out)
     return assemble(out, producer, state, recipe, train_ids=train_ids, raw_dir=base, info=info, quiet=quiet)
 
 

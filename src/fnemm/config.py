@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import typing
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from fnemm.errors import FnemmError
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +48,9 @@ class Dataset:
     def __post_init__(self):
         if not (len(self.image_ids) == len(self.captions) == len(self.splits)):
             raise ValueError("image_ids, captions and splits must have one entry per image")
+
+    def __repr__(self) -> str:           # not every caption, in a notebook
+        return f"Dataset({self.summary()})"
 
     def split_indices(self, split: str) -> list[int]:
         """Positions of the images of ``split`` (MSCOCO's restval images are their own
@@ -282,9 +286,9 @@ def load_jsonl(path: Path) -> Dataset:
                                  f'{{"image": ..., "captions": [...], "split": ...}} object') from None
             if (not isinstance(rec, dict) or not isinstance(rec.get("image"), str)
                     or not isinstance(rec.get("captions"), list)
-                    or not all(isinstance(c, str) for c in rec["captions"]) or "split" not in rec):
+                    or not all(isinstance(c, str) for c in rec["captions"])):
                 raise FnemmError(f'{where}: expected {{"image": "name.jpg", "captions": ["...", ...], '
-                                 f'"split": "train|val|test"}}')
+                                 f'"split": "train|val|test" (optional)}}')
             image = rec["image"]
             if image in caps:
                 raise FnemmError(f"{where}: image {image} appears twice")
@@ -293,8 +297,75 @@ def load_jsonl(path: Path) -> Dataset:
                 raise FnemmError(f"{where}: image {image} has no non-empty caption")
             order.append(image)
             caps[image] = texts
-            split[image] = _norm_split(rec["split"], where)
-    return _build(path.stem, order, caps, split, path)
+            split[image] = _norm_split(rec["split"], where) if "split" in rec else None
+    return _build(path.stem, order, caps, _fill_splits(split, path), path)
+
+
+def _fill_splits(split: dict[str, str | None], path: Path) -> dict[str, str]:
+    """Every image's split: as given, or, when none is given at all, drawn at random."""
+    given = [i for i, s in split.items() if s is not None]
+    if given and len(given) < len(split):
+        missing = next(i for i, s in split.items() if s is None)
+        raise FnemmError(f"{path}: image {missing} has no split while others have one; give every image "
+                         f"a split, or none (then they are drawn at random)")
+    if given:
+        return split
+    drawn = auto_splits(list(split))
+    counts = {s: sum(1 for v in drawn.values() if v == s) for s in SPLITS}
+    print(f"fnemm: {path.name}: no splits given; drew {counts['train']} train / {counts['val']} val / "
+          f"{counts['test']} test images at random (seed 0; give a split per image to choose)", file=sys.stderr)
+    return drawn
+
+
+def auto_splits(images: list[str], seed: int = 0) -> dict[str, str]:
+    """A random 80/10/10 split of ``images`` (at least one image in val and test once
+    there are 3), the same for the same images and seed."""
+    n = len(images)
+    n_val = n_test = max(1 if n >= 3 else 0, round(0.1 * n))
+    order = np.random.default_rng(seed).permutation(n)
+    out = {}
+    for rank, k in enumerate(order):
+        out[images[k]] = "val" if rank < n_val else "test" if rank < n_val + n_test else "train"
+    return out
+
+
+# --- CSV ------------------------------------------------------------------------
+
+def load_csv(path: Path) -> Dataset:
+    """``image,caption[,split]`` rows with a header (several rows per image: its captions);
+    without a split column, the splits are drawn at random."""
+    import csv
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            rows = list(csv.reader(f))
+    except UnicodeDecodeError:
+        raise FnemmError(f"{path}: not UTF-8 text; save the CSV as UTF-8") from None
+    except csv.Error as e:
+        raise FnemmError(f"{path}: not a readable CSV ({e})") from None
+    header = [h.strip().lower() for h in rows[0]] if rows else []
+    if "image" not in header or "caption" not in header:
+        raise FnemmError(f"{path}:1: expected a header with image,caption[,split] columns, got {rows[0] if rows else []}")
+    col = {name: header.index(name) for name in ("image", "caption", "split") if name in header}
+    order, caps, split = [], {}, {}
+    for lineno, row in enumerate(rows[1:], 2):
+        if not any(cell.strip() for cell in row):
+            continue
+        if len(row) < len(header):
+            raise FnemmError(f"{path}:{lineno}: {len(row)} columns, the header has {len(header)}")
+        image, caption = row[col["image"]].strip(), row[col["caption"]].strip()
+        if not image or not caption:
+            raise FnemmError(f"{path}:{lineno}: an empty image or caption")
+        value = _norm_split(row[col["split"]], f"{path}:{lineno}") if "split" in col and row[col["split"]].strip() \
+            else None
+        if image not in caps:
+            order.append(image)
+            caps[image], split[image] = [], value
+        elif split[image] != value:
+            raise FnemmError(f"{path}:{lineno}: image {image} is in split {split[image]} on an earlier row")
+        caps[image].append(caption)
+    if not order:
+        raise FnemmError(f"{path}: no rows under the header")
+    return _build(path.stem, order, caps, _fill_splits(split, path), path)
 
 
 # --- dispatch --------------------------------------------------------------
@@ -348,6 +419,8 @@ def load_dataset(specs: str | Path | list[str | Path]) -> Dataset:
         return load_flickr_raw(path)
     if path.suffix == ".jsonl":
         return load_jsonl(path)
+    if path.suffix == ".csv":
+        return load_csv(path)
     if path.suffix == ".json":
         data = _read_json(path)
         if isinstance(data, dict) and "annotations" in data:
@@ -355,4 +428,4 @@ def load_dataset(specs: str | Path | list[str | Path]) -> Dataset:
         return load_karpathy(path, data)
     if path.name.endswith((".token.txt", ".token")):
         return load_flickr_raw(path.parent)
-    raise FnemmError(f"{path}: unknown dataset format; expected a Flickr folder, .json or .jsonl")
+    raise FnemmError(f"{path}: unknown dataset format; expected a Flickr folder, .json, .jsonl or .csv")

@@ -59,13 +59,30 @@ def shares(n: int, world: int) -> list[slice]:
     return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
+class _AllGather(torch.autograd.Function):
+    """Every process's (equal-sized) tensor, stacked; backward: each process gets the sum,
+    over all processes, of the gradient of its own part (an all-reduce, which gloo has;
+    gloo has no reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, local.contiguous())
+        return torch.stack(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[dist.get_rank()]
+
+
 def gather_with_grad(local: torch.Tensor, parts: list[slice]) -> torch.Tensor:
     """The whole batch's rows from every process's share, differentiable: the gradient of
     a row flows back to the process that owns it. Shares may differ in size by one."""
-    from torch.distributed.nn.functional import all_gather
     size = max(p.stop - p.start for p in parts)
     padded = torch.cat([local, local.new_zeros(size - len(local), *local.shape[1:])]) if len(local) < size else local
-    gathered = all_gather(padded)
+    gathered = _AllGather.apply(padded)
     return torch.cat([g[:p.stop - p.start] for g, p in zip(gathered, parts)])
 
 

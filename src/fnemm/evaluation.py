@@ -8,6 +8,7 @@ Protocols: 'all' (every image of the split, e.g. the 1K Flickr test), '1k' (the 
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from fnemm.checkpoint import open_model
@@ -39,6 +40,7 @@ def evaluate(checkpoint: str | Path, dataset: Dataset, features: Features | str 
     cap = embed_captions(model, captions, device)
     sim = config.model.similarity
     n = len(data)
+    warn_small(n, split)
     names = {"auto": "1k" if n == 5000 else "all", "5k": "all"}
     wanted = list(dict.fromkeys(names.get(p, p) for p in asked))
     results = {}
@@ -53,5 +55,20 @@ def evaluate(checkpoint: str | Path, dataset: Dataset, features: Features | str 
         else:
             if n % 5:
                 raise FnemmError(f"--protocol 5fold needs a multiple of 5 {split} images; this split has {n}")
+            if n != 5000:
+                print(f"fnemm: warning: 5fold on {n} images ranks among folds of {n // 5}, not MSCOCO's 1,000: "
+                      f"its recalls are higher and not comparable", file=sys.stderr)
             results["5fold"] = {**evaluate_embeddings(img, cap, owner, sim, folds=5), "images": n // 5}
     return results
+
+
+SMALL_SPLIT = 50
+
+
+def warn_small(n: int, split: str) -> None:
+    """Say when a split is too small for its recalls to mean much."""
+    if n >= SMALL_SPLIT:
+        return
+    trivial = " and R@10 is 100% by construction" if n <= 10 else ""
+    print(f"fnemm: warning: only {n} {split} images: one image moves R@1 by {100 / n:.0f} points{trivial}; "
+          f"take these recalls as rough (the paper's test sets have 1,000)", file=sys.stderr)

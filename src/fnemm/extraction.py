@@ -43,7 +43,7 @@ from fnemm.cnn import TappedCNN, build_cnn, check_finite
 from fnemm.datasets import Dataset
 from fnemm.errors import FnemmError
 from fnemm.faults import fault
-from fnemm.fileio import atomic_save_npy, atomic_write_json, read_json
+from fnemm.fileio import atomic_save_npy, atomic_write_json, read_json, relative_to
 from fnemm.locks import folder_lock
 from fnemm.fne import CROP, RESIZE, crops
 from fnemm.recipe import Recipe, select_layers
@@ -350,6 +350,7 @@ def extract(images: str | Path, out: str | Path, dataset: Dataset | None = None,
     select_layers(config.recipe.layers, [t.name for t in cnn.taps], cnn.groups)
     identity = _identity(cnn, config, ids)
     info["images_dir"] = str(images.resolve())
+    info["images_dir_relative"] = relative_to(images, out)      # found again when both move together
     info["image_ids_sha256"] = identity["image_ids_sha256"]
     # which images the statistics come from: a store made with other ones is re-standardised
     info["train_ids_sha256"] = None if stats_from else ids_sha(train_ids)

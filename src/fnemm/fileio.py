@@ -118,3 +118,18 @@ def remove_stale_temps(folder: str | Path) -> list[Path]:
     for p in stale:
         p.unlink(missing_ok=True)
     return stale
+
+
+def relative_to(target: str | Path, base: str | Path) -> str:
+    """``target`` as a path relative to the folder ``base`` (for manifests that must survive
+    a move of both together)."""
+    return os.path.relpath(Path(target).resolve(), Path(base).resolve())
+
+
+def locate(base: str | Path, relative: str | None, absolute: str | None) -> Path | None:
+    """A recorded path: relative to ``base`` when it is there (both moved together), else
+    the absolute one when that is there, else None."""
+    for candidate in ((Path(base) / relative) if relative else None, Path(absolute) if absolute else None):
+        if candidate is not None and candidate.exists():
+            return candidate.resolve()
+    return None

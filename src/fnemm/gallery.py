@@ -28,6 +28,7 @@ from fnemm.data import embed_captions, embed_images
 from fnemm.datasets import Dataset
 from fnemm.errors import Conflict, FnemmError, NotFound
 from fnemm.features import Features
+from fnemm.fileio import locate
 from fnemm.index import VectorIndex
 
 MAX_K = 100                    # results per query, everywhere
@@ -113,10 +114,10 @@ class Gallery:
         if captions:
             emb = embed_captions(opened.model, [opened.vocab.encode(c) for _, c in captions], opened.device)
             caption_index = VectorIndex.build(emb.cpu().numpy(), "exact")
-        images_dir = store.manifest.get("images_dir")
+        images_dir = locate(features, store.manifest.get("images_dir_relative"), store.manifest.get("images_dir")) \
+            if Path(features).is_dir() else None
         return cls(opened, image_ids, VectorIndex.build(images, "exact"), captions, caption_index,
-                   Path(features), Path(images_dir) if images_dir else None, encoder=encoder,
-                   name=str(features))
+                   Path(features), images_dir, encoder=encoder, name=str(features))
 
     @classmethod
     def from_index(cls, folder: str | Path, checkpoint: str | Path | None = None,
@@ -127,8 +128,9 @@ class Gallery:
         opened = open_model(f.checkpoint, None, device)
         m = f.manifest
         candidates = {s: (m.get(s) or {}).get("candidates", 100) for s in ("images", "captions")}
-        return cls(opened, f.image_ids, f.images, f.captions, f.caption_index, f.store,
-                   Path(m["images_dir"]) if m.get("images_dir") else None, candidates, m, encoder, str(folder))
+        images_dir = locate(folder, m.get("images_dir_relative"), m.get("images_dir"))
+        return cls(opened, f.image_ids, f.images, f.captions, f.caption_index, f.store, images_dir, candidates, m,
+                   encoder, str(folder))
 
     # --- queries --------------------------------------------------------------------
     def __len__(self) -> int:

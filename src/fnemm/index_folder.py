@@ -28,7 +28,7 @@ from fnemm.progress import bar
 from fnemm.checkpoint import checkpoint_file, open_model
 from fnemm.data import embed_captions, embed_images
 from fnemm.errors import FnemmError
-from fnemm.fileio import atomic_save_npy, atomic_write_json, atomic_write_text, read_json, sha256_file
+from fnemm.fileio import atomic_save_npy, atomic_write_json, atomic_write_text, locate, read_json, relative_to, sha256_file
 from fnemm.faults import fault
 from fnemm.index import EXACT_UP_TO, METHODS, TUNE_QUERIES, VectorIndex, sample, tune_side
 from fnemm.locks import folder_lock
@@ -78,6 +78,15 @@ def _request(opened, features: Path, store, dataset, split: str, ids, method: st
         "split": split, "method": method, "threshold": threshold, "target_recall": target_recall,
         "tune_queries": hashlib.sha256("\n".join(tune_queries).encode()).hexdigest() if tune_queries else None,
     }
+
+
+def _relative_paths(out: Path, checkpoint: Path, features: Path, store) -> dict:
+    """Where the checkpoint, store and images are from the index folder: they are found
+    there first, so that moving them all together keeps the index usable."""
+    images = locate(features, store.manifest.get("images_dir_relative"), store.manifest.get("images_dir")) \
+        if features.is_dir() else None
+    return {"relative": {"checkpoint": relative_to(checkpoint, out), "features": relative_to(features, out)},
+            **({"images_dir_relative": relative_to(images, out)} if images else {})}
 
 
 def _embed(opened, store, gallery: list[str], captions: list[tuple[str, str]], quiet: bool):
@@ -183,6 +192,7 @@ def _build(opened, features: Path, out: Path, dataset, split: str, ids, method: 
     manifest = {"format": FORMAT, "version": VERSION, "fnemm": __version__, "request": request,
                 "similarity": opened.similarity, "embed_dim": opened.config.model.embed_dim,
                 "images_dir": store.manifest.get("images_dir"), **sides,
+                **_relative_paths(out, opened.path, features, store),
                 "files": {n: {"bytes": (out / n).stat().st_size, "sha256": sha256_file(out / n)} for n in names},
                 "build_seconds": round(time.perf_counter() - t0, 1)}
     atomic_write_json(out / "manifest.json", manifest)
@@ -236,9 +246,11 @@ def read_index(folder: str | Path, checkpoint: str | Path | None = None,
     if m.get("version") != VERSION or not isinstance(m.get("files"), dict):
         raise FnemmError(f"{folder}: an index of an older fnemm (format version {m.get('version')}); {rebuild}")
     try:
-        req = m["request"]
-        ckpt = checkpoint_file(checkpoint) if checkpoint else Path(req["checkpoint"]["path"])
-        store = Path(features) if features else Path(req["features"]["path"])
+        req, rel = m["request"], m.get("relative") or {}
+        ckpt = checkpoint_file(checkpoint) if checkpoint else \
+            locate(folder, rel.get("checkpoint"), req["checkpoint"]["path"]) or Path(req["checkpoint"]["path"])
+        store = Path(features) if features else \
+            locate(folder, rel.get("features"), req["features"]["path"]) or Path(req["features"]["path"])
         ckpt_sha, store_sha = req["checkpoint"]["sha256"], req["features"]["sha256"]
     except (KeyError, TypeError):
         raise FnemmError(f"{folder / 'manifest.json'}: incomplete (no request); {rebuild}") from None

@@ -335,6 +335,9 @@ def train(config: TrainConfig, dataset: Dataset, features: Features, out_dir: st
     val_split = split_data(dataset, features, vocab, "val")
     if config.val_images and len(val_split) > config.val_images:      # MSCOCO: select on the first 1K
         val_split = val_split.head(config.val_images)
+    if not quiet and (dist is None or dist.main):
+        from fnemm.evaluation import warn_small
+        warn_small(len(val_split), "validation")
     info = {"dataset": dataset.name, "n_train": len(train_split), "n_val": len(val_split),
             "features": {"source": features.source, "kind": features.kind, "dim": features.dim,
                          "producer": {k: v for k, v in features.manifest.items()

@@ -39,6 +39,9 @@ def add_train(sub) -> argparse.ArgumentParser:
                                    "Writes config.json, best.pt, last.pt and metrics.jsonl to --out.",
                        epilog=EPILOG_TRAIN, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", help="e.g. flickr8k/FNE-MH (list: fnemm presets)")
+    p.add_argument("--config", metavar="FILE",
+                   help="instead of --preset: a config file, the JSON `fnemm presets --show NAME` prints "
+                        "(or YAML with PyYAML installed), edited as you like")
     add_data(p, required=False)
     p.add_argument("--out", required=True, metavar="DIR", help="run folder")
     p.add_argument("--resume", action="store_true", help="continue the run (or every seed) in --out where it stopped")
@@ -69,6 +72,36 @@ def add_train(sub) -> argparse.ArgumentParser:
     return p
 
 
+def read_config(path: str):
+    """A TrainConfig from a JSON (or YAML) file, every field checked."""
+    from fnemm.config import TrainConfig, validate
+    from fnemm.fileio import read_json
+    file = Path(path)
+    if file.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise FnemmError(f"{file}: reading YAML needs PyYAML (pip install pyyaml); or give the JSON "
+                             f"`fnemm presets --show NAME` prints") from None
+        try:
+            data = yaml.safe_load(file.read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError) as e:
+            raise FnemmError(f"{file}: not readable YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise FnemmError(f"{file}: expected a mapping of config fields")
+    else:
+        data = read_json(file, "give the JSON `fnemm presets --show NAME` prints")
+    import re
+    try:
+        config = TrainConfig.from_dict(data)
+        validate(config)
+    except (TypeError, AttributeError) as e:
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(e))
+        why = f"unknown field {unknown.group(1)!r}" if unknown else "a field of the wrong type"
+        raise FnemmError(f"{file}: not a config ({why}); start from `fnemm presets --show NAME`") from None
+    return config
+
+
 def _overrides(args) -> list[str]:
     from fnemm.presets import CURRICULUM_PATIENCE
     out = list(args.overrides)
@@ -92,7 +125,9 @@ def train(args) -> int:
     out, overrides = Path(args.out), _overrides(args)
     common = {"device": device, "quiet": args.quiet, "checkpoint_every": args.checkpoint_every}
     log = None if args.quiet else (lambda text: print(text, file=sys.stderr))
-    if args.resume and not args.preset:
+    if args.preset and args.config:
+        raise FnemmError("--preset or --config, not both")
+    if args.resume and not args.preset and not args.config:
         if overrides:
             raise FnemmError(f"{out}: --resume continues the saved config ({out / 'config.json'}); drop --set "
                              f"and the shortcuts (--lr, --epochs...), or start a new --out")
@@ -103,11 +138,12 @@ def train(args) -> int:
         else:
             summaries = [resume(out, **moved, **common)]
     else:
-        if not args.preset:
-            raise FnemmError("--preset is required for a new run (e.g. flickr8k/FNE-MH; see `fnemm presets`)")
+        if not args.preset and not args.config:
+            raise FnemmError("--preset (or --config FILE) is required for a new run (e.g. flickr8k/FNE-MH; "
+                             "see `fnemm presets`)")
         if not args.dataset or not args.features:
             raise FnemmError("--dataset and --features are required")
-        config = apply_overrides(get_preset(args.preset), overrides)
+        config = apply_overrides(read_config(args.config) if args.config else get_preset(args.preset), overrides)
         dataset = load_dataset(args.dataset)
         if args.restval:
             dataset = dataset.with_restval()
@@ -115,7 +151,7 @@ def train(args) -> int:
         if log:
             log(dataset.summary())
             log(f"features: {features.source} [{features.kind}] {features.array.shape[0]} x {features.dim}")
-        info = {"preset": args.preset, "overrides": overrides,
+        info = {"preset": args.preset or f"config:{Path(args.config).name}", "overrides": overrides,
                 "args": {"dataset": [str(d) for d in args.dataset], "features": str(args.features), "ids": args.ids,
                          "restval": args.restval}}
         if args.seeds is None:
