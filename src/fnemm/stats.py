@@ -122,8 +122,8 @@ def paired_over_groups(pairs: list[tuple[object, float, float]], level: float = 
     if len(groups) >= 2:
         means = [float(np.mean(v)) for v in groups.values()]
         per = sorted({len(v) for v in groups.values()})
-        return paired_t(means, level, f"paired t-test over {len(groups)} splits "
-                                      f"(each the mean of {'/'.join(map(str, per))} seeds)")
+        each = "" if per == [1] else f" (each the mean of its {'/'.join(map(str, per))} seeds)"
+        return paired_t(means, level, f"paired t-test over {len(groups)} splits{each}")
     only = next(iter(groups.values()), [])
     return paired_t(only, level, f"paired t-test over {len(only)} seeds of one split")
 

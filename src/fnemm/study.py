@@ -234,8 +234,11 @@ class Study:
         except Busy:
             return None
 
-    def run(self) -> dict:
-        """Run (or resume, or join) the grid, then summarise whatever is finished."""
+    def run(self, train: bool = True) -> dict:
+        """Run (or resume, or join) the grid, then summarise whatever is finished; with
+        ``train`` False, only summarise (the runs finished so far, by any worker)."""
+        if not train:
+            return self.summarise(self.units())
         self.out.mkdir(parents=True, exist_ok=True)
         saved = self.out / "study.json"
         if saved.exists():
@@ -266,7 +269,9 @@ class Study:
                 m = next(iter(load_metrics(u.run, "test").values()))
                 rows[(u.cnn, u.size, u.variant.name, u.split, u.seed)] = m
         summary = summarise(rows, self.grid, self.full)
-        atomic_write_json(self.out / "study.json", {"grid": self.grid.to_dict(), **summary})
+        saved = self.out / "study.json"
+        grid = read_json(saved, "").get("grid", self.grid.to_dict()) if saved.exists() else self.grid.to_dict()
+        atomic_write_json(saved, {"grid": grid, **summary})      # the grid being run stays the one saved
         from fnemm.study_report import write_report
         write_report(self.out, summary, self.grid, self.dataset)
         return summary

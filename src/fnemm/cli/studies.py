@@ -93,6 +93,8 @@ def add_study(sub) -> argparse.ArgumentParser:
     p.add_argument("--crops", type=int, choices=[1, 10], help="crops per image (default 10)")
     p.add_argument("--workers", type=int, default=1, help="image-decoding processes (default 1)")
     p.add_argument("--list", action="store_true", help="list the variants and exit")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: summarise the runs finished so far (e.g. while workers run)")
     add_common(p)
     return p
 
@@ -125,7 +127,8 @@ def study(args) -> int:
                "seeds": args.seeds, "epochs": args.epochs, "crops": args.crops, "max_images": args.max_images,
                "train_sizes": sizes, "curve_variants": names(args.curve_variants)}
     grid = replace(QUICK if args.quick else Grid(), **{k: v for k, v in changes.items() if v is not None})
-    summary = Study(dataset, images, Path(args.out), grid, device, args.workers, args.quiet).run()
+    summary = Study(dataset, images, Path(args.out), grid, device, args.workers, args.quiet).run(
+        train=not args.report_only)
     print(f"{len(summary['results'])} results; report: {Path(args.out) / 'study.md'}")
     return 0
 
