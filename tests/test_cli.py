@@ -133,7 +133,9 @@ def test_train_seeds_evaluate_and_report_mean_and_std(capsys, synth, tmp_path):
     code, out, err = run(capsys, "report", tmp_path / "s")
     assert code == 0, err
     row = next(line for line in out.splitlines() if line.startswith("| FNE-MH"))
-    assert row.count("±") == 9 and "| 2 |" in row
+    # 10 recall / rank columns and rsum, each mean ± std over the 2 seeds; rsum's 95% interval
+    assert row.count("±") == 11 and "| 2 |" in row and row.rstrip(" |").endswith("]")
+    assert (tmp_path / "s" / "seed-1" / "ranks-test.jsonl").exists()
 
 
 def test_stability_study_counts_runs_that_start_training(capsys, tmp_path):

@@ -21,7 +21,11 @@ def test_demo_writes_table_plots_and_report(demo):
     assert [r.split("|")[1].strip() for r in rows] == ["FNE-MH", "FC7-MH", "FNE-POE"]
     report = (out / "report.md").read_text()
     assert "NOT comparable to the paper" in report and "Chance level" in report
-    for png in ("val_rsum.png", "retrieval.png"):
+    # intervals over the test images, each model against the FC7 baseline, and a verdict
+    assert "rsum [95% interval]" in report and "vs FC7-MH: Δ rsum [95%], p" in report
+    assert "has the highest mean rsum" in report and "test set's noise" in report
+    assert result["verdict"] in report and (out / "FNE-MH" / "seed-0" / "ranks-test.jsonl").exists()
+    for png in ("val_rsum.png", "retrieval.png", "annotation.png"):
         with Image.open(out / png) as img:
             assert img.width > 300 and img.height > 150
     for name in ("FNE-MH", "FC7-MH", "FNE-POE"):
@@ -88,7 +92,8 @@ def test_report_with_the_papers_rows(demo, capsys, tmp_path):
     assert main(["report", str(out / "FNE-MH"), str(out / "FC7-MH"), "--paper", "flickr8k",
                  "--out", str(tmp_path / "r")]) == 0
     text = capsys.readouterr().out
-    assert "| FNE-MH | 1 |" in text and "| paper flickr8k FNE-MH | | 27.3 | 56.8 | 69.3 |" in text
+    assert "| FNE-MH | 1 |" in text and "| paper flickr8k FNE-MH | | 27.3 | 56.8 | 69.3 | 4 | – |" in text
+    assert "paper flickr8k FC7-MH" in text and "paper flickr8k FNE-POE" not in text    # the rows reported
     assert (tmp_path / "r" / "report.md").exists() and (tmp_path / "r" / "val_rsum.png").exists()
     assert main(["report", str(out / "features")]) == 2
     assert "not evaluated yet" in capsys.readouterr().err

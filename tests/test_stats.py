@@ -57,3 +57,39 @@ def test_bootstrap_interval_is_reproducible_and_covers_the_mean():
     assert a[0] < values.mean() < a[1]
     # about mean +- 1.96 sd / sqrt(n)
     assert a[1] - a[0] == pytest.approx(2 * 1.96 * values.std() / np.sqrt(200), rel=0.15)
+
+
+def _ranks(i2t, t2i, owner):
+    return {"images": [f"i{k}" for k in range(len(i2t))], "i2t": i2t, "t2i": t2i, "caption_image": owner}
+
+
+def test_rsum_from_ranks_and_its_bootstrap_against_a_loop():
+    from fnemm.stats import bootstrap_rsum, image_draws, rsum_of
+    r = _ranks([1, 3, 7, 20], [1, 2, 11, 6, 4, 30, 1, 9], [0, 0, 1, 1, 2, 2, 3, 3])
+    # by hand: i2t R@1 = 1/4, R@5 = 2/4, R@10 = 3/4; t2i R@1 = 2/8, R@5 = 4/8, R@10 = 6/8
+    assert rsum_of(r)[0] == pytest.approx(100 * (0.25 + 0.5 + 0.75 + 0.25 + 0.5 + 0.75))
+    w = image_draws(4, draws=50, seed=7)
+    assert (w.sum(1) == 4).all()
+    loop = []
+    for counts in w:                                  # each draw recomputed from its list of images
+        picked = [k for k in range(4) for _ in range(int(counts[k]))]
+        i2t = [r["i2t"][k] for k in picked]
+        t2i = [t for k in picked for t, o in zip(r["t2i"], r["caption_image"]) if o == k]
+        loop.append(sum(100 * np.mean([x <= k for x in ranks]) for ranks in (i2t, t2i) for k in (1, 5, 10)))
+    np.testing.assert_allclose(rsum_of(r, w), loop)
+    low, high, values = bootstrap_rsum([r], draws=50, seed=7)
+    np.testing.assert_allclose(values, loop)
+    assert low == pytest.approx(np.quantile(loop, 0.025)) and high == pytest.approx(np.quantile(loop, 0.975))
+
+
+def test_paired_bootstrap_sees_a_real_difference_and_not_a_null_one():
+    from fnemm.stats import paired_bootstrap
+    rng = np.random.default_rng(0)
+    n = 120
+    owner = list(np.repeat(np.arange(n), 5))
+    good = _ranks(list(rng.integers(1, 4, n)), list(rng.integers(1, 6, 5 * n)), owner)
+    bad = _ranks(list(rng.integers(1, 30, n)), list(rng.integers(1, 40, 5 * n)), owner)
+    c = paired_bootstrap([good], [bad], draws=500)
+    assert c.mean > 100 and c.low > 0 and c.p < 0.01 and "120 test images" in c.method
+    same = paired_bootstrap([good], [good], draws=500)
+    assert same.mean == 0 and same.low == 0 == same.high and same.p == 1.0

@@ -19,8 +19,9 @@ from fnemm.features import load_features
 from fnemm.fileio import atomic_write_text
 from fnemm.paths import find_data
 from fnemm.gallery import Gallery
-from fnemm.report import chance_rsum, contact_sheet, load_run, markdown_table, plot_curves
+from fnemm.report import chance_rsum, default_baseline, load_run, markdown_table, plot_curves, verdict
 from fnemm.runs import evaluate_runs, seed_dirs, train_seeds
+from fnemm.sheets import image_to_text_sheet, text_to_image_sheet
 
 MODELS = ("FNE-MH", "FC7-MH", "FNE-POE")
 QUERY = "a dog runs on the beach"
@@ -80,9 +81,11 @@ def run_demo(out: str | Path = "runs/demo", data: str | Path | None = None, seed
     runs = [load_run(out / name) for name in models]
     n_test = len(dataset.split_indices("test"))
     chance, chance_sd = chance_rsum(n_test)
-    table = markdown_table(runs)
+    baseline = default_baseline(runs)
+    table = markdown_table(runs, baseline=baseline)
+    said = verdict(runs, baseline)
     plot = plot_curves(runs, out / "val_rsum.png")
-    sheet, query_caption, found = _retrieval_example(out / models[0], dataset, store, folder / "images")
+    sheets = _retrieval_examples(out / models[0], dataset, store, out)
     timings["report"] = time.perf_counter() - t
     caveat = CAVEAT.format(summary=dataset.summary())
     stage_lines = "\n".join(f"| {k} | {v:.0f} s |" for k, v in timings.items())
@@ -93,7 +96,9 @@ def run_demo(out: str | Path = "runs/demo", data: str | Path | None = None, seed
 
 {table}
 
-Chance level (random embeddings, same test set): rsum {chance:.1f} ± {chance_sd:.1f}.
+{said}
+Intervals: 95% bootstrap over the {n_test} test images (and the seeds); Δ: the same test images
+in every draw. Chance level (random embeddings, same test set): rsum {chance:.1f} ± {chance_sd:.1f}.
 
 > {caveat}
 
@@ -101,11 +106,16 @@ Chance level (random embeddings, same test set): rsum {chance:.1f} ± {chance_sd
 
 ![validation rsum]({plot.name})
 
-## Retrieval example ({models[0]}, test images)
+## Retrieval examples ({models[0]}, seed 0, test images)
 
-Query: "{query_caption}" (one of the test captions; its own image is {found}).
+A test caption -> the 5 test images that fit it best (the true image framed in green,
+added with its rank when it is not among them):
 
-![top-5 images]({sheet.name})
+![text to images]({sheets[0].name})
+
+A test image -> the 5 test captions that fit it best (its own captions in green):
+
+![image to captions]({sheets[1].name})
 
 ## Wall time of each stage (this run; reused stages take seconds)
 
@@ -115,20 +125,19 @@ Query: "{query_caption}" (one of the test captions; its own image is {found}).
 """
     atomic_write_text(out / "report.md", report)
     _log(quiet, "\nwall time of each stage: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
-    _log(quiet, f"\n{table}\n\nchance rsum on {n_test} test images: {chance:.1f} ± {chance_sd:.1f}\n\n{caveat}\n"
-                f"\nreport: {out / 'report.md'}")
-    return {**timings, "table": table, "chance": chance}
+    _log(quiet, f"\n{table}\n\n{said}\nchance rsum on {n_test} test images: {chance:.1f} ± {chance_sd:.1f}"
+                f"\n\n{caveat}\n\nreport: {out / 'report.md'}\nexamples: {sheets[0]} (text -> images), "
+                f"{sheets[1]} (image -> captions)\nsearch these photos in a browser: make serve, then open "
+                f"http://127.0.0.1:8000/")
+    return {**timings, "table": table, "chance": chance, "verdict": said}
 
 
-def _retrieval_example(model_dir: Path, dataset, store: Path, images: Path) -> tuple[Path, str, str]:
-    """The first test caption as a query; its top-5 test images as a contact sheet."""
+def _retrieval_examples(model_dir: Path, dataset, store: Path, out: Path) -> tuple[Path, Path]:
+    """Contact sheets of three test captions (text -> images) and three test images
+    (image -> captions), with the right answers marked."""
     gallery = Gallery.from_store(seed_dirs(model_dir)[0], store, dataset, "test", encoder=False)
-    first = dataset.split_indices("test")[0]
-    truth, caption = dataset.image_ids[first], dataset.captions[first][0]
-    hits = gallery.text(caption, 5)
-    found = f"ranked {gallery.rank_of(caption, truth)} of {len(gallery)}" if truth in gallery else "not in the gallery"
-    thumbs = [(images / h.image, f"{h.rank}. {h.score:+.3f}" + (" (true image)" if h.image == truth else ""))
-              for h in hits]
-    sheet = contact_sheet(f'"{caption}"', thumbs, model_dir.parent / "retrieval.png")
-    return sheet, caption, found
-
+    test = dataset.split_indices("test")
+    picks = test[:: max(1, len(test) // 3)][:3]
+    queries = [(dataset.captions[k][0], dataset.image_ids[k]) for k in picks]
+    return (text_to_image_sheet(gallery, queries, out / "retrieval.png"),
+            image_to_text_sheet(gallery, [dataset.image_ids[k] for k in picks], out / "annotation.png"))

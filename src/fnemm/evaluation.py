@@ -11,21 +11,26 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import torch
+
 from fnemm.checkpoint import open_model
 from fnemm.data import embed_captions, embed_images, split_data
 from fnemm.datasets import Dataset
 from fnemm.errors import FnemmError
 from fnemm.features import Features
-from fnemm.metrics import evaluate_embeddings
+from fnemm.losses import scores as score_matrix
+from fnemm.metrics import evaluate_embeddings, i2t_ranks, metrics_from_ranks, t2i_ranks
 
 PROTOCOLS = ("auto", "all", "1k", "5fold", "5k")
 
 
 def evaluate(checkpoint: str | Path, dataset: Dataset, features: Features | str | Path,
              split: str = "test", protocol: str = "auto", device: str = "cpu",
-             ids: str | Path | None = None) -> dict[str, dict[str, float]]:
+             ids: str | Path | None = None, ranks: dict | None = None) -> dict[str, dict[str, float]]:
     """Recall@K and ranks of a trained model on ``split``: {protocol: metrics}, the
     protocols named 'all', '1k', '5fold'; each metrics dict also says how many ``images``.
+    A ``ranks`` dict, when given, receives the whole split's per-query ranks: 'images'
+    (ids), 'i2t' (per image), 't2i' (per caption), 'caption_image' (each caption's image).
 
     ``features`` is loaded Features, or a path (store folder or .npy with ``ids``)
     read with the feature kind the checkpoint was trained on."""
@@ -46,7 +51,14 @@ def evaluate(checkpoint: str | Path, dataset: Dataset, features: Features | str 
     results = {}
     for name in wanted:
         if name == "all":
-            results["all"] = {**evaluate_embeddings(img, cap, owner, sim), "images": n}
+            with torch.no_grad():
+                matrix = score_matrix(img, cap, sim)
+            i2t, t2i = i2t_ranks(matrix, owner), t2i_ranks(matrix, owner)
+            del matrix
+            results["all"] = {**metrics_from_ranks(i2t, t2i), "images": n}
+            if ranks is not None:
+                ranks.update(images=list(data.image_ids), i2t=i2t.tolist(), t2i=t2i.tolist(),
+                              caption_image=owner.tolist())
         elif name == "1k":
             if n < 1000:
                 raise FnemmError(f"--protocol 1k needs >= 1000 {split} images; this split has {n}")

@@ -65,13 +65,18 @@ def rank_summary(ranks: torch.Tensor, prefix: str) -> dict[str, float]:
     return out
 
 
+def metrics_from_ranks(i2t: torch.Tensor, t2i: torch.Tensor) -> dict[str, float]:
+    """All metrics of per-query ranks; ``rsum`` is the sum of the six recalls."""
+    out = rank_summary(i2t, "i2t")
+    out.update(rank_summary(t2i, "t2i"))
+    out["rsum"] = sum(out[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in RECALL_KS)
+    return out
+
+
 def metrics_from_scores(scores: torch.Tensor, caption_image: torch.Tensor) -> dict[str, float]:
     """All metrics of one score matrix; ``rsum`` is the sum of the six recalls."""
     caption_image = caption_image.to(scores.device)
-    out = rank_summary(i2t_ranks(scores, caption_image), "i2t")
-    out.update(rank_summary(t2i_ranks(scores, caption_image), "t2i"))
-    out["rsum"] = sum(out[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in RECALL_KS)
-    return out
+    return metrics_from_ranks(i2t_ranks(scores, caption_image), t2i_ranks(scores, caption_image))
 
 
 def evaluate_embeddings(

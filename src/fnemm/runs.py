@@ -21,7 +21,7 @@ from fnemm.config import TrainConfig
 from fnemm.datasets import Dataset, load_dataset
 from fnemm.errors import FnemmError
 from fnemm.features import Features, load_features
-from fnemm.fileio import atomic_write_json, read_json
+from fnemm.fileio import atomic_write_json, atomic_write_text, read_json
 
 
 def seed_dirs(path: str | Path) -> list[Path]:
@@ -39,6 +39,44 @@ def metrics_path(run: Path, split: str) -> Path:
 
 def save_metrics(target: Path, split: str, checkpoint: str | Path, results: dict) -> None:
     atomic_write_json(target, {"split": split, "checkpoint": str(checkpoint), "results": results})
+
+
+def ranks_path(run: Path, split: str) -> Path:
+    """Where ``fnemm evaluate`` keeps a run's per-query ranks on ``split`` (JSON lines)."""
+    return Path(run) / f"ranks-{split}.jsonl"
+
+
+def save_ranks(target: Path, ranks: dict) -> None:
+    """One line per query: {"query": "image", "image", "rank"} (annotation: the rank of the
+    image's best caption) and {"query": "caption", "image", "caption", "rank"} (retrieval)."""
+    images = ranks["images"]
+    lines = [json.dumps({"query": "image", "image": i, "rank": r}) for i, r in zip(images, ranks["i2t"])]
+    seen: dict[int, int] = {}
+    for owner, r in zip(ranks["caption_image"], ranks["t2i"]):
+        seen[owner] = seen.get(owner, 0) + 1
+        lines.append(json.dumps({"query": "caption", "image": images[owner], "caption": seen[owner], "rank": r}))
+    atomic_write_text(target, "\n".join(lines) + "\n")
+
+
+def load_ranks(run: Path, split: str) -> dict | None:
+    """The per-query ranks saved for ``split`` (as :func:`save_ranks` writes them), or None."""
+    path = ranks_path(run, split)
+    if not path.exists():
+        return None
+    images, i2t, t2i, owner, row = [], [], [], [], {}
+    for n, line in enumerate(path.read_bytes().decode("utf-8", "replace").splitlines(), 1):
+        try:
+            rec = json.loads(line)
+            if rec["query"] == "image":
+                row[rec["image"]] = len(images)
+                images.append(rec["image"])
+                i2t.append(int(rec["rank"]))
+            else:
+                owner.append(row[rec["image"]])
+                t2i.append(int(rec["rank"]))
+        except (ValueError, KeyError, TypeError):
+            raise FnemmError(f"{path}:{n}: not a rank record; evaluate the run again") from None
+    return {"images": images, "i2t": i2t, "t2i": t2i, "caption_image": owner}
 
 
 def load_metrics(run: Path, split: str) -> dict:
@@ -177,10 +215,14 @@ def evaluate_runs(path: str | Path, dataset: Dataset, features, split: str = "te
         folder = run if run.is_dir() else run.parent
         target = Path(output) if output else metrics_path(folder, split)
         best = folder / "best.pt"
-        if fresh and target.exists() and best.exists() and target.stat().st_mtime >= best.stat().st_mtime:
+        if fresh and target.exists() and best.exists() and target.stat().st_mtime >= best.stat().st_mtime \
+                and (output or ranks_path(folder, split).exists()):
             every[str(run)] = load_metrics(folder, split)
             continue
-        results = evaluate(run, dataset, features, split, protocol, device, ids=ids)
+        ranks: dict = {}
+        results = evaluate(run, dataset, features, split, protocol, device, ids=ids, ranks=ranks)
         save_metrics(target, split, run, results)
+        if ranks and not output:
+            save_ranks(ranks_path(folder, split), ranks)
         every[str(run)] = results
     return every

@@ -138,3 +138,77 @@ def bootstrap_ci(values, statistic=np.mean, draws: int = 2000, level: float = 0.
     stats = np.array([statistic(values[i]) for i in idx])
     alpha = (1 - level) / 2
     return float(np.quantile(stats, alpha)), float(np.quantile(stats, 1 - alpha))
+
+
+# --- recalls from per-query ranks, and their bootstrap over test images ------------------
+
+KS = (1, 5, 10)
+
+
+def _per_image(ranks: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(i2t hits (images x K), t2i hits summed per image (images x K), captions per image)."""
+    i2t = np.asarray(ranks["i2t"])
+    t2i = np.asarray(ranks["t2i"])
+    owner = np.asarray(ranks["caption_image"])
+    n = len(i2t)
+    hits_i2t = np.stack([i2t <= k for k in KS], 1).astype(np.float64)
+    hits_t2i = np.zeros((n, len(KS)))
+    for j, k in enumerate(KS):
+        np.add.at(hits_t2i[:, j], owner, (t2i <= k).astype(np.float64))
+    return hits_i2t, hits_t2i, np.bincount(owner, minlength=n).astype(np.float64)
+
+
+def rsum_of(ranks: dict, weights: np.ndarray | None = None) -> np.ndarray:
+    """rsum of per-query ranks with images weighted by ``weights`` (draws x images: how
+    often each image is drawn; None: once each): one value per row of weights."""
+    hi, ht, caps = _per_image(ranks)
+    w = np.ones((1, len(hi))) if weights is None else np.asarray(weights, np.float64)
+    i2t = 100 * (w @ hi) / w.sum(1, keepdims=True)
+    t2i = 100 * (w @ ht) / (w @ caps)[:, None]
+    return i2t.sum(1) + t2i.sum(1)
+
+
+def image_draws(n: int, draws: int = 2000, seed: int = 0) -> np.ndarray:
+    """Bootstrap resamples of n test images: (draws x n) counts, each row summing to n."""
+    return np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=draws).astype(np.float64)
+
+
+def seed_means(per_seed: np.ndarray, seed: int = 1) -> np.ndarray:
+    """For each draw (column), the mean of a resample of the seeds (rows) - or of the one
+    seed: the second level of a two-level bootstrap over seeds and test images."""
+    s, draws = per_seed.shape
+    if s == 1:
+        return per_seed[0]
+    pick = np.random.default_rng(seed).integers(0, s, size=(draws, s))
+    return per_seed[pick, np.arange(draws)[:, None]].mean(1)
+
+
+def bootstrap_rsum(seeds: list[dict], draws: int = 2000, seed: int = 0, level: float = 0.95,
+                   weights: np.ndarray | None = None) -> tuple[float, float, np.ndarray]:
+    """(low, high, per-draw values) of the mean rsum over ``seeds`` (each a dict of per-query
+    ranks on the same test images), resampling test images and, with several, seeds."""
+    n = len(seeds[0]["i2t"])
+    w = image_draws(n, draws, seed) if weights is None else weights
+    values = seed_means(np.stack([rsum_of(r, w) for r in seeds]), seed + 1)
+    alpha = (1 - level) / 2
+    return float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha)), values
+
+
+def paired_bootstrap(a: list[dict], b: list[dict], draws: int = 2000, seed: int = 0,
+                     level: float = 0.95) -> Comparison:
+    """Model ``a`` minus model ``b`` in mean rsum, both on the same test images (each a list
+    of per-seed ranks): the same image resample for both in every draw. Two-sided p-value
+    from the share of draws on the other side of 0."""
+    if [x["images"] for x in a[:1]] != [x["images"] for x in b[:1]]:
+        raise ValueError("the two models were not evaluated on the same test images")
+    w = image_draws(len(a[0]["i2t"]), draws, seed)
+    _, _, va = bootstrap_rsum(a, draws, seed, level, w)
+    _, _, vb = bootstrap_rsum(b, draws, seed + 2, level, w)
+    diff = va - vb
+    point = float(np.mean([rsum_of(r)[0] for r in a]) - np.mean([rsum_of(r)[0] for r in b]))
+    alpha = (1 - level) / 2
+    below, above = np.sum(diff <= 0), np.sum(diff >= 0)
+    p = min(1.0, 2 * (min(below, above) + 1) / (draws + 1))
+    return Comparison(point, float(np.quantile(diff, alpha)), float(np.quantile(diff, 1 - alpha)), p,
+                      len(a[0]["i2t"]), f"paired bootstrap over {len(a[0]['i2t'])} test images, {draws} draws"
+                      + (f", seeds resampled ({len(a)} vs {len(b)})" if len(a) > 1 or len(b) > 1 else ""))

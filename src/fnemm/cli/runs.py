@@ -217,21 +217,32 @@ def add_report(sub) -> argparse.ArgumentParser:
                                    "validation rsum per epoch with --out.")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folders evaluated with `fnemm evaluate`")
     p.add_argument("--split", default="test", help="which metrics-SPLIT.json to read (default test)")
-    p.add_argument("--paper", choices=["flickr8k", "flickr30k", "coco"], help="add the paper's rows")
+    p.add_argument("--paper", choices=["flickr8k", "flickr30k", "coco"],
+                   help="add the paper's rows for the pipelines reported")
+    p.add_argument("--baseline", metavar="RUN", help="compare every run with this one (paired over the test "
+                                                     "images; default: the FC7 run among FNE ones)")
     p.add_argument("--out", metavar="DIR", help="write report.md and val_rsum.png there")
     return p
 
 
 def report(args) -> int:
     from fnemm.fileio import atomic_write_text
-    from fnemm.report import load_run, markdown_table, plot_curves
+    from fnemm.report import default_baseline, load_run, markdown_table, plot_curves, verdict
     runs = [load_run(r, args.split) for r in args.runs]
-    table = markdown_table(runs, args.paper)
-    print(table)
+    if args.baseline:
+        given = [r for r in runs if r.path.resolve() == Path(args.baseline).resolve()]
+        baseline = given[0] if given else load_run(args.baseline, args.split)
+        if not given:
+            runs.append(baseline)
+    else:
+        baseline = default_baseline(runs)
+    table = markdown_table(runs, args.paper, baseline)
+    said = verdict(runs, baseline)
+    print(table + (f"\n\n{said}" if said else ""))
     if args.out:
         out = Path(args.out)
         plot = plot_curves(runs, out / "val_rsum.png")
-        atomic_write_text(out / "report.md", f"# fnemm report ({args.split})\n\n{table}\n\n"
+        atomic_write_text(out / "report.md", f"# fnemm report ({args.split})\n\n{table}\n\n{said}\n\n"
                                              f"![validation rsum per epoch]({plot.name})\n")
         print(f"written: {out / 'report.md'}, {plot}")
     return 0
