@@ -144,7 +144,7 @@ def test_page_in_headless_chromium(server, tmp_path):
             page.screenshot(path=str(tmp_path / "text-search.png"), full_page=True)
 
             page.set_input_files("#file", str(DATA / "flickr8k" / "images" / "1000268201_693b08cb0e.jpg"))
-            page.wait_for_function("document.getElementById('status').textContent.includes('captions for')",
+            page.wait_for_function("document.getElementById('status').textContent.includes('captions (of ')",
                                    timeout=60_000)
             assert page.locator("#results .hit .caption").count() == 6
             page.screenshot(path=str(tmp_path / "image-search.png"), full_page=True)
@@ -153,6 +153,42 @@ def test_page_in_headless_chromium(server, tmp_path):
             page.press("#query", "Enter")
             page.wait_for_function("document.getElementById('status').className === 'error'")
             assert "query is empty" in page.inner_text("#status")
+            assert errors == []
+
+            # a file that is not an image: an error line, no request, no stale results or preview
+            (tmp_path / "notes.txt").write_text("not a photo")
+            page.set_input_files("#file", str(tmp_path / "notes.txt"))
+            page.wait_for_function("document.getElementById('status').textContent.includes('not an image')")
+            assert page.locator("#results .hit").count() == 0 and page.locator("#drop img").count() == 0
+
+            # "More like this" on a text hit: images like it, the image itself first (its own nearest)
+            page.fill("#query", "a dog runs on the beach")
+            page.press("#query", "Enter")
+            page.wait_for_function("document.querySelectorAll('#results .hit').length === 6")
+            first = page.locator("#results .hit img").first.get_attribute("src")
+            page.locator("#results .hit .similar").first.click()
+            page.wait_for_function("document.getElementById('status').textContent.includes('images like')")
+            assert page.locator("#results .hit img").first.get_attribute("src") == first
+            assert page.input_value("#query") == ""
+            # one card per image, every caption of it one click away
+            more = page.locator("#results .hit .more").first
+            n_before = page.locator("#results .hit").first.locator(".caption").count()
+            more.click()
+            assert page.locator("#results .hit").first.locator(".caption").count() > n_before
+
+            # a phone-sized window: nothing wider than the screen, the controls still reachable
+            page.set_viewport_size({"width": 390, "height": 844})
+            wide = page.evaluate("""() => [...document.querySelectorAll('body *')]
+                .filter(e => e.getBoundingClientRect().right > document.documentElement.clientWidth + 1)
+                .map(e => e.tagName + '#' + e.id + '.' + e.className)""")
+            assert wide == [], wide
+            assert page.evaluate("document.documentElement.scrollWidth <= document.documentElement.clientWidth")
+            page.screenshot(path=str(tmp_path / "narrow.png"), full_page=True)
+            # every control is labelled for a screen reader
+            unlabelled = page.evaluate("""() => [...document.querySelectorAll('input:not([hidden]), button')]
+                .filter(e => !(e.labels && e.labels.length) && !e.getAttribute('aria-label') && !e.textContent.trim())
+                .map(e => e.outerHTML)""")
+            assert unlabelled == [], unlabelled
             assert errors == []
 
             # the API docs render from the package's own Swagger UI: no request leaves 127.0.0.1
