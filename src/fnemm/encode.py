@@ -18,12 +18,36 @@ from PIL import Image
 
 from fnemm.cnn import TappedCNN, build_cnn
 from fnemm.errors import FnemmError, NotAnImage, TooLarge
-from fnemm.assembly import store_encoder
-from fnemm.extraction import forward_images, read_image
+from fnemm.assembly import read_manifest, recipe_of, store_encoder
+from fnemm.extraction import ExtractConfig, forward_images, read_image
 from fnemm.fileio import sha256_file
 from fnemm.fne import crops, resized
 
 MAX_PIXELS = 50_000_000            # bigger images are refused before decoding (decompression bombs)
+
+
+def store_weights(store: Path, manifest: dict) -> str | None:
+    """The CNN weights a store was extracted with, for new images to go through the same
+    network: the very same file (sha256 checked), or the builder's own when it had no file."""
+    weights = manifest.get("weights")
+    if manifest.get("weights_sha256"):
+        if not weights or not Path(weights).is_file():
+            raise FnemmError(f"{store}: its CNN weights {weights} are not here; embedding a new image "
+                             f"needs the same weights file at that path")
+        if sha256_file(weights) != manifest["weights_sha256"]:
+            raise FnemmError(f"{weights}: changed since {store} was extracted (sha256 differs); "
+                             f"re-extract the store or restore the file")
+        return weights
+    return weights if weights == "random" else None     # the builder's own (e.g. a seeded test network)
+
+
+def extract_config_of(store: str | Path, device: str = "cpu", **overrides) -> ExtractConfig:
+    """The extraction settings that made ``store`` (CNN, weights, crops, layers and
+    post-processing), for other images to be extracted into its space with its statistics."""
+    store = Path(store)
+    manifest = read_manifest(store)
+    return ExtractConfig(cnn=manifest["cnn"], weights=store_weights(store, manifest), crops=int(manifest["crops"]),
+                         recipe=recipe_of(manifest), device=device, **overrides)
 
 
 class StoreEncoder:
@@ -35,17 +59,7 @@ class StoreEncoder:
         self.store = Path(store)
         self.encoder, self.manifest = store_encoder(self.store)
         m = self.manifest
-        weights = m.get("weights")
-        if m.get("weights_sha256"):            # a weights file: the very same one
-            if not weights or not Path(weights).is_file():
-                raise FnemmError(f"{self.store}: its CNN weights {weights} are not here; embedding a new image "
-                                 f"needs the same weights file at that path")
-            if sha256_file(weights) != m["weights_sha256"]:
-                raise FnemmError(f"{weights}: changed since {self.store} was extracted (sha256 differs); "
-                                 f"re-extract the store or restore the file")
-        elif weights != "random":
-            weights = None                     # the builder's own (e.g. a seeded test network)
-        self.cnn: TappedCNN = build_cnn(m["cnn"], weights).to(device)
+        self.cnn: TappedCNN = build_cnn(m["cnn"], store_weights(self.store, m)).to(device)
         self.device, self.crops = device, int(m["crops"])
         self._lock = threading.Lock()
 

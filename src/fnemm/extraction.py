@@ -320,12 +320,14 @@ def plan(out: Path, identity: dict, assembly: dict, verify: bool = False) -> Pla
 
 def extract(images: str | Path, out: str | Path, dataset: Dataset | None = None,
             config: ExtractConfig = ExtractConfig(), stats_from: str | Path | None = None,
-            train_list: list[str] | None = None, quiet: bool = False, verify: bool = False) -> ExtractResult:
+            train_list: list[str] | None = None, quiet: bool = False, verify: bool = False,
+            ids: list[str] | None = None) -> ExtractResult:
     """Extract the images of ``dataset`` (or every image under ``images``) into the
     feature store ``out``, resuming whatever an earlier run left there.
 
     Statistics come from the dataset's training split, else from the images named in
-    ``train_list``, else from another store (``stats_from``). A complete store is reused
+    ``train_list``, else from another store (``stats_from``). Without a dataset, ``ids``
+    (paths relative to ``images``) chooses the images instead of all of them. A complete store is reused
     when its files are intact: sizes are checked, and with ``verify`` their sha256."""
     images, out = Path(images), Path(out)
     if config.crops not in (1, 10):
@@ -337,7 +339,7 @@ def extract(images: str | Path, out: str | Path, dataset: Dataset | None = None,
         train_ids = {dataset.image_ids[k] for k in dataset.split_indices("train")}
         info = {"dataset": dataset.summary()}
     else:
-        ids, info = list_images(images), {}
+        ids, info = (list(ids) if ids is not None else list_images(images)), {}
         train_ids = set(train_list) if train_list is not None else None
         if not ids:
             raise FnemmError(f"{images}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")

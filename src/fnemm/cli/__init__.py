@@ -40,9 +40,13 @@ def read_lines(flag: str, path: str, what: str) -> list[str]:
     """The non-blank lines of a list file given to ``flag``, stripped; a missing or
     empty file is a one-line error naming it."""
     file = Path(path)
-    if not file.is_file():
+    if path == "-":                   # standard input
+        text = sys.stdin.read()
+    elif not file.exists() or file.is_dir():
         raise FnemmError(f"{flag} {file}: no such file; give a text file of {what}, one per line")
-    lines = [line.strip() for line in file.read_text(encoding="utf-8", errors="replace").splitlines()]
+    else:                             # a file, or a pipe such as <(...)
+        text = file.read_bytes().decode("utf-8", errors="replace")
+    lines = [line.strip() for line in text.splitlines()]
     if not any(lines):
         raise FnemmError(f"{flag} {file}: no {what} in it; one per line")
     return [line for line in lines if line]

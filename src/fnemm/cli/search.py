@@ -26,10 +26,11 @@ Re-running the build with the same inputs and options keeps the index as is.
 
 
 def add_search(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("search", help="text -> images or image -> captions with a trained model",
-                       description="Rank the images of a feature store for a sentence (--text), or the "
+    p = sub.add_parser("search", help="text -> images, image -> captions or image -> images with a trained model",
+                       description="Rank the images of a feature store for a sentence (--text), the "
                                    "captions of a dataset for a photo (--image: a file, embedded through "
-                                   "the store's CNN and statistics, or an image id of the store).")
+                                   "the store's CNN and statistics, or an image id of the store), or the "
+                                   "store's images for a photo (--similar).")
     p.add_argument("--checkpoint", metavar="RUN", help="run folder or best.pt")
     p.add_argument("--features", metavar="STORE", help="the gallery's feature store")
     p.add_argument("--index", metavar="DIR", help="instead of --checkpoint/--features/--dataset: an index "
@@ -40,7 +41,9 @@ def add_search(sub) -> argparse.ArgumentParser:
                    help="restrict the gallery to a split (default all)")
     query = p.add_mutually_exclusive_group(required=True)
     query.add_argument("--text", help="a sentence, e.g. \"a dog runs on the beach\"")
-    query.add_argument("--image", help="a photo file, or an image id of the store")
+    query.add_argument("--image", help="a photo file, or an image id of the store: the captions that fit it")
+    query.add_argument("--similar", metavar="IMAGE", help="a photo file, or an image id of the store: "
+                                                          "the gallery images most like it")
     p.add_argument("-k", type=int, default=5, help="how many results (default 5, at most 100)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     add_common(p)
@@ -54,28 +57,35 @@ def search(args) -> int:
         if args.checkpoint or args.features or args.dataset or args.split != "all":
             raise FnemmError("--index holds the checkpoint, gallery and captions: drop --checkpoint, "
                              "--features, --dataset and --split (choose them at `fnemm index build`)")
-        gallery = Gallery.from_index(args.index, device=args.device, encoder=args.image is not None)
+        gallery = Gallery.from_index(args.index, device=args.device, encoder=args.text is None)
     else:
         if not (args.checkpoint and args.features):
             raise FnemmError("search needs --checkpoint RUN and --features STORE (or --index DIR)")
         dataset = load_dataset(args.dataset) if args.dataset else None
         gallery = Gallery.from_store(args.checkpoint, args.features, dataset, args.split, args.device,
-                                     encoder=args.image is not None)
+                                     encoder=args.text is None)
     if args.text is not None:
         hits = gallery.text(args.text, args.k)
         unknown = gallery.unknown_words(args.text)
         if unknown:
             print(f"fnemm: warning: not in the model's vocabulary, so read as <unk>: {', '.join(unknown)}",
                   file=sys.stderr)
-    else:
+    elif args.image is not None:
         hits = gallery.image(args.image, args.k)
+    else:
+        hits = gallery.similar(args.similar, args.k)
     paths = {h.image: gallery.image_path(h.image) for h in hits}
+    if args.text is not None:
+        query = {"text": args.text}
+    else:
+        query = {"image": args.image} if args.image is not None else {"similar": args.similar}
     if args.json:
-        print(json.dumps({"query": {"text": args.text} if args.text is not None else {"image": args.image},
+        print(json.dumps({"query": query,
                           "results": [{**h.to_dict(), "path": str(paths[h.image]) if paths[h.image] else None}
                                       for h in hits]}, indent=2))
     else:
-        print(f"query: {args.text!r}" if args.text is not None else f"query: {args.image}")
+        print(f"query: {args.text!r}" if args.text is not None else
+              f"query: {args.image}" if args.image is not None else f"images like: {args.similar}")
         print(format_hits(hits, paths))
     return 0
 
@@ -157,4 +167,64 @@ def serve(args) -> int:
     return 0
 
 
-COMMANDS = [(add_search, search), (add_index, index), (add_serve, serve)]
+EPILOG_EMBED = """\
+examples:
+  fnemm embed --checkpoint runs/demo/FNE-MH/seed-0 --images runs/demo/features --out emb/
+  fnemm embed --checkpoint runs/demo/FNE-MH/seed-0 --images my_photos/ --out emb/ --parquet
+  fnemm embed --checkpoint runs/demo/FNE-MH/seed-0 --texts queries.txt --out emb/
+
+Writes images.npy / texts.npy (float32, one L2-normalised row per item) and beside each a
+.json with the ids (image ids, or line numbers from 0), image paths or texts, and the
+model that made them; --parquet adds images.parquet / texts.parquet (id, path or text,
+embedding). Image files (a folder, or a list file) are first extracted into OUT/features
+exactly as the model's training store was made, with its statistics (resumable, like
+`fnemm extract`).
+
+  import numpy as np, json
+  v = np.load("emb/images.npy"); ids = json.load(open("emb/images.json"))["ids"]
+"""
+
+
+def add_embed(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("embed", help="images or texts -> joint embeddings (.npy, parquet) with a trained model",
+                       description="Export joint embeddings of images (a feature store, a folder of image "
+                                   "files, or a list file of them) or of texts (a file, one per line).",
+                       epilog=EPILOG_EMBED, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, metavar="RUN", help="run folder or best.pt")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--images", metavar="SOURCE", help="a feature store, a folder of images, or a text "
+                                                         "file listing image files (one per line)")
+    what.add_argument("--texts", metavar="FILE", help="sentences, one per line (blank lines are skipped; - reads stdin)")
+    p.add_argument("--features", metavar="STORE", help="for image files: the store whose CNN and statistics "
+                                                       "the model was trained on (default: the one its "
+                                                       "checkpoint records)")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the .npy, .json (and .parquet)")
+    p.add_argument("--parquet", action="store_true", help="also write parquet (pip install 'fnemm[parquet]')")
+    p.add_argument("--batch-size", type=int, default=8, help="images per CNN forward pass (default 8)")
+    p.add_argument("--workers", type=int, default=1, help="processes decoding images (default 1)")
+    add_common(p)
+    return p
+
+
+def embed(args) -> int:
+    from fnemm.embed import embed_images, embed_texts
+    if args.parquet:
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise FnemmError("--parquet needs pyarrow: pip install 'fnemm[parquet]' (the .npy needs nothing)") from None
+    if args.texts is not None:
+        if args.features:
+            raise FnemmError("--features is for --images; texts need only the checkpoint")
+        done = embed_texts(args.checkpoint, read_lines("--texts", args.texts, "sentences"), args.out,
+                           args.parquet, args.device)
+    else:
+        at_least_one("--batch-size", args.batch_size)
+        done = embed_images(args.checkpoint, args.images, args.out, args.features, args.parquet, args.device,
+                            args.batch_size, args.workers, args.quiet)
+    n, d = done.vectors.shape
+    print(f"{done.kind}: {n} x {d} dimensions -> " + ", ".join(str(f) for f in done.files))
+    return 0
+
+
+COMMANDS = [(add_search, search), (add_index, index), (add_serve, serve), (add_embed, embed)]

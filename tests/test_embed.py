@@ -1,0 +1,141 @@
+"""fnemm embed (images or texts -> joint embeddings, .npy and parquet) and image -> image
+search, against the model's own towers and brute force."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import DATA
+from fnemm.cli import main
+from fnemm.datasets import load_dataset
+from fnemm.embed import read_embeddings
+from fnemm.gallery import Gallery
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def model(demo):
+    out, _ = demo
+    return out / "FNE-MH" / "seed-0", out / "features"
+
+
+@pytest.fixture(scope="module")
+def gallery(model):
+    run_dir, store = model
+    return Gallery.from_store(run_dir, store, load_dataset(f"flickr8k-1k={DATA / 'flickr8k'}"))
+
+
+def test_texts_match_the_text_tower_in_npy_and_parquet(capsys, model, gallery, tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    run_dir, _ = model
+    texts = ["a dog runs on the beach", "", "two children play in the snow", "a man on a bike"]
+    (tmp_path / "q.txt").write_text("\n".join(texts) + "\n")
+    code, out, err = run(capsys, "embed", "--checkpoint", run_dir, "--texts", tmp_path / "q.txt",
+                         "--out", tmp_path / "emb", "--parquet")
+    assert code == 0, err
+    assert "texts: 3 x" in out
+    vectors, meta = read_embeddings(tmp_path / "emb", "texts")
+    kept = [t for t in texts if t]
+    assert meta["texts"] == kept and meta["ids"] == [0, 1, 2] and meta["similarity"] == "cosine"
+    expected = np.vstack([gallery.text_embedding(t) for t in kept])
+    np.testing.assert_allclose(vectors, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+    table = pq.read_table(tmp_path / "emb" / "texts.parquet")
+    assert table.column_names == ["id", "text", "embedding"]
+    assert table.column("text").to_pylist() == kept
+    np.testing.assert_array_equal(np.array(table.column("embedding").to_pylist(), np.float32), vectors)
+
+
+def test_store_images_match_the_gallery(capsys, model, gallery, tmp_path):
+    run_dir, store = model
+    code, out, err = run(capsys, "embed", "--checkpoint", run_dir, "--images", store, "--out", tmp_path / "e")
+    assert code == 0, err
+    vectors, meta = read_embeddings(tmp_path / "e")
+    assert meta["ids"] == gallery.image_ids and len(vectors) == 30
+    np.testing.assert_allclose(vectors, gallery.images.vectors, rtol=1e-5, atol=1e-6)
+    assert all(p.endswith(i) and json.dumps(p) for p, i in zip(meta["paths"], meta["ids"]))
+    assert not (tmp_path / "e" / "images.parquet").exists()
+
+
+def test_new_image_files_go_through_the_stores_cnn_and_statistics(capsys, model, gallery, tmp_path):
+    """A folder (and a list file) of photos, two of them already in the store and one
+    unreadable: extracted like the store, the two embed as the store's rows do; the
+    unreadable one is reported, not silently dropped."""
+    pa = pytest.importorskip("pyarrow.parquet")
+    run_dir, store = model
+    photos = tmp_path / "photos"
+    (photos / "sub").mkdir(parents=True)
+    known = gallery.image_ids[:2]
+    shutil.copy(DATA / "flickr8k" / "images" / known[0], photos / known[0])
+    shutil.copy(DATA / "flickr8k" / "images" / known[1], photos / "sub" / known[1])
+    (photos / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    code, out, err = run(capsys, "embed", "--checkpoint", run_dir, "--images", photos, "--features", store,
+                         "--out", tmp_path / "new", "--parquet", "--quiet")
+    assert code == 0, err
+    assert "broken.jpg" in err and "could not be read" in err and "images: 2 x" in out
+    vectors, meta = read_embeddings(tmp_path / "new")
+    assert sorted(meta["ids"]) == sorted([known[0], f"sub/{known[1]}"]) and "broken.jpg" in meta["skipped"]
+    for row, image in zip(vectors, meta["ids"]):
+        np.testing.assert_allclose(row, gallery.image_embedding(image.split("/")[-1])[0], rtol=1e-4, atol=1e-5)
+    table = pa.read_table(tmp_path / "new" / "images.parquet")
+    assert table.column("id").to_pylist() == meta["ids"] and table.column("path").to_pylist() == meta["paths"]
+
+    # the same photos as a list file (relative to it), the default --features (the trained-on store)
+    (tmp_path / "list.txt").write_text(f"photos/{known[0]}\n\nphotos/sub/{known[1]}\n")
+    code, out, err = run(capsys, "embed", "--checkpoint", run_dir, "--images", tmp_path / "list.txt",
+                         "--out", tmp_path / "listed", "--quiet")
+    assert code == 0, err
+    listed, meta2 = read_embeddings(tmp_path / "listed")
+    assert meta2["ids"] == [known[0], f"sub/{known[1]}"]
+    np.testing.assert_allclose(listed, vectors[[meta["ids"].index(i) for i in meta2["ids"]]], atol=1e-6)
+
+
+def test_embed_errors_are_one_line(capsys, model, tmp_path):
+    run_dir, store = model
+    (tmp_path / "empty.txt").write_text("\n \n")
+    (tmp_path / "list.txt").write_text("nope.jpg\n")
+    for argv, fragment in [
+        (["--texts", tmp_path / "empty.txt"], "no sentences"),
+        (["--texts", tmp_path / "missing.txt"], "no such file"),
+        (["--images", tmp_path / "list.txt"], "missing file"),
+        (["--images", tmp_path / "nowhere"], "no such folder or file"),
+        (["--texts", tmp_path / "list.txt", "--features", store], "--features is for --images"),
+    ]:
+        code, _, err = run(capsys, "embed", "--checkpoint", run_dir, *argv, "--out", tmp_path / "o")
+        assert code == 2 and fragment in err and "Traceback" not in err, (argv, err)
+    code, _, err = run(capsys, "embed", "--checkpoint", tmp_path, "--texts", tmp_path / "list.txt",
+                       "--out", tmp_path / "o")
+    assert code == 2 and "no such checkpoint" in err
+
+
+def test_image_to_image_search_is_brute_force_cosine(capsys, model, gallery):
+    run_dir, store = model
+    vectors = gallery.images.vectors
+    for query in gallery.image_ids[:5]:
+        q = vectors[gallery.image_ids.index(query)]
+        scores = vectors @ q / (np.linalg.norm(vectors, axis=1) * np.linalg.norm(q))
+        order = np.argsort(-scores, kind="stable")[:7]
+        hits = gallery.similar(query, k=7)
+        assert [h.image for h in hits] == [gallery.image_ids[i] for i in order]
+        np.testing.assert_allclose([h.score for h in hits], scores[order], atol=1e-5)
+    # the CLI: by id and by file, the same ranking; captions and paths come with each hit
+    first = gallery.image_ids[3]
+    common = ["search", "--checkpoint", run_dir, "--features", store, "--dataset", f"flickr8k-1k={DATA / 'flickr8k'}"]
+    code, out, err = run(capsys, *common, "--similar", first, "-k", "4", "--json")
+    assert code == 0, err
+    by_id = json.loads(out)
+    assert by_id["query"] == {"similar": first} and by_id["results"][0]["image"] == first
+    assert [h["image"] for h in by_id["results"]] == [h.image for h in gallery.similar(first, k=4)]
+    assert all(h["captions"] and h["path"] for h in by_id["results"])
+    code, out, err = run(capsys, *common, "--similar", DATA / "flickr8k" / "images" / first, "-k", "4", "--json")
+    assert code == 0, err
+    assert [h["image"] for h in json.loads(out)["results"]] == [h["image"] for h in by_id["results"]]
+    code, out, _ = run(capsys, *common, "--similar", first, "-k", "2")
+    assert out.splitlines()[0] == f"images like: {first}" and '"' in out.splitlines()[1]
