@@ -148,15 +148,15 @@ def same_producer(manifest: dict, producer: dict) -> bool:
 
 def producer_of(cnn: TappedCNN, crops: int) -> dict:
     """What made the raw activations: the part of a manifest that the assembly copies."""
-    return {**{k: cnn.info.get(k) for k in ("cnn", "weights", "weights_sha256", "weights_format", "quant")
-               if k in cnn.info},
+    return {**{k: cnn.info.get(k) for k in ("cnn", "weights", "weights_sha256", "weights_format", "quant",
+                                            "finetuned") if k in cnn.info},
             "preprocess": cnn.preprocess.to_dict(), "input_size": cnn.input_size,
             "resize": RESIZE, "crop": CROP, "crops": crops,
             "taps": [asdict(t) for t in cnn.taps], "groups": cnn.groups,
             "baseline": {"array": "fc7", "tap": cnn.baseline.name, "l2": True}}
 
 
-PRODUCER_FIELDS = ("cnn", "weights", "weights_sha256", "weights_format", "quant", "preprocess", "input_size",
+PRODUCER_FIELDS = ("cnn", "weights", "weights_sha256", "weights_format", "quant", "finetuned", "preprocess", "input_size",
                    "resize", "crop", "crops", "taps", "groups", "baseline")
 
 

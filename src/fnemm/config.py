@@ -39,6 +39,17 @@ class StageConfig:
 
 
 @dataclass(frozen=True)
+class FinetuneConfig:
+    """Fine-tuning the CNN end to end (fnemm.finetune): images -> CNN -> the baseline
+    layer (pooled, L2) -> the image map, from a converged run on frozen fc7 features."""
+    blocks: int = 2                # the last N blocks up to the baseline layer train; the rest is frozen
+    cnn_lr_scale: float = 0.1      # the CNN's learning rate = the stage's x this (VSE++: 2e-5 vs 2e-4)
+    train_bn: bool = False         # batch-norm statistics of the trained blocks update (frozen by default)
+    crop_scale: float = 0.08       # random-resized crop: smallest area fraction (torchvision's 0.08)
+    amp: bool = True               # bfloat16 autocast of the CNN on CUDA (no effect on a CPU)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     features: str = "fne"          # which array of the feature store: 'fne' or 'fc7'
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -61,6 +72,8 @@ class TrainConfig:
     # at most 100 words; real captions have < 50): one huge caption must not pad every
     # batch to its length.
     max_caption_tokens: int = 100
+    # Fine-tune the CNN (fnemm train --finetune RUN); None: frozen features (the paper)
+    finetune: FinetuneConfig | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -70,6 +83,8 @@ class TrainConfig:
         d = dict(d)
         d["model"] = ModelConfig(**d.get("model", {}))
         d["stages"] = tuple(StageConfig(**s) for s in d.get("stages", [{}]))
+        if d.get("finetune") is not None:
+            d["finetune"] = FinetuneConfig(**d["finetune"])
         return cls(**d)
 
     def to_json(self) -> str:
@@ -115,6 +130,10 @@ def _set(obj, path: list[str], text: str, key: str):
         fields = ", ".join(hints)
         raise FnemmError(f"--set {key}: no field {name!r} in {type(obj).__name__} (fields: {fields})")
     current = getattr(obj, name)
+    if current is None and len(path) > 1:      # an optional section not set yet: from its defaults
+        kinds = [a for a in typing.get_args(hints[name]) if dataclasses.is_dataclass(a)]
+        if kinds:
+            current = kinds[0]()
     if len(path) > 1 or dataclasses.is_dataclass(current) or isinstance(current, tuple):
         if len(path) == 1:
             raise FnemmError(f"--set {key}: name a field inside it, e.g. {key}.{_first_field(current)}")
@@ -165,6 +184,13 @@ def validate(config: TrainConfig) -> None:
         raise FnemmError("max_caption_tokens must be >= 1")
     if not 0 <= config.model.image_dropout < 1 or config.image_weight_decay < 0:
         raise FnemmError("model.image_dropout must be in [0, 1) and image_weight_decay >= 0")
+    ft = config.finetune
+    if ft is not None:
+        if config.features != "fc7":
+            raise FnemmError("finetune: the fine-tuned CNN feeds the image map its baseline layer (features=fc7); "
+                             "an FNE of the fine-tuned CNN is a store extracted with --weights RUN/cnn.pt")
+        if ft.blocks < 1 or ft.cnn_lr_scale <= 0 or not 0 < ft.crop_scale <= 1:
+            raise FnemmError("finetune.blocks must be >= 1, finetune.cnn_lr_scale > 0, finetune.crop_scale in (0, 1]")
 
 
 

@@ -5,7 +5,8 @@
 line on stdin (a test then acts while the job holds its folder, and lets it go on).
 Points: ``chunk-1`` (an extraction right after it commits chunk 1), ``epoch-3`` (a
 training run after epoch 3's metrics; ``seed-1/epoch-3``: only the run in a folder
-named seed-1), ``assemble-stats`` and ``assemble-arrays`` (an assembly between its
+named seed-1), ``batch-2`` (a training epoch after its second step; ``RUN/epoch-3/batch-2``:
+only in epoch 3 of the run in a folder named RUN), ``assemble-stats`` and ``assemble-arrays`` (an assembly between its
 writes), ``index-sides`` (an index build before its manifest). Tests use these
 instead of racing a running process with a timer.
 """

@@ -156,6 +156,9 @@ def resume(out: str | Path, *, dataset=None, features=None, ids=None, device: st
     if not (out / "last.pt").exists():
         raise FnemmError(f"{out}: no run to resume here (no last.pt); start one with --preset")
     config = saved_config(out)
+    if config.finetune is not None:             # the CNN fine-tuned on photos: no feature rows to load
+        from fnemm.finetune import resume_finetune
+        return resume_finetune(out, dataset, device, quiet, checkpoint_every)
     dataset, features = _inputs(out, config, dataset, features, ids)
     info = saved_info(out)
     keep = {k: v for k, v in info.items() if k not in ("dataset", "n_train", "n_val", "features",
@@ -193,10 +196,41 @@ def resume_seeds(out: str | Path, seeds: int | None = None, **kwargs) -> list[di
         raise FnemmError(f"{out}: no seed-0/ run to resume from; start the seeds with --preset")
     started = len([p for p in seed_dirs(out) if p != out])
     config = saved_config(first)
+    if config.finetune is not None:
+        return _resume_finetune_seeds(out, seeds or started, **kwargs)
     dataset, features = _inputs(first, config, kwargs.pop("dataset", None), kwargs.pop("features", None),
                                 kwargs.pop("ids", None))
     info = {k: v for k, v in saved_info(first).items() if k in ("preset", "overrides", "args")}
     return train_seeds(config, dataset, features, out, seeds or started, resume=True, run_info=info, **kwargs)
+
+
+def _resume_finetune_seeds(out: Path, seeds: int, dataset=None, features=None, ids=None, log=None,
+                           **kwargs) -> list[dict]:
+    """Every seed of a fine-tuning seeds folder: started ones resumed, the others started
+    from the same seed of the start folder (seed-0's run.json names it)."""
+    from fnemm.finetune import finetune, finetune_config, resume_finetune
+    info = saved_info(out / "seed-0")
+    start_dir = Path((info.get("finetune") or {}).get("from", "")).parent.parent
+    summaries = []
+    for k in range(seeds):
+        run = out / f"seed-{k}"
+        if log:
+            log(f"--- seed-{k} ({k + 1} of {seeds}) -> {run}")
+        if (run / "last.pt").exists():
+            summaries.append(resume_finetune(run, dataset, **kwargs))
+            continue
+        start = start_dir / f"seed-{k}"
+        if not (start / "best.pt").exists():
+            raise FnemmError(f"{run}: not started, and {start} (its start run) is not there")
+        data = dataset if dataset is not None else (info.get("args") or {}).get("dataset")
+        if data is None:
+            raise FnemmError(f"{out / 'seed-0' / 'run.json'}: does not say which dataset; pass --dataset")
+        if not isinstance(data, Dataset):
+            data = load_dataset(data)
+        summaries.append(finetune(start, data, run, config=finetune_config(start, info.get("overrides") or []),
+                                  run_info={k2: v for k2, v in info.items() if k2 in ("preset", "overrides", "args")},
+                                  **kwargs))
+    return summaries
 
 
 def evaluate_runs(path: str | Path, dataset: Dataset, features, split: str = "test", protocol: str = "auto",

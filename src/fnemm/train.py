@@ -116,10 +116,7 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.rng = np.random.default_rng(config.seed)
         self.model = JointEmbedding(config.model, len(vocab), train.features.shape[1]).to(self.device)
-        self.net = self.model
-        if dist is not None:
-            from torch.nn.parallel import DistributedDataParallel
-            self.net = DistributedDataParallel(self.model, device_ids=[self.device] if self.device != "cpu" else None)
+        self.net = self._build_net()
         self.state = TrainState()
         self.optimizer = self._new_optimizer()
 
@@ -140,6 +137,42 @@ class Trainer:
                 "vocab": self.vocab.itos[2:], "feature_dim": self.model.feature_dim,
                 "features": self.run_info.get("features", {}), "preset": self.run_info.get("preset"),
                 "model": self.model.state_dict()}
+
+    # --- what a subclass (fnemm.finetune) changes --------------------------------
+    def _build_net(self) -> torch.nn.Module:
+        """What a batch goes through: the model, or DDP around it (several processes)."""
+        return self._distribute(self.model)
+
+    def _distribute(self, module: torch.nn.Module) -> torch.nn.Module:
+        if self.dist is None:
+            return module
+        from torch.nn.parallel import DistributedDataParallel
+        return DistributedDataParallel(module, device_ids=[self.device] if self.device != "cpu" else None)
+
+    def _parameters(self):
+        """Every trained parameter (gradient clipping)."""
+        return self.model.parameters()
+
+    def _batch_images(self, idx: np.ndarray) -> torch.Tensor:
+        """The image side of a batch: the training images' feature rows."""
+        return torch.from_numpy(self.train_data.features[idx]).to(self.device)
+
+    def _validate(self) -> dict:
+        return validation_metrics(self.model, self.val_data, self.config.eval_captions, self.device)
+
+    def _restore_more(self, ckpt: dict) -> None:
+        """What a subclass keeps in last.pt besides the model (called before the optimiser loads)."""
+
+    def _best_payload(self) -> dict:
+        """best.pt's contents (a subclass writes what belongs with it first)."""
+        return self._payload()
+
+    def _forward_loss(self, images, tokens, lengths, parts, world: int, stage) -> torch.Tensor:
+        img, cap = self.net(images, tokens.to(self.device), lengths)
+        if self.dist is None:
+            return contrastive_loss(img, cap, self.config.model.similarity, stage.loss, stage.margin)
+        return distributed.sharded_loss(img, cap, parts, self.dist.rank, world, self.config.model.similarity,
+                                        stage.loss, stage.margin)
 
     def _write_metrics(self) -> None:
         if not self.main:
@@ -173,6 +206,7 @@ class Trainer:
         try:
             self.model.load_state_dict(ckpt["model"])
             self.state = TrainState(**ckpt["state"])
+            self._restore_more(ckpt)
         except (KeyError, TypeError, RuntimeError) as e:
             raise FnemmError(f"{self.out / 'last.pt'}: damaged or from another fnemm ({type(e).__name__}); "
                              f"start the run again in a new --out") from None
@@ -211,7 +245,7 @@ class Trainer:
     def _epoch(self) -> float:
         stage = self.config.stages[self.state.stage]
         data = self.train_data
-        self.model.train()
+        self.net.train()
         perm = self.rng.permutation(len(data))
         picks = self.rng.integers(0, [len(data.captions[k]) for k in perm])
         bs = self.config.batch_size
@@ -227,21 +261,18 @@ class Trainer:
             if self.dist is not None:         # this process's share of the (global) batch
                 parts = distributed.shares(len(idx), world)
                 idx, pick = idx[parts[self.dist.rank]], pick[parts[self.dist.rank]]
-            feats = torch.from_numpy(data.features[idx]).to(self.device)
+            images = self._batch_images(idx)
             tokens, lengths = pad_batch([data.captions[k][p] for k, p in zip(idx, pick)])
-            img, cap = self.net(feats, tokens.to(self.device), lengths)
-            if self.dist is None:
-                loss = contrastive_loss(img, cap, self.config.model.similarity, stage.loss, stage.margin)
-            else:
-                loss = distributed.sharded_loss(img, cap, parts, self.dist.rank, world, self.config.model.similarity,
-                                                stage.loss, stage.margin)
+            loss = self._forward_loss(images, tokens, lengths, parts if self.dist is not None else None,
+                                      world, stage)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            clip_gradients(self.model.parameters(), self.config.grad_clip, self.config.grad_clip_mode)
+            clip_gradients(self._parameters(), self.config.grad_clip, self.config.grad_clip_mode)
             self.optimizer.step()
             total += loss.item() / world
             batches += 1
             bar.set_postfix(loss=f"{loss.item() / world:.3f}")
+            fault(f"batch-{batches}", f"{self.out.name}/epoch-{self.state.epoch + 1}/batch-{batches}")
         if self.dist is not None:             # the batch losses are the processes' parts summed
             total = distributed.all_sum(total)
         return total / max(batches, 1)
@@ -256,6 +287,7 @@ class Trainer:
                 distributed.barrier()          # the first process has written it
             best = torch.load(self.out / "best.pt", map_location=self.device, weights_only=False)
             self.model.load_state_dict(best["model"])
+            self._restore_more(best)
             self.optimizer = self._new_optimizer()
         else:
             st.done = True
@@ -283,8 +315,7 @@ class Trainer:
                 continue
             t0 = time.perf_counter()
             loss = self._epoch()
-            val = validation_metrics(self.model, self.val_data, self.config.eval_captions, self.device) \
-                if self.main else None
+            val = self._validate() if self.main else None
             if self.dist is not None:          # the others follow the first process's validation
                 val = distributed.broadcast(val)
             st.epoch += 1
@@ -297,7 +328,7 @@ class Trainer:
             if improved:
                 st.best_rsum, st.best_epoch = val["rsum"], st.epoch
                 if self.main:
-                    atomic_torch_save(self.out / "best.pt", {**self._payload(), "epoch": st.epoch,
+                    atomic_torch_save(self.out / "best.pt", {**self._best_payload(), "epoch": st.epoch,
                                                              "stage": st.stage + 1, "val": val})
             st.history.append({"epoch": st.epoch, "stage": st.stage + 1, "stage_epoch": st.stage_epoch,
                                "lr": self.config.stages[st.stage].lr, "loss": loss, "val": val,

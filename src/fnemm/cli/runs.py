@@ -68,6 +68,18 @@ def add_train(sub) -> argparse.ArgumentParser:
     p.add_argument("--restval", action="store_true",
                    help="MSCOCO: train on restval too (113,287 images; the paper uses train2014's 82,783)")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
+    ft = p.add_argument_group("fine-tuning the CNN (VSE++)", "start from a converged FC7 run and train the CNN's "
+                              "last blocks on the photos; then `fnemm extract --weights OUT/cnn.pt` for its "
+                              "features (FNE included)")
+    ft.add_argument("--finetune", metavar="RUN", help="the FC7 run (or seeds folder: every seed) to start from; "
+                                                      "its config is the starting point (--set and shortcuts apply)")
+    ft.add_argument("--finetune-cnn", metavar="CNN", help="the network to fine-tune (default: the start store's; "
+                                                          "mobilenet_v2 must be named mobilenet_v2_float)")
+    ft.add_argument("--finetune-blocks", type=int, metavar="N", help="the last N blocks train (default 2)")
+    ft.add_argument("--cnn-lr-scale", type=float, metavar="X",
+                    help="the CNN's learning rate = the stage's x X (default 0.1)")
+    ft.add_argument("--train-bn", action="store_true", help="update the trained blocks' batch-norm statistics")
+    ft.add_argument("--images", metavar="DIR", help="the photos (default: the folder the start store came from)")
     add_common(p)
     return p
 
@@ -127,6 +139,13 @@ def train(args) -> int:
     log = None if args.quiet else (lambda text: print(text, file=sys.stderr))
     if args.preset and args.config:
         raise FnemmError("--preset or --config, not both")
+    finetuning = [f for f, v in (("--finetune-cnn", args.finetune_cnn), ("--finetune-blocks", args.finetune_blocks),
+                                 ("--cnn-lr-scale", args.cnn_lr_scale), ("--train-bn", args.train_bn),
+                                 ("--images", args.images)) if v]
+    if args.finetune:
+        return _finetune(args, out, overrides, common, log)
+    if finetuning:
+        raise FnemmError(f"{finetuning[0]} is for fine-tuning: add --finetune RUN (an FC7 run to start from)")
     if args.resume and not args.preset and not args.config:
         if overrides:
             raise FnemmError(f"{out}: --resume continues the saved config ({out / 'config.json'}); drop --set "
@@ -169,6 +188,45 @@ def train(args) -> int:
         rsums = [s["val"]["rsum"] if s["val"] else float("nan") for s in summaries]
         print(f"{len(rsums)} seeds: best val rsum {np.mean(rsums):.1f} ± {np.std(rsums, ddof=1):.1f} "
               f"({', '.join(f'{r:.1f}' for r in rsums)})")
+    return 0
+
+
+def _finetune(args, out: Path, overrides: list[str], common: dict, log) -> int:
+    from fnemm.datasets import load_dataset
+    from fnemm.finetune import finetune_seeds
+    from fnemm.runs import saved_info, seed_dirs
+    if args.preset or args.config or args.resume:
+        raise FnemmError("--finetune starts from the run's own config: drop --preset/--config (use --set), and "
+                         "continue a fine-tuning run with --out DIR --resume alone")
+    if args.features or args.ids:
+        raise FnemmError("--finetune reads the photos, not feature rows: drop --features (the start run's store "
+                         "names the CNN and the photos; --images DIR if they moved)")
+    overrides = overrides + [f"finetune.{k}={v}" for k, v in (("blocks", args.finetune_blocks),
+                                                               ("cnn_lr_scale", args.cnn_lr_scale))
+                             if v is not None] + (["finetune.train_bn=true"] if args.train_bn else [])
+    start = Path(args.finetune)
+    first = seed_dirs(start)[0] if start.is_dir() else start.parent
+    saved = saved_info(first).get("args") or {} if (first / "run.json").exists() else {}
+    data = args.dataset or saved.get("dataset")
+    if not data:
+        raise FnemmError(f"{first}: its run.json does not say which dataset it was trained on; pass --dataset")
+    dataset = load_dataset(data)
+    if saved.get("restval") or args.restval:
+        dataset = dataset.with_restval()
+    info = {"preset": f"finetune:{start}", "overrides": overrides,
+            "args": {"dataset": [str(d) for d in data], "restval": bool(saved.get("restval") or args.restval)}}
+    summaries = finetune_seeds(start, dataset, out, args.seeds, overrides, log=log, images=args.images,
+                               cnn=args.finetune_cnn, run_info=info, **common)
+    for s in summaries:
+        print(f"best epoch {s['best_epoch']} of {s['epochs']}: val rsum {s['val']['rsum']:.1f}\n"
+              f"checkpoint: {Path(s['out']) / 'best.pt'}  fine-tuned CNN: {Path(s['out']) / 'cnn.pt'}")
+    run = Path(summaries[0]["out"])
+    ft = saved_info(run)["finetune"]
+    datasets = " ".join(f"--dataset {d}" for d in info["args"]["dataset"])
+    print(f"next, its features (fc7 and FNE) and test metrics:\n"
+          f"  fnemm extract --cnn {ft['cnn']} --weights {run / 'cnn.pt'} --images {ft['images_dir']} "
+          f"{datasets} --out {run / 'features'}\n"
+          f"  fnemm evaluate --checkpoint {run} --features {run / 'features'} {datasets}")
     return 0
 
 

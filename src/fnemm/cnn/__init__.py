@@ -103,6 +103,7 @@ class TappedCNN(nn.Module):
             except AttributeError:
                 raise FnemmError(f"tap {name!r}: the network has no such sub-module") from None
             self._hooks.append(module.register_forward_hook(self._hook))
+        self.tap_modules = list(taps)        # the sub-module of each tap, in tap order
         self.taps = self._describe(taps, labels or taps)
         self.baseline = self.taps[taps.index(baseline)]
         self.groups = tap_groups([t.name for t in self.taps], classifier, blocks, self.baseline.name)
@@ -217,7 +218,11 @@ def build_cnn(name: str, weights: str | None = None) -> TappedCNN:
     else:
         raise FnemmError(f"--cnn {name}: unknown CNN; choose one of {', '.join(sorted(_REGISTRY))} "
                          f"or give package.module:function")
-    cnn = builder(weights)
+    from fnemm.cnn import finetuned
+    if weights and weights != "random" and finetuned.is_finetuned(weights):
+        cnn = finetuned.load(name, weights, builder)      # RUN/cnn.pt of `fnemm train --finetune`
+    else:
+        cnn = builder(weights)
     if not isinstance(cnn, TappedCNN):
         raise FnemmError(f"--cnn {name}: the builder must return a fnemm.cnn.TappedCNN")
     cnn.info.setdefault("cnn", name)
