@@ -62,6 +62,8 @@ class ExtractConfig:
     chunk_size: int = 256             # images per resumable chunk
     workers: int = 1                  # DataLoader processes decoding images (0: in-process)
     device: str = "cpu"
+    ray: str | None = None            # the forward pass on Ray: a cluster address, "" for this machine
+    ray_actors: int = 0               # CNN actors on Ray (0: one per GPU, else half the CPUs)
 
 
 # -- images -----------------------------------------------------------------------------
@@ -102,7 +104,9 @@ def read_image(path: Path | None, n_crops: int) -> tuple[np.ndarray | None, str 
                 return None, "empty image", None
             return crops(img, n_crops), None, (mode if mode != "RGB" else None)
     except Exception as e:  # noqa: BLE001 (PIL raises many kinds for a corrupt file)
-        return None, f"unreadable: {type(e).__name__}: {e}".splitlines()[0][:200], None
+        # the file's name, not where it is: a store's record does not depend on the folder
+        why = str(e).replace(str(path), path.name)
+        return None, f"unreadable: {type(e).__name__}: {why}".splitlines()[0][:200], None
 
 
 class _Images(torch.utils.data.Dataset):
@@ -198,15 +202,21 @@ def _run_chunks(cnn: TappedCNN, paths: list[Path | None], ids: list[str], config
             last = batch[-1][0]
             chunk = chunk_of[last]
             if last == chunks[chunk][1][-1]:          # the chunk is complete: commit it
-                array = np.concatenate(rows) if rows else np.zeros((0, cnn.dim), np.float16)
-                if not np.isfinite(array).all():
-                    raise FnemmError(f"{ids[last]}: activations overflow float16; this CNN's outputs "
-                                     f"are too large for the raw store")
-                atomic_save_npy(partial / f"chunk-{chunk:05d}.npy", array)
-                atomic_write_json(partial / f"chunk-{chunk:05d}.json",
-                                  {"image_ids": kept, "skipped": skipped, "converted": converted})
-                fault(f"chunk-{chunk}")
+                _commit(partial, cnn.dim, chunk, rows, kept, skipped, converted)
                 rows, kept, skipped, converted = [], [], {}, {}
+
+
+def _commit(partial: Path, dim: int, chunk: int, rows: list[np.ndarray], kept: list[str], skipped: dict,
+            converted: dict) -> None:
+    """Write one finished chunk: its activations, then the record that it is done."""
+    array = np.concatenate(rows) if rows else np.zeros((0, dim), np.float16)
+    if not np.isfinite(array).all():
+        raise FnemmError(f"chunk {chunk}: activations overflow float16; this CNN's outputs "
+                         f"are too large for the raw store")
+    atomic_save_npy(partial / f"chunk-{chunk:05d}.npy", array)
+    atomic_write_json(partial / f"chunk-{chunk:05d}.json",
+                      {"image_ids": kept, "skipped": skipped, "converted": converted})
+    fault(f"chunk-{chunk}")
 
 
 def _join_chunks(partial: Path, n_chunks: int, dim: int, out: Path) -> dict:
@@ -347,7 +357,8 @@ def extract(images: str | Path, out: str | Path, dataset: Dataset | None = None,
             raise FnemmError("without --dataset there is no training split to compute statistics on; "
                              "pass --dataset, --train-list FILE, or --stats STORE to reuse a store's statistics")
     keep_freed_memory()
-    cnn = build_cnn(config.cnn, config.weights).to(config.device)
+    # on Ray, the actors run the CNN (on the cluster's GPUs, if any); here it only describes itself
+    cnn = build_cnn(config.cnn, config.weights).to(config.device if config.ray is None else "cpu")
     # the layers must exist before an hour of forward passes
     select_layers(config.recipe.layers, [t.name for t in cnn.taps], cnn.groups)
     identity = _identity(cnn, config, ids)
@@ -385,7 +396,12 @@ def extract(images: str | Path, out: str | Path, dataset: Dataset | None = None,
             if not (partial / "job.json").exists():
                 atomic_write_json(partial / "job.json", identity)
             n_chunks = (len(ids) + config.chunk_size - 1) // config.chunk_size
-            _run_chunks(cnn, resolve_paths(images, ids), ids, config, partial, quiet)
+            if config.ray is not None:     # the same chunks, on a Ray cluster (fnemm.ray_extract)
+                from fnemm.ray_extract import run_chunks_ray
+                run_chunks_ray(config, resolve_paths(images, ids), ids, partial, cnn.dim, quiet,
+                               lambda *a: _commit(partial, cnn.dim, *a))
+            else:
+                _run_chunks(cnn, resolve_paths(images, ids), ids, config, partial, quiet)
             state = _join_chunks(partial, n_chunks, cnn.dim, out)
         if not state["image_ids"]:
             raise FnemmError(f"{images}: none of the {len(ids)} images could be read "

@@ -74,6 +74,12 @@ def add_extract(sub) -> argparse.ArgumentParser:
                    help=f"images per resumable chunk (default {ExtractConfig.chunk_size})")
     p.add_argument("--workers", type=int, default=ExtractConfig.workers,
                    help=f"image-decoding processes (default {ExtractConfig.workers}; 0: none)")
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="run the forward pass on a Ray cluster (pip install 'fnemm[ray]'): ADDRESS (e.g. "
+                        "ray://head:10001, or auto), or alone for $RAY_ADDRESS / a cluster on this machine; "
+                        "--device cuda or auto: one CNN actor per GPU of the cluster")
+    p.add_argument("--ray-actors", type=int, default=0, metavar="N",
+                   help="CNN actors on Ray (default: one per GPU, else half the cluster's CPUs)")
     p.add_argument("--verify", action="store_true",
                    help="before reusing a complete store, check its files' sha256, not only their sizes")
     add_common(p)
@@ -97,7 +103,9 @@ def extract(args) -> int:
                     baseline=args.with_baseline)
     config = ExtractConfig(cnn=args.cnn, weights=args.weights, crops=args.crops, recipe=recipe,
                            batch_size=args.batch_size, chunk_size=args.chunk_size, workers=args.workers,
-                           device=resolve_device(args.device))
+                           # on Ray the actors find the GPUs; this machine may have none
+                           device=args.device if args.ray is not None else resolve_device(args.device),
+                           ray=args.ray, ray_actors=args.ray_actors)
     result = extract(args.images, args.out, dataset, config, stats_from=args.stats, train_list=train_list,
                      quiet=args.quiet, verify=args.verify)
     m = result.manifest
