@@ -17,7 +17,9 @@ from fnemm.cli import main
 from fnemm.cnn import build_cnn
 from fnemm.config import ModelConfig
 from fnemm.datasets import load_dataset
-from fnemm.finetune import FineTuneModel, ImageBank, Trunk, apply_crop, random_resized_crop
+from fnemm.augment import ImageBank, apply_crop, random_resized_crop
+from fnemm.cnn.trunk import Trunk
+from fnemm.finetune import FineTuneModel
 from fnemm.fne import crops
 from fnemm.losses import contrastive_loss
 from fnemm.model import JointEmbedding

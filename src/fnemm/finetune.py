@@ -23,21 +23,19 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import math
-import os
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
 from fnemm.checkpoint import checkpoint_file, load_checkpoint, resolve_device
-from fnemm.cnn import TappedCNN, build_cnn
+from fnemm.augment import ImageBank, random_resized_crop, readable
+from fnemm.cnn import build_cnn
 from fnemm.cnn import finetuned as cnn_file
+from fnemm.cnn.trunk import Trunk
 from fnemm.config import FinetuneConfig, TrainConfig, validate
 from fnemm.data import SplitData, embed_captions, split_data
 from fnemm.datasets import Dataset
@@ -45,128 +43,10 @@ from fnemm.errors import FnemmError
 from fnemm.extraction import resolve_paths
 from fnemm.features import load_features
 from fnemm.fileio import atomic_write_bytes, locate, read_json
-from fnemm.fne import CROP, RESIZE, crops
+from fnemm.fne import RESIZE
 from fnemm.metrics import evaluate_embeddings
-from fnemm.model import l2_normalize
 from fnemm.progress import say
 from fnemm.train import Trainer
-
-CACHE_BYTES = int(float(os.environ.get("FNEMM_IMAGE_CACHE_GB", "4")) * 2**30)   # decoded images kept in memory
-
-
-# --- the CNN as the image side ----------------------------------------------------------
-
-class _Stop(Exception):
-    def __init__(self, output: torch.Tensor):
-        self.output = output
-
-
-class Trunk(nn.Module):
-    """A CNN up to its baseline layer: uint8 crops -> the pooled, L2-normalised baseline
-    feature (a store's ``fc7`` row for one crop). The last ``blocks`` blocks before the
-    baseline (``TappedCNN.groups['blocks']``: VGG16's conv blocks, fc6, fc7; MobileNetV2's
-    and EfficientNet's inverted-residual blocks and head) train; everything else is
-    frozen and stays in eval mode, batch-norm included unless ``train_bn``."""
-
-    def __init__(self, cnn: TappedCNN, blocks: int, train_bn: bool = False):
-        super().__init__()
-        self.net = cnn.untap()
-        self.preprocess, self.input_size, self.info = cnn.preprocess, cnn.input_size, dict(cnn.info)
-        self.dim = cnn.baseline.channels
-        label_to_module = {t.name: m for t, m in zip(cnn.taps, cnn.tap_modules)}
-        self.baseline_module = label_to_module[cnn.baseline.name]
-        order = self._execution_order()
-        ends = [label_to_module[b] for b in cnn.groups["blocks"]]
-        ends = [m for m in ends if order.index(m) <= order.index(self.baseline_module)]
-        if not 1 <= blocks <= len(ends):
-            raise FnemmError(f"--finetune-blocks {blocks}: {cnn.info.get('cnn')} has {len(ends)} blocks up to its "
-                             f"baseline layer; choose 1 to {len(ends)}")
-        first = order.index(ends[-blocks - 1]) + 1 if blocks < len(ends) else 0
-        self.trained_modules = [m for m in order[first:order.index(self.baseline_module) + 1]
-                                if any(True for _ in self.net.get_submodule(m).parameters(recurse=False))]
-        trained = {f"{m}.{n}" for m in self.trained_modules for n, _ in self.net.get_submodule(m).named_parameters()}
-        for name, p in self.net.named_parameters():
-            p.requires_grad_(name in trained)
-        self.blocks, self.train_bn = blocks, train_bn
-        self.net.get_submodule(self.baseline_module).register_forward_hook(self._stop)
-        self.train(False)
-
-    def _execution_order(self) -> list[str]:
-        """Every leaf module's name, in the order a forward pass first runs it."""
-        seen: list[str] = []
-        hooks = [m.register_forward_hook(lambda mod, i, o, n=n: seen.append(n) if n not in seen else None)
-                 for n, m in self.net.named_modules() if n and not list(m.children())]
-        try:
-            with torch.no_grad():
-                self.net(torch.zeros(1, 3, self.input_size, self.input_size))
-        finally:
-            for h in hooks:
-                h.remove()
-        return seen
-
-    @staticmethod
-    def _stop(module, inputs, output):
-        raise _Stop(output)             # nothing after the baseline layer is needed
-
-    def trained_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.net.parameters() if p.requires_grad]
-
-    def trained_state(self) -> dict[str, torch.Tensor]:
-        names = {n for n, p in self.net.named_parameters() if p.requires_grad}
-        bn = self._trained_bn_buffers() if self.train_bn else set()
-        return {k: v.detach().clone() for k, v in self.net.state_dict().items() if k in names or k in bn}
-
-    def _trained_bn_buffers(self) -> set[str]:
-        out = set()
-        for m in self.trained_modules:
-            if isinstance(self.net.get_submodule(m), nn.modules.batchnorm._BatchNorm):
-                out |= {f"{m}.{n}" for n, _ in self.net.get_submodule(m).named_buffers()}
-        return out
-
-    def load_trained_state(self, state: dict[str, torch.Tensor]) -> None:
-        missing = set(self.trained_state()) - set(state)
-        if missing:
-            raise KeyError(f"trained CNN tensors missing: {sorted(missing)[:3]}")
-        self.net.load_state_dict(state, strict=False)
-
-    def train(self, mode: bool = True):
-        super().train(False)            # frozen layers (and batch-norm) always in eval mode
-        if mode and self.train_bn:
-            for m in self.trained_modules:
-                module = self.net.get_submodule(m)
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.train(True)
-        return self
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, H, W, 3) uint8 -> (B, dim) float32, L2-normalised."""
-        try:
-            self.net(self.preprocess(pixels))
-        except _Stop as stop:
-            out = stop.output
-        else:
-            raise FnemmError("the baseline layer did not run in the forward pass")
-        pooled = out.float().mean((2, 3)) if out.dim() == 4 else out.float().flatten(1)
-        return l2_normalize(pooled)
-
-    @torch.no_grad()
-    def features(self, crops_u8: np.ndarray, n_crops: int, device: str, batch: int = 64) -> np.ndarray:
-        """(n_images, dim): each image's crops pooled and averaged, then L2-normalised, as
-        extraction makes a store's fc7 row (``crops_u8``: (n_images * n_crops, H, W, 3))."""
-        was = self.net.training
-        self.train(False)
-        rows = []
-        for s in range(0, len(crops_u8), batch):
-            x = torch.from_numpy(np.ascontiguousarray(crops_u8[s:s + batch])).to(device)
-            try:
-                self.net(self.preprocess(x))
-            except _Stop as stop:
-                out = stop.output.float()
-            rows.append((out.mean((2, 3)) if out.dim() == 4 else out.flatten(1)).cpu())
-        self.train(was)
-        pooled = torch.cat(rows).view(-1, n_crops, self.dim).mean(1)
-        return l2_normalize(pooled).numpy()
-
 
 class FineTuneModel(nn.Module):
     """Trunk + joint embedding: what DDP wraps and an optimiser steps."""
@@ -180,82 +60,6 @@ class FineTuneModel(nn.Module):
         with torch.autocast("cuda", dtype=torch.bfloat16) if self.amp and cuda else contextlib.nullcontext():
             features = self.trunk(pixels)
         return self.joint(features.float(), tokens, lengths)
-
-
-# --- images ---------------------------------------------------------------------------
-
-def random_resized_crop(rng: np.random.Generator, size: int, scale: tuple[float, float] = (0.08, 1.0),
-                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int, bool]:
-    """(top, left, height, width, flip) of a random crop of a size x size image, as
-    torchvision's RandomResizedCrop (10 tries, then the centre) + RandomHorizontalFlip."""
-    area = size * size
-    for _ in range(10):
-        target = area * rng.uniform(*scale)
-        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
-        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
-        if 0 < w <= size and 0 < h <= size:
-            top, left = int(rng.integers(0, size - h + 1)), int(rng.integers(0, size - w + 1))
-            return top, left, h, w, bool(rng.random() < 0.5)
-    return 0, 0, size, size, bool(rng.random() < 0.5)
-
-
-def apply_crop(image: np.ndarray, box: tuple[int, int, int, int, bool], out: int = CROP) -> np.ndarray:
-    top, left, h, w, flip = box
-    patch = Image.fromarray(image[top:top + h, left:left + w]).resize((out, out), Image.BILINEAR)
-    a = np.asarray(patch)
-    return a[:, ::-1] if flip else a
-
-
-class ImageBank:
-    """The photos of one split, as extraction resizes them (RGB, 256 x 256 uint8),
-    decoded on first use and kept in memory up to a budget (FNEMM_IMAGE_CACHE_GB, 4)."""
-
-    def __init__(self, paths: list[Path], workers: int = 4):
-        self.paths = paths
-        self._cache: dict[int, np.ndarray] = {}
-        self._budget = CACHE_BYTES
-        self._pool = ThreadPoolExecutor(max(1, workers))
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def _load(self, k: int) -> np.ndarray:
-        if k in self._cache:
-            return self._cache[k]
-        with Image.open(self.paths[k]) as img:
-            a = np.asarray(img.convert("RGB").resize((RESIZE, RESIZE), Image.BILINEAR))
-        if self._budget >= a.nbytes:
-            self._cache[k] = a
-            self._budget -= a.nbytes
-        return a
-
-    def images(self, idx) -> list[np.ndarray]:
-        return list(self._pool.map(self._load, [int(k) for k in idx]))
-
-    def augmented(self, idx, boxes) -> np.ndarray:
-        """(len(idx), 224, 224, 3) uint8: image idx[j] cropped and flipped by boxes[j]."""
-        return np.stack(list(self._pool.map(lambda a_b: apply_crop(*a_b), zip(self.images(idx), boxes))))
-
-    def eval_crops(self, n_crops: int, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """The crops extraction takes, images ``start:stop`` in order: (n * n_crops, 224, 224, 3)."""
-        ks = range(start, len(self) if stop is None else stop)
-        return np.concatenate([crops(Image.fromarray(a), n_crops) for a in self.images(ks)])
-
-
-def readable(paths: list[Path | None]) -> tuple[list[int], dict[int, str]]:
-    """(indices of images that open, {index: why not} for the others)."""
-    ok, bad = [], {}
-    for k, p in enumerate(paths):
-        if p is None:
-            bad[k] = "missing: no such file under the images folder"
-            continue
-        try:
-            with Image.open(p) as img:
-                img.verify()
-            ok.append(k)
-        except Exception as e:  # noqa: BLE001 (PIL raises many kinds for a corrupt file)
-            bad[k] = f"unreadable: {type(e).__name__}"
-    return ok, bad
 
 
 # --- the trainer ------------------------------------------------------------------------
