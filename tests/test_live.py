@@ -202,3 +202,29 @@ def test_page_in_headless_chromium(server, tmp_path):
             browser.close()
     assert (tmp_path / "text-search.png").stat().st_size > 10_000
     print(json.dumps({"screenshots": str(tmp_path)}))
+
+
+def test_slow_clients_are_cut_off(server, tmp_path, monkeypatch):
+    """A client that never finishes its headers has its connection closed; one whose body
+    stalls gets a 408; both after the (here 1 s) deadlines, which the test waits for as
+    events (the server closing, the server answering), not by sleeping."""
+    import socket
+    _, index = server
+    monkeypatch.setenv("FNEMM_HEADER_TIMEOUT", "1")
+    monkeypatch.setenv("FNEMM_BODY_TIMEOUT", "1")
+    with serving(index, tmp_path / "serve.log", "--threads", "1") as url:
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as slow:
+            slow.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            assert slow.recv(1024) == b""                       # closed, no answer
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as stalled:
+            stalled.sendall(b"POST /search/image HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n"
+                            b"Content-Type: multipart/form-data; boundary=b\r\n\r\n--b\r\n")
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                chunk = stalled.recv(4096)
+                assert chunk, answer
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 408")
+        # a client that sends at its pace, within the deadlines, is served
+        assert httpx.post(url + "/search/text", json={"query": "a dog", "k": 2}).status_code == 200

@@ -16,7 +16,9 @@ only read; the CNN takes turns; image decoding is bounded, see ``DECODES``).
 """
 
 # (no `from __future__ import annotations`: FastAPI reads the handlers' annotations at run time)
+import asyncio
 import logging
+import os
 import socket
 import sys
 import threading
@@ -38,6 +40,11 @@ from fnemm.errors import FnemmError, TooLarge
 from fnemm.gallery import MAX_K, MAX_QUERY_CHARS, Gallery
 
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
+# A client gets this long to send a request's headers, and this long between two parts
+# of its body (seconds): a connection that trickles bytes (slowloris) is closed, and
+# the body's wait answered with 408, instead of holding a connection forever.
+HEADER_TIMEOUT = float(os.environ.get("FNEMM_HEADER_TIMEOUT", "10"))
+BODY_TIMEOUT = float(os.environ.get("FNEMM_BODY_TIMEOUT", "30"))
 DEFAULT_THUMB = 256
 # Decoded photos at once: a 50-megapixel RGBA upload decodes to ~200 MB, so the thread
 # pool's 40 workers must not all decode together.
@@ -252,18 +259,63 @@ class BodyLimit:
         length = dict(scope.get("headers") or []).get(b"content-length", b"")
         if length.isdigit() and int(length) > self.limit:
             return await JSONResponse({"error": self._message()}, status_code=413)(scope, receive, send)
-        seen = 0
+        seen, complete = 0, False
 
         async def limited():
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, complete
+            if complete:                  # the body is in: what remains is waiting for a disconnect
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), BODY_TIMEOUT)
+            except asyncio.TimeoutError:
+                raise HTTPException(status_code=408, detail=f"the request body stalled for {BODY_TIMEOUT:g} s; "
+                                                            f"send it again") from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
+                complete = not message.get("more_body", False)
                 if seen > self.limit:
                     raise HTTPException(status_code=413, detail=self._message())
             return message
 
         await self.app(scope, limited, send)
+
+
+def header_timeout_protocol():
+    """uvicorn's h11 protocol, with a deadline for each request's headers (HEADER_TIMEOUT
+    from the connection's start, or from the previous response): uvicorn has none, so a
+    client sending a byte now and then would keep its connection for ever."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeout(H11Protocol):
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._arm()
+
+        def _arm(self):
+            self._waiting_for = self.cycle          # headers arrive when a new cycle starts
+            self._deadline = self.loop.call_later(HEADER_TIMEOUT, self._too_slow)
+
+        def _too_slow(self):
+            if self.cycle is self._waiting_for and not self.transport.is_closing():
+                self.transport.close()
+
+        def data_received(self, data):
+            super().data_received(data)
+            if self.cycle is not self._waiting_for and self._deadline is not None:
+                self._deadline.cancel()              # the headers are in
+                self._deadline = None
+
+        def on_response_complete(self):
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()                          # the next request on this connection
+
+        def connection_lost(self, exc):
+            if self._deadline is not None:
+                self._deadline.cancel()
+            super().connection_lost(exc)
+
+    return HeaderTimeout
 
 
 def create_app(gallery: Gallery, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> FastAPI:
@@ -340,5 +392,5 @@ def serve(index: str | Path, host: str = "127.0.0.1", port: int = 8000, checkpoi
     print(f"fnemm serve: http://{host}:{port}/ ({len(gallery)} images, {len(gallery.captions)} captions "
           f"from {index}; API docs: /docs)", flush=True)
     config = uvicorn.Config(app, log_level="warning" if quiet else "info", access_log=not quiet,
-                            timeout_keep_alive=5)
+                            timeout_keep_alive=5, http=header_timeout_protocol())
     uvicorn.Server(config).run(sockets=[sock])
