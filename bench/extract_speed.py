@@ -21,7 +21,7 @@ import torch
 from fnemm.cnn import build_cnn
 from fnemm.cnn.mobilenet_v2 import default_weights
 from fnemm.extraction import forward_images, keep_freed_memory
-from fnemm.fne import crops
+from fnemm.fne import crops, discretise, resized, standardise
 
 IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k" / "images"
 
@@ -73,6 +73,26 @@ def real_crops(n_images: int) -> np.ndarray:
     return np.concatenate([crops(Image.open(f), 10) for f in files])
 
 
+def real_images(n_images: int, skip: int = 0) -> np.ndarray:
+    """(n, 256, 256, 3) uint8 as extraction reads them (the crops are cut in forward_images)."""
+    from PIL import Image
+    files = sorted(IMAGES.glob("*.jpg"))[skip:skip + n_images] if IMAGES.exists() else []
+    if not files:
+        return np.random.default_rng(skip).integers(0, 256, (n_images, 256, 256, 3), dtype=np.uint8)
+    return np.stack([np.asarray(resized(Image.open(f))) for f in files])
+
+
+def code_agreement(cnn, images: np.ndarray) -> tuple[float, float]:
+    """(share of FNE codes equal, share of +-1 codes flipped to -+1) between bf16 and fp32
+    runs of the CNN, standardised with the fp32 run's statistics over these images."""
+    fp32 = np.concatenate([forward_images(cnn, images[k:k + 8], 10, "cpu") for k in range(0, len(images), 8)])
+    bf16 = np.concatenate([forward_images(cnn, images[k:k + 8], 10, "cpu", "bf16")
+                           for k in range(0, len(images), 8)])
+    mean, std = fp32.mean(0), fp32.std(0)
+    a, b = (discretise(standardise(x, mean, std)) for x in (fp32, bf16))
+    return float((a == b).mean()), float(((a * b) < 0).mean())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -83,7 +103,8 @@ def main() -> None:
     gflops = matmul_gflops(args.seconds)
     print(f"fp32 matmul 4096^3: {gflops:.0f} GFLOP/s ({args.threads} threads)")
 
-    pixels = real_crops(4)                     # 4 images x 10 crops, the extractor's default batch
+    pixels = real_crops(4)                     # 4 images x 10 crops (the bare forward's input)
+    images = real_images(4)                    # the same 4 images as forward_images takes them
     x = torch.from_numpy(pixels)
     results = {}
     for name, weights in (("mobilenet_v2", None), ("mobilenet_v2_float", None), ("vgg16", "random")):
@@ -94,12 +115,17 @@ def main() -> None:
         plain = build_cnn(name, weights)
         net, pre = plain.untap(), plain.preprocess
         with torch.no_grad():
-            r = best_rates({"fne": lambda: forward_images(cnn, pixels, 10, "cpu"),
+            r = best_rates({"fne": lambda: forward_images(cnn, images, 10, "cpu"),
+                            "bf16": lambda: forward_images(cnn, images, 10, "cpu", "bf16"),
                             "bare": lambda: net(pre(x))}, len(pixels), 2 * args.seconds)
-        fne, bare = r["fne"], r["bare"]
+        fne, bare, bf16 = r["fne"], r["bare"], r["bf16"]
         results[name] = fne
         print(f"{name:19s} FNE {fne:6.1f} crops/s ({fne / 10:5.2f} img/s at 10 crops)   bare forward "
               f"{bare:6.1f} crops/s   FNE overhead {100 * (bare / fne - 1):+5.1f}%")
+        if name != "mobilenet_v2":              # the int8-grid network rounds anyway
+            same, flipped = code_agreement(cnn, real_images(32, skip=100))
+            print(f"{'':19s} --precision bf16: {bf16:6.1f} crops/s ({bf16 / fne:.2f}x fp32); FNE codes of 32 "
+                  f"photos equal to fp32's: {100 * same:.2f}% (sign flips {100 * flipped:.3f}%)")
         if name == "vgg16":
             with torch.no_grad():
                 conv = best_rates({"conv": lambda: net.features(pre(x[:8]))}, 8, args.seconds)["conv"]

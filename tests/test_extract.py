@@ -294,3 +294,48 @@ def test_other_training_images_redo_the_statistics_not_the_forward_pass(images, 
     stats = np.load(out / "stats.npy")
     rows = np.load(out / "raw.npy")[[2, 3, 4]].astype(np.float64)
     np.testing.assert_allclose(stats[0], rows.mean(0), rtol=1e-12, atol=1e-12)
+
+
+def test_crops_cut_on_the_device_are_the_crops_of_fne_crops(images):
+    """Workers ship each image once (256 x 256); the ten crops and mirrors are cut next to
+    the CNN: the same pixels, so the same activations as the crops cut in the workers."""
+    from PIL import Image
+
+    from fnemm.extraction import crop_tensor, forward_images, read_image
+    folder, _ = images
+    pixels = [read_image(folder / f"img{k:03d}.jpg")[0] for k in (0, 3, 7)]
+    assert all(p.shape == (256, 256, 3) and p.dtype == np.uint8 for p in pixels)
+    for n in (1, 10):
+        reference = np.concatenate([crops(Image.open(folder / f"img{k:03d}.jpg"), n) for k in (0, 3, 7)])
+        assert np.array_equal(crop_tensor(torch.from_numpy(np.stack(pixels)), n).numpy(), reference)
+        cnn = tinycnn.build()
+        with torch.no_grad():
+            old = cnn(torch.from_numpy(reference)).view(-1, n, cnn.dim).mean(1).numpy()
+        assert np.array_equal(forward_images(cnn, np.stack(pixels), n, "cpu"), old)
+
+
+def test_bf16_precision_is_part_of_the_stores_identity(images, tmp_path):
+    folder, data = images
+    dataset = load_dataset(data)
+    bf16 = replace(TINY, precision="bf16")
+    m = extract(folder, tmp_path / "store", dataset, bf16, quiet=True).manifest
+    assert m["precision"] == "bf16"
+    ref = extract(folder, tmp_path / "ref", dataset, TINY, quiet=True).manifest
+    assert "precision" not in ref                             # fp32, as every store before the choice
+    raw16, raw32 = (np.load(tmp_path / s / "raw.npy").astype(np.float32) for s in ("store", "ref"))
+    np.testing.assert_allclose(raw16, raw32, rtol=0.05, atol=0.02)
+    with pytest.raises(FnemmError, match="precision differ"):
+        extract(folder, tmp_path / "store", dataset, TINY, quiet=True)
+    with pytest.raises(FnemmError, match="--precision fp16"):
+        extract(folder, tmp_path / "x", dataset, replace(TINY, precision="fp16"), quiet=True)
+    # a model trained on fp32 features refuses bf16 ones (and the other way round)
+    from fnemm.checkpoint import open_model
+    from fnemm.config import apply_overrides, get_preset
+    from fnemm.train import train
+    usable = dataset.subset([k for k, i in enumerate(dataset.image_ids) if i not in ("img005.jpg", "gone.jpg")])
+    config = apply_overrides(get_preset("flickr8k/FNE-MH"),
+                             ["model.embed_dim=16", "model.word_dim=8", "stages.max_epochs=1"])
+    train(config, usable, load_features(tmp_path / "ref", "fne"), tmp_path / "run", quiet=True)
+    open_model(tmp_path / "run", tmp_path / "ref")
+    with pytest.raises(FnemmError, match="made with the CNN in bf16.*trained on fp32"):
+        open_model(tmp_path / "run", tmp_path / "store")

@@ -89,6 +89,10 @@ def check_features(ckpt: dict, features: Features, where: str | Path) -> None:
     trained = (ckpt.get("features") or {}).get("producer") or {}
     if not features.manifest or not trained:
         return
+    if trained.get("precision", "fp32") != features.manifest.get("precision", "fp32"):
+        raise FnemmError(f"{features.source}: these features were made with the CNN in "
+                         f"{features.manifest.get('precision', 'fp32')}, {where} was trained on "
+                         f"{trained.get('precision', 'fp32')} ones; extract them the same way")
     for k in FEATURE_KEYS:
         if k in trained and trained[k] != features.manifest.get(k):
             raise FnemmError(f"{features.source}: these features were made with {k}="

@@ -21,7 +21,7 @@ from fnemm.errors import FnemmError, NotAnImage, TooLarge
 from fnemm.assembly import read_manifest, recipe_of, store_encoder
 from fnemm.extraction import ExtractConfig, forward_images, read_image
 from fnemm.fileio import sha256_file
-from fnemm.fne import crops, resized
+from fnemm.fne import resized
 
 MAX_PIXELS = 50_000_000            # bigger images are refused before decoding (decompression bombs)
 
@@ -47,7 +47,8 @@ def extract_config_of(store: str | Path, device: str = "cpu", **overrides) -> Ex
     store = Path(store)
     manifest = read_manifest(store)
     return ExtractConfig(cnn=manifest["cnn"], weights=store_weights(store, manifest), crops=int(manifest["crops"]),
-                         recipe=recipe_of(manifest), device=device, **overrides)
+                         recipe=recipe_of(manifest), device=device, precision=manifest.get("precision", "fp32"),
+                         **overrides)
 
 
 class StoreEncoder:
@@ -65,18 +66,19 @@ class StoreEncoder:
 
     def encode(self, path: str | Path) -> dict[str, np.ndarray]:
         """{'raw', 'fne', 'fc7'} rows (1, D) of one image file."""
-        pixels, why, _ = read_image(Path(path) if Path(path).is_file() else None, self.crops)
+        pixels, why, _ = read_image(Path(path) if Path(path).is_file() else None)
         if why is not None:
             raise NotAnImage(f"{Path(path).name}: cannot use this image ({why}); give a JPEG/PNG photo")
-        return self._encode_crops(pixels)
+        return self._encode(pixels)
 
     def encode_image(self, image: Image.Image) -> dict[str, np.ndarray]:
         """As :meth:`encode`, for an image already decoded (e.g. an upload)."""
-        return self._encode_crops(crops(image, self.crops))
+        return self._encode(np.asarray(resized(image)))
 
-    def _encode_crops(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+    def _encode(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
         with self._lock:
-            raw = forward_images(self.cnn, pixels, self.crops, self.device).astype(np.float16)
+            raw = forward_images(self.cnn, pixels[None], self.crops, self.device,
+                                 self.manifest.get("precision", "fp32")).astype(np.float16)
         return {"raw": raw, **self.encoder(raw)}
 
 

@@ -45,7 +45,7 @@ from fnemm.errors import FnemmError
 from fnemm.faults import fault
 from fnemm.fileio import atomic_save_npy, atomic_write_json, read_json, relative_to
 from fnemm.locks import folder_lock
-from fnemm.fne import CROP, RESIZE, crops
+from fnemm.fne import CROP, RESIZE, crop_boxes, resized
 from fnemm.recipe import Recipe, select_layers
 
 RESTART = "delete {partial} and run the same command again (the forward pass starts over)"
@@ -62,6 +62,7 @@ class ExtractConfig:
     chunk_size: int = 256             # images per resumable chunk
     workers: int = 1                  # DataLoader processes decoding images (0: in-process)
     device: str = "cpu"
+    precision: str = "fp32"           # the CNN in fp32, or bf16 (autocast; codes checked in bench/extract_speed.py)
     ray: str | None = None            # the forward pass on Ray: a cluster address, "" for this machine
     ray_actors: int = 0               # CNN actors on Ray (0: one per GPU, else half the CPUs)
 
@@ -92,8 +93,10 @@ def resolve_paths(folder: Path, ids: list[str]) -> list[Path | None]:
     return paths
 
 
-def read_image(path: Path | None, n_crops: int) -> tuple[np.ndarray | None, str | None, str | None]:
-    """(crops, why skipped, original mode if converted)."""
+def read_image(path: Path | None) -> tuple[np.ndarray | None, str | None, str | None]:
+    """(the image as the crops are cut from it: RGB, 256 x 256 uint8; why skipped; original
+    mode if converted). The crops themselves are cut where the CNN runs (crop_tensor):
+    a worker ships 196 KB an image, not ten 224 x 224 crops' 1.5 MB."""
     if path is None:
         return None, "missing: no such file under --images", None
     try:
@@ -102,7 +105,7 @@ def read_image(path: Path | None, n_crops: int) -> tuple[np.ndarray | None, str 
             mode = img.mode
             if img.width < 1 or img.height < 1:
                 return None, "empty image", None
-            return crops(img, n_crops), None, (mode if mode != "RGB" else None)
+            return np.asarray(resized(img)), None, (mode if mode != "RGB" else None)
     except Exception as e:  # noqa: BLE001 (PIL raises many kinds for a corrupt file)
         # the file's name, not where it is: a store's record does not depend on the folder
         why = str(e).replace(str(path), path.name)
@@ -110,14 +113,14 @@ def read_image(path: Path | None, n_crops: int) -> tuple[np.ndarray | None, str 
 
 
 class _Images(torch.utils.data.Dataset):
-    def __init__(self, paths: list[Path | None], n_crops: int):
-        self.paths, self.n_crops = paths, n_crops
+    def __init__(self, paths: list[Path | None]):
+        self.paths = paths
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, k):
-        return (k, *read_image(self.paths[k], self.n_crops))
+        return (k, *read_image(self.paths[k]))
 
 
 def keep_freed_memory() -> None:
@@ -152,11 +155,35 @@ def _collate(items):
 
 # -- the forward step -------------------------------------------------------------------
 
-def forward_images(cnn: TappedCNN, crops_u8: np.ndarray, n_crops: int, device: str) -> np.ndarray:
-    """(B * n_crops, H, W, 3) uint8 -> (B, dim) crop-averaged tap outputs, float32."""
-    x = torch.from_numpy(crops_u8).to(device)
-    out = cnn(x).view(-1, n_crops, cnn.dim).mean(1)
-    return out.cpu().numpy()
+def crop_tensor(x: torch.Tensor, n: int = 10, crop: int = CROP) -> torch.Tensor:
+    """``fne.crops`` on a tensor, on its device: (B, size, size, 3) uint8 -> (B * n, crop,
+    crop, 3), image by image in TenCrop order (corners, centre, then mirrored)."""
+    size = x.shape[1]
+    parts = []
+    for k, (top, left) in enumerate(crop_boxes(size, crop, n)):
+        part = x[:, top:top + crop, left:left + crop]
+        parts.append(part.flip(2) if k >= 5 else part)
+    return torch.stack(parts, 1).reshape(-1, crop, crop, 3)
+
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def forward_images(cnn: TappedCNN, images_u8: np.ndarray, n_crops: int, device: str,
+                   precision: str = "fp32") -> np.ndarray:
+    """(B, 256, 256, 3) uint8 images as ``read_image`` gives them -> (B, dim) crop-averaged
+    tap outputs, float32. Crops, mirrors and normalisation run on ``device`` (from pinned
+    memory on a GPU); ``precision`` bf16 runs the CNN under bfloat16 autocast."""
+    x = torch.from_numpy(np.ascontiguousarray(images_u8))
+    if device.startswith("cuda"):
+        x = x.pin_memory().to(device, non_blocking=True)
+    x = crop_tensor(x, n_crops)
+    if precision == "bf16":
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+            out = cnn(x)
+    else:
+        out = cnn(x)
+    return out.float().view(-1, n_crops, cnn.dim).mean(1).cpu().numpy()
 
 
 def _identity(cnn: TappedCNN, config: ExtractConfig, ids: list[str]) -> dict:
@@ -164,6 +191,7 @@ def _identity(cnn: TappedCNN, config: ExtractConfig, ids: list[str]) -> dict:
     return {"cnn": cnn.info.get("cnn"), "weights_sha256": cnn.info.get("weights_sha256"),
             "weights_format": cnn.info.get("weights_format"), "quant": cnn.info.get("quant"),
             "taps": [asdict(t) for t in cnn.taps], "crops": config.crops, "resize": RESIZE, "crop": CROP,
+            **({"precision": config.precision} if config.precision != "fp32" else {}),
             "batch_size": config.batch_size, "chunk_size": config.chunk_size,
             "image_ids_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest(), "images": len(ids)}
 
@@ -176,7 +204,7 @@ def _run_chunks(cnn: TappedCNN, paths: list[Path | None], ids: list[str], config
     done_images = n - sum(len(r) for _, r in todo)
     batches = [list(r[b:b + config.batch_size]) for _, r in todo for b in range(0, len(r), config.batch_size)]
     loader = torch.utils.data.DataLoader(
-        _Images(paths, config.crops), batch_sampler=batches, collate_fn=_collate,
+        _Images(paths), batch_sampler=batches, collate_fn=_collate,
         num_workers=config.workers, worker_init_fn=functools.partial(_worker_init, os.getpid()) if config.workers else None,
         prefetch_factor=4 if config.workers else None)
     chunk_of = {k: c for c, r in todo for k in r}
@@ -194,7 +222,8 @@ def _run_chunks(cnn: TappedCNN, paths: list[Path | None], ids: list[str], config
                 elif mode is not None:
                     converted[ids[k]] = mode
             if good:
-                out = forward_images(cnn, np.concatenate([c for _, c in good]), config.crops, config.device)
+                out = forward_images(cnn, np.stack([c for _, c in good]), config.crops, config.device,
+                                     config.precision)
                 check_finite(out, f"image {ids[good[0][0]]}")
                 rows.append(out.astype(np.float16))
                 kept += [ids[k] for k, _ in good]
@@ -254,7 +283,7 @@ class ExtractResult:
 # the parts of a job's identity that decide the raw activations (batch and chunk sizes
 # only decide how the forward pass is cut into resumable pieces)
 FORWARD_KEYS = ("cnn", "weights_sha256", "weights_format", "quant", "taps", "crops", "resize", "crop",
-                "image_ids_sha256")
+                "image_ids_sha256", "precision")
 
 
 @dataclass
@@ -340,6 +369,8 @@ def extract(images: str | Path, out: str | Path, dataset: Dataset | None = None,
     (paths relative to ``images``) chooses the images instead of all of them. A complete store is reused
     when its files are intact: sizes are checked, and with ``verify`` their sha256."""
     images, out = Path(images), Path(out)
+    if config.precision not in PRECISIONS:
+        raise FnemmError(f"--precision {config.precision}: expected one of {', '.join(PRECISIONS)}")
     if config.crops not in (1, 10):
         raise FnemmError(f"--crops {config.crops}: expected 10 (corners, centre and mirrors) or 1 (centre)")
     if config.batch_size < 1 or config.chunk_size < 1 or config.workers < 0:
@@ -365,6 +396,8 @@ def extract(images: str | Path, out: str | Path, dataset: Dataset | None = None,
     info["images_dir"] = str(images.resolve())
     info["images_dir_relative"] = relative_to(images, out)      # found again when both move together
     info["image_ids_sha256"] = identity["image_ids_sha256"]
+    if config.precision != "fp32":            # absent: fp32, as every store made before the choice
+        info["precision"] = config.precision
     # which images the statistics come from: a store made with other ones is re-standardised
     info["train_ids_sha256"] = None if stats_from else ids_sha(train_ids)
     assembly = {"train_ids_sha256": info["train_ids_sha256"], "recipe": config.recipe.to_dict(),

@@ -3,8 +3,8 @@
 The work is the local run's, cut the same way: each still-missing chunk's batches
 (``--batch-size`` images each) become rows of a Ray Data pipeline::
 
-    batch rows -> decode + 10 crops (CPU tasks) -> CNN actors (the model loaded once per
-    actor; one GPU each where the cluster has GPUs) -> back to this process
+    batch rows -> decode + resize (CPU tasks) -> CNN actors (the crops cut there; the model
+    loaded once per actor; one GPU each where the cluster has GPUs) -> back to this process
 
 and this process commits every chunk as its last batch arrives (rows carry their
 chunk, batch and image indices: Ray does not keep order), with the same files the
@@ -38,45 +38,45 @@ def _array(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
-def _decode(row: dict, n_crops: int) -> dict:
-    """A batch row's images read and cropped (a CPU task): crops of the readable ones."""
+def _decode(row: dict) -> dict:
+    """A batch row's images read and resized (a CPU task); the actors cut the crops."""
     from fnemm.extraction import read_image
     paths = json.loads(row["paths"])
-    good, crops, why, modes = [], [], {}, {}
+    good, images, why, modes = [], [], {}, {}
     for k, p in zip(json.loads(row["index"]), paths):
-        pixels, reason, mode = read_image(Path(p) if p else None, n_crops)
+        pixels, reason, mode = read_image(Path(p) if p else None)
         if reason is not None:
             why[k] = reason
             continue
         good.append(k)
-        crops.append(pixels)
+        images.append(pixels)
         if mode is not None:
             modes[k] = mode
-    stacked = np.concatenate(crops) if crops else np.zeros((0, 1, 1, 3), np.uint8)
-    return {"chunk": row["chunk"], "batch": row["batch"], "crops": _npy(stacked),
+    stacked = np.stack(images) if images else np.zeros((0, 1, 1, 3), np.uint8)
+    return {"chunk": row["chunk"], "batch": row["batch"], "images": _npy(stacked),
             "meta": json.dumps({"good": good, "skipped": why, "converted": modes})}
 
 
 class CNNWorker:
     """One CNN per actor, loaded once: crops in, crop-averaged raw activations out."""
 
-    def __init__(self, cnn: str, weights: str | None, crops: int, device: str, threads: int):
+    def __init__(self, cnn: str, weights: str | None, crops: int, device: str, threads: int, precision: str):
         import torch
         from fnemm.cnn import build_cnn
         from fnemm.extraction import keep_freed_memory
         torch.set_num_threads(threads)
         keep_freed_memory()
         self.cnn = build_cnn(cnn, weights).to(device)
-        self.crops, self.device = crops, device
+        self.crops, self.device, self.precision = crops, device, precision
 
     def __call__(self, batch: dict) -> dict:
         from fnemm.cnn import check_finite
         from fnemm.extraction import forward_images
         raws = []
-        for data in batch["crops"]:
-            crops = _array(bytes(data))
-            if len(crops):
-                out = forward_images(self.cnn, crops, self.crops, self.device)
+        for data in batch["images"]:
+            images = _array(bytes(data))
+            if len(images):
+                out = forward_images(self.cnn, images, self.crops, self.device, self.precision)
                 check_finite(out, "an image of this batch")
                 raws.append(_npy(out.astype(np.float16)))
             else:
@@ -137,14 +137,15 @@ def run_chunks_ray(config, paths: list[Path | None], ids: list[str], partial: Pa
         device, per, threads = "cpu", {"num_cpus": 1, "max_restarts": 0}, 1
     from ray import data as rd
     ds = rd.from_items(rows, override_num_blocks=len(rows))
-    ds = ds.map(_decode, fn_kwargs={"n_crops": config.crops}, num_cpus=1)
+    ds = ds.map(_decode, num_cpus=1)
     # on GPUs the actors' resources differ from the decoding tasks', so Ray keeps them apart
     # (decoding on the CPUs, the GPUs only convolve); on CPUs it fuses both into the actors
     with warnings.catch_warnings():      # max_restarts=0 (a dead actor fails the run, which resumes) is a
         warnings.simplefilter("ignore")  # "ray_remote_args" and deprecated as such; without it Ray logs an error
         ds = ds.map_batches(CNNWorker, batch_size=1, batch_format="numpy", compute=rd.ActorPoolStrategy(size=actors),
                             **per, fn_constructor_kwargs={"cnn": config.cnn, "weights": config.weights,
-                                                          "crops": config.crops, "device": device, "threads": threads})
+                                                          "crops": config.crops, "device": device, "threads": threads,
+                                                          "precision": config.precision})
     waiting: dict[int, dict[int, tuple[np.ndarray, dict]]] = {c: {} for c in todo}
     done_images = n - sum(len(chunks[c]) for c in todo)
     bar = progress_bar(total=n, initial=done_images, unit="img", desc="extract (ray)", quiet=quiet, smoothing=0.1)

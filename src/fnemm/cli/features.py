@@ -74,6 +74,9 @@ def add_extract(sub) -> argparse.ArgumentParser:
                    help=f"images per resumable chunk (default {ExtractConfig.chunk_size})")
     p.add_argument("--workers", type=int, default=ExtractConfig.workers,
                    help=f"image-decoding processes (default {ExtractConfig.workers}; 0: none)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="the CNN in fp32 (default) or bfloat16 autocast (GPUs, CPUs with AMX; FNE codes "
+                        "nearly all equal: bench/extract_speed.py measures it)")
     p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                    help="run the forward pass on a Ray cluster (pip install 'fnemm[ray]'): ADDRESS (e.g. "
                         "ray://head:10001, or auto), or alone for $RAY_ADDRESS / a cluster on this machine; "
@@ -105,7 +108,7 @@ def extract(args) -> int:
                            batch_size=args.batch_size, chunk_size=args.chunk_size, workers=args.workers,
                            # on Ray the actors find the GPUs; this machine may have none
                            device=args.device if args.ray is not None else resolve_device(args.device),
-                           ray=args.ray, ray_actors=args.ray_actors)
+                           ray=args.ray, ray_actors=args.ray_actors, precision=args.precision)
     result = extract(args.images, args.out, dataset, config, stats_from=args.stats, train_list=train_list,
                      quiet=args.quiet, verify=args.verify)
     m = result.manifest
