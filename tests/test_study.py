@@ -78,3 +78,28 @@ def test_study_refuses_bad_grids(tmp_path, capsys):
         assert err.startswith("fnemm: error:") and message in err, err
     assert main(["study", "--list"]) == 0
     assert "fne-pca256" in capsys.readouterr().out
+
+
+def test_learning_curve_trend_against_a_hand_computed_slope():
+    """The gap to the baseline grows by 10 rsum per doubling of the training images on
+    every split (plus split noise that a per-split slope removes): the trend says +10,
+    significant, and where a linear-in-log extrapolation would close the gap."""
+    from fnemm.study import Grid, trends
+    from fnemm.study_report import trend_lines
+    grid = Grid(cnns=("cnn",), variants=("baseline", "fne"), splits=4, seeds=2)
+    rows = {}
+    for split in range(4):
+        for seed in range(2):
+            for size, gap in ((200, -40.0), (400, -30.0), (800, -20.0)):
+                base = 200 + 7 * split + seed
+                rows[("cnn", size, "baseline", split, seed)] = {"rsum": base}
+                rows[("cnn", size, "fne", split, seed)] = {"rsum": base + gap + 0.1 * split * (size == 800)}
+    (t,) = trends(rows, grid)
+    import numpy as np
+    xs = np.log2([200, 400, 800])
+    slopes = [np.polyfit(xs, [-40.0, -30.0, -20.0 + 0.1 * split], 1)[0] for split in range(4)]
+    assert abs(t["per_doubling"]["mean"] - np.mean(slopes)) < 1e-9 and t["per_doubling"]["n"] == 4
+    assert t["per_doubling"]["p"] < 0.001 and t["gap"]["800"] == pytest.approx(-20 + 0.1 * 1.5)
+    (line,) = trend_lines([t], "cnn")
+    assert "-40.0 -> -30.0 -> -19.9 rsum at 200, 400, 800 training images" in line
+    assert f"close near {800 * 2 ** (19.85 / np.mean(slopes)):,.0f} training images" in line    # ~3,134

@@ -298,4 +298,38 @@ def summarise(rows: dict, grid: Grid, full: int) -> dict:
                     if other != name and pairs:
                         entry[f"vs_{other}"] = paired_over_groups(pairs).to_dict()
                 out.append(entry)
-    return {"results": out, "full_train_images": full}
+    return {"results": out, "full_train_images": full, "trends": trends(rows, grid)}
+
+
+def trends(rows: dict, grid: Grid) -> list[dict]:
+    """How each variant's gap to the baseline moves with the training set: per split,
+    the least-squares slope of (variant - baseline) test rsum against log2(training
+    images) over the sizes that split has; then a t-test of those slopes over the splits
+    (rsum per doubling of the training images)."""
+    from fnemm.stats import paired_t
+    out = []
+    for cnn in grid.cnns:
+        sizes = sorted({k[1] for k in rows if k[0] == cnn})
+        if len(sizes) < 2:
+            continue
+        for name in grid.variants:
+            if name == "baseline":
+                continue
+            slopes, gaps = [], {}
+            for split in sorted({k[3] for k in rows if k[0] == cnn}):
+                xs, ys = [], []
+                for size in sizes:
+                    diffs = [rows[k]["rsum"] - rows[(cnn, size, "baseline", split, k[4])]["rsum"]
+                             for k in rows if k[:4] == (cnn, size, name, split)
+                             and (cnn, size, "baseline", split, k[4]) in rows]
+                    if diffs:
+                        xs.append(np.log2(size))
+                        ys.append(float(np.mean(diffs)))
+                        gaps.setdefault(size, []).append(ys[-1])
+                if len(xs) >= 2:
+                    slopes.append(float(np.polyfit(xs, ys, 1)[0]))
+            if len(slopes) >= 1 and len(gaps) >= 2:
+                c = paired_t(slopes, method=f"t-test of per-split slopes over {len(slopes)} splits")
+                out.append({"cnn": cnn, "variant": name, "per_doubling": c.to_dict(),
+                            "gap": {str(size): float(np.mean(v)) for size, v in sorted(gaps.items())}})
+    return out

@@ -94,6 +94,26 @@ def curve(results: list[dict], cnn: str) -> str:
     return "\n".join(lines)
 
 
+def trend_lines(trends: list[dict], cnn: str) -> list[str]:
+    """A sentence per variant: how its gap to the baseline moves per doubling of the
+    training images, and (a rough, linear-in-log extrapolation) where it would close."""
+    out = []
+    for t in trends:
+        if t["cnn"] != cnn:
+            continue
+        c = Comparison(**t["per_doubling"])
+        sizes = sorted(int(k) for k in t["gap"])
+        last = t["gap"][str(sizes[-1])]
+        path = " -> ".join(f"{t['gap'][str(n)]:+.1f}" for n in sizes)
+        line = (f"{t['variant']} - baseline: {path} rsum at "
+                f"{', '.join(map(str, sizes))} training images; {c.format()} per doubling ({c.method})")
+        if c.n >= 2 and last < 0 < c.mean and c.p < ALPHA:
+            line += (f"; at that rate the gap would close near {sizes[-1] * 2 ** (-last / c.mean):,.0f} training "
+                     f"images (a linear extrapolation in log size: a rough indication only)")
+        out.append(line + ".")
+    return out
+
+
 def plot(results: list[dict], cnns: tuple[str, ...], full: int, path: Path) -> Path:
     import matplotlib
     matplotlib.use("Agg")
@@ -141,6 +161,7 @@ def write_report(out: Path, summary: dict, grid, dataset) -> Path:
         parts += [f"- {s}" for s in reading(results, cnn, full)]
         if c := curve(results, cnn):
             parts.append(f"\n### Learning curve\n\n{c}\n")
+            parts += [f"- {line}" for line in trend_lines(summary.get("trends", []), cnn)]
     if results:
         png = plot(results, grid.cnns, full, out / "study.png")
         parts.append(f"\n![test rsum per variant]({png.name})\n")
