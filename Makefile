@@ -31,10 +31,12 @@ demo: $(STAMP)
 # After `make demo`: index all 991 demo images and their captions, serve them on http://127.0.0.1:$(PORT)/
 # (the index is rebuilt only when the checkpoint or feature store changed).
 MODEL ?= FNE-MH
+# the features MODEL was trained on (FNE-late-MH: the late layers' store the demo derives)
+STORE = runs/demo/$(if $(filter FNE-late-MH,$(MODEL)),features-late,features)
 PORT  ?= 8000
 serve: $(STAMP)
 	@test -f runs/demo/$(MODEL)/seed-0/best.pt || { echo "runs/demo/$(MODEL): run \`make demo\` first"; exit 2; }
-	$(VENV)/bin/fnemm index build --checkpoint runs/demo/$(MODEL)/seed-0 --features runs/demo/features \
+	$(VENV)/bin/fnemm index build --checkpoint runs/demo/$(MODEL)/seed-0 --features $(STORE) \
 		--dataset flickr8k-1k --out runs/demo/index-$(MODEL)
 	$(VENV)/bin/fnemm serve --index runs/demo/index-$(MODEL) --port $(PORT)
 

@@ -18,20 +18,24 @@ pytestmark = pytest.mark.skipif(not (DATA / "flickr8k" / "images").is_dir(),
 def test_demo_writes_table_plots_and_report(demo):
     out, result = demo
     rows = [line for line in result["table"].splitlines() if line.startswith("| F")]
-    assert [r.split("|")[1].strip() for r in rows] == ["FNE-MH", "FC7-MH", "FNE-POE"]
+    assert [r.split("|")[1].strip() for r in rows] == ["FNE-MH", "FC7-MH", "FNE-POE", "FNE-late-MH"]
     report = (out / "report.md").read_text()
     assert "NOT comparable to the paper" in report and "Chance level" in report
     # intervals over the test images, each model against the FC7 baseline, and a verdict
     assert "rsum [95% interval]" in report and "vs FC7-MH: Δ rsum [95%], p" in report
     assert "has the highest mean rsum" in report and "test set's noise" in report
     assert result["verdict"] in report and (out / "FNE-MH" / "seed-0" / "ranks-test.jsonl").exists()
+    manifest = json.loads((out / "features" / "manifest.json").read_text())
     for png in ("val_rsum.png", "retrieval.png", "annotation.png"):
         with Image.open(out / png) as img:
             assert img.width > 300 and img.height > 150
-    for name in ("FNE-MH", "FC7-MH", "FNE-POE"):
+    for name in ("FNE-MH", "FC7-MH", "FNE-POE", "FNE-late-MH"):
         metrics = json.loads((out / name / "seed-0" / "metrics-test.json").read_text())
         assert 0 <= next(iter(metrics["results"].values()))["rsum"] <= 600
-    manifest = json.loads((out / "features" / "manifest.json").read_text())
+    # FNE-late-MH: the same images' late layers, centred per layer, derived without a forward pass
+    late = json.loads((out / "features-late" / "manifest.json").read_text())
+    assert late["recipe"]["layers"] == "late" and late["recipe"]["post"] == "center-layer"
+    assert not (out / "features-late" / "raw.npy").exists() and late["image_ids"] == manifest["image_ids"]
     assert manifest["cnn"] == "mobilenet_v2" and manifest["crops"] == 10
     assert len(manifest["image_ids"]) == 30 and manifest["stats"]["images"] == 18
 

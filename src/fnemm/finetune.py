@@ -312,7 +312,7 @@ def resume_finetune(out: str | Path, dataset=None, device: str = "cpu", quiet: b
     if not isinstance(dataset, Dataset):
         from fnemm.datasets import load_dataset
         dataset = load_dataset(dataset)
-    keep = {k: v for k, v in info.items() if k in ("preset", "overrides", "args")}
+    keep = {k: v for k, v in info.items() if k in ("preset", "overrides", "args", "label")}
     return finetune(start, dataset, out, config=config, images=ft.get("images_dir"),
                     features=(info.get("features") or {}).get("source"), cnn=ft.get("cnn"), resume=True,
                     device=device, quiet=quiet, checkpoint_every=checkpoint_every, run_info=keep)

@@ -136,7 +136,7 @@ def load_run(path: str | Path, split: str = "test") -> RunSummary:
     path = Path(path)
     if not path.is_dir():
         raise FnemmError(f"{path}: no such run folder")
-    seeds, curves, ranks, preset = [], [], [], None
+    seeds, curves, ranks, preset, label = [], [], [], None, None
     for run in seed_dirs(path):
         results = load_metrics(run, split)
         seeds.append(next(iter(results.values())))      # the whole split (first protocol)
@@ -147,7 +147,9 @@ def load_run(path: str | Path, split: str = "test") -> RunSummary:
             ranks.append(r)
         if preset is None:
             preset = _preset(run)
-    return RunSummary(_label(preset, path), path, seeds, curves, preset, ranks)
+            if (run / "run.json").exists():       # a name of its own (the demo's FNE-late-MH)
+                label = saved_info(run).get("label")
+    return RunSummary(label or _label(preset, path), path, seeds, curves, preset, ranks)
 
 
 def _cell(run: RunSummary, key: str) -> str:

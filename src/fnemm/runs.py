@@ -200,7 +200,7 @@ def resume_seeds(out: str | Path, seeds: int | None = None, **kwargs) -> list[di
         return _resume_finetune_seeds(out, seeds or started, **kwargs)
     dataset, features = _inputs(first, config, kwargs.pop("dataset", None), kwargs.pop("features", None),
                                 kwargs.pop("ids", None))
-    info = {k: v for k, v in saved_info(first).items() if k in ("preset", "overrides", "args")}
+    info = {k: v for k, v in saved_info(first).items() if k in ("preset", "overrides", "args", "label")}
     return train_seeds(config, dataset, features, out, seeds or started, resume=True, run_info=info, **kwargs)
 
 
@@ -228,7 +228,8 @@ def _resume_finetune_seeds(out: Path, seeds: int, dataset=None, features=None, i
         if not isinstance(data, Dataset):
             data = load_dataset(data)
         summaries.append(finetune(start, data, run, config=finetune_config(start, info.get("overrides") or []),
-                                  run_info={k2: v for k2, v in info.items() if k2 in ("preset", "overrides", "args")},
+                                  run_info={k2: v for k2, v in info.items()
+                                            if k2 in ("preset", "overrides", "args", "label")},
                                   **kwargs))
     return summaries
 
