@@ -159,7 +159,11 @@ def test_finetune_run_export_and_features_through_extract(capsys, start, tmp_pat
 
     code, printed, err = run(capsys, "evaluate", "--checkpoint", out, "--features", store, "--dataset", data)
     assert code == 0, err
-    capsys.readouterr()
+    assert json.loads((out / "run.json").read_text())["label"] == "FC7-MH-ft"
+    code, printed, err = run(capsys, "report", f"frozen={run_dir}", out, "--baseline", f"frozen={run_dir}")
+    assert code == 0, err
+    rows = [line.split("|")[1].strip() for line in printed.splitlines() if line.startswith("| ") and "rsum" not in line]
+    assert rows[:2] == ["frozen", "FC7-MH-ft"], printed
     code, _, err = run(capsys, "evaluate", "--checkpoint", out, "--features", run_dir.parent.parent / "features",
                        "--dataset", data)
     assert code == 2 and "extract them the same way" in err

@@ -174,7 +174,7 @@ def forward_images(cnn: TappedCNN, images_u8: np.ndarray, n_crops: int, device: 
     """(B, 256, 256, 3) uint8 images as ``read_image`` gives them -> (B, dim) crop-averaged
     tap outputs, float32. Crops, mirrors and normalisation run on ``device`` (from pinned
     memory on a GPU); ``precision`` bf16 runs the CNN under bfloat16 autocast."""
-    x = torch.from_numpy(np.ascontiguousarray(images_u8))
+    x = torch.from_numpy(np.require(images_u8, requirements=["C", "W"]))     # copied only if read-only
     if device.startswith("cuda"):
         x = x.pin_memory().to(device, non_blocking=True)
     x = crop_tensor(x, n_crops)

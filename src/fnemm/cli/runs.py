@@ -273,7 +273,8 @@ def add_report(sub) -> argparse.ArgumentParser:
                        description="One row per run folder (mean ± std when it holds seed-N/ runs), "
                                    "optionally beside the paper's numbers; markdown, and a PNG of the "
                                    "validation rsum per epoch with --out.")
-    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders evaluated with `fnemm evaluate`")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders evaluated with `fnemm evaluate` "
+                                                          "(NAME=RUN: shown as NAME)")
     p.add_argument("--split", default="test", help="which metrics-SPLIT.json to read (default test)")
     p.add_argument("--paper", choices=["flickr8k", "flickr30k", "coco"],
                    help="add the paper's rows for the pipelines reported")
@@ -286,10 +287,21 @@ def add_report(sub) -> argparse.ArgumentParser:
 def report(args) -> int:
     from fnemm.fileio import atomic_write_text
     from fnemm.report import default_baseline, load_run, markdown_table, plot_curves, verdict
-    runs = [load_run(r, args.split) for r in args.runs]
+    from dataclasses import replace
+
+    def named(arg: str):
+        """RUN, or NAME=RUN: the run under a name of the caller's."""
+        name, sep, path = arg.partition("=")
+        if sep and name and "/" not in name and not Path(arg).exists():
+            return replace(load_run(path, args.split), label=name)
+        return load_run(arg, args.split)
+
+    runs = [named(r) for r in args.runs]
     if args.baseline:
-        given = [r for r in runs if r.path.resolve() == Path(args.baseline).resolve()]
-        baseline = given[0] if given else load_run(args.baseline, args.split)
+        base_path = args.baseline.partition("=")[2] if "=" in args.baseline and not Path(args.baseline).exists() \
+            else args.baseline
+        given = [r for r in runs if r.path.resolve() == Path(base_path).resolve()]
+        baseline = given[0] if given else named(args.baseline)
         if not given:
             runs.append(baseline)
     else:
