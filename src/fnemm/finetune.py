@@ -258,9 +258,9 @@ def finetune(start: str | Path, dataset: Dataset, out_dir: str | Path, *, config
     run_info = dict(run_info or {})
     if "label" not in run_info:                   # the start run's name + "-ft" (FC7-MH-ft)
         from fnemm.report import _label, _preset
-        folder = start_file.parent
-        label = read_json(folder / "run.json", "").get("label") if (folder / "run.json").exists() else None
-        run_info["label"] = f"{label or _label(_preset(folder), folder)}-ft"
+        home = start_file.parent
+        label = read_json(home / "run.json", "").get("label") if (home / "run.json").exists() else None
+        run_info["label"] = f"{label or _label(_preset(home), home)}-ft"
     info = {"dataset": dataset.name, "n_train": len(splits["train"]), "n_val": len(splits["val"]),
             "features": {"source": str(store), "kind": "fc7", "dim": trunk.dim, "producer": producer},
             "finetune": {"from": str(start_file.resolve()), "from_sha256": hashlib.sha256(
