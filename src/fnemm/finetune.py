@@ -6,8 +6,9 @@
 :func:`finetune` starts from a frozen-feature run trained on ``fc7`` (its best.pt: the
 image map, the text side, the vocabulary) and trains on the images themselves: a
 random-resized crop (torchvision's defaults, on the image as extraction resizes it,
-256 x 256) and a horizontal flip per training image, drawn from the run's seeded RNG
-so that a resumed run sees the same crops; validation embeds the 10 crops extraction
+256 x 256) and a horizontal flip per training image, drawn from (seed, epoch, image) so
+that a resumed run, and each process of a DDP run, sees the same crops; validation
+embeds the 10 crops extraction
 uses, averaged. The CNN's trained blocks learn at ``cnn_lr_scale`` x the stage's
 learning rate; batch-norm statistics stay frozen unless ``train_bn``.
 
@@ -91,7 +92,11 @@ class FineTuner(Trainer):
         return [*self.model.parameters(), *self.trunk.trained_parameters()]
 
     def _batch_images(self, idx: np.ndarray) -> torch.Tensor:
-        boxes = [random_resized_crop(self.rng, RESIZE, (self.config.finetune.crop_scale, 1.0)) for _ in idx]
+        # each image's crop a function of (seed, epoch, image) alone: a resumed run, and every
+        # process of a DDP run (which draws only its share), see the single run's crops
+        scale = (self.config.finetune.crop_scale, 1.0)
+        boxes = [random_resized_crop(np.random.default_rng((self.config.seed, self.state.epoch, int(k))), RESIZE, scale)
+                 for k in idx]
         return torch.from_numpy(self.banks["train"].augmented(idx, boxes)).to(self.device)
 
     def val_features(self) -> np.ndarray:
