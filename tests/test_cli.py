@@ -154,13 +154,26 @@ def test_stability_study_counts_runs_that_start_training(capsys, tmp_path):
     assert "| 0.0001 | 0.05 | yes |" in rows[0] and "| 4/5 |" in rows[0]
     saved = json.loads((tmp_path / "st" / "table5.json").read_text())
     for r in saved:
-        n_ok = sum(b > 10 for b in r["best_val_rsum"])
+        assert r["threshold"] >= 10
+        n_ok = sum(b > r["threshold"] for b in r["best_val_rsum"])
         assert r["success"] == f"{n_ok}/2" and len(r["best_val_rsum"]) == 2
+    assert f"val rsum > {saved[0]['threshold']:g})" in out
     cfg = json.loads((tmp_path / "st" / "FNE-MOE-abs" / "seed-1" / "config.json").read_text())
     assert cfg["model"]["similarity"] == "order" and cfg["stages"][0]["loss"] == "max" and cfg["seed"] == 1
     code, _, err = run(capsys, "stability", "--dataset", jsonl, "--features", store, "--out", tmp_path / "x",
                        "--rows", "MOE-XX")
     assert_one_line_error(code, err, "not a Table 5 row")
+
+
+def test_stability_threshold_is_the_papers_10_scaled_to_the_validation_split():
+    """On 1,000 validation images chance rsum is 3.4 +- 0.67 and the paper's 10 is 10 std
+    above it; on 113 images chance alone is ~27, so the threshold must rise with it."""
+    from fnemm.report import chance_rsum
+    from fnemm.stability import start_threshold
+    assert start_threshold(1000) == pytest.approx(10.0, abs=0.8)
+    mean, std = chance_rsum(113, draws=100)
+    assert mean > 20 and start_threshold(113) == pytest.approx(mean + 10 * std)
+    assert start_threshold(5000) == 10.0
 
 
 def test_logs_piped_to_a_file_are_whole_lines(synth, tmp_path):

@@ -1,7 +1,12 @@
 """The paper's MOE stability study (Section 6, Table 5) as a command, on any dataset.
 
 Each configuration is trained with several seeds; a run "starts training" when its
-validation rsum ever exceeds 10 (regular scores are > 200). The paper: word dim
+validation rsum ever exceeds 10 (regular scores are > 200). That 10 is read here as
+what it is on the paper's 1,000 validation images: random embeddings score 3.4 with a
+standard deviation of 0.67 there, and 10 is their mean + 10 std. On a smaller
+validation split chance alone exceeds 10 (27 on 113 images), so every run would
+"start"; the threshold is the same 10 std above chance on the split at hand, never
+below the paper's 10 (:func:`start_threshold`). The paper: word dim
 300, joint dim 1,024, at most 200 epochs, max-of-hinges with the order similarity,
 on Flickr8K, 5 seeds each.
 """
@@ -17,7 +22,16 @@ from fnemm.errors import FnemmError
 from fnemm.features import load_features
 from fnemm.runs import seed_dirs, train_seeds, val_curve
 
-THRESHOLD = 10.0
+THRESHOLD = 10.0      # the paper's, on 1,000 validation images
+SIGMAS = 10.0         # how far above chance that is there (chance 3.37 +- 0.67)
+
+
+def start_threshold(n_images: int, captions_per_image: int = 5) -> float:
+    """The validation rsum a run must exceed to count as training: the paper's 10, or
+    mean + 10 std of random embeddings' rsum on ``n_images`` when that is higher."""
+    from fnemm.report import chance_rsum
+    mean, std = chance_rsum(n_images, captions_per_image, draws=100)
+    return max(THRESHOLD, mean + SIGMAS * std)
 
 
 @dataclass(frozen=True)
@@ -56,6 +70,12 @@ def run_study(dataset: Dataset, features: str | Path, out: str | Path, seeds: in
     out = Path(out)
     results = []
     stores = {}
+    val = dataset.split_indices("val")
+    if not val:
+        raise FnemmError(f"{dataset.name}: no validation images; the study counts the runs whose "
+                         f"validation rsum exceeds chance")
+    per_image = max(1, round(sum(len(dataset.captions[k]) for k in val) / len(val)))
+    threshold = start_threshold(len(val), per_image)
     for row in rows:
         if row.features not in stores:
             stores[row.features] = load_features(features, row.features)
@@ -63,15 +83,17 @@ def run_study(dataset: Dataset, features: str | Path, out: str | Path, seeds: in
                     resume=True, quiet=quiet, device=device, run_info={"preset": f"table5/{row.name}"},
                     log=None if quiet else lambda text, name=row.name: print(f"{text} ({name})", flush=True))
         best = [max(val_curve(run), default=0.0) for run in seed_dirs(out / row.name)[:seeds]]
-        success = sum(b > THRESHOLD for b in best)
+        success = sum(b > threshold for b in best)
         results.append({"model": row.name, "lr": row.lr, "margin": row.margin, "abs": row.use_abs,
-                        "success": f"{success}/{seeds}", "paper": row.paper,
+                        "success": f"{success}/{seeds}", "threshold": round(threshold, 1), "paper": row.paper,
                         "best_val_rsum": [round(b, 1) for b in best]})
     return results
 
 
 def format_study(results: list[dict]) -> str:
-    lines = ["| model | l.rate | margin | abs | starts training (val rsum > 10) | paper (Flickr8K) | best val rsum per seed |",
+    threshold = results[0].get("threshold", THRESHOLD) if results else THRESHOLD
+    lines = [f"| model | l.rate | margin | abs | starts training (val rsum > {threshold:g}) | paper (Flickr8K) "
+             f"| best val rsum per seed |",
              "|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r['model']} | {r['lr']:g} | {r['margin']:g} | {'yes' if r['abs'] else 'no'} | "
