@@ -140,7 +140,7 @@ class TFLiteNet(nn.Module):
             graph = model.Subgraphs(0)
             n_ops = graph.OperatorsLength()
         except FileNotFoundError:
-            raise FnemmError(f"{self.path}: no such .tflite file") from None
+            raise FnemmError(f"{self.path}: no such file (--weights takes a .tflite model or a fine-tuned run's cnn.pt)") from None
         except Exception as e:  # noqa: BLE001 (flatbuffers raises assorted errors on garbage)
             raise FnemmError(f"{self.path}: not a readable TensorFlow Lite model ({type(e).__name__})") from None
         self._tfl, self._model, self._graph = tfl, model, graph
