@@ -219,3 +219,27 @@ def test_clear_errors(capsys, start, demo, tmp_path):
     code, _, err = run(capsys, "extract", "--images", DATA / "flickr8k" / "images", "--dataset", data,
                        "--cnn", "efficientnet_lite0", "--weights", bad, "--out", tmp_path / "s")
     assert code == 2 and "pass --cnn mobilenet_v2_float" in err
+
+
+def test_a_killed_seeds_fine_tuning_resumes_its_unstarted_seeds_with_seed_0s_cnn(start, tmp_path):
+    """`--finetune SEEDS_FOLDER` fine-tunes seed by seed; killed before seed-1 wrote
+    anything, `--resume` must start seed-1 as seed-0 was started (the float network and
+    the same photos), not from the start store's int8 CNN."""
+    import shutil
+    run_dir, data, _ = start
+    starts = tmp_path / "starts"
+    for k in (0, 1):
+        shutil.copytree(run_dir, starts / f"seed-{k}")
+    out = tmp_path / "ft"
+    common = ["--batch-size", "9", "--checkpoint-every", "0", "--quiet", "--threads", "1"]
+    killed = subprocess.run(_cli("train", "--finetune", starts, "--dataset", data, "--finetune-cnn",
+                                 "mobilenet_v2_float", "--epochs", "1", "--out", out, *common),
+                            env={**os.environ, "FNEMM_DIE_AT": "seed-1/epoch-1/batch-1"})
+    assert killed.returncode == -signal.SIGKILL
+    assert (out / "seed-0" / "cnn.pt").is_file()
+    shutil.rmtree(out / "seed-1")                 # as if killed before seed-1 wrote anything
+    done = subprocess.run(_cli("train", "--out", out, "--resume", *common[2:]), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    import json
+    info = json.loads((out / "seed-1" / "run.json").read_text())
+    assert info["finetune"]["cnn"] == "mobilenet_v2_float" and (out / "seed-1" / "cnn.pt").is_file()

@@ -197,20 +197,22 @@ def resume_seeds(out: str | Path, seeds: int | None = None, **kwargs) -> list[di
     started = len([p for p in seed_dirs(out) if p != out])
     config = saved_config(first)
     if config.finetune is not None:
-        return _resume_finetune_seeds(out, seeds or started, **kwargs)
+        return _resume_finetune_seeds(out, seeds, **kwargs)
     dataset, features = _inputs(first, config, kwargs.pop("dataset", None), kwargs.pop("features", None),
                                 kwargs.pop("ids", None))
     info = {k: v for k, v in saved_info(first).items() if k in ("preset", "overrides", "args", "label")}
     return train_seeds(config, dataset, features, out, seeds or started, resume=True, run_info=info, **kwargs)
 
 
-def _resume_finetune_seeds(out: Path, seeds: int, dataset=None, features=None, ids=None, log=None,
+def _resume_finetune_seeds(out: Path, seeds: int | None, dataset=None, features=None, ids=None, log=None,
                            **kwargs) -> list[dict]:
     """Every seed of a fine-tuning seeds folder: started ones resumed, the others started
-    from the same seed of the start folder (seed-0's run.json names it)."""
+    from the same seed of the start folder (seed-0's run.json names it) as seed-0 was
+    (its CNN and photos); ``seeds`` defaults to as many as the start folder has."""
     from fnemm.finetune import finetune, finetune_config, resume_finetune
     info = saved_info(out / "seed-0")
     start_dir = Path((info.get("finetune") or {}).get("from", "")).parent.parent
+    seeds = seeds or max(len([p for p in seed_dirs(start_dir) if p != start_dir]), 1)
     summaries = []
     for k in range(seeds):
         run = out / f"seed-{k}"
@@ -227,7 +229,9 @@ def _resume_finetune_seeds(out: Path, seeds: int, dataset=None, features=None, i
             raise FnemmError(f"{out / 'seed-0' / 'run.json'}: does not say which dataset; pass --dataset")
         if not isinstance(data, Dataset):
             data = load_dataset(data)
+        ft = info.get("finetune") or {}          # seed-0's CNN and photos, as it was started
         summaries.append(finetune(start, data, run, config=finetune_config(start, info.get("overrides") or []),
+                                  cnn=ft.get("cnn"), images=ft.get("images_dir"),
                                   run_info={k2: v for k2, v in info.items()
                                             if k2 in ("preset", "overrides", "args", "label")},
                                   **kwargs))
