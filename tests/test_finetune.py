@@ -243,3 +243,32 @@ def test_a_killed_seeds_fine_tuning_resumes_its_unstarted_seeds_with_seed_0s_cnn
     import json
     info = json.loads((out / "seed-1" / "run.json").read_text())
     assert info["finetune"]["cnn"] == "mobilenet_v2_float" and (out / "seed-1" / "cnn.pt").is_file()
+
+
+def test_two_processes_fine_tune_to_the_weights_of_one(start, tmp_path):
+    """torchrun with 2 gloo processes: each takes its share of every batch (its photos'
+    crops drawn from the seed, the epoch and the image alone), the CNN's gradients are
+    averaged with the head's; one epoch ends where a 1-process run ends (float32 sums
+    in another order, then Adam: to 1e-4 of the weights' scale)."""
+    run_dir, data, _ = start
+    args = ["train", "--finetune", run_dir, "--dataset", data, "--finetune-cnn", "mobilenet_v2_float",
+            "--epochs", "1", "--batch-size", "10", "--checkpoint-every", "0", "--quiet", "--threads", "1"]
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    subprocess.run(_cli(*args, "--out", tmp_path / "one"), check=True, env=env)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                    "-m", "fnemm.cli", *[str(a) for a in args], "--out", str(tmp_path / "two")],
+                   check=True, env=env, capture_output=True)
+    one = torch.load(tmp_path / "one" / "last.pt", weights_only=False)
+    two = torch.load(tmp_path / "two" / "last.pt", weights_only=False)
+    moved, change, gap = 0, 0.0, 0.0
+    for part in ("model", "cnn"):
+        for k, v in one[part].items():
+            torch.testing.assert_close(two[part][k], v, rtol=1e-3, atol=1e-4, msg=f"{part} {k}")
+    start_cnn = Trunk(build_cnn("mobilenet_v2_float"), blocks=2)
+    for k, v in start_cnn.net.state_dict().items():
+        if k in one["cnn"] and v.dtype.is_floating_point:
+            moved += int(not torch.equal(v, one["cnn"][k]))
+            change = max(change, float((one["cnn"][k] - v).abs().max()))
+            gap = max(gap, float((two["cnn"][k] - one["cnn"][k]).abs().max()))
+    # the CNN did train, by far more than the two runs differ
+    assert moved > 0 and change > 100 * gap, (change, gap)
