@@ -233,6 +233,38 @@ def test_a_derived_store_equals_an_extraction_with_those_training_images(images,
     assert base.manifest["image_ids"] == derived["image_ids"]
 
 
+def test_cli_extract_from_another_store_keeps_it_and_matches_a_reassembly(images, tmp_path, capsys):
+    """`fnemm extract --from STORE --out NEW --layers .. --post ..`: the new store's arrays
+    are those of STORE re-assembled with that recipe (no forward pass), STORE unchanged."""
+    folder, data = images
+    base = ["extract", "--images", str(folder), "--dataset", str(data), "--cnn", "tinycnn:build",
+            "--workers", "0", "--quiet"]
+    assert main([*base, "--out", str(tmp_path / "store")]) == 0
+    before = {f: (tmp_path / "store" / f).read_bytes() for f in ("manifest.json", "fne.npy", "stats.npy")}
+    recipe = ["--layers", "conv2,fc", "--post", "center-layer"]
+    capsys.readouterr()
+    assert main(["extract", "--from", str(tmp_path / "store"), "--dataset", str(data), *recipe,
+                 "--out", str(tmp_path / "late"), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "2 of" in printed and "center-layer" in printed
+    assert {f: (tmp_path / "store" / f).read_bytes() for f in before} == before
+    assert main([*base, *recipe, "--out", str(tmp_path / "store")]) == 0       # the same recipe, in place
+    for f in ("fne.npy", "fc7.npy", "stats.npy"):
+        assert (tmp_path / "late" / f).read_bytes() == (tmp_path / "store" / f).read_bytes(), f
+    for argv, message in [
+            (["--from", str(tmp_path / "store"), "--out", str(tmp_path / "x")], "pass --dataset or --train-list"),
+            (["--from", str(tmp_path / "store"), "--dataset", str(data), "--images", str(folder),
+              "--out", str(tmp_path / "x")], "--images does not go with --from"),
+            (["--from", str(tmp_path / "store"), "--dataset", str(data), "--out", str(tmp_path / "store")],
+             "is --out"),
+            (["--dataset", str(data), "--out", str(tmp_path / "x")], "--images DIR is required"),
+            (["--from", str(tmp_path / "nothing"), "--dataset", str(data), "--out", str(tmp_path / "x")],
+             "nothing")]:
+        code = main(["extract", *argv, "--quiet"])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and "Traceback" not in err, (argv, err)
+
+
 def test_cli_extract_reports_and_errors(images, tmp_path, capsys, monkeypatch):
     folder, data = images
     out = tmp_path / "store"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from fnemm.cli import add_common, read_lines
 from fnemm.errors import FnemmError
@@ -18,6 +19,8 @@ examples:
   fnemm extract --images new_photos/ --stats feats/flickr8k-vgg16 --cnn vgg16 \\
       --weights vgg16-397923af.pth --out feats/new      # standardised like the training set
   fnemm extract ... --layers late --post center-layer   # other layers / post-processing
+  fnemm extract --from feats/mnv2 --dataset D --layers late --post center-layer --out feats/late
+                                          # the same, beside the first store, no forward pass
 
 Writes to --out: raw.npy (crop-averaged activations of every tapped layer, float16),
 stats.npy (mean and std over the training images), fne.npy (the --layers and --post
@@ -37,7 +40,11 @@ def add_extract(sub) -> argparse.ArgumentParser:
                                    "tapped layer, standardise with training-split statistics and "
                                    "discretise: the Full-Network Embedding, plus the FC7 baseline.",
                        epilog=EPILOG_EXTRACT, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", required=True, metavar="DIR", help="folder holding the image files")
+    p.add_argument("--images", metavar="DIR", help="folder holding the image files")
+    p.add_argument("--from", dest="source", metavar="STORE",
+                   help="instead of --images: another store's raw activations; writes the --layers/--post "
+                        "features of its images to --out with no forward pass (statistics from --dataset's "
+                        "training split or --train-list), keeping STORE as it is")
     p.add_argument("--dataset", action="append", metavar="PATH",
                    help="which images, and the training split for the statistics (as for train)")
     p.add_argument("--restval", action="store_true",
@@ -104,6 +111,10 @@ def extract(args) -> int:
     train_list = read_lines("--train-list", args.train_list, "image file names") if args.train_list else None
     recipe = Recipe(layers=args.layers, post=args.post, thresholds=(low, high), clip=args.clip, pca=args.pca,
                     baseline=args.with_baseline)
+    if args.source:
+        return _derive(args, dataset, train_list, recipe)
+    if not args.images:
+        raise FnemmError("--images DIR is required (the photos), or --from STORE (another store's activations)")
     config = ExtractConfig(cnn=args.cnn, weights=args.weights, crops=args.crops, recipe=recipe,
                            batch_size=args.batch_size, chunk_size=args.chunk_size, workers=args.workers,
                            # on Ray the actors find the GPUs; this machine may have none
@@ -111,19 +122,43 @@ def extract(args) -> int:
                            ray=args.ray, ray_actors=args.ray_actors, precision=args.precision)
     result = extract(args.images, args.out, dataset, config, stats_from=args.stats, train_list=train_list,
                      quiet=args.quiet, verify=args.verify)
-    m = result.manifest
+    _summary(args.out, result.manifest, recipe, result.images, result.skipped)
+    return 0
+
+
+def _derive(args, dataset, train_list, recipe) -> int:
+    """``--from STORE``: the recipe's features of STORE's images, from its raw.npy."""
+    from fnemm.assembly import derive_store
+    from fnemm.locks import folder_lock
+    given = [f for f, v in (("--images", args.images), ("--stats", args.stats), ("--weights", args.weights),
+                            ("--ray", args.ray is not None), ("--verify", args.verify)) if v]
+    if given:
+        raise FnemmError(f"{given[0]} does not go with --from STORE: the activations come from STORE as they are")
+    if dataset is None and train_list is None:
+        raise FnemmError(f"--from {args.source}: pass --dataset or --train-list, the training images whose "
+                         f"statistics standardise the new features")
+    if Path(args.source).resolve() == Path(args.out).resolve():
+        raise FnemmError(f"--from {args.source} is --out: to change a store's features in place, run fnemm "
+                         f"extract on it again with the new --layers/--post")
+    train = {dataset.image_ids[k] for k in dataset.split_indices("train")} if dataset is not None else set(train_list)
+    with folder_lock(args.out, "a feature store"):
+        m = derive_store(args.source, args.out, train, recipe, quiet=args.quiet)
+    _summary(args.out, m, recipe, len(m["image_ids"]), len(m.get("skipped", [])))
+    return 0
+
+
+def _summary(out, m: dict, recipe, images: int, skipped: int) -> None:
     fractions = ", ".join(f"{int(v):+d}: {f:.3f}" for v, f in m["fne_fractions"].items()) \
         if "fne_fractions" in m else m["arrays"]["fne"]["dtype"]
-    print(f"{args.out}: {result.images} images, {len(m['layers'])} of {len(m['taps'])} layers of {m['cnn']} "
+    print(f"{out}: {images} images, {len(m['layers'])} of {len(m['taps'])} layers of {m['cnn']} "
           f"({recipe.describe()}): {m['arrays']['fne']['shape'][1]} features ({fractions}), baseline "
-          f"{m['baseline']['tap']} ({m['arrays']['fc7']['shape'][1]}-d); {result.skipped} skipped")
+          f"{m['baseline']['tap']} ({m['arrays']['fc7']['shape'][1]}-d); {skipped} skipped")
     for s in m["skipped"][:5]:
         print(f"  skipped {s['image']}: {s['reason']}")
     if len(m["skipped"]) > 5:
         print(f"  ... and {len(m['skipped']) - 5} more (listed in manifest.json)")
     if m.get("converted"):
         print(f"  {len(m['converted'])} non-RGB images converted to RGB (listed in manifest.json)")
-    return 0
 
 
 def add_layers(sub) -> argparse.ArgumentParser:
