@@ -243,6 +243,7 @@ def test_a_killed_seeds_fine_tuning_resumes_its_unstarted_seeds_with_seed_0s_cnn
     import json
     info = json.loads((out / "seed-1" / "run.json").read_text())
     assert info["finetune"]["cnn"] == "mobilenet_v2_float" and (out / "seed-1" / "cnn.pt").is_file()
+    assert info["seeds"] == 2
 
 
 def test_two_processes_fine_tune_to_the_weights_of_one(start, tmp_path):

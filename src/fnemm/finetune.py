@@ -292,6 +292,8 @@ def finetune_seeds(start: str | Path, dataset: Dataset, out: str | Path, seeds: 
         if seeds > len(runs):
             raise FnemmError(f"--seeds {seeds}: {start} holds {len(runs)} run(s) to fine-tune")
         runs = runs[:seeds]
+    if runs != [start]:                  # run.json says how many, so --resume starts the same number
+        kwargs["run_info"] = {**(kwargs.get("run_info") or {}), "seeds": len(runs)}
     summaries = []
     for run in runs:
         target = Path(out) / run.name if run != start else Path(out)      # a seeds folder: seed-K -> seed-K

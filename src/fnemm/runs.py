@@ -208,11 +208,11 @@ def _resume_finetune_seeds(out: Path, seeds: int | None, dataset=None, features=
                            **kwargs) -> list[dict]:
     """Every seed of a fine-tuning seeds folder: started ones resumed, the others started
     from the same seed of the start folder (seed-0's run.json names it) as seed-0 was
-    (its CNN and photos); ``seeds`` defaults to as many as the start folder has."""
+    (its CNN and photos); ``seeds`` defaults to as many as were asked for at the start."""
     from fnemm.finetune import finetune, finetune_config, resume_finetune
     info = saved_info(out / "seed-0")
     start_dir = Path((info.get("finetune") or {}).get("from", "")).parent.parent
-    seeds = seeds or max(len([p for p in seed_dirs(start_dir) if p != start_dir]), 1)
+    seeds = seeds or info.get("seeds") or max(len([p for p in seed_dirs(start_dir) if p != start_dir]), 1)
     summaries = []
     for k in range(seeds):
         run = out / f"seed-{k}"
@@ -233,7 +233,7 @@ def _resume_finetune_seeds(out: Path, seeds: int | None, dataset=None, features=
         summaries.append(finetune(start, data, run, config=finetune_config(start, info.get("overrides") or []),
                                   cnn=ft.get("cnn"), images=ft.get("images_dir"),
                                   run_info={k2: v for k2, v in info.items()
-                                            if k2 in ("preset", "overrides", "args", "label")},
+                                            if k2 in ("preset", "overrides", "args", "label", "seeds")},
                                   **kwargs))
     return summaries
 
