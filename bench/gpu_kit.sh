@@ -1,0 +1,23 @@
+#!/bin/bash
+# Prepares .gpu/ (ignored by git) for bench/gpu_session.py on a lent GPU machine: the
+# wheels that machine lacks, the bundled photos, captions and MobileNetV2 file, and the
+# extraction code as it was before images were shipped once (the "before" of issue 15).
+# Then, with the device tool (carry [".gpu"], one call):
+#   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+#     --target /tmp/site .gpu/whl/*.whl && export PYTHONPATH=/tmp/site && \
+#     python3 bench/gpu_session.py --out $OUT
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA=${FNEMM_DATA:-../shared/data}
+grep -qx '/.gpu/' .git/info/exclude || echo '/.gpu/' >> .git/info/exclude
+rm -rf .gpu
+mkdir -p .gpu/whl .gpu/data/models .gpu/before
+cp -r "$DATA/flickr8k" .gpu/data/
+cp "$DATA/models/mobilenet_v2_1.0_224_quant.tflite" .gpu/data/models/
+chmod -R u+w .gpu/data
+git archive 4e2bbd3^ src | tar -x -C .gpu/before
+# the GPU machine has torch, numpy, pillow, tqdm, matplotlib, flatbuffers, regex, click, joblib
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    -d .gpu/whl nltk tflite
+du -sh .gpu
