@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from fnemm.stats import betainc, bootstrap_ci, paired_over_groups, paired_t, t_cdf, t_ppf
+from fnemm.stats import betainc, bootstrap_ci, format_p, paired_over_groups, paired_t, t_cdf, t_ppf
 
 
 @pytest.mark.parametrize("df,q975", [(1, 12.7062), (2, 4.3027), (4, 2.7764), (9, 2.2622), (14, 2.1448), (30, 2.0423)])
@@ -33,6 +33,7 @@ def test_paired_t_by_hand():
     assert c.p == pytest.approx(2 * (1 - t_cdf(3 / se, 4)))
     assert c.p == pytest.approx(0.013236, abs=1e-6)
     assert "p=0.013" in c.format()
+    assert format_p(0.0004) == "p<0.001" and format_p(0.0126) == "p=0.013"      # never "p=<0.001"
     # symmetric differences: no effect
     assert paired_t([-2, 2, -1, 1]).p == pytest.approx(1.0)
     one = paired_t([4.0])

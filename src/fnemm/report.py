@@ -186,7 +186,7 @@ def markdown_table(runs: list[RunSummary], paper: str | None = None, baseline: R
         diff = ""
         if baseline is not None:
             c = compare(run, baseline) if run is not baseline else None
-            diff = " | " + (f"{c.mean:+.1f} [{c.low:+.1f}, {c.high:+.1f}], p={format_p(c.p)}" if c else "–")
+            diff = " | " + (f"{c.mean:+.1f} [{c.low:+.1f}, {c.high:+.1f}], {format_p(c.p)}" if c else "–")
         lines.append(f"| {run.label} | {len(run.seeds)} | {cells} | {rsum}{diff} |")
     if paper:
         if paper not in PAPER:
@@ -213,7 +213,7 @@ def verdict(runs: list[RunSummary], baseline: RunSummary | None) -> str:
         return f"{best.label} has the highest mean rsum ({best.mean_std('rsum')[0]:.1f})."
     noise = "beyond the test set's noise" if c.p < 0.05 else "within the test set's noise"
     return (f"{best.label} has the highest mean rsum, {c.mean:+.1f} over {rival.label} "
-            f"[{c.low:+.1f}, {c.high:+.1f}], p={format_p(c.p)}: {noise} ({c.method}).")
+            f"[{c.low:+.1f}, {c.high:+.1f}], {format_p(c.p)}: {noise} ({c.method}).")
 
 
 def plot_curves(runs: list[RunSummary], path: str | Path) -> Path:

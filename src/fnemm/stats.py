@@ -87,11 +87,12 @@ class Comparison:
     def format(self, digits: int = 1) -> str:
         if self.n < 2:
             return f"{self.mean:+.{digits}f} (n={self.n}: no interval)"
-        return f"{self.mean:+.{digits}f} [{self.low:+.{digits}f}, {self.high:+.{digits}f}], p={format_p(self.p)}"
+        return f"{self.mean:+.{digits}f} [{self.low:+.{digits}f}, {self.high:+.{digits}f}], {format_p(self.p)}"
 
 
 def format_p(p: float) -> str:
-    return "<0.001" if p < 0.001 else f"{p:.3f}"
+    """'p=0.123', or 'p<0.001' (never 'p=<0.001')."""
+    return "p<0.001" if p < 0.001 else f"p={p:.3f}"
 
 
 def paired_t(differences, level: float = 0.95, method: str = "paired t-test") -> Comparison:

@@ -24,7 +24,7 @@ def _cell(c: Comparison | None) -> str:
     if c.n < 2:
         return f"{c.mean:+.1f}"
     mark = " *" if c.p < ALPHA else ""
-    return f"{c.mean:+.1f} [{c.low:+.1f}, {c.high:+.1f}], p={format_p(c.p)}{mark}"
+    return f"{c.mean:+.1f} [{c.low:+.1f}, {c.high:+.1f}], {format_p(c.p)}{mark}"
 
 
 def table(results: list[dict], cnn: str, size: int, about: dict[str, str]) -> str:
