@@ -1,5 +1,5 @@
 #!/bin/bash
-# Prepares .gpu/ (ignored by git) for bench/gpu_session.py on a lent GPU machine: the
+# Prepares .gpu/ (in .gitignore) for bench/gpu_session.py on a lent GPU machine: the
 # wheels that machine lacks, the bundled photos, captions and MobileNetV2 file, and the
 # extraction code as it was before images were shipped once (the "before" of issue 15).
 # Then, with the device tool (carry [".gpu"], one call):
@@ -9,7 +9,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${FNEMM_DATA:-../shared/data}
-grep -qx '/.gpu/' .git/info/exclude || echo '/.gpu/' >> .git/info/exclude
 rm -rf .gpu
 mkdir -p .gpu/whl .gpu/data/models .gpu/before
 cp -r "$DATA/flickr8k" .gpu/data/
