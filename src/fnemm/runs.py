@@ -32,6 +32,11 @@ def seed_dirs(path: str | Path) -> list[Path]:
     return seeds or [path]
 
 
+def count_seeds(path: str | Path) -> int:
+    """How many seed-N subfolders ``path`` holds (0 for a single run)."""
+    return len([p for p in seed_dirs(path) if p != Path(path)])
+
+
 def metrics_path(run: Path, split: str) -> Path:
     """Where ``fnemm evaluate`` keeps a run's metrics on ``split``."""
     return Path(run) / f"metrics-{split}.json"
@@ -194,7 +199,7 @@ def resume_seeds(out: str | Path, seeds: int | None = None, **kwargs) -> list[di
     first = out / "seed-0"
     if not (first / "config.json").exists():
         raise FnemmError(f"{out}: no seed-0/ run to resume from; start the seeds with --preset")
-    started = len([p for p in seed_dirs(out) if p != out])
+    started = count_seeds(out)
     config = saved_config(first)
     if config.finetune is not None:
         return _resume_finetune_seeds(out, seeds, **kwargs)
@@ -212,7 +217,7 @@ def _resume_finetune_seeds(out: Path, seeds: int | None, dataset=None, features=
     from fnemm.finetune import finetune, finetune_config, resume_finetune
     info = saved_info(out / "seed-0")
     start_dir = Path((info.get("finetune") or {}).get("from", "")).parent.parent
-    seeds = seeds or info.get("seeds") or max(len([p for p in seed_dirs(start_dir) if p != start_dir]), 1)
+    seeds = seeds or info.get("seeds") or max(count_seeds(start_dir), 1)
     summaries = []
     for k in range(seeds):
         run = out / f"seed-{k}"
