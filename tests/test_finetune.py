@@ -25,6 +25,11 @@ from fnemm.losses import contrastive_loss
 from fnemm.model import JointEmbedding
 
 
+if not (DATA / "flickr8k" / "images").is_dir() or not (DATA / "models").is_dir():
+    pytest.skip("../shared/data (bundled photos and MobileNetV2 weights) not present: every test here "
+                "fine-tunes the real MobileNetV2", allow_module_level=True)
+
+
 def run(capsys, *argv):
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()

@@ -45,6 +45,8 @@ def same_store(a, b):
 def photos(tmp_path_factory):
     """16 bundled photos and one damaged file, with captions and splits."""
     from fnemm.datasets import load_dataset
+    if not (DATA / "flickr8k" / "images").is_dir():
+        pytest.skip("../shared/data (bundled Flickr8K photos and MobileNetV2) not present")
     folder = tmp_path_factory.mktemp("ray")
     dataset = load_dataset(f"flickr8k-1k={DATA / 'flickr8k'}").head(16)
     (folder / "images").mkdir()
