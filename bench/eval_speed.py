@@ -1,11 +1,20 @@
-"""Evaluation speed: fnemm's vectorised recall@K vs the common per-query loop.
+"""Evaluation speed: fnemm's exact recall@K vs the common per-query loop (cosine),
+and order-similarity evaluation vs fnemm's own torch tiles.
 
-The reference is what image-caption repositories usually ship (vsepp's i2t/t2i):
-for every image, score all captions and argsort them; for every caption, score
-all images and argsort them. Both run here, in this process, on the same 5,000
-images x 25,000 captions (MSCOCO 5K size), and must agree on every metric.
+Cosine: the reference is what image-caption repositories usually ship (vsepp's
+i2t/t2i): for every image, score all captions and argsort them; for every caption,
+score all images and argsort them. fnemm screens with a bfloat16 product where the
+CPU has bfloat16 units and recomputes the near-threshold scores in float64 (ranks of
+the float64 scores; the loop ranks float32 scores, so the two may differ on a score
+tied to within float32 rounding, reported as such).
 
-    .venv/bin/python bench/eval_speed.py [--images 5000] [--dim 1024]
+Order: the same sizes, fnemm.metrics.ranks with the compiled kernel vs the torch
+tiles it replaces (fnemm.losses.order_scores with block=(8, 128)); ranks must agree.
+
+Both run here, in this process, on the same 5,000 images x 25,000 captions (MSCOCO
+5K size).
+
+    .venv/bin/python bench/eval_speed.py [--images 5000] [--dim 1024] [--skip-order]
 """
 
 from __future__ import annotations
@@ -16,7 +25,9 @@ import time
 import numpy as np
 import torch
 
-from fnemm.metrics import evaluate_embeddings
+from fnemm import kernels
+from fnemm.losses import order_scores
+from fnemm.metrics import evaluate_embeddings, i2t_ranks, ranks, t2i_ranks
 
 
 def reference_loop(images: np.ndarray, captions: np.ndarray) -> dict[str, float]:
@@ -45,6 +56,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=5000)
     ap.add_argument("--dim", type=int, default=1024)
+    ap.add_argument("--skip-order", action="store_true", help="time cosine evaluation only")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     n, d = args.images, args.dim
@@ -58,7 +70,7 @@ def main() -> None:
 
     # Warm-up on a slice: the first matmul of a process pays for thread-pool and
     # kernel set-up, which the 35 s reference loop amortises anyway.
-    evaluate_embeddings(torch.from_numpy(img[:200]), torch.from_numpy(cap[:1000]), owner[:1000], "cosine")
+    evaluate_embeddings(torch.from_numpy(img[:1000]), torch.from_numpy(cap[:5000]), owner[:5000], "cosine")
     t0 = time.perf_counter()
     ours = evaluate_embeddings(torch.from_numpy(img), torch.from_numpy(cap), owner, "cosine")
     t_ours = time.perf_counter() - t0
@@ -66,13 +78,34 @@ def main() -> None:
     ref = reference_loop(img, cap)
     t_ref = time.perf_counter() - t0
 
-    for k, v in ref.items():
-        assert abs(ours[k] - v) < 1e-6, (k, ours[k], v)
-    print(f"metrics agree (rsum {ours['rsum']:.2f})")
-    print(f"fnemm vectorised : {t_ours:8.2f} s")
-    print(f"per-query argsort: {t_ref:8.2f} s")
-    print(f"speed-up         : {t_ref / t_ours:8.1f}x  (target >= 20x)")
+    worst = max(abs(ours[k] - v) for k, v in ref.items())
+    # One query whose rank crosses a cut-off moves a recall by 100/n points.
+    assert worst <= 100.0 / n + 1e-9, {k: (ours[k], v) for k, v in ref.items()}
+    print(f"metrics agree (rsum {ours['rsum']:.2f}; largest difference {worst:.3g} points"
+          + (", a float32 tie" if worst else "") + ")")
+    print(f"fnemm exact       : {t_ours:8.2f} s")
+    print(f"per-query argsort : {t_ref:8.2f} s")
+    print(f"speed-up          : {t_ref / t_ours:8.1f}x  (target >= 25x)")
+    if args.skip_order:
+        return
 
+    # Order embeddings are non-negative (the model takes absolute values).
+    oimg, ocap = torch.from_numpy(np.abs(img)), torch.from_numpy(np.abs(cap))
+    print(f"order similarity, compiled kernel {'available' if kernels.available() else 'NOT available'}")
+    ranks(oimg[:200], ocap[:1000], owner[:1000], "order")
+    t0 = time.perf_counter()
+    fast = ranks(oimg, ocap, owner, "order")
+    t_fast = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        matrix = order_scores(oimg, ocap, block=(8, 128))
+        tiles = i2t_ranks(matrix, owner), t2i_ranks(matrix, owner)
+    t_tiles = time.perf_counter() - t0
+    differ = int((fast[0] != tiles[0]).sum() + (fast[1] != tiles[1]).sum())
+    print(f"ranks differing   : {differ} of {n + 5 * n} queries")
+    print(f"fnemm order       : {t_fast:8.2f} s  (target <= 5 s)")
+    print(f"torch tiles       : {t_tiles:8.2f} s")
+    print(f"speed-up          : {t_tiles / t_fast:8.1f}x")
 
 if __name__ == "__main__":
     main()

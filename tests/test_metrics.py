@@ -102,3 +102,62 @@ def test_row_blocking_does_not_change_ranks(monkeypatch):
     monkeypatch.setattr(ev, "ROW_BLOCK", 7)
     assert ev.i2t_ranks(st, ot).tolist() == reference_i2t(s, owner).tolist()
     assert ev.t2i_ranks(st, ot).tolist() == reference_t2i(s, owner).tolist()
+
+
+def _float64_ranks(img: torch.Tensor, cap: torch.Tensor, owner: torch.Tensor):
+    s = img.double() @ cap.double().t()
+    return i2t_ranks(s, owner).tolist(), t2i_ranks(s, owner).tolist()
+
+
+@pytest.mark.parametrize("noise,seed", [(9.0, 0), (3.0, 1), (30.0, 2)])
+def test_screened_cosine_ranks_equal_the_float64_matrix_ranks(noise, seed, monkeypatch):
+    """The bfloat16 screen with float64 recomputation gives exactly the ranks of the
+    float64 score matrix, on models from good to near chance (every threshold with
+    many scores inside the screen's error band), with duplicated images and captions
+    (exact ties), uneven caption counts, an image without captions and rows of
+    different norms. (The give-up share is lifted: near chance most pairs are candidates.)"""
+    import fnemm.metrics as ev
+    from fnemm.metrics import screened_cosine_ranks
+    monkeypatch.setattr(ev, "SCREEN_MAX_SHARE", 1.0)
+    g = torch.Generator().manual_seed(seed)
+    n, d = 300, 96
+    img = l2_normalize(torch.randn(n, d, generator=g))
+    img[7] = img[3]                                     # a duplicated image
+    owner = torch.arange(n).repeat_interleave(5)
+    owner = owner[owner != 11]                          # image 11 has no caption
+    owner = torch.cat([owner, torch.tensor([5, 5])])    # image 5 has seven
+    cap = l2_normalize(img[owner] + noise / d ** 0.5 * torch.randn(len(owner), d, generator=g))
+    cap[20] = cap[21]                                   # a duplicated caption
+    cap = cap * (0.5 + torch.rand(len(owner), 1, generator=g))   # not unit norm
+    got = screened_cosine_ranks(img, cap, owner)
+    assert got is not None
+    assert (got[0].tolist(), got[1].tolist()) == _float64_ranks(img, cap, owner)
+
+
+def test_screening_gives_up_on_a_collapsed_model_and_ranks_still_pessimistic(monkeypatch):
+    import fnemm.metrics as ev
+    from fnemm.metrics import screened_cosine_ranks
+    img = torch.ones(60, 16) / 4
+    cap = torch.ones(300, 16) / 4
+    owner = torch.arange(60).repeat_interleave(5)
+    assert screened_cosine_ranks(img, cap, owner) is None     # every score is at every threshold
+    monkeypatch.setattr(ev, "SCREEN_MIN_PAIRS", 1)
+    monkeypatch.setattr(ev, "_screenable", lambda a, b: True)
+    i2t, t2i = ev.ranks(img, cap, owner, "cosine")            # the plain path takes over
+    assert t2i.unique().tolist() == [60] and i2t.unique().tolist() == [296]
+
+
+def test_evaluate_embeddings_takes_the_screen_when_it_applies(monkeypatch):
+    import fnemm.metrics as ev
+    calls = []
+    real = ev.screened_cosine_ranks
+    monkeypatch.setattr(ev, "screened_cosine_ranks", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(ev, "SCREEN_MIN_PAIRS", 1)
+    monkeypatch.setattr(ev, "_screenable", lambda a, b: True)
+    g = torch.Generator().manual_seed(4)
+    img = l2_normalize(torch.randn(80, 32, generator=g))
+    owner = torch.arange(80).repeat_interleave(5)
+    cap = l2_normalize(img[owner] + 0.8 * torch.randn(400, 32, generator=g))
+    screened = evaluate_embeddings(img, cap, owner, "cosine")
+    assert calls
+    assert screened == metrics_from_scores(img.double() @ cap.double().t(), owner)

@@ -11,15 +11,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import torch
-
 from fnemm.checkpoint import open_model
 from fnemm.data import embed_captions, embed_images, split_data
 from fnemm.datasets import Dataset
 from fnemm.errors import FnemmError
 from fnemm.features import Features
-from fnemm.losses import scores as score_matrix
-from fnemm.metrics import evaluate_embeddings, i2t_ranks, metrics_from_ranks, t2i_ranks
+from fnemm.metrics import evaluate_embeddings, metrics_from_ranks
+from fnemm.metrics import ranks as query_ranks
 
 PROTOCOLS = ("auto", "all", "1k", "5fold", "5k")
 
@@ -51,10 +49,7 @@ def evaluate(checkpoint: str | Path, dataset: Dataset, features: Features | str 
     results = {}
     for name in wanted:
         if name == "all":
-            with torch.no_grad():
-                matrix = score_matrix(img, cap, sim)
-            i2t, t2i = i2t_ranks(matrix, owner), t2i_ranks(matrix, owner)
-            del matrix
+            i2t, t2i = query_ranks(img, cap, owner, sim)
             results["all"] = {**metrics_from_ranks(i2t, t2i), "images": n}
             if ranks is not None:
                 ranks.update(images=list(data.image_ids), i2t=i2t.tolist(), t2i=t2i.tolist(),

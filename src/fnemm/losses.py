@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import torch
 
+from fnemm import kernels
+
 SIMILARITIES = ("cosine", "order")
 REDUCTIONS = ("sum", "max")
+# Below this many pairs (a training batch, a search of a few queries) the torch code is
+# as fast and its float32 rounding is the training loss's.
+KERNEL_MIN_PAIRS = 1 << 16
 
 
 def cosine_scores(images: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
@@ -27,11 +32,17 @@ def order_scores(images: torch.Tensor, captions: torch.Tensor,
     - with gradients (a training batch), in one piece;
     - without (evaluation, e.g. 5K x 25K), in ``block`` = (images, captions) tiles
       small enough to stay in cache on a CPU and updated in place: ~35x faster
-      than whole rows, and memory stays bounded.
+      than whole rows, and memory stays bounded;
+    - on a CPU, without gradients and with no ``block`` asked for, by the compiled
+      kernel of fnemm.kernels where it can be built (~10x faster again).
     """
     if torch.is_grad_enabled() and (images.requires_grad or captions.requires_grad):
         diff = (captions.unsqueeze(0) - images.unsqueeze(1)).clamp(min=0)
         return -(diff * diff).sum(-1)
+    if block is None and images.shape[0] * captions.shape[0] >= KERNEL_MIN_PAIRS:
+        out = kernels.order_scores(images.detach(), captions.detach())
+        if out is not None:
+            return out
     if block is None:
         block = (64, 2048) if images.is_cuda else (8, 128)
     bi, bc = block

@@ -7,15 +7,24 @@ Each image may have any number of captions (5 in the standard protocol).
 Ties are ranked pessimistically: a wrong item scoring exactly as high as the
 right one is counted above it. A collapsed model (all scores equal) therefore
 gets chance-level ranks instead of perfect ones.
+
+``ranks`` is the entry point from embeddings. From MSCOCO-1K size up on a CPU it
+avoids ranking a float32 matrix: cosine is screened with a bfloat16 product (where
+the CPU has bfloat16 units), order similarity with the compiled kernel's float32
+scores, and the comparisons within the screen's proven error are redone in float64.
+Those ranks are the float64 scores' ranks; a float32 matrix's can differ from them
+only on scores tied to within float32 rounding.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
 
+from fnemm import kernels
 from fnemm.losses import scores as score_matrix
 
 RECALL_KS = (1, 5, 10)
@@ -73,6 +82,204 @@ def metrics_from_ranks(i2t: torch.Tensor, t2i: torch.Tensor) -> dict[str, float]
     return out
 
 
+def ranks(image_emb: torch.Tensor, caption_emb: torch.Tensor, caption_image: torch.Tensor,
+          similarity: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(i2t, t2i) ranks of embedded images and captions: i2t_ranks and t2i_ranks of
+    their score matrix, exactly; for cosine on a CPU with bfloat16 matrix units and a
+    large matrix, by screening (see screened_cosine_ranks)."""
+    caption_image = torch.as_tensor(caption_image, dtype=torch.long, device=image_emb.device)
+    image_emb, caption_emb = image_emb.detach(), caption_emb.detach()
+    with torch.no_grad():
+        if similarity == "cosine" and _screenable(image_emb, caption_emb):
+            screened = screened_cosine_ranks(image_emb, caption_emb, caption_image)
+            if screened is not None:
+                return screened
+        if (similarity == "order" and image_emb.shape[0] * caption_emb.shape[0] >= SCREEN_MIN_PAIRS
+                and kernels.applies(image_emb, caption_emb)):
+            return banded_order_ranks(image_emb, caption_emb, caption_image)
+        matrix = score_matrix(image_emb, caption_emb, similarity)
+        return i2t_ranks(matrix, caption_image), t2i_ranks(matrix, caption_image)
+
+
+# Screening pays from about MSCOCO 1K (1,000 x 5,000) up; below, the float32 product
+# takes milliseconds.
+SCREEN_MIN_PAIRS = 1 << 22
+# Give up screening (and take the plain path) when the candidates exceed this share of
+# all pairs: a collapsed model, where every score sits at every threshold.
+SCREEN_MAX_SHARE = 0.05
+BF16_U = 2.0 ** -8       # unit roundoff of bfloat16 (8 significant bits)
+F32_U = 2.0 ** -24
+
+
+def _screenable(image_emb: torch.Tensor, caption_emb: torch.Tensor) -> bool:
+    if image_emb.device.type != "cpu" or image_emb.dtype != torch.float32 or caption_emb.dtype != torch.float32:
+        return False
+    if image_emb.shape[0] * caption_emb.shape[0] < SCREEN_MIN_PAIRS:
+        return False
+    # Without AMX or AVX512-BF16 a bfloat16 product is no faster than float32.
+    hw = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    return any(f is not None and f() for f in hw)
+
+
+def _exact_dots(image_emb: torch.Tensor, caption_emb: torch.Tensor, rows: torch.Tensor,
+                cols: torch.Tensor) -> torch.Tensor:
+    """image_emb[rows[j]] . caption_emb[cols[j]] for every j, ``rows`` sorted, in the
+    inputs' dtype: one sampled product (each value a dot product in a fixed order,
+    whatever else is sampled, so two calls agree bit for bit on a shared pair)."""
+    n = image_emb.shape[0]
+    crow = torch.zeros(n + 1, dtype=torch.long)
+    crow[1:] = torch.bincount(rows, minlength=n).cumsum(0)
+    with warnings.catch_warnings():     # "Sparse CSR tensor support is in beta state"
+        warnings.simplefilter("ignore", UserWarning)
+        pattern = torch.sparse_csr_tensor(crow, cols, torch.zeros(len(cols), dtype=image_emb.dtype),
+                                          size=(n, caption_emb.shape[0]), check_invariants=False)
+    return torch.sparse.sampled_addmm(pattern, image_emb, caption_emb.t(), beta=0.0).values()
+
+
+def screened_cosine_ranks(image_emb: torch.Tensor, caption_emb: torch.Tensor, caption_image: torch.Tensor,
+                          block: int = 256) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Exact (i2t, t2i) cosine ranks without the float32 score matrix.
+
+    A rank only needs to know which scores reach its query's threshold (the positive
+    caption's score for t2i, the image's best positive for i2t). The bfloat16 product
+    (AMX: ~4x the float32 one) decides that for all but the scores within its proven
+    error of a threshold; those, and the ones above, are recomputed in float64 one
+    dot product each (a sampled product), as are the thresholds themselves. The ranks
+    are those of the float64 scores: they can differ from a float32 matrix's only
+    where two scores tie to within float32 rounding (about 1e-8), and are then right.
+
+    The error bound, per pair, with a = a_hi + a_lo (a_hi = bf16(a)):
+    |a.b - a_hi.b_hi| <= |a_lo||b| + |a_hi||b_lo|, plus float32 accumulation of the
+    exact bfloat16 products (gamma_d |a_hi||b_hi|) and the float64 dot's own
+    (gamma_d |a||b|, negligible), and the output's rounding to bfloat16 (relative 2^-8). It is taken with the norms' maximum on the
+    other side, so each caption (column) and each image (row) has one cut-off.
+
+    Returns None when too many scores sit near the thresholds to gain (a collapsed
+    model): the caller computes the full matrix.
+    """
+    a, b = image_emb.contiguous(), caption_emb.contiguous()
+    n, m, d = a.shape[0], b.shape[0], a.shape[1]
+    a_hi, b_hi = a.to(torch.bfloat16), b.to(torch.bfloat16)
+
+    def norms(x: torch.Tensor, x_hi: torch.Tensor):
+        """Upper bounds of |x|, |x_hi|, |x - x_hi| per row: float32 norms (x - x_hi is
+        exact in float32) raised by their own rounding error."""
+        hi = x_hi.float()
+        up = 1 + 2 * d * F32_U
+        return (x.norm(dim=1).double() * up, hi.norm(dim=1).double() * up,
+                (x - hi).norm(dim=1).double() * up + 2.0 ** -120)
+
+    na, na_hi, na_lo = norms(a, a_hi)
+    nb, nb_hi, nb_lo = norms(b, b_hi)
+    gamma32 = d * F32_U / (1 - d * F32_U)
+    gamma64 = d * 2.0 ** -53 / (1 - d * 2.0 ** -53)
+    tiny = d * 2.0 ** -126 * 4      # bf16 units flush subnormal products to zero
+
+    def bound(n_lo, n_other, n_hi, n_other_lo, n_other_hi, n_own, n_other_full):
+        return (n_lo * n_other + n_hi * n_other_lo + gamma32 * n_hi * n_other_hi
+                + gamma64 * n_own * n_other_full + tiny) * (1 + 1e-9)
+
+    # Per caption: the worst image; per image: the worst caption.
+    err_c = bound(na_lo.max(), nb, na_hi.max(), nb_lo, nb_hi, na.max(), nb)
+    err_i = bound(na_lo, nb.max(), na_hi, nb_lo.max(), nb_hi.max(), na, nb.max())
+
+    a64, b64 = a.double(), b.double()
+    owner_order = torch.argsort(caption_image, stable=True)
+    positive = torch.empty(m, dtype=torch.float64)
+    positive[owner_order] = _exact_dots(a64, b64, caption_image[owner_order], owner_order)
+    best = torch.full((n,), -math.inf, dtype=torch.float64)
+    best = best.scatter_reduce(0, caption_image, positive, reduce="amax")
+
+    def cut(threshold: torch.Tensor, err: torch.Tensor) -> torch.Tensor:
+        """A bfloat16 value at or below every bfloat16 score whose exact score can
+        reach ``threshold``: below by the error, by the output's rounding (relative
+        2^-8), and once more so that rounding the cut itself to bfloat16 cannot lift it."""
+        low = threshold - err
+        low = low - BF16_U * low.abs()
+        low = low - 2 * BF16_U * low.abs()
+        return low.to(torch.bfloat16)
+
+    cut_c, cut_i = cut(positive, err_c), cut(best, err_i)
+    b_hi_t = b_hi.t()
+    rows, cols, total = [], [], 0
+    budget = SCREEN_MAX_SHARE * n * m
+    for start in range(0, n, block):
+        approx = a_hi[start:start + block] @ b_hi_t
+        near = (approx >= cut_c).logical_or_(approx >= cut_i[start:start + block, None])
+        r, c = near.nonzero(as_tuple=True)
+        total += len(r)
+        if total > budget:
+            return None
+        rows.append(r + start)
+        cols.append(c)
+    rows, cols = torch.cat(rows), torch.cat(cols)
+    exact = _exact_dots(a64, b64, rows, cols)
+
+    t2i = torch.zeros(m, dtype=torch.long)
+    t2i.index_add_(0, cols, (exact >= positive[cols]).long())
+    at_or_above = torch.zeros(n, dtype=torch.long)
+    at_or_above.index_add_(0, rows, (exact >= best[rows]).long())
+    correct_at_best = torch.zeros(n, dtype=torch.long)
+    correct_at_best.scatter_add_(0, caption_image, (positive >= best[caption_image]).long())
+    return 1 + at_or_above - correct_at_best, t2i
+
+
+def banded_order_ranks(image_emb: torch.Tensor, caption_emb: torch.Tensor, caption_image: torch.Tensor,
+                       block: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact (i2t, t2i) order-similarity ranks: those of the float64 scores.
+
+    The compiled kernel's float32 scores (fnemm.kernels), a block of images at a time,
+    settle every comparison with a threshold except those within their proven error:
+    a score is a negated sum of d non-negative terms, each within 3u of its exact
+    value (u = 2^-24: the subtraction and the square), summed in any order, so
+    |s_float32 - s| <= gamma_(d+2) |s|; a threshold t <= 0 is certainly reached when
+    s_float32 > t + gamma |t| and certainly not when s_float32 < t - gamma |t|. The
+    scores in between (about one per query) and the thresholds themselves (the
+    positive pairs) are recomputed in float64.
+    """
+    a, b = image_emb.contiguous(), caption_emb.contiguous()
+    n, m, d = a.shape[0], b.shape[0], a.shape[1]
+    gamma = (d + 2) * F32_U / (1 - (d + 2) * F32_U)
+    owner_order = torch.argsort(caption_image, stable=True)
+    positive = torch.empty(m, dtype=torch.float64)
+    positive[owner_order] = kernels.order_pairs(a, b, caption_image[owner_order], owner_order)
+    best = torch.full((n,), -math.inf, dtype=torch.float64)
+    best = best.scatter_reduce(0, caption_image, positive, reduce="amax")
+
+    def cuts(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 (low, high) around float64 thresholds, each moved outward by the
+        error and once more by the rounding of the cut itself to float32."""
+        width = gamma * t.abs() * (1 + 1e-9) + 2.0 ** -140
+        low, high = t - width, t + width
+        low, high = low - 2 * F32_U * low.abs(), high + 2 * F32_U * high.abs()
+        # An image without captions has threshold -inf: every score is above it.
+        finite = torch.isfinite(t)
+        return torch.where(finite, low, t).float(), torch.where(finite, high, t).float()
+
+    low_c, high_c = cuts(positive)
+    low_i, high_i = cuts(best)
+    t2i = torch.zeros(m, dtype=torch.long)
+    at_or_above = torch.zeros(n, dtype=torch.long)
+    band_t, band_i = [], []
+    for start in range(0, n, block):
+        rows = slice(start, start + block)
+        approx = kernels.order_scores(a[rows], b)
+        t2i += (approx > high_c).sum(0)
+        at_or_above[rows] += (approx > high_i[rows, None]).sum(1)
+        r, c = ((approx >= low_c) & (approx <= high_c)).nonzero(as_tuple=True)
+        band_t.append((r + start, c))
+        r, c = ((approx >= low_i[rows, None]) & (approx <= high_i[rows, None])).nonzero(as_tuple=True)
+        band_i.append((r + start, c))
+    for band, thresholds, key, counts in ((band_t, positive, 1, t2i), (band_i, best, 0, at_or_above)):
+        r, c = torch.cat([x[0] for x in band]), torch.cat([x[1] for x in band])
+        exact = kernels.order_pairs(a, b, r, c)
+        hit = (exact >= thresholds[(r, c)[key]]).long()
+        counts.index_add_(0, (r, c)[key], hit)
+    correct_at_best = torch.zeros(n, dtype=torch.long)
+    correct_at_best.scatter_add_(0, caption_image, (positive >= best[caption_image]).long())
+    return 1 + at_or_above - correct_at_best, t2i
+
+
 def metrics_from_scores(scores: torch.Tensor, caption_image: torch.Tensor) -> dict[str, float]:
     """All metrics of one score matrix; ``rsum`` is the sum of the six recalls."""
     caption_image = caption_image.to(scores.device)
@@ -91,8 +298,7 @@ def evaluate_embeddings(
     caption_image = torch.as_tensor(caption_image, dtype=torch.long)
     n_images = image_emb.shape[0]
     if folds == 1:
-        with torch.no_grad():
-            return metrics_from_scores(score_matrix(image_emb, caption_emb, similarity), caption_image)
+        return metrics_from_ranks(*ranks(image_emb, caption_emb, caption_image, similarity))
     if n_images % folds:
         raise ValueError(f"{n_images} images cannot be split into {folds} equal folds")
     size = n_images // folds

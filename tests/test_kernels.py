@@ -1,0 +1,87 @@
+"""The compiled order-similarity kernel against the torch definition (Eq. 3)."""
+
+import pytest
+import torch
+
+from fnemm import kernels
+from fnemm.losses import order_scores
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C compiler to build fnemm's kernel")
+
+
+def _reference(images: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
+    diff = (captions.double().unsqueeze(0) - images.double().unsqueeze(1)).clamp(min=0)
+    return -(diff * diff).sum(-1)
+
+
+@pytest.mark.parametrize("n,m,d", [(1, 1, 1), (9, 131, 7), (37, 517, 64), (5, 4, 1024)])
+def test_kernel_matches_eq3_in_float64(n, m, d):
+    g = torch.Generator().manual_seed(n * m + d)
+    images, captions = torch.rand(n, d, generator=g), torch.rand(m, d, generator=g)
+    got = kernels.order_scores(images, captions)
+    ref = _reference(images, captions)
+    assert got.dtype == torch.float32 and got.shape == (n, m)
+    assert torch.allclose(got.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_threads_and_views_do_not_change_a_bit():
+    g = torch.Generator().manual_seed(1)
+    images, captions = torch.rand(64, 40, generator=g), torch.rand(300, 40, generator=g)
+    one = kernels.order_scores(images, captions, threads=1)
+    assert torch.equal(one, kernels.order_scores(images, captions, threads=3))
+    # A transposed (non-contiguous) view is read as its values, not its storage.
+    assert torch.equal(one, kernels.order_scores(images, captions.t().contiguous().t()))
+
+
+def test_what_the_kernel_does_not_take_falls_back_to_torch(monkeypatch):
+    g = torch.Generator().manual_seed(2)
+    images, captions = torch.rand(300, 8, generator=g), torch.rand(400, 8, generator=g)
+    assert kernels.order_scores(images.double(), captions.double()) is None
+    assert kernels.order_scores(images.requires_grad_(), captions) is None
+    monkeypatch.setenv("FNEMM_KERNELS", "0")
+    assert not kernels.available()
+    images = images.detach()
+    with torch.no_grad():       # order_scores without the kernel: the torch tiles, same values
+        plain = order_scores(images, captions)
+    assert torch.allclose(plain.double(), _reference(images, captions), rtol=1e-5, atol=1e-6)
+
+
+def test_evaluation_path_uses_the_kernel_above_the_size_threshold(monkeypatch):
+    import fnemm.losses as losses
+    calls = []
+    real = kernels.order_scores
+    monkeypatch.setattr(kernels, "order_scores", lambda *a, **k: calls.append(1) or real(*a, **k))
+    g = torch.Generator().manual_seed(3)
+    images, captions = torch.rand(300, 16, generator=g), torch.rand(1500, 16, generator=g)
+    assert 300 * 1500 >= losses.KERNEL_MIN_PAIRS
+    with torch.no_grad():
+        got = order_scores(images, captions)
+    assert calls and torch.allclose(got.double(), _reference(images, captions), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("noise,seed", [(0.3, 0), (1.0, 1)])
+def test_banded_order_ranks_equal_the_float64_matrix_ranks(noise, seed):
+    """float32 kernel scores, float64 re-scoring of the band: exactly the float64
+    matrix's ranks, with duplicated images and captions (exact ties), an image
+    without captions and one with seven."""
+    from fnemm.metrics import banded_order_ranks, i2t_ranks, t2i_ranks
+    g = torch.Generator().manual_seed(seed)
+    n, d = 200, 48
+    img = torch.rand(n, d, generator=g)
+    img[9] = img[4]
+    owner = torch.arange(n).repeat_interleave(5)
+    owner = torch.cat([owner[owner != 13], torch.tensor([6, 6])])
+    cap = (img[owner] + noise * torch.randn(len(owner), d, generator=g)).abs()
+    cap[30] = cap[31]
+    got = banded_order_ranks(img, cap, owner, block=64)
+    ref = _reference(img, cap)
+    assert got[0].tolist() == i2t_ranks(ref, owner).tolist()
+    assert got[1].tolist() == t2i_ranks(ref, owner).tolist()
+
+
+def test_a_collapsed_order_model_ranks_pessimistically():
+    from fnemm.metrics import banded_order_ranks
+    img, cap = torch.full((40, 8), 0.5), torch.full((200, 8), 0.5)
+    owner = torch.arange(40).repeat_interleave(5)
+    i2t, t2i = banded_order_ranks(img, cap, owner)
+    assert t2i.unique().tolist() == [40] and i2t.unique().tolist() == [196]
