@@ -151,7 +151,9 @@ def screened_cosine_ranks(image_emb: torch.Tensor, caption_emb: torch.Tensor, ca
     The error bound, per pair, with a = a_hi + a_lo (a_hi = bf16(a)):
     |a.b - a_hi.b_hi| <= |a_lo||b| + |a_hi||b_lo|, plus float32 accumulation of the
     exact bfloat16 products (gamma_d |a_hi||b_hi|) and the float64 dot's own
-    (gamma_d |a||b|, negligible), and the output's rounding to bfloat16 (relative 2^-8). It is taken with the norms' maximum on the
+    (gamma_d |a||b|, negligible), and the output's rounding to bfloat16 (relative 2^-8).
+    It assumes float32 accumulation, which torch's bfloat16 CPU product has (oneDNN's
+    default "strict" accumulation mode; the native fallback accumulates in float). It is taken with the norms' maximum on the
     other side, so each caption (column) and each image (row) has one cut-off.
 
     Returns None when too many scores sit near the thresholds to gain (a collapsed
