@@ -85,3 +85,28 @@ def test_a_collapsed_order_model_ranks_pessimistically():
     owner = torch.arange(40).repeat_interleave(5)
     i2t, t2i = banded_order_ranks(img, cap, owner)
     assert t2i.unique().tolist() == [40] and i2t.unique().tolist() == [196]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bands_count_and_list_like_torch_even_past_the_first_buffer(dtype):
+    """One pass of fnemm_bands against its definition in torch, on a block whose band
+    (every score of half the rows sits between its cuts) outgrows the first buffer."""
+    g = torch.Generator().manual_seed(5)
+    n_all, nr, nc, r0 = 400, 300, 100, 60
+    scores = torch.randn(nr, nc, generator=g).to(dtype)
+    scores[::2] = 0.0
+    low_c, high_c = -0.5 * torch.rand(nc, generator=g), 0.5 * torch.rand(nc, generator=g)
+    low_r, high_r = -torch.rand(n_all, generator=g), torch.rand(n_all, generator=g)
+    low_r[r0 + 1] = high_r[r0 + 1] = -torch.inf        # a row every score is above
+    above_c, above_r = torch.ones(nc, dtype=torch.long), torch.zeros(n_all, dtype=torch.long)
+    band_c, band_r = kernels.bands(scores, r0, low_c, high_c, low_r, high_r, above_c, above_r, threads=2)
+    s = scores.float()
+    rows = torch.arange(nr)[:, None] + r0
+    assert above_c.tolist() == (1 + (s > high_c).sum(0)).tolist()
+    assert above_r[r0:r0 + nr].tolist() == (s > high_r[rows]).sum(1).tolist()
+    assert above_r[:r0].eq(0).all() and above_r[r0 + nr:].eq(0).all()
+    in_c = ((s >= low_c) & (s <= high_c)).nonzero()
+    in_r = ((s >= low_r[rows]) & (s <= high_r[rows])).nonzero()
+    assert len(in_c) > 4096
+    assert band_c.tolist() == (in_c + torch.tensor([r0, 0])).tolist()
+    assert band_r.tolist() == (in_r + torch.tensor([r0, 0])).tolist()

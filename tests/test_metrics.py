@@ -109,16 +109,19 @@ def _float64_ranks(img: torch.Tensor, cap: torch.Tensor, owner: torch.Tensor):
     return i2t_ranks(s, owner).tolist(), t2i_ranks(s, owner).tolist()
 
 
+@pytest.mark.parametrize("kernel", ["1", "0"])
 @pytest.mark.parametrize("noise,seed", [(9.0, 0), (3.0, 1), (30.0, 2)])
-def test_screened_cosine_ranks_equal_the_float64_matrix_ranks(noise, seed, monkeypatch):
+def test_screened_cosine_ranks_equal_the_float64_matrix_ranks(noise, seed, kernel, monkeypatch):
     """The bfloat16 screen with float64 recomputation gives exactly the ranks of the
     float64 score matrix, on models from good to near chance (every threshold with
     many scores inside the screen's error band), with duplicated images and captions
     (exact ties), uneven caption counts, an image without captions and rows of
-    different norms. (The give-up share is lifted: near chance most pairs are candidates.)"""
+    different norms. (The give-up share is lifted: near chance most pairs are candidates.)
+    With the compiled kernel (two cuts, one pass in C) and without (torch only)."""
     import fnemm.metrics as ev
     from fnemm.metrics import screened_cosine_ranks
     monkeypatch.setattr(ev, "SCREEN_MAX_SHARE", 1.0)
+    monkeypatch.setenv("FNEMM_KERNELS", kernel)
     g = torch.Generator().manual_seed(seed)
     n, d = 300, 96
     img = l2_normalize(torch.randn(n, d, generator=g))

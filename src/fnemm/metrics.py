@@ -136,6 +136,22 @@ def _exact_dots(image_emb: torch.Tensor, caption_emb: torch.Tensor, rows: torch.
     return torch.sparse.sampled_addmm(pattern, image_emb, caption_emb.t(), beta=0.0).values()
 
 
+def _float32_cuts(threshold: torch.Tensor, err: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 (low, high) cuts for bfloat16 screening scores (compared as float32,
+    exactly): an exact score can reach ``threshold`` only if its screening score is at
+    least low, and surely does if above high. Between the error ``err`` and the
+    output's rounding (|s_bf16 - x| <= 2^-8 |s_bf16|): low = (t - err) - u|t - err|,
+    high = (t + err) / (1 -+ u); each then moved outward past float32's rounding."""
+    lo = threshold - err
+    lo = lo - BF16_U * lo.abs()
+    hi = threshold + err
+    hi = torch.where(hi >= 0, hi / (1 - BF16_U), hi / (1 + BF16_U))
+    lo, hi = lo - 4 * F32_U * lo.abs(), hi + 4 * F32_U * hi.abs()
+    finite = torch.isfinite(threshold)          # -inf: an image without captions
+    return (torch.where(finite, lo, threshold).float().contiguous(),
+            torch.where(finite, hi, threshold).float().contiguous())
+
+
 def screened_cosine_ranks(image_emb: torch.Tensor, caption_emb: torch.Tensor, caption_image: torch.Tensor,
                           block: int = 256) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Exact (i2t, t2i) cosine ranks without the float32 score matrix.
@@ -201,33 +217,52 @@ def screened_cosine_ranks(image_emb: torch.Tensor, caption_emb: torch.Tensor, ca
         low = low - 2 * BF16_U * low.abs()
         return low.to(torch.bfloat16)
 
-    cut_c, cut_i = cut(positive, err_c), cut(best, err_i)
     b_hi_t = b_hi.t()
-    rows, cols, total = [], [], 0
     budget = SCREEN_MAX_SHARE * n * m
-    for start in range(0, n, block):
-        approx = a_hi[start:start + block] @ b_hi_t
-        near = (approx >= cut_c).logical_or_(approx >= cut_i[start:start + block, None])
-        r, c = near.nonzero(as_tuple=True)
-        total += len(r)
-        if total > budget:
-            return None
-        rows.append(r + start)
-        cols.append(c)
-    rows, cols = torch.cat(rows), torch.cat(cols)
-    exact = _exact_dots(a64, b64, rows, cols)
-
     t2i = torch.zeros(m, dtype=torch.long)
-    t2i.index_add_(0, cols, (exact >= positive[cols]).long())
     at_or_above = torch.zeros(n, dtype=torch.long)
-    at_or_above.index_add_(0, rows, (exact >= best[rows]).long())
+    if kernels.applies(a, b):
+        # Two cuts a side, one pass in C: scores certainly above are counted, only the
+        # band between the cuts is recomputed.
+        low_c, high_c = _float32_cuts(positive, err_c)
+        low_i, high_i = _float32_cuts(best, err_i)
+        band_t, band_i, total = [], [], 0
+        for start in range(0, n, block):
+            approx = a_hi[start:start + block] @ b_hi_t
+            t, i = kernels.bands(approx, start, low_c, high_c, low_i, high_i, t2i, at_or_above)
+            total += len(t) + len(i)
+            if total > budget:
+                return None
+            band_t.append(t)
+            band_i.append(i)
+        for band, thresholds, side, counts in ((band_t, positive, 1, t2i), (band_i, best, 0, at_or_above)):
+            pairs = torch.cat(band)
+            exact = _exact_dots(a64, b64, pairs[:, 0].contiguous(), pairs[:, 1].contiguous())
+            counts.index_add_(0, pairs[:, side], (exact >= thresholds[pairs[:, side]]).long())
+    else:
+        # Torch only: every score that may reach a threshold is recomputed.
+        cut_c, cut_i = cut(positive, err_c), cut(best, err_i)
+        rows, cols, total = [], [], 0
+        for start in range(0, n, block):
+            approx = a_hi[start:start + block] @ b_hi_t
+            near = (approx >= cut_c).logical_or_(approx >= cut_i[start:start + block, None])
+            r, c = near.nonzero(as_tuple=True)
+            total += len(r)
+            if total > budget:
+                return None
+            rows.append(r + start)
+            cols.append(c)
+        rows, cols = torch.cat(rows), torch.cat(cols)
+        exact = _exact_dots(a64, b64, rows, cols)
+        t2i.index_add_(0, cols, (exact >= positive[cols]).long())
+        at_or_above.index_add_(0, rows, (exact >= best[rows]).long())
     correct_at_best = torch.zeros(n, dtype=torch.long)
     correct_at_best.scatter_add_(0, caption_image, (positive >= best[caption_image]).long())
     return 1 + at_or_above - correct_at_best, t2i
 
 
 def banded_order_ranks(image_emb: torch.Tensor, caption_emb: torch.Tensor, caption_image: torch.Tensor,
-                       block: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+                       block: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact (i2t, t2i) order-similarity ranks: those of the float64 scores.
 
     The compiled kernel's float32 scores (fnemm.kernels), a block of images at a time,
@@ -264,19 +299,14 @@ def banded_order_ranks(image_emb: torch.Tensor, caption_emb: torch.Tensor, capti
     at_or_above = torch.zeros(n, dtype=torch.long)
     band_t, band_i = [], []
     for start in range(0, n, block):
-        rows = slice(start, start + block)
-        approx = kernels.order_scores(a[rows], b)
-        t2i += (approx > high_c).sum(0)
-        at_or_above[rows] += (approx > high_i[rows, None]).sum(1)
-        r, c = ((approx >= low_c) & (approx <= high_c)).nonzero(as_tuple=True)
-        band_t.append((r + start, c))
-        r, c = ((approx >= low_i[rows, None]) & (approx <= high_i[rows, None])).nonzero(as_tuple=True)
-        band_i.append((r + start, c))
-    for band, thresholds, key, counts in ((band_t, positive, 1, t2i), (band_i, best, 0, at_or_above)):
-        r, c = torch.cat([x[0] for x in band]), torch.cat([x[1] for x in band])
-        exact = kernels.order_pairs(a, b, r, c)
-        hit = (exact >= thresholds[(r, c)[key]]).long()
-        counts.index_add_(0, (r, c)[key], hit)
+        approx = kernels.order_scores(a[start:start + block], b)
+        t, i = kernels.bands(approx, start, low_c, high_c, low_i, high_i, t2i, at_or_above)
+        band_t.append(t)
+        band_i.append(i)
+    for band, thresholds, side, counts in ((band_t, positive, 1, t2i), (band_i, best, 0, at_or_above)):
+        pairs = torch.cat(band)
+        exact = kernels.order_pairs(a, b, pairs[:, 0], pairs[:, 1])
+        counts.index_add_(0, pairs[:, side], (exact >= thresholds[pairs[:, side]]).long())
     correct_at_best = torch.zeros(n, dtype=torch.long)
     correct_at_best.scatter_add_(0, caption_image, (positive >= best[caption_image]).long())
     return 1 + at_or_above - correct_at_best, t2i
