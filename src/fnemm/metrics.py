@@ -85,8 +85,9 @@ def metrics_from_ranks(i2t: torch.Tensor, t2i: torch.Tensor) -> dict[str, float]
 def ranks(image_emb: torch.Tensor, caption_emb: torch.Tensor, caption_image: torch.Tensor,
           similarity: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(i2t, t2i) ranks of embedded images and captions: i2t_ranks and t2i_ranks of
-    their score matrix, exactly; for cosine on a CPU with bfloat16 matrix units and a
-    large matrix, by screening (see screened_cosine_ranks)."""
+    their score matrix; from SCREEN_MIN_PAIRS pairs up on a CPU, without ranking a
+    float32 matrix: screened_cosine_ranks (CPUs with bfloat16 units) and
+    banded_order_ranks (where the C kernel is built)."""
     caption_image = torch.as_tensor(caption_image, dtype=torch.long, device=image_emb.device)
     image_emb, caption_emb = image_emb.detach(), caption_emb.detach()
     with torch.no_grad():
@@ -96,7 +97,9 @@ def ranks(image_emb: torch.Tensor, caption_emb: torch.Tensor, caption_image: tor
                 return screened
         if (similarity == "order" and image_emb.shape[0] * caption_emb.shape[0] >= SCREEN_MIN_PAIRS
                 and kernels.applies(image_emb, caption_emb)):
-            return banded_order_ranks(image_emb, caption_emb, caption_image)
+            banded = banded_order_ranks(image_emb, caption_emb, caption_image)
+            if banded is not None:
+                return banded
         matrix = score_matrix(image_emb, caption_emb, similarity)
         return i2t_ranks(matrix, caption_image), t2i_ranks(matrix, caption_image)
 
@@ -159,8 +162,9 @@ def screened_cosine_ranks(image_emb: torch.Tensor, caption_emb: torch.Tensor, ca
     A rank only needs to know which scores reach its query's threshold (the positive
     caption's score for t2i, the image's best positive for i2t). The bfloat16 product
     (AMX: ~4x the float32 one) decides that for all but the scores within its proven
-    error of a threshold; those, and the ones above, are recomputed in float64 one
-    dot product each (a sampled product), as are the thresholds themselves. The ranks
+    error of a threshold; those (with the C kernel; without it, also every score
+    above the lower cut) are recomputed in float64 one dot product each (a sampled
+    product), as are the thresholds themselves. The ranks
     are those of the float64 scores: they can differ from a float32 matrix's only
     where two scores tie to within float32 rounding (about 1e-8), and are then right.
 
@@ -169,14 +173,17 @@ def screened_cosine_ranks(image_emb: torch.Tensor, caption_emb: torch.Tensor, ca
     exact bfloat16 products (gamma_d |a_hi||b_hi|) and the float64 dot's own
     (gamma_d |a||b|, negligible), and the output's rounding to bfloat16 (relative 2^-8).
     It assumes float32 accumulation, which torch's bfloat16 CPU product has (oneDNN's
-    default "strict" accumulation mode; the native fallback accumulates in float). It is taken with the norms' maximum on the
-    other side, so each caption (column) and each image (row) has one cut-off.
+    default "strict" accumulation mode; the native fallback accumulates in float).
+    It is taken with the norms' maximum on the other side, so each caption (column)
+    and each image (row) has its own cuts.
 
     Returns None when too many scores sit near the thresholds to gain (a collapsed
     model): the caller computes the full matrix.
     """
     a, b = image_emb.contiguous(), caption_emb.contiguous()
     n, m, d = a.shape[0], b.shape[0], a.shape[1]
+    if n == 0 or m == 0:
+        return None
     a_hi, b_hi = a.to(torch.bfloat16), b.to(torch.bfloat16)
 
     def norms(x: torch.Tensor, x_hi: torch.Tensor):
@@ -262,7 +269,7 @@ def screened_cosine_ranks(image_emb: torch.Tensor, caption_emb: torch.Tensor, ca
 
 
 def banded_order_ranks(image_emb: torch.Tensor, caption_emb: torch.Tensor, caption_image: torch.Tensor,
-                       block: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+                       block: int = 512) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Exact (i2t, t2i) order-similarity ranks: those of the float64 scores.
 
     The compiled kernel's float32 scores (fnemm.kernels), a block of images at a time,
@@ -272,10 +279,13 @@ def banded_order_ranks(image_emb: torch.Tensor, caption_emb: torch.Tensor, capti
     |s_float32 - s| <= gamma_(d+2) |s|; a threshold t <= 0 is certainly reached when
     s_float32 > t + gamma |t| and certainly not when s_float32 < t - gamma |t|. The
     scores in between (about one per query) and the thresholds themselves (the
-    positive pairs) are recomputed in float64.
+    positive pairs) are recomputed in float64. None for an empty side (the caller's
+    plain path handles it).
     """
     a, b = image_emb.contiguous(), caption_emb.contiguous()
     n, m, d = a.shape[0], b.shape[0], a.shape[1]
+    if n == 0 or m == 0:
+        return None
     gamma = (d + 2) * F32_U / (1 - (d + 2) * F32_U)
     owner_order = torch.argsort(caption_image, stable=True)
     positive = torch.empty(m, dtype=torch.float64)
