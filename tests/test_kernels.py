@@ -110,3 +110,27 @@ def test_bands_count_and_list_like_torch_even_past_the_first_buffer(dtype):
     assert len(in_c) > 4096
     assert band_c.tolist() == (in_c + torch.tensor([r0, 0])).tolist()
     assert band_r.tolist() == (in_r + torch.tensor([r0, 0])).tolist()
+
+
+def test_banded_order_ranks_are_exact_where_float32_rounding_breaks_ties():
+    """Scores that tie exactly (float64 sums of dyadic values are exact) but not in
+    float32 (1,024 terms of 20 bits each overflow its 24-bit significand: errors up to
+    8u here, past the cuts' own float32 margin): every image has a coordinate-permuted
+    twin and captions are constant vectors, so each caption's positive score ties with
+    its image's twin. Only the error band gets these right."""
+    from fnemm.metrics import banded_order_ranks, i2t_ranks, t2i_ranks
+    g = torch.Generator().manual_seed(7)
+    half, d = 30, 1024
+    base = torch.randint(0, 1024, (half, d), generator=g).float() / 1024
+    twins = torch.stack([row[torch.randperm(d, generator=g)] for row in base])
+    img = torch.cat([base, twins])
+    owner = torch.arange(2 * half).repeat_interleave(4)
+    # above every image coordinate, so that all 1,024 terms count
+    cap = (1 + torch.randint(0, 64, (len(owner), 1), generator=g).float() / 64).expand(-1, d).contiguous()
+    ref = _reference(img, cap)
+    assert (ref[:half] == ref[half:]).all()                                # exact ties in float64
+    approx = kernels.order_scores(img, cap)
+    assert (approx[:half] != approx[half:]).any()                          # not in float32
+    got = banded_order_ranks(img, cap, owner, block=16)
+    assert got[0].tolist() == i2t_ranks(ref, owner).tolist()
+    assert got[1].tolist() == t2i_ranks(ref, owner).tolist()

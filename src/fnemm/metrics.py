@@ -139,6 +139,34 @@ def _exact_dots(image_emb: torch.Tensor, caption_emb: torch.Tensor, rows: torch.
     return torch.sparse.sampled_addmm(pattern, image_emb, caption_emb.t(), beta=0.0).values()
 
 
+def _thresholds(exact, n: int, caption_image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 (positive, best): each caption's score with its image, and each image's
+    best over its captions (-inf for an image without captions); ``exact(rows, cols)``
+    scores pairs in float64 (rows sorted)."""
+    owner_order = torch.argsort(caption_image, stable=True)
+    positive = torch.empty(len(caption_image), dtype=torch.float64)
+    positive[owner_order] = exact(caption_image[owner_order], owner_order)
+    best = torch.full((n,), -math.inf, dtype=torch.float64)
+    return positive, best.scatter_reduce(0, caption_image, positive, reduce="amax")
+
+
+def _add_band_hits(band: list[torch.Tensor], thresholds: torch.Tensor, side: int, counts: torch.Tensor,
+                   exact) -> None:
+    """counts[q] += how many of the (row, column) pairs of query q (q their column for
+    side 1, their row for side 0) score at least thresholds[q] in float64."""
+    pairs = torch.cat(band)
+    scores = exact(pairs[:, 0].contiguous(), pairs[:, 1].contiguous())
+    counts.index_add_(0, pairs[:, side], (scores >= thresholds[pairs[:, side]]).long())
+
+
+def _final_ranks(at_or_above: torch.Tensor, t2i: torch.Tensor, positive: torch.Tensor, best: torch.Tensor,
+                 caption_image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(i2t, t2i) from the counts of scores at or above each threshold (see i2t_ranks)."""
+    correct_at_best = torch.zeros(len(best), dtype=torch.long)
+    correct_at_best.scatter_add_(0, caption_image, (positive >= best[caption_image]).long())
+    return 1 + at_or_above - correct_at_best, t2i
+
+
 def _float32_cuts(threshold: torch.Tensor, err: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 (low, high) cuts for bfloat16 screening scores (compared as float32,
     exactly): an exact score can reach ``threshold`` only if its screening score is at
@@ -149,8 +177,15 @@ def _float32_cuts(threshold: torch.Tensor, err: torch.Tensor) -> tuple[torch.Ten
     lo = lo - BF16_U * lo.abs()
     hi = threshold + err
     hi = torch.where(hi >= 0, hi / (1 - BF16_U), hi / (1 + BF16_U))
-    lo, hi = lo - 4 * F32_U * lo.abs(), hi + 4 * F32_U * hi.abs()
-    finite = torch.isfinite(threshold)          # -inf: an image without captions
+    return _outward_float32(lo, hi, threshold)
+
+
+def _outward_float32(lo: torch.Tensor, hi: torch.Tensor, threshold: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 cuts as float32, moved outward past float32's rounding; a threshold of
+    -inf (an image without captions: every score is above it) stays -inf."""
+    lo, hi = lo - 2 * F32_U * lo.abs(), hi + 2 * F32_U * hi.abs()     # the cast rounds by <= 1u
+    finite = torch.isfinite(threshold)
     return (torch.where(finite, lo, threshold).float().contiguous(),
             torch.where(finite, hi, threshold).float().contiguous())
 
@@ -209,11 +244,11 @@ def screened_cosine_ranks(image_emb: torch.Tensor, caption_emb: torch.Tensor, ca
     err_i = bound(na_lo, nb.max(), na_hi, nb_lo.max(), nb_hi.max(), na, nb.max())
 
     a64, b64 = a.double(), b.double()
-    owner_order = torch.argsort(caption_image, stable=True)
-    positive = torch.empty(m, dtype=torch.float64)
-    positive[owner_order] = _exact_dots(a64, b64, caption_image[owner_order], owner_order)
-    best = torch.full((n,), -math.inf, dtype=torch.float64)
-    best = best.scatter_reduce(0, caption_image, positive, reduce="amax")
+
+    def exact(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        return _exact_dots(a64, b64, rows, cols)
+
+    positive, best = _thresholds(exact, n, caption_image)
 
     def cut(threshold: torch.Tensor, err: torch.Tensor) -> torch.Tensor:
         """A bfloat16 value at or below every bfloat16 score whose exact score can
@@ -242,10 +277,8 @@ def screened_cosine_ranks(image_emb: torch.Tensor, caption_emb: torch.Tensor, ca
                 return None
             band_t.append(t)
             band_i.append(i)
-        for band, thresholds, side, counts in ((band_t, positive, 1, t2i), (band_i, best, 0, at_or_above)):
-            pairs = torch.cat(band)
-            exact = _exact_dots(a64, b64, pairs[:, 0].contiguous(), pairs[:, 1].contiguous())
-            counts.index_add_(0, pairs[:, side], (exact >= thresholds[pairs[:, side]]).long())
+        _add_band_hits(band_t, positive, 1, t2i, exact)
+        _add_band_hits(band_i, best, 0, at_or_above, exact)
     else:
         # Torch only: every score that may reach a threshold is recomputed.
         cut_c, cut_i = cut(positive, err_c), cut(best, err_i)
@@ -260,12 +293,10 @@ def screened_cosine_ranks(image_emb: torch.Tensor, caption_emb: torch.Tensor, ca
             rows.append(r + start)
             cols.append(c)
         rows, cols = torch.cat(rows), torch.cat(cols)
-        exact = _exact_dots(a64, b64, rows, cols)
-        t2i.index_add_(0, cols, (exact >= positive[cols]).long())
-        at_or_above.index_add_(0, rows, (exact >= best[rows]).long())
-    correct_at_best = torch.zeros(n, dtype=torch.long)
-    correct_at_best.scatter_add_(0, caption_image, (positive >= best[caption_image]).long())
-    return 1 + at_or_above - correct_at_best, t2i
+        scores = exact(rows, cols)
+        t2i.index_add_(0, cols, (scores >= positive[cols]).long())
+        at_or_above.index_add_(0, rows, (scores >= best[rows]).long())
+    return _final_ranks(at_or_above, t2i, positive, best, caption_image)
 
 
 def banded_order_ranks(image_emb: torch.Tensor, caption_emb: torch.Tensor, caption_image: torch.Tensor,
@@ -287,21 +318,16 @@ def banded_order_ranks(image_emb: torch.Tensor, caption_emb: torch.Tensor, capti
     if n == 0 or m == 0:
         return None
     gamma = (d + 2) * F32_U / (1 - (d + 2) * F32_U)
-    owner_order = torch.argsort(caption_image, stable=True)
-    positive = torch.empty(m, dtype=torch.float64)
-    positive[owner_order] = kernels.order_pairs(a, b, caption_image[owner_order], owner_order)
-    best = torch.full((n,), -math.inf, dtype=torch.float64)
-    best = best.scatter_reduce(0, caption_image, positive, reduce="amax")
+
+    def exact(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        return kernels.order_pairs(a, b, rows, cols)
+
+    positive, best = _thresholds(exact, n, caption_image)
 
     def cuts(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """float32 (low, high) around float64 thresholds, each moved outward by the
-        error and once more by the rounding of the cut itself to float32."""
+        """float32 (low, high) around float64 thresholds: the error either side."""
         width = gamma * t.abs() * (1 + 1e-9) + 2.0 ** -140
-        low, high = t - width, t + width
-        low, high = low - 2 * F32_U * low.abs(), high + 2 * F32_U * high.abs()
-        # An image without captions has threshold -inf: every score is above it.
-        finite = torch.isfinite(t)
-        return torch.where(finite, low, t).float(), torch.where(finite, high, t).float()
+        return _outward_float32(t - width, t + width, t)
 
     low_c, high_c = cuts(positive)
     low_i, high_i = cuts(best)
@@ -313,13 +339,9 @@ def banded_order_ranks(image_emb: torch.Tensor, caption_emb: torch.Tensor, capti
         t, i = kernels.bands(approx, start, low_c, high_c, low_i, high_i, t2i, at_or_above)
         band_t.append(t)
         band_i.append(i)
-    for band, thresholds, side, counts in ((band_t, positive, 1, t2i), (band_i, best, 0, at_or_above)):
-        pairs = torch.cat(band)
-        exact = kernels.order_pairs(a, b, pairs[:, 0], pairs[:, 1])
-        counts.index_add_(0, pairs[:, side], (exact >= thresholds[pairs[:, side]]).long())
-    correct_at_best = torch.zeros(n, dtype=torch.long)
-    correct_at_best.scatter_add_(0, caption_image, (positive >= best[caption_image]).long())
-    return 1 + at_or_above - correct_at_best, t2i
+    _add_band_hits(band_t, positive, 1, t2i, exact)
+    _add_band_hits(band_i, best, 0, at_or_above, exact)
+    return _final_ranks(at_or_above, t2i, positive, best, caption_image)
 
 
 def metrics_from_scores(scores: torch.Tensor, caption_image: torch.Tensor) -> dict[str, float]:
