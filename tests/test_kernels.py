@@ -134,3 +134,27 @@ def test_banded_order_ranks_are_exact_where_float32_rounding_breaks_ties():
     got = banded_order_ranks(img, cap, owner, block=16)
     assert got[0].tolist() == i2t_ranks(ref, owner).tolist()
     assert got[1].tolist() == t2i_ranks(ref, owner).tolist()
+
+
+def test_banded_order_ranks_do_not_count_a_score_float32_lifts_past_its_threshold():
+    """Each image has a rival: the same vector with one coordinate (near the captions'
+    values) lowered by 2^-13, whose exact score against every (constant) caption is a
+    hair below the image's own (at most ~2u relative), while float32 sums of 4,096
+    terms err by up to ~25u. Without the error band such a rival is counted above."""
+    from fnemm.metrics import banded_order_ranks, i2t_ranks, t2i_ranks
+    g = torch.Generator().manual_seed(8)
+    half, d = 20, 4096
+    base = torch.randint(1, 8192, (half, d), generator=g).float() / 8192
+    base[:, 0] = 1 - 2.0 ** -12
+    rival = base.clone()
+    rival[:, 0] -= 2.0 ** -13
+    img = torch.cat([base, rival])
+    owner = torch.arange(half).repeat_interleave(6)
+    cap = (1 + torch.randint(0, 64, (len(owner), 1), generator=g).float() / 64).expand(-1, d).contiguous()
+    ref = torch.stack([_reference(row[None], cap)[0] for row in img])   # exact: dyadic sums in float64
+    assert (ref[half:] < ref[:half]).all()                                 # rivals are below, exactly
+    approx = kernels.order_scores(img, cap).double()
+    assert (approx[half:] > ref[:half] * (1 - 2 * 2.0 ** -24)).any()      # float32 lifts some past the cut
+    got = banded_order_ranks(img, cap, owner, block=16)
+    assert got[0].tolist() == i2t_ranks(ref, owner).tolist()
+    assert got[1].tolist() == t2i_ranks(ref, owner).tolist()
