@@ -3,15 +3,16 @@ the torch code as the fallback.
 
 S_OE(c, i) = -||max(0, c - i)||^2 has no matrix-product form, so evaluation on a CPU
 spends its time in elementwise torch ops that each pass over a (tile, dim) temporary:
-about 24 s for MSCOCO's 5,000 images x 25,000 captions on 2 cores. A 30-line C loop
-that keeps a register block of four captions against one image, compiled for this
-CPU, does it ~10x faster. It is built on first use with the system's C compiler
-(``$CC``, else ``cc``/``gcc``; 0.2 s) into the user's cache folder and loaded with
-ctypes; the work is split over threads by rows (ctypes releases the GIL).
+about 24 s for MSCOCO's 5,000 images x 25,000 captions on 2 cores. A short C loop
+that keeps a register block of 4 images x 4 captions, compiled for this CPU, does it
+in about 4 s. It is built on first use with the system's C compiler (``$CC``, else
+``cc``/``gcc``; 0.2 s) into the user's cache folder and loaded with ctypes; the work
+is split over threads by rows (ctypes releases the GIL).
 
-A second function re-scores chosen pairs in float64: evaluation ranks with it the
-few scores a float32 matrix cannot place with certainty (fnemm.metrics.
-banded_order_ranks), so large CPU evaluations give the ranks of float64 scores.
+Two more functions serve exact ranking (fnemm.metrics): ``order_pairs`` re-scores
+chosen pairs in float64, and ``bands`` makes one pass over a block of float32 or
+bfloat16 scores, counting those surely above each query's threshold and listing the
+few within the error band, the only ones re-scored.
 
 Nothing depends on it: with no compiler, a failed build, ``FNEMM_KERNELS=0``, or
 inputs it does not take (gradients, CUDA, not float32), callers use the torch code,
@@ -288,9 +289,14 @@ def bands(scores: torch.Tensor, r0: int, low_c: torch.Tensor, high_c: torch.Tens
     nr, nc = scores.shape
     if scores.dtype not in (torch.float32, torch.bfloat16):
         raise TypeError(f"bands takes float32 or bfloat16 scores, not {scores.dtype}")
+    for tensor in (low_c, high_c, low_r, high_r):
+        assert tensor.dtype == torch.float32 and tensor.is_contiguous()
+    assert above_c.dtype == above_r.dtype == torch.long and above_c.is_contiguous() and above_r.is_contiguous()
+    if nr == 0:
+        return torch.empty(0, 2, dtype=torch.long), torch.empty(0, 2, dtype=torch.long)
     fn = _lib.fnemm_bands if scores.dtype == torch.float32 else _lib.fnemm_bands_bf16
     threads = max(1, min(threads or torch.get_num_threads(), nr))
-    step = -(-nr // threads) if nr else 1
+    step = -(-nr // threads)
     parts = [(s, min(s + step, nr)) for s in range(0, nr, step)]
     results: list = [None] * len(parts)
     p = ctypes.c_void_p
@@ -305,25 +311,20 @@ def bands(scores: torch.Tensor, r0: int, low_c: torch.Tensor, high_c: torch.Tens
             band_r = torch.empty(cap, 2, dtype=torch.long)
             n_c, n_r = ctypes.c_long(0), ctypes.c_long(0)
             status = fn(scores[lo:hi].data_ptr(), hi - lo, nc, r0 + lo,
-                                      low_c.data_ptr(), high_c.data_ptr(), low_r.data_ptr(), high_r.data_ptr(),
-                                      counts.data_ptr(), above_r.data_ptr(), band_c.data_ptr(), cap,
-                                      p(ctypes.addressof(n_c)), band_r.data_ptr(), cap, p(ctypes.addressof(n_r)))
+                        low_c.data_ptr(), high_c.data_ptr(), low_r.data_ptr(), high_r.data_ptr(),
+                        counts.data_ptr(), above_r.data_ptr(), band_c.data_ptr(), cap,
+                        p(ctypes.addressof(n_c)), band_r.data_ptr(), cap, p(ctypes.addressof(n_r)))
             if status == 0:
                 results[k] = counts, band_c[:n_c.value], band_r[:n_r.value]
                 return
             above_r[r0 + lo:r0 + hi] = saved       # a list filled up: again, with room for all
             cap = max(cap * 4, (hi - lo) * nc)
 
-    for tensor in (low_c, high_c, low_r, high_r):
-        assert tensor.dtype == torch.float32 and tensor.is_contiguous()
-    assert above_c.dtype == above_r.dtype == torch.long and above_c.is_contiguous() and above_r.is_contiguous()
     if len(parts) == 1:
         run(0)
     else:
         with ThreadPoolExecutor(len(parts)) as pool:
             list(pool.map(run, range(len(parts))))
-    if not parts:
-        return torch.empty(0, 2, dtype=torch.long), torch.empty(0, 2, dtype=torch.long)
     for counts, _, _ in results:
         above_c += counts
     return torch.cat([r[1] for r in results]), torch.cat([r[2] for r in results])

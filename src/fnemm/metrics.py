@@ -44,13 +44,19 @@ def i2t_ranks(scores: torch.Tensor, caption_image: torch.Tensor) -> torch.Tensor
     positive = _positive_scores(scores, caption_image)
     best = torch.full((n_images,), -math.inf, dtype=scores.dtype, device=scores.device)
     best = best.scatter_reduce(0, caption_image, positive, reduce="amax")
-    # Correct captions tied with the best one are not "above" it.
-    correct_at_best = torch.zeros(n_images, dtype=torch.long, device=scores.device)
-    correct_at_best.scatter_add_(0, caption_image, (positive >= best[caption_image]).long())
     at_or_above = torch.empty(n_images, dtype=torch.long, device=scores.device)
     for start in range(0, n_images, ROW_BLOCK):
         rows = slice(start, start + ROW_BLOCK)
         at_or_above[rows] = torch.count_nonzero(scores[rows] >= best[rows, None], dim=1)
+    return _i2t_from_counts(at_or_above, positive, best, caption_image)
+
+
+def _i2t_from_counts(at_or_above: torch.Tensor, positive: torch.Tensor, best: torch.Tensor,
+                     caption_image: torch.Tensor) -> torch.Tensor:
+    """i2t ranks from each image's count of scores at or above its best positive:
+    its correct captions tied with the best one are not "above" it."""
+    correct_at_best = torch.zeros(len(best), dtype=torch.long, device=best.device)
+    correct_at_best.scatter_add_(0, caption_image, (positive >= best[caption_image]).long())
     return 1 + at_or_above - correct_at_best
 
 
@@ -157,14 +163,6 @@ def _add_band_hits(band: list[torch.Tensor], thresholds: torch.Tensor, side: int
     pairs = torch.cat(band)
     scores = exact(pairs[:, 0].contiguous(), pairs[:, 1].contiguous())
     counts.index_add_(0, pairs[:, side], (scores >= thresholds[pairs[:, side]]).long())
-
-
-def _final_ranks(at_or_above: torch.Tensor, t2i: torch.Tensor, positive: torch.Tensor, best: torch.Tensor,
-                 caption_image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(i2t, t2i) from the counts of scores at or above each threshold (see i2t_ranks)."""
-    correct_at_best = torch.zeros(len(best), dtype=torch.long)
-    correct_at_best.scatter_add_(0, caption_image, (positive >= best[caption_image]).long())
-    return 1 + at_or_above - correct_at_best, t2i
 
 
 def _float32_cuts(threshold: torch.Tensor, err: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -296,7 +294,7 @@ def screened_cosine_ranks(image_emb: torch.Tensor, caption_emb: torch.Tensor, ca
         scores = exact(rows, cols)
         t2i.index_add_(0, cols, (scores >= positive[cols]).long())
         at_or_above.index_add_(0, rows, (scores >= best[rows]).long())
-    return _final_ranks(at_or_above, t2i, positive, best, caption_image)
+    return _i2t_from_counts(at_or_above, positive, best, caption_image), t2i
 
 
 def banded_order_ranks(image_emb: torch.Tensor, caption_emb: torch.Tensor, caption_image: torch.Tensor,
@@ -341,7 +339,7 @@ def banded_order_ranks(image_emb: torch.Tensor, caption_emb: torch.Tensor, capti
         band_i.append(i)
     _add_band_hits(band_t, positive, 1, t2i, exact)
     _add_band_hits(band_i, best, 0, at_or_above, exact)
-    return _final_ranks(at_or_above, t2i, positive, best, caption_image)
+    return _i2t_from_counts(at_or_above, positive, best, caption_image), t2i
 
 
 def metrics_from_scores(scores: torch.Tensor, caption_image: torch.Tensor) -> dict[str, float]:
