@@ -14,6 +14,9 @@ Loaders (``load_dataset`` picks one from the path):
   ../shared/data/flickr8k: the images present in its ``images/`` folder with their
   official captions and splits (753 train / 113 val / 125 test; images in no list
   are left out). Read in place, never copied.
+- ``flickr8k-224`` (or ``flickr8k-224=FOLDER``): the paper's own benchmark, all of
+  Flickr8K (6,000 / 1,000 / 1,000 images, 5 captions each), photos from the bundled
+  ``images-224/`` (224x224, squashed); every image of the lists must be there.
 
 Image ids are file names (e.g. ``1000268201_693b08cb0e.jpg``): the same ids a
 feature store carries.
@@ -44,6 +47,8 @@ class Dataset:
     splits: list[str]           # 'train' | 'val' | 'test' | 'restval', per image
     # what to do about a split the files do not have: {split: one line of advice}
     missing: dict[str, str] = field(default_factory=dict, repr=False)
+    # where the photos are, when the dataset knows (the bundled benchmarks): the default --images
+    images: Path | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         if not (len(self.image_ids) == len(self.captions) == len(self.splits)):
@@ -62,11 +67,12 @@ class Dataset:
         if "restval" not in self.splits:
             return self
         return Dataset(f"{self.name}+restval", list(self.image_ids), list(self.captions),
-                       ["train" if s == "restval" else s for s in self.splits], dict(self.missing))
+                       ["train" if s == "restval" else s for s in self.splits], dict(self.missing), self.images)
 
     def subset(self, indices: list[int]) -> "Dataset":
         return Dataset(self.name, [self.image_ids[k] for k in indices],
-                       [self.captions[k] for k in indices], [self.splits[k] for k in indices], dict(self.missing))
+                       [self.captions[k] for k in indices], [self.splits[k] for k in indices], dict(self.missing),
+                       self.images)
 
     def resplit(self, seed: int) -> "Dataset":
         """The same images with the split of each drawn at random (``seed``), every split
@@ -78,18 +84,20 @@ class Dataset:
         order = rng.permutation(len(self.splits))
         splits = [self.splits[k] for k in order]          # the same multiset, shuffled
         return Dataset(f"{self.name}#split{seed}", list(self.image_ids), list(self.captions), splits,
-                       dict(self.missing))
+                       dict(self.missing), self.images)
 
     def with_train_size(self, n: int, seed: int = 0) -> "Dataset":
-        """Only ``n`` of the training images (drawn with ``seed``), val and test as they
-        are: a point of a learning curve."""
+        """Only ``n`` of the training images, val and test as they are: a point of a
+        learning curve. The kept images are the first ``n`` of one permutation of the
+        training images drawn with ``seed``, so the sizes of one seed are nested (the
+        1,000 images of a curve are among its 2,000)."""
         train = self.split_indices("train")
         if not 0 < n <= len(train):
             raise FnemmError(f"{self.name}: cannot keep {n} training images of {len(train)}")
         if n == len(train):
             return self
-        keep = set(np.random.default_rng(seed).choice(train, n, replace=False).tolist())
-        drop = set(train) - keep
+        order = np.random.default_rng(seed).permutation(len(train))
+        drop = {train[k] for k in order[n:]}
         data = self.subset([k for k in range(len(self.image_ids)) if k not in drop])
         data.name = f"{self.name}#train{n}"
         return data
@@ -370,23 +378,44 @@ def load_csv(path: Path) -> Dataset:
 
 # --- dispatch --------------------------------------------------------------
 
-def load_flickr8k_1k(folder: Path | None = None) -> Dataset:
-    """The Flickr8K images that are present in ``folder/images``, official captions and splits."""
+def _bundled_flickr8k(name: str, images: str, folder: Path | None, complete: bool) -> Dataset:
+    """The official Flickr8K captions and splits of ``folder`` (default: the bundled
+    ../shared/data/flickr8k, or $FNEMM_DATA/flickr8k) for the photos in ``folder/images``;
+    ``complete``: every image of the official lists must be there."""
     from fnemm.paths import find_data
     folder = folder or find_data("flickr8k")
-    if folder is None or not (folder / "images").is_dir():
+    photos = folder / images if folder is not None else None
+    if photos is None or not photos.is_dir():
         where = folder or "$FNEMM_DATA/flickr8k or ../shared/data/flickr8k"
-        raise FnemmError(f"{where}: flickr8k-1k needs the Flickr8K folder with images/ beside the "
-                         f"token file; pass --dataset flickr8k-1k=FOLDER")
-    full = load_flickr_raw(folder, "flickr8k-1k")
-    present = {p.name for p in (folder / "images").iterdir()}
+        raise FnemmError(f"{where}: {name} needs the Flickr8K folder with {images}/ beside the "
+                         f"token file; pass --dataset {name}=FOLDER")
+    full = load_flickr_raw(folder, name)
+    present = {p.name for p in photos.iterdir()}
     keep = [k for k, image in enumerate(full.image_ids) if image in present]
     if not keep:
-        raise FnemmError(f"{folder / 'images'}: none of its files is a Flickr8K image of the official splits")
-    return full.subset(keep)
+        raise FnemmError(f"{photos}: none of its files is a Flickr8K image of the official splits")
+    if complete and len(keep) < len(full.image_ids):
+        absent = [i for i in full.image_ids if i not in present]
+        raise FnemmError(f"{photos}: {len(absent)} of the {len(full.image_ids)} images of the official "
+                         f"splits are missing (e.g. {absent[0]}); {name} is the whole benchmark: put them "
+                         f"there, or use --dataset {folder} with --images for a part")
+    data = full.subset(keep)
+    data.images = photos
+    return data
 
 
-NAMED = {"flickr8k-1k": load_flickr8k_1k}
+def load_flickr8k_1k(folder: Path | None = None) -> Dataset:
+    """The Flickr8K images that are present in ``folder/images``, official captions and splits."""
+    return _bundled_flickr8k("flickr8k-1k", "images", folder, complete=False)
+
+
+def load_flickr8k_224(folder: Path | None = None) -> Dataset:
+    """All of Flickr8K, the paper's benchmark: the official 6,000 / 1,000 / 1,000 split with
+    5 captions an image, photos from ``folder/images-224`` (224x224)."""
+    return _bundled_flickr8k("flickr8k-224", "images-224", folder, complete=True)
+
+
+NAMED = {"flickr8k-1k": load_flickr8k_1k, "flickr8k-224": load_flickr8k_224}
 
 
 def load_dataset(specs: str | Path | list[str | Path]) -> Dataset:

@@ -40,7 +40,8 @@ def add_extract(sub) -> argparse.ArgumentParser:
                                    "tapped layer, standardise with training-split statistics and "
                                    "discretise: the Full-Network Embedding, plus the FC7 baseline.",
                        epilog=EPILOG_EXTRACT, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", metavar="DIR", help="folder holding the image files")
+    p.add_argument("--images", metavar="DIR", help="folder holding the image files (default with a bundled "
+                                                   "--dataset, flickr8k-1k or flickr8k-224: its photos)")
     p.add_argument("--from", dest="source", metavar="STORE",
                    help="instead of --images: another store's raw activations; writes the --layers/--post "
                         "features of its images to --out with no forward pass (statistics from --dataset's "
@@ -113,14 +114,15 @@ def extract(args) -> int:
                     baseline=args.with_baseline)
     if args.source:
         return _derive(args, dataset, train_list, recipe)
-    if not args.images:
+    images = args.images or (dataset.images if dataset is not None else None)
+    if not images:
         raise FnemmError("--images DIR is required (the photos), or --from STORE (another store's activations)")
     config = ExtractConfig(cnn=args.cnn, weights=args.weights, crops=args.crops, recipe=recipe,
                            batch_size=args.batch_size, chunk_size=args.chunk_size, workers=args.workers,
                            # on Ray the actors find the GPUs; this machine may have none
                            device=args.device if args.ray is not None else resolve_device(args.device),
                            ray=args.ray, ray_actors=args.ray_actors, precision=args.precision)
-    result = extract(args.images, args.out, dataset, config, stats_from=args.stats, train_list=train_list,
+    result = extract(images, args.out, dataset, config, stats_from=args.stats, train_list=train_list,
                      quiet=args.quiet, verify=args.verify)
     _summary(args.out, result.manifest, recipe, result.images, result.skipped)
     return 0

@@ -105,7 +105,6 @@ def study(args) -> int:
 
     from fnemm.checkpoint import resolve_device
     from fnemm.datasets import load_dataset
-    from fnemm.paths import find_data
     from fnemm.study import QUICK, VARIANTS, Grid, Study
     if args.list:
         for v in VARIANTS:
@@ -113,9 +112,10 @@ def study(args) -> int:
         return 0
     device = resolve_device(args.device)
     dataset = load_dataset(args.dataset or "flickr8k-1k")
-    images = Path(args.images) if args.images else find_data("flickr8k/images")
+    images = Path(args.images) if args.images else dataset.images
     if images is None:
-        raise FnemmError("--images DIR: where the dataset's images are (the bundled ones were not found)")
+        raise FnemmError(f"--images DIR: where the images of {dataset.name} are (only the bundled "
+                         f"flickr8k-1k and flickr8k-224 know theirs)")
 
     def names(text):
         return tuple(x.strip() for x in text.split(",") if x.strip()) if text else None
