@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test demo serve bench clean
+.PHONY: venv test demo serve bench clean flickr8k
 
 venv: $(STAMP)
 
@@ -40,6 +40,23 @@ serve: $(STAMP)
 	$(VENV)/bin/fnemm index build --checkpoint runs/demo/$(MODEL)/seed-0 --features $(STORE) \
 		--dataset flickr8k-1k --out runs/demo/index-$(MODEL)
 	$(VENV)/bin/fnemm serve --index runs/demo/index-$(MODEL) --port $(PORT)
+
+# The paper's Flickr8K benchmark (README: The paper's Flickr8K benchmark): all 8,091 photos
+# (flickr8k-224), the paper's flickr8k/ presets stopped by validation patience, 2 CNNs x 4 feature
+# recipes x 3 seeds, and a learning curve. Days on 2 CPU cores; resumable (run it again to
+# continue); JOBS processes share the grid; DEVICE=cuda on a GPU. Ends with F8K_OUT/study.md.
+F8K_OUT ?= runs/flickr8k
+JOBS    ?= 2
+DEVICE  ?= cpu
+THREADS ?= $(shell n=$$(( $$(nproc) / $(JOBS) )); [ $$n -ge 1 ] && echo $$n || echo 1)
+F8K_STUDY = $(VENV)/bin/fnemm study --dataset flickr8k-224 --presets flickr8k --patience 10 --splits 1 \
+	--seeds 3 --cnns efficientnet_lite0,mobilenet_v2 --variants baseline,fne,late-center-layer,fne+baseline \
+	--train-sizes 1000,2000,4000 --curve-variants baseline,fne,late-center-layer \
+	--curve-cnns efficientnet_lite0 --curve-seeds 2 --out $(F8K_OUT) --device $(DEVICE) --threads $(THREADS)
+flickr8k: $(STAMP)
+	mkdir -p $(F8K_OUT)
+	for k in $$(seq 2 $(JOBS)); do $(F8K_STUDY) > $(F8K_OUT)/worker-$$k.log 2>&1 & done; \
+	$(F8K_STUDY); status=$$?; wait; exit $$status
 
 bench: $(STAMP)
 	$(PY) bench/eval_speed.py

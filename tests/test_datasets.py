@@ -143,3 +143,54 @@ def test_resplit_train_size_head_and_jsonl_round_trip(tmp_path):
     assert ds.head(10).counts() == {"train": 6, "val": 2, "test": 2, "restval": 0}
     back = load_dataset(a.to_jsonl(tmp_path / "a.jsonl"))
     assert (back.image_ids, back.captions, back.splits) == (a.image_ids, a.captions, a.splits)
+
+
+def test_learning_curve_subsets_are_nested_and_seeded():
+    from fnemm.datasets import Dataset
+    ds = Dataset("toy", [f"i{k}.jpg" for k in range(60)], [[f"cap {k}"] for k in range(60)],
+                 ["train"] * 40 + ["val"] * 10 + ["test"] * 10)
+    train = {n: {ds.with_train_size(n, seed=3).image_ids[k] for k in ds.with_train_size(n, seed=3).split_indices("train")}
+             for n in (5, 10, 20, 40)}
+    assert [len(train[n]) for n in (5, 10, 20, 40)] == [5, 10, 20, 40]
+    assert train[5] < train[10] < train[20] < train[40]          # nested, for one seed
+    again = ds.with_train_size(10, seed=3)
+    assert {again.image_ids[k] for k in again.split_indices("train")} == train[10]    # seeded
+    other = ds.with_train_size(10, seed=4)
+    assert {other.image_ids[k] for k in other.split_indices("train")} != train[10]
+    for n in (5, 20):     # val and test untouched
+        kept = ds.with_train_size(n, seed=3)
+        assert kept.counts()["val"] == 10 and kept.counts()["test"] == 10
+
+
+@pytest.mark.skipif(not (SHARED_F8K / "images-224").is_dir(), reason="bundled Flickr8K images-224 not present")
+def test_flickr8k_224_is_the_papers_whole_benchmark():
+    ds = load_dataset("flickr8k-224")
+    assert ds.counts() == {"train": 6000, "val": 1000, "test": 1000, "restval": 0}
+    assert all(len(c) == 5 for c in ds.captions)
+    assert ds.images == SHARED_F8K / "images-224"
+    present = {p.name for p in ds.images.iterdir()}
+    assert set(ds.image_ids) <= present                                       # every image is found
+    official = {s: set((SHARED_F8K / f"Flickr_8k.{s}Images.txt").read_text().split()) for s in ("train", "dev", "test")}
+    assert {ds.image_ids[k] for k in ds.split_indices("test")} == official["test"]
+    assert {ds.image_ids[k] for k in ds.split_indices("val")} == official["dev"]
+    assert load_dataset(f"flickr8k-224={SHARED_F8K}").image_ids == ds.image_ids
+
+
+def test_flickr8k_224_refuses_a_folder_missing_images(tmp_path):
+    """A copy with one photo missing is not the benchmark: one line naming it, not a subset."""
+    from fnemm.datasets import Dataset
+    folder = tmp_path / "f8k"
+    (folder / "images-224").mkdir(parents=True)
+    (folder / "Flickr8k.token.txt").write_text("a.jpg#0\ta dog\nb.jpg#0\ta cat\nc.jpg#0\ta cow\n")
+    for name, image in (("train", "a.jpg"), ("dev", "b.jpg"), ("test", "c.jpg")):
+        (folder / f"Flickr_8k.{name}Images.txt").write_text(image + "\n")
+    for image in ("a.jpg", "b.jpg"):
+        (folder / "images-224" / image).write_bytes(b"")
+    with pytest.raises(FnemmError, match=r"images-224: 1 of the 3 images .* missing \(e\.g\. c\.jpg\)"):
+        load_dataset(f"flickr8k-224={folder}")
+    (folder / "images-224" / "c.jpg").write_bytes(b"")
+    ds = load_dataset(f"flickr8k-224={folder}")
+    assert isinstance(ds, Dataset) and ds.counts()["test"] == 1 and ds.images == folder / "images-224"
+    assert ds.subset([0]).images == ds.resplit(1).images == folder / "images-224"
+    with pytest.raises(FnemmError, match="flickr8k-224 needs the Flickr8K folder with images-224/"):
+        load_dataset(f"flickr8k-224={tmp_path}")

@@ -103,3 +103,145 @@ def test_learning_curve_trend_against_a_hand_computed_slope():
     (line,) = trend_lines([t], "cnn")
     assert "-40.0 -> -30.0 -> -19.9 rsum at 200, 400, 800 training images" in line
     assert f"close near {800 * 2 ** (19.85 / np.mean(slopes)):,.0f} training images" in line    # ~3,134
+
+
+def _toy_study(tmp_path, **grid):
+    from fnemm.datasets import Dataset
+    from fnemm.study import Grid, Study
+    ds = Dataset("toy", [f"i{k}.jpg" for k in range(40)], [[f"cap {k}"] for k in range(40)],
+                 ["train"] * 30 + ["val"] * 5 + ["test"] * 5)
+    return Study(ds, tmp_path, tmp_path / "out", Grid(**grid))
+
+
+def test_units_come_seed_by_seed_with_the_curve_on_its_own_cnns_and_seeds(tmp_path):
+    """Seed 0 of everything (full size, then the curve, largest first) before seed 1; the
+    curve only on --curve-cnns and for --curve-seeds seeds."""
+    study = _toy_study(tmp_path, cnns=("a", "b"), variants=("baseline", "fne", "fne-late"), splits=1, seeds=3,
+                       train_sizes=(10, 20), curve_variants=("baseline", "fne"), curve_cnns=("b",), curve_seeds=2)
+    order = [(u.seed, u.size, u.cnn, u.variant.name) for u in study.units()]
+    full = [(c, v) for c in ("a", "b") for v in ("baseline", "fne", "fne-late")]
+    curve = [(size, "b", v) for size in (20, 10) for v in ("baseline", "fne")]
+    expected = [(s, *rest) for s in range(3) for rest in [(30, c, v) for c, v in full]
+                + ([x for x in curve] if s < 2 else [])]
+    assert order == expected
+    assert len({u.run for u in study.units()}) == len(order)
+
+
+def test_study_trains_the_papers_presets_with_patience(tmp_path):
+    study = _toy_study(tmp_path, cnns=("a",), variants=("baseline", "fne", "late-center-layer"), splits=1, seeds=1,
+                       presets="flickr8k", patience=7)
+    units = {u.variant.name: u for u in study.units()}
+    preset, config, overrides = study.config(units["baseline"])
+    assert preset == "flickr8k/FC7-MH" and config.features == "fc7" and "stages.patience=7" in overrides
+    assert [s.patience for s in config.stages] == [7] and config.model.embed_dim == 1024
+    preset, config, _ = study.config(units["late-center-layer"])
+    assert preset == "flickr8k/FNE-MH" and [s.patience for s in config.stages] == [7, 7]
+    assert [s.lr for s in config.stages] == [2e-4, 2e-5]         # the authors' script: a second stage at 2e-5
+    from fnemm.errors import FnemmError
+    with pytest.raises(FnemmError, match="--presets nope"):
+        _toy_study(tmp_path, presets="nope")
+    with pytest.raises(FnemmError, match="--patience 0"):
+        _toy_study(tmp_path, patience=0)
+
+
+def _ranks(hit_i2t, hit_t2i):
+    """Per-query ranks of n images with one caption each: rank 1 where hit, else 20."""
+    import numpy as np
+    n = len(hit_i2t)
+    return {"images": [f"i{k}" for k in range(n)], "i2t": np.where(hit_i2t, 1, 20).tolist(),
+            "t2i": np.where(hit_t2i, 1, 20).tolist(), "caption_image": list(range(n))}
+
+
+def test_one_split_is_compared_by_a_paired_bootstrap_over_its_test_images():
+    """On one split the seeds share the test images, so the comparison resamples them: a
+    variant right on 30 more of 200 images both ways is +90 rsum (3 recalls x 2 directions
+    x 15 points), clearly significant; with no ranks saved it falls back to the seeds."""
+    import numpy as np
+    from fnemm.study import Grid, summarise
+    rng = np.random.default_rng(0)
+    base_hits = rng.random((2, 200)) < 0.3
+    rows, ranks = {}, {}
+    for seed in range(2):
+        better = base_hits[seed].copy()
+        better[np.flatnonzero(~better)[:30]] = True
+        for name, hits in (("baseline", base_hits[seed]), ("fne", better)):
+            r = _ranks(hits, hits)
+            key = ("cnn", 200, name, 0, seed)
+            ranks[key] = r
+            rows[key] = {"rsum": 300 * hits.mean() * 2, **{k: 0.0 for k in
+                         ("i2t_r1", "i2t_r5", "i2t_r10", "i2t_medr", "t2i_r1", "t2i_r5", "t2i_r10", "t2i_medr")}}
+    grid = Grid(cnns=("cnn",), variants=("baseline", "fne"), splits=1, seeds=2)
+    out = summarise(rows, grid, 200, ranks)["results"]
+    fne = next(e for e in out if e["variant"] == "fne")
+    c = fne["vs_baseline"]
+    assert c["mean"] == pytest.approx(90.0) and c["low"] > 40 and c["p"] < 0.01 and c["n"] == 200
+    assert "paired bootstrap over 200 test images" in c["method"] and "seeds resampled" in c["method"]
+    low, high = fne["rsum_interval"]
+    assert low < fne["rsum_mean"] < high
+    no_ranks = summarise(rows, grid, 200, {})["results"]
+    assert "over 2 seeds of one split" in next(e for e in no_ranks if e["variant"] == "fne")["vs_baseline"]["method"]
+
+
+def test_bootstrap_slope_against_a_loop_and_where_curves_cross():
+    """The slope of the gap against log2(size), resampled: each draw's slope equals a
+    least-squares fit (np.polyfit) of that draw's gaps; a gap that changes sign between
+    two sizes is reported as a crossing, interpolated in log size."""
+    import numpy as np
+    from fnemm.stats import image_draws, rsum_of
+    from fnemm.study import bootstrap_slope, crossings
+    rng = np.random.default_rng(1)
+    n, sizes = 150, (1000, 2000, 4000)
+    paired = {}
+    for k, size in enumerate(sizes):
+        base = rng.random(n) < 0.4
+        mine = rng.random(n) < 0.3 + 0.08 * k           # worse at 1000, better at 4000
+        paired[size] = ([_ranks(mine, mine)], [_ranks(base, base)])
+    c = bootstrap_slope(paired, draws=300, seed=5)
+    w = image_draws(n, 300, 5)
+    x = np.log2(sizes)
+    loop = [np.polyfit(x, [rsum_of(paired[s][0][0], w[d:d + 1])[0] - rsum_of(paired[s][1][0], w[d:d + 1])[0]
+                           for s in sizes], 1)[0] for d in range(300)]
+    assert c.low == pytest.approx(np.quantile(loop, 0.025)) and c.high == pytest.approx(np.quantile(loop, 0.975))
+    point = np.polyfit(x, [rsum_of(paired[s][0][0])[0] - rsum_of(paired[s][1][0])[0] for s in sizes], 1)[0]
+    assert c.mean == pytest.approx(point) and c.n == n
+    assert crossings({1000: -20.0, 2000: -10.0, 4000: 10.0}) == [pytest.approx((2000 * 4000) ** 0.5)]   # halfway in log
+    assert crossings({1000: -20.0, 2000: -10.0, 4000: -1.0}) == []
+    assert crossings({1000: 5.0, 2000: -5.0, 4000: 5.0}) == [pytest.approx((1000 * 2000) ** 0.5),
+                                                             pytest.approx((2000 * 4000) ** 0.5)]
+
+
+@pytest.mark.skipif(not (DATA / "flickr8k" / "images-224").is_dir(), reason="bundled Flickr8K images-224 not present")
+def test_the_flickr8k_benchmark_command_on_a_few_images(tmp_path, capsys):
+    """The reproduction command of the paper's benchmark (README: The paper's Flickr8K
+    benchmark) on 30 of its images: paper presets with patience, one split, two seeds,
+    a learning-curve point; statistics by the paired bootstrap; ranks kept per run."""
+    out = tmp_path / "f8k"
+    args = ["study", "--quick", "--dataset", "flickr8k-224", "--out", str(out), "--max-images", "30",
+            "--presets", "flickr8k", "--patience", "1", "--epochs", "2", "--splits", "1", "--seeds", "2",
+            "--variants", "baseline,fne", "--train-sizes", "9", "--curve-seeds", "1", "--quiet"]
+    assert main(args) == 0
+    runs = sorted(p.parent.relative_to(out / "runs") for p in (out / "runs").rglob("metrics-test.json"))
+    assert len(runs) == 2 * 2 + 2
+    fne = out / "runs" / "mobilenet_v2" / "n18" / "fne" / "split-0" / "seed-1"
+    config = json.loads((fne / "config.json").read_text())
+    assert [s["lr"] for s in config["stages"]] == [2e-4, 2e-5] and config["model"]["embed_dim"] == 1024
+    assert [s["patience"] for s in config["stages"]] == [1, 1] and config["seed"] == 1
+    assert json.loads((fne / "run.json").read_text())["preset"] == "flickr8k/FNE-MH"
+    assert (fne / "ranks-test.jsonl").read_text().count('"query": "image"') == 6
+    summary = json.loads((out / "study.json").read_text())
+    entry = next(e for e in summary["results"] if e["variant"] == "fne" and e["train_images"] == 18)
+    assert entry["runs"] == 2 and "paired bootstrap over 6 test images" in entry["vs_baseline"]["method"]
+    assert len(entry["training"]["epochs"]) == 2 and all(1 <= e <= 4 for e in entry["training"]["epochs"])
+    report = (out / "study.md").read_text()
+    assert "flickr8k/FNE-MH pipeline (the baseline flickr8k/FC7-MH)" in report and "after 1 epoch without" in report
+    assert "*paper FNE-MH (VGG16)* | – | 27.3 | 56.8 | 69.3 | 4 |" in report and "### Learning curve" in report
+    # evaluate prints the protocol (images and captions) and the chance level of that test set
+    capsys.readouterr()
+    info = json.loads((fne / "run.json").read_text())
+    assert main(["evaluate", "--checkpoint", str(fne), "--dataset", info["args"]["dataset"][0],
+                 "--features", info["args"]["features"], "--output", str(tmp_path / "m.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "test [all: 6 images, 30 captions] " in printed and "chance on 6 images x 5 captions" in printed
+    # the grid is fixed: the same --out with other presets is refused
+    assert main([*args[:-1], "--presets", "demo"]) == 2
+    assert "another presets/patience" in capsys.readouterr().err

@@ -50,7 +50,7 @@ def evaluate(checkpoint: str | Path, dataset: Dataset, features: Features | str 
     for name in wanted:
         if name == "all":
             i2t, t2i = query_ranks(img, cap, owner, sim)
-            results["all"] = {**metrics_from_ranks(i2t, t2i), "images": n}
+            results["all"] = {**metrics_from_ranks(i2t, t2i), "images": n, "captions": len(owner)}
             if ranks is not None:
                 ranks.update(images=list(data.image_ids), i2t=i2t.tolist(), t2i=t2i.tolist(),
                               caption_image=owner.tolist())
@@ -58,14 +58,16 @@ def evaluate(checkpoint: str | Path, dataset: Dataset, features: Features | str 
             if n < 1000:
                 raise FnemmError(f"--protocol 1k needs >= 1000 {split} images; this split has {n}")
             keep = owner < 1000
-            results["1k"] = {**evaluate_embeddings(img[:1000], cap[keep], owner[keep], sim), "images": 1000}
+            results["1k"] = {**evaluate_embeddings(img[:1000], cap[keep], owner[keep], sim), "images": 1000,
+                             "captions": int(keep.sum())}
         else:
             if n % 5:
                 raise FnemmError(f"--protocol 5fold needs a multiple of 5 {split} images; this split has {n}")
             if n != 5000:
                 print(f"fnemm: warning: 5fold on {n} images ranks among folds of {n // 5}, not MSCOCO's 1,000: "
                       f"its recalls are higher and not comparable", file=sys.stderr)
-            results["5fold"] = {**evaluate_embeddings(img, cap, owner, sim, folds=5), "images": n // 5}
+            results["5fold"] = {**evaluate_embeddings(img, cap, owner, sim, folds=5), "images": n // 5,
+                                "captions": len(owner) // 5}
     return results
 
 

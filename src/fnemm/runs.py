@@ -98,8 +98,8 @@ def load_metrics(run: Path, split: str) -> dict:
     return results
 
 
-def val_curve(run: Path) -> list[float]:
-    """Validation rsum per epoch from a run's metrics.jsonl ([] when it has none yet)."""
+def epoch_history(run: Path) -> list[dict]:
+    """A run's metrics.jsonl records, one per epoch ([] when it has none yet)."""
     history = Path(run) / "metrics.jsonl"
     if not history.exists():
         return []
@@ -108,11 +108,32 @@ def val_curve(run: Path) -> list[float]:
         if not line.strip():
             continue
         try:
-            out.append(float(json.loads(line)["val"]["rsum"]))
+            rec = json.loads(line)
+            float(rec["val"]["rsum"])
+            out.append(rec)
         except (ValueError, KeyError, TypeError):
             raise FnemmError(f"{history}:{n}: not an epoch record; the run folder is damaged "
                              f"(resume it with `fnemm train --out {run} --resume`)") from None
     return out
+
+
+def val_curve(run: Path) -> list[float]:
+    """Validation rsum per epoch from a run's metrics.jsonl ([] when it has none yet)."""
+    return [float(rec["val"]["rsum"]) for rec in epoch_history(run)]
+
+
+def training_summary(run: Path) -> dict:
+    """How a run trained: epochs, the best epoch (by validation rsum), the seconds its
+    epochs took (training and validation) and the epochs each stage ran."""
+    history = epoch_history(run)
+    best = max(history, key=lambda r: float(r["val"]["rsum"]), default=None)
+    stages: dict[int, int] = {}
+    for rec in history:
+        stages[int(rec.get("stage", 1))] = stages.get(int(rec.get("stage", 1)), 0) + 1
+    return {"epochs": len(history), "best_epoch": int(best["epoch"]) if best else 0,
+            "best_val_rsum": float(best["val"]["rsum"]) if best else None,
+            "seconds": float(sum(float(r.get("time_s", 0.0)) for r in history)),
+            "stage_epochs": [stages[k] for k in sorted(stages)]}
 
 
 def saved_config(run: Path) -> TrainConfig:

@@ -37,8 +37,9 @@ from fnemm.features import load_features
 from fnemm.fileio import atomic_write_json, read_json
 from fnemm.locks import Busy, folder_lock
 from fnemm.recipe import Recipe
-from fnemm.runs import load_metrics, metrics_path, save_metrics
-from fnemm.stats import paired_over_groups
+from fnemm.runs import load_metrics, load_ranks, metrics_path, ranks_path, save_metrics, save_ranks, training_summary
+from fnemm.stats import (Comparison, bootstrap_rsum, image_draws, paired_bootstrap, paired_over_groups, rsum_of,
+                         seed_means)
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,12 @@ VARIANTS = (
     Variant("late-center-layer", Recipe(layers="late", post="center-layer"), about="late layers, centred per layer"),
 )
 BY_NAME = {v.name: v for v in VARIANTS}
-PRESETS = {"baseline": "demo/FC7-MH", "fne": "demo/FNE-MH"}      # the pipeline every variant trains
+# The pipeline every variant trains: FAMILY/FNE-MH, the baseline FAMILY/FC7-MH (Grid.presets)
+PRESET_FAMILIES = ("demo", "flickr8k", "flickr30k", "coco")
+
+
+def preset_of(family: str, baseline: bool) -> str:
+    return f"{family}/{'FC7' if baseline else 'FNE'}-MH"
 
 
 @dataclass(frozen=True)
@@ -83,6 +89,10 @@ class Grid:
     epochs: int | None = None                       # cap on every stage's max epochs
     crops: int = 10
     max_images: int | None = None                   # a smaller dataset (quick runs)
+    presets: str = "demo"                           # FAMILY: FAMILY/FNE-MH and FAMILY/FC7-MH
+    patience: int | None = None                     # end every stage after N epochs without a better rsum
+    curve_cnns: tuple[str, ...] = ()                # CNNs of the learning curve (empty: all)
+    curve_seeds: int | None = None                  # seeds of the curve's smaller sizes (None: seeds)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -94,6 +104,13 @@ class Grid:
 
 QUICK = Grid(cnns=("mobilenet_v2",), variants=("baseline", "fne", "fne-late"), splits=2, seeds=1,
              epochs=8, crops=1, max_images=300)
+
+
+def _fixed(grid: Grid) -> Grid:
+    """What every run of a study shares (a re-run may add CNNs, variants, splits, seeds
+    or curve points, but not change how a run trains)."""
+    return replace(grid, variants=(), cnns=(), train_sizes=(), curve_variants=(), seeds=1, splits=1,
+                   curve_cnns=(), curve_seeds=None)
 
 
 def variants(names) -> tuple[Variant, ...]:
@@ -135,8 +152,12 @@ class Study:
         self.images = Path(images)
         self.dataset = dataset.head(grid.max_images) if grid.max_images else dataset
         self.variants = variants(grid.variants)
-        if grid.splits < 1 or grid.seeds < 1:
-            raise FnemmError("--splits and --seeds must be >= 1")
+        if grid.splits < 1 or grid.seeds < 1 or (grid.curve_seeds is not None and grid.curve_seeds < 1):
+            raise FnemmError("--splits, --seeds and --curve-seeds must be >= 1")
+        if grid.presets not in PRESET_FAMILIES:
+            raise FnemmError(f"--presets {grid.presets}: expected one of {', '.join(PRESET_FAMILIES)}")
+        if grid.patience is not None and grid.patience < 1:
+            raise FnemmError(f"--patience {grid.patience}: expected at least 1 epoch")
         self.full = len(self.dataset.split_indices("train"))
         bad = [n for n in grid.train_sizes if not 0 < n < self.full]
         if bad:
@@ -148,18 +169,25 @@ class Study:
 
     # --- the grid --------------------------------------------------------------
     def units(self) -> list[Unit]:
-        """Every run, the full training set first, split by split (so that the paired
-        comparisons can be made from the splits finished so far)."""
+        """Every run, in the order that makes the comparisons usable soonest: seed by seed;
+        within a seed the full training set first, then the learning curve's sizes (largest
+        first); within those, split by split (the paired tests over splits need every split
+        of one seed before a second seed helps them)."""
         g, units = self.grid, []
         sizes = [self.full] + sorted(g.train_sizes, reverse=True)
-        for size in sizes:
-            chosen = self.variants if size == self.full else [v for v in self.variants if v.name in g.curve_variants]
-            for split in range(g.splits):
-                data = self.out / "splits" / (f"split-{split}.jsonl" if size == self.full
-                                              else f"split-{split}-train{size}.jsonl")
-                for cnn in g.cnns:
-                    for v in chosen:
-                        for seed in range(g.seeds):
+        curve_seeds = g.seeds if g.curve_seeds is None else g.curve_seeds
+        for seed in range(max(g.seeds, curve_seeds)):
+            for size in sizes:
+                full = size == self.full
+                if seed >= (g.seeds if full else curve_seeds):
+                    continue
+                chosen = self.variants if full else [v for v in self.variants if v.name in g.curve_variants]
+                cnns = g.cnns if full or not g.curve_cnns else [c for c in g.cnns if c in g.curve_cnns]
+                for split in range(g.splits):
+                    data = self.out / "splits" / (f"split-{split}.jsonl" if full
+                                                  else f"split-{split}-train{size}.jsonl")
+                    for cnn in cnns:
+                        for v in chosen:
                             run = self.out / "runs" / cnn / f"n{size}" / v.name / f"split-{split}" / f"seed-{seed}"
                             units.append(Unit(cnn, v, split, size, seed, data, run))
         return units
@@ -198,10 +226,12 @@ class Study:
         return folder
 
     def config(self, unit: Unit):
-        preset = PRESETS["baseline" if unit.variant.recipe is None else "fne"]
+        preset = preset_of(self.grid.presets, unit.variant.recipe is None)
         overrides = [*unit.variant.overrides, f"seed={unit.seed}"]
         if self.grid.epochs:
             overrides.append(f"stages.max_epochs={self.grid.epochs}")
+        if self.grid.patience:
+            overrides.append(f"stages.patience={self.grid.patience}")
         return preset, apply_overrides(get_preset(preset), overrides), overrides
 
     def run_one(self, unit: Unit) -> dict | None:
@@ -222,10 +252,12 @@ class Study:
                 features = load_features(store, config.features)
                 t = time.perf_counter()
                 train(config, dataset, features, unit.run, resume=(unit.run / "last.pt").exists(),
-                      device=self.device, quiet=True,
+                      device=self.device, quiet=self.quiet,
                       run_info={"preset": preset, "overrides": overrides, "study": unit.variant.name,
                                 "args": {"dataset": [str(unit.data)], "features": str(store)}})
-                results = evaluate(unit.run, dataset, features, "test", device=self.device)
+                ranks: dict = {}
+                results = evaluate(unit.run, dataset, features, "test", device=self.device, ranks=ranks)
+                save_ranks(ranks_path(unit.run, "test"), ranks)     # before the metrics: they mark it done
                 save_metrics(target, "test", unit.run, results)
                 rsum = next(iter(results.values()))["rsum"]
                 self.log(f"   {unit.cnn} n{unit.size} {unit.variant.name} split {unit.split} seed {unit.seed}: "
@@ -243,10 +275,9 @@ class Study:
         saved = self.out / "study.json"
         if saved.exists():
             old = Grid.from_dict(read_json(saved, f"delete {saved} to start the study afresh").get("grid", {}))
-            if replace(old, variants=(), cnns=(), train_sizes=(), curve_variants=(), seeds=1, splits=1) != \
-                    replace(self.grid, variants=(), cnns=(), train_sizes=(), curve_variants=(), seeds=1, splits=1):
-                raise FnemmError(f"{saved}: this study was started with another epochs/crops/max-images; "
-                                 f"re-run with the same options or choose another --out")
+            if _fixed(old) != _fixed(self.grid):
+                raise FnemmError(f"{saved}: this study was started with another presets/patience/epochs/crops/"
+                                 f"max-images; re-run with the same options or choose another --out")
         atomic_write_json(saved, {"grid": self.grid.to_dict()})
         self._write_splits()
         for cnn in self.grid.cnns:
@@ -263,12 +294,15 @@ class Study:
 
     # --- results ---------------------------------------------------------------
     def summarise(self, units: list[Unit]) -> dict:
-        rows = {}
+        rows, ranks, training = {}, {}, {}
         for u in units:
             if metrics_path(u.run, "test").exists():
-                m = next(iter(load_metrics(u.run, "test").values()))
-                rows[(u.cnn, u.size, u.variant.name, u.split, u.seed)] = m
-        summary = summarise(rows, self.grid, self.full)
+                key = (u.cnn, u.size, u.variant.name, u.split, u.seed)
+                rows[key] = next(iter(load_metrics(u.run, "test").values()))
+                if (r := load_ranks(u.run, "test")) is not None:
+                    ranks[key] = r
+                training[key] = training_summary(u.run)
+        summary = summarise(rows, self.grid, self.full, ranks, training)
         saved = self.out / "study.json"
         grid = read_json(saved, "").get("grid", self.grid.to_dict()) if saved.exists() else self.grid.to_dict()
         atomic_write_json(saved, {"grid": grid, **summary})      # the grid being run stays the one saved
@@ -277,9 +311,29 @@ class Study:
         return summary
 
 
-def summarise(rows: dict, grid: Grid, full: int) -> dict:
-    """Per CNN x training size x variant: test rsum over the finished runs, and paired
-    comparisons with the baseline and with the paper's FNE (same split and seed)."""
+RECALLS = ("i2t_r1", "i2t_r5", "i2t_r10", "i2t_medr", "t2i_r1", "t2i_r5", "t2i_r10", "t2i_medr")
+
+
+def compare(mine: dict, theirs: dict, ranks: dict) -> Comparison | None:
+    """Variant ``mine`` minus ``theirs`` in test rsum ({(split, seed): metrics} each, keys
+    into ``ranks``: {(split, seed): (their ranks, mine)}): over several splits, a paired
+    t-test over the splits (each split's difference averaged over its seeds); on one
+    split, a paired bootstrap over its test images (and the seeds of each side), which
+    the per-query ranks allow; without them, a t-test over the seeds."""
+    common = [k for k in mine if k in theirs]
+    if not common:
+        return None
+    if len({k[0] for k in common}) >= 2 or not all(k in ranks for k in common):
+        return paired_over_groups([(k[0], mine[k]["rsum"], theirs[k]["rsum"]) for k in common])
+    return paired_bootstrap([ranks[k][1] for k in common], [ranks[k][0] for k in common])
+
+
+def summarise(rows: dict, grid: Grid, full: int, ranks: dict | None = None, training: dict | None = None) -> dict:
+    """Per CNN x training size x variant: test rsum over the finished runs, its recalls,
+    how the runs trained, and paired comparisons with the baseline and with the paper's
+    FNE (same split and seeds; see :func:`compare`). ``rows``, ``ranks`` and ``training``
+    are keyed by (cnn, size, variant, split, seed)."""
+    ranks, training = ranks or {}, training or {}
     out = []
     for cnn in grid.cnns:
         for size in sorted({k[1] for k in rows if k[0] == cnn}, reverse=True):
@@ -290,46 +344,108 @@ def summarise(rows: dict, grid: Grid, full: int) -> dict:
                 entry = {"cnn": cnn, "train_images": size, "variant": name, "runs": len(mine),
                          "splits": len({k[0] for k in mine}),
                          "rsum_mean": float(rsums.mean()), "rsum_std": float(rsums.std(ddof=1)) if len(rsums) > 1 else 0.0,
-                         "i2t_r1": float(np.mean([m["i2t_r1"] for m in mine.values()])),
-                         "t2i_r1": float(np.mean([m["t2i_r1"] for m in mine.values()]))}
+                         **{key: float(np.mean([m[key] for m in mine.values()])) for key in RECALLS}}
+                mine_ranks = [ranks.get((cnn, size, name, *k)) for k in mine]
+                if entry["splits"] == 1 and all(r is not None for r in mine_ranks):
+                    low, high, _ = bootstrap_rsum(mine_ranks)
+                    entry["rsum_interval"] = [low, high]
+                trained = [training[(cnn, size, name, *k)] for k in mine if (cnn, size, name, *k) in training]
+                if trained:
+                    entry["training"] = {"epochs": [t["epochs"] for t in trained],
+                                         "best_epoch": [t["best_epoch"] for t in trained],
+                                         "stage_epochs": [t["stage_epochs"] for t in trained],
+                                         "hours": float(sum(t["seconds"] for t in trained) / 3600)}
                 for other in ("baseline", "fne"):
                     theirs = {k[1:]: v for k, v in cell.items() if k[0] == other}
-                    pairs = [(k[0], mine[k]["rsum"], theirs[k]["rsum"]) for k in mine if k in theirs]
-                    if other != name and pairs:
-                        entry[f"vs_{other}"] = paired_over_groups(pairs).to_dict()
+                    pair_ranks = {k: (ranks[(cnn, size, other, *k)], ranks[(cnn, size, name, *k)]) for k in mine
+                                  if (cnn, size, other, *k) in ranks and (cnn, size, name, *k) in ranks}
+                    if other != name and (c := compare(mine, theirs, pair_ranks)) is not None:
+                        entry[f"vs_{other}"] = c.to_dict()
                 out.append(entry)
-    return {"results": out, "full_train_images": full, "trends": trends(rows, grid)}
+    return {"results": out, "full_train_images": full, "trends": trends(rows, grid, ranks)}
 
 
-def trends(rows: dict, grid: Grid) -> list[dict]:
-    """How each variant's gap to the baseline moves with the training set: per split,
-    the least-squares slope of (variant - baseline) test rsum against log2(training
-    images) over the sizes that split has; then a t-test of those slopes over the splits
-    (rsum per doubling of the training images)."""
+def trends(rows: dict, grid: Grid, ranks: dict | None = None) -> list[dict]:
+    """How each variant's gap to the baseline moves with the training set: the least-squares
+    slope of (variant - baseline) test rsum against log2(training images), in rsum per
+    doubling. Over several splits, a t-test of the per-split slopes; on one split (the same
+    test images at every size), a paired bootstrap of the slope over those test images
+    (and the seeds), from the per-query ranks. Also where the gap changes sign between two
+    sizes (the curves cross), interpolated in log size."""
     from fnemm.stats import paired_t
+    ranks = ranks or {}
     out = []
     for cnn in grid.cnns:
         sizes = sorted({k[1] for k in rows if k[0] == cnn})
         if len(sizes) < 2:
             continue
+        splits = sorted({k[3] for k in rows if k[0] == cnn})
         for name in grid.variants:
             if name == "baseline":
                 continue
-            slopes, gaps = [], {}
-            for split in sorted({k[3] for k in rows if k[0] == cnn}):
+            slopes, gaps, paired = [], {}, {}
+            for split in splits:
                 xs, ys = [], []
                 for size in sizes:
-                    diffs = [rows[k]["rsum"] - rows[(cnn, size, "baseline", split, k[4])]["rsum"]
-                             for k in rows if k[:4] == (cnn, size, name, split)
-                             and (cnn, size, "baseline", split, k[4]) in rows]
+                    keys = [k for k in rows if k[:4] == (cnn, size, name, split)
+                            and (cnn, size, "baseline", split, k[4]) in rows]
+                    diffs = [rows[k]["rsum"] - rows[(cnn, size, "baseline", split, k[4])]["rsum"] for k in keys]
                     if diffs:
                         xs.append(np.log2(size))
                         ys.append(float(np.mean(diffs)))
                         gaps.setdefault(size, []).append(ys[-1])
+                        paired[size] = ([ranks.get(k) for k in keys],
+                                        [ranks.get((cnn, size, "baseline", split, k[4])) for k in keys])
                 if len(xs) >= 2:
                     slopes.append(float(np.polyfit(xs, ys, 1)[0]))
-            if len(slopes) >= 1 and len(gaps) >= 2:
+            if not slopes or len(gaps) < 2:
+                continue
+            if len(splits) == 1 and all(r is not None for a, b in paired.values() for r in a + b):
+                c = bootstrap_slope(paired)
+            else:
                 c = paired_t(slopes, method=f"t-test of per-split slopes over {len(slopes)} splits")
-                out.append({"cnn": cnn, "variant": name, "per_doubling": c.to_dict(),
-                            "gap": {str(size): float(np.mean(v)) for size, v in sorted(gaps.items())}})
+            gap = {size: float(np.mean(v)) for size, v in sorted(gaps.items())}
+            out.append({"cnn": cnn, "variant": name, "per_doubling": c.to_dict(),
+                        "gap": {str(size): g for size, g in gap.items()}, "crossings": crossings(gap)})
     return out
+
+
+def crossings(gap: dict[int, float]) -> list[float]:
+    """Training sizes where a gap (by size) changes sign between two measured sizes,
+    interpolated linearly in log2(size)."""
+    sizes = sorted(gap)
+    out = []
+    for a, b in zip(sizes, sizes[1:]):
+        ga, gb = gap[a], gap[b]
+        if ga * gb < 0:
+            t = ga / (ga - gb)
+            out.append(float(2 ** (np.log2(a) + t * (np.log2(b) - np.log2(a)))))
+    return out
+
+
+def bootstrap_slope(paired: dict[int, tuple[list[dict], list[dict]]], draws: int = 2000, seed: int = 0,
+                    level: float = 0.95) -> Comparison:
+    """The slope of (variant - baseline) rsum against log2(training images), with a paired
+    bootstrap over the shared test images: every draw resamples the test images once for
+    every size and both arms (and each arm's seeds), recomputes each size's gap and fits the
+    slope. ``paired``: {size: (the variant's per-seed ranks, the baseline's)}."""
+    sizes = sorted(paired)
+    n = len(paired[sizes[0]][0][0]["i2t"])
+    w = image_draws(n, draws, seed)
+    x = np.log2(np.array(sizes, np.float64))
+    x = x - x.mean()
+    gaps, points = [], []
+    for k, size in enumerate(sizes):
+        mine, base = paired[size]
+        va = seed_means(np.stack([rsum_of(r, w) for r in mine]), seed + 1 + 2 * k)
+        vb = seed_means(np.stack([rsum_of(r, w) for r in base]), seed + 2 + 2 * k)
+        gaps.append(va - vb)
+        points.append(np.mean([rsum_of(r)[0] for r in mine]) - np.mean([rsum_of(r)[0] for r in base]))
+    slopes = (x[:, None] * np.stack(gaps)).sum(0) / (x * x).sum()
+    point = float((x * np.array(points)).sum() / (x * x).sum())
+    alpha = (1 - level) / 2
+    p = min(1.0, 2 * (min(np.sum(slopes <= 0), np.sum(slopes >= 0)) + 1) / (draws + 1))
+    seeds = sorted({len(paired[s][0]) for s in sizes})
+    return Comparison(point, float(np.quantile(slopes, alpha)), float(np.quantile(slopes, 1 - alpha)), p, n,
+                      f"paired bootstrap of the slope over {n} test images, {draws} draws"
+                      + (f", {'/'.join(map(str, seeds))} seeds a size resampled" if seeds != [1] else ""))

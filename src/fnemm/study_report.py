@@ -34,10 +34,41 @@ def table(results: list[dict], cnn: str, size: int, about: dict[str, str]) -> st
         if e["cnn"] != cnn or e["train_images"] != size:
             continue
         spread = f" ± {e['rsum_std']:.1f}" if e["runs"] > 1 else ""
+        if "rsum_interval" in e:
+            spread += f" [{e['rsum_interval'][0]:.1f}, {e['rsum_interval'][1]:.1f}]"
         lines.append(f"| {e['variant']} | {about.get(e['variant'], '')} | {e['runs']} | "
                      f"{e['rsum_mean']:.1f}{spread} | {e['i2t_r1']:.1f} | {e['t2i_r1']:.1f} | "
                      f"{_cell(_cmp(e, 'baseline'))} | {_cell(_cmp(e, 'fne'))} |")
     return "\n".join(lines)
+
+
+def recalls(results: list[dict], cnn: str, size: int, paper: dict | None = None) -> str:
+    """Every recall, as the paper's tables give them (mean over the runs), with the paper's
+    own rows (``paper``: {label: its 8 numbers}) below when given."""
+    lines = ["| variant | runs | i2t R@1 | R@5 | R@10 | Med r | t2i R@1 | R@5 | R@10 | Med r | rsum |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for e in results:
+        if e["cnn"] == cnn and e["train_images"] == size and "i2t_r5" in e:
+            cells = [f"{e[k]:.1f}" for k in ("i2t_r1", "i2t_r5", "i2t_r10", "i2t_medr",
+                                             "t2i_r1", "t2i_r5", "t2i_r10", "t2i_medr")]
+            lines.append(f"| {e['variant']} | {e['runs']} | " + " | ".join(cells) + f" | {e['rsum_mean']:.1f} |")
+    for label, row in (paper or {}).items():
+        rsum = sum(row[k] for k in (0, 1, 2, 4, 5, 6))
+        lines.append(f"| *{label}* | – | " + " | ".join(f"{v:g}" for v in row) + f" | {rsum:.1f} |")
+    return "\n".join(lines)
+
+
+def training(results: list[dict], cnn: str, size: int) -> str:
+    """How the runs trained: epochs per seed (and per stage), the best epoch, hours."""
+    lines = ["| variant | epochs (per run) | epochs per stage | best epoch | hours (all runs) |",
+             "|---|---|---|---|---:|"]
+    for e in results:
+        if e["cnn"] == cnn and e["train_images"] == size and "training" in e:
+            t = e["training"]
+            lines.append(f"| {e['variant']} | {', '.join(map(str, t['epochs']))} | "
+                         f"{'; '.join('+'.join(map(str, x)) for x in t['stage_epochs'])} | "
+                         f"{', '.join(map(str, t['best_epoch']))} | {t['hours']:.1f} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def reading(results: list[dict], cnn: str, size: int) -> list[str]:
@@ -60,20 +91,19 @@ def reading(results: list[dict], cnn: str, size: int) -> list[str]:
         worse_text = f"{len(worse)} {'is' if len(worse) == 1 else 'are'} significantly worse"
         if better:
             names = ", ".join(f"{e['variant']} ({_cmp(e, 'baseline').mean:+.1f})" for e in better)
-            out.append(f"{len(better)} of the {len(tested)} variants tested on several splits beat the baseline at "
+            out.append(f"{len(better)} of the {len(tested)} variants tested beat the baseline at "
                        f"p < {ALPHA}: {names}; {worse_text}.")
         else:
-            out.append(f"None of the {len(tested)} variants tested on several splits beats the baseline at "
+            out.append(f"None of the {len(tested)} variants tested beats the baseline at "
                        f"p < {ALPHA}; {worse_text}.")
-    screened = [e["variant"] for e in rows if e["variant"] != "baseline" and e["splits"] < 2]
+    screened = [e["variant"] for e in rows if e["variant"] != "baseline" and e not in tested]
     if screened:
-        out.append(f"Run on one split only (a screening: no test): {', '.join(screened)}.")
-    best = max((e for e in rows if e["variant"] != "baseline" and e["splits"] >= 2), key=lambda e: e["rsum_mean"],
-               default=None)
+        out.append(f"Run once on one split (a screening: no test): {', '.join(screened)}.")
+    best = max(tested, key=lambda e: e["rsum_mean"], default=None)
     if best is not None:
         c = _cmp(best, "fne")
         vs = f", {c.format()} vs the paper's FNE" if c is not None and c.n >= 2 else ""
-        out.append(f"Best variant tested on several splits: {best['variant']} ({best['rsum_mean']:.1f} over "
+        out.append(f"Best variant tested: {best['variant']} ({best['rsum_mean']:.1f} over "
                    f"{best['runs']} runs vs the baseline's {by['baseline']['rsum_mean']:.1f}{vs}).")
     return out
 
@@ -96,7 +126,8 @@ def curve(results: list[dict], cnn: str) -> str:
 
 def trend_lines(trends: list[dict], cnn: str) -> list[str]:
     """A sentence per variant: how its gap to the baseline moves per doubling of the
-    training images, and (a rough, linear-in-log extrapolation) where it would close."""
+    training images, where the curves cross (if they do), and (a rough, linear-in-log
+    extrapolation) where a closing gap would close."""
     out = []
     for t in trends:
         if t["cnn"] != cnn:
@@ -107,9 +138,14 @@ def trend_lines(trends: list[dict], cnn: str) -> list[str]:
         path = " -> ".join(f"{t['gap'][str(n)]:+.1f}" for n in sizes)
         line = (f"{t['variant']} - baseline: {path} rsum at "
                 f"{', '.join(map(str, sizes))} training images; {c.format()} per doubling ({c.method})")
-        if c.n >= 2 and last < 0 < c.mean and c.p < ALPHA:
+        cross = t.get("crossings") or []
+        if cross:
+            line += "; the curves cross near " + " and ".join(f"{x:,.0f}" for x in cross) + " training images"
+        elif c.n >= 2 and last < 0 < c.mean and c.p < ALPHA:
             line += (f"; at that rate the gap would close near {sizes[-1] * 2 ** (-last / c.mean):,.0f} training "
                      f"images (a linear extrapolation in log size: a rough indication only)")
+        else:
+            line += "; the curves do not cross between these sizes"
         out.append(line + ".")
     return out
 
@@ -143,22 +179,42 @@ def plot(results: list[dict], cnns: tuple[str, ...], full: int, path: Path) -> P
     return path
 
 
+def method(grid, summary: dict) -> str:
+    """How the comparisons were made, as the summary's comparisons say."""
+    used = {e[k]["method"].split(" over ")[0] for e in summary["results"] for k in ("vs_baseline", "vs_fne") if k in e}
+    t_test = ("a paired t-test over splits (each split's difference averaged over its seeds, since they share its "
+              "test images)")
+    boot = ("a paired bootstrap over the test images (the same resample for both models in every draw; each model's "
+            "seeds resampled too; rsum intervals: bootstrap over the test images and seeds)")
+    how = " and, for rows run on one split, ".join(
+        [t for t, on in ((t_test, grid.splits > 1), (boot, "paired bootstrap" in used or grid.splits == 1)) if on])
+    return f"mean difference in test rsum, its 95% interval and two-sided p-value, from {how}"
+
+
 def write_report(out: Path, summary: dict, grid, dataset) -> Path:
-    from fnemm.study import BY_NAME
+    from fnemm.report import PAPER
+    from fnemm.study import BY_NAME, preset_of
     about = {name: v.about for name, v in BY_NAME.items()}
     results, full = summary["results"], summary["full_train_images"]
+    fne, base = preset_of(grid.presets, False), preset_of(grid.presets, True)
+    stop = (f"; every stage stops after {grid.patience} epoch{'s' * (grid.patience != 1)} without a better "
+            f"validation rsum" if grid.patience else "")
     parts = ["# When does the Full-Network Embedding pay off? (fnemm study)\n",
-             f"{dataset.summary()}; {grid.splits} split(s) (split 0: the dataset's own; the others drawn at "
-             f"random with the same sizes) x {grid.seeds} seed(s); every variant trains the demo/FNE-MH "
-             f"pipeline (the baseline demo/FC7-MH) and is compared with the baseline and with the paper's FNE "
-             f"on the same splits and seeds: mean difference in test rsum, its 95% interval and two-sided "
-             f"p-value, from a paired t-test over splits (each split's difference averaged over its seeds, "
-             f"since they share its test images). * marks p < {ALPHA}."]
+             f"{dataset.summary()}; {grid.splits} split(s) (split 0: the dataset's own"
+             + ("; the others drawn at random with the same sizes" if grid.splits > 1 else "")
+             + f") x {grid.seeds} seed(s); every variant trains the {fne} pipeline (the baseline {base}){stop}, "
+             f"and is compared with the baseline and with the paper's FNE on the same splits and seeds: "
+             f"{method(grid, summary)}. * marks p < {ALPHA}."]
+    paper = PAPER.get(grid.presets, {})
+    paper_rows = {f"paper {k} (VGG16)": paper[k] for k in ("FC7-MH", "FNE-MH") if k in paper}
     for cnn in grid.cnns:
         if not any(e["cnn"] == cnn for e in results):
             continue
         parts.append(f"\n## {cnn}\n\n{table(results, cnn, full, about)}\n")
         parts += [f"- {s}" for s in reading(results, cnn, full)]
+        parts.append(f"\nRecalls ({full} training images):\n\n{recalls(results, cnn, full, paper_rows)}\n")
+        if t := training(results, cnn, full):
+            parts.append(f"How the runs trained:\n\n{t}\n")
         if c := curve(results, cnn):
             parts.append(f"\n### Learning curve\n\n{c}\n")
             parts += [f"- {line}" for line in trend_lines(summary.get("trends", []), cnn)]

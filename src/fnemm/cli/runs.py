@@ -259,10 +259,22 @@ def evaluate(args) -> int:
                    for run, res in every.items()}
         print(json.dumps(rounded if len(rounded) > 1 else next(iter(rounded.values())), indent=2))
         return 0
+    from fnemm.report import chance_rsum
+    chance = {}
     for run, results in every.items():
         for name, m in results.items():
             label = f"{name}: {m['images']} images" if "images" in m else name
+            label += f", {m['captions']} captions" if "captions" in m else ""
             print(f"{args.split} [{label}] {format_metrics(m)}" + (f"  ({Path(run).name})" if len(every) > 1 else ""))
+            if "images" in m and "captions" in m:
+                shape = (int(m["images"]), max(1, round(m["captions"] / m["images"])))
+                if shape not in chance:
+                    chance[shape] = chance_rsum(*shape)
+                    print(f"  chance on {shape[0]} images x {shape[1]} captions (random embeddings): rsum "
+                          f"{chance[shape][0]:.1f} ± {chance[shape][1]:.1f}")
+                level, spread = chance[shape]
+                if m["rsum"] <= level + 2 * spread:
+                    print(f"  this model is at chance: rsum {m['rsum']:.1f} is within 2 std of chance's {level:.1f}")
         folder = Path(run) if Path(run).is_dir() else Path(run).parent
         print(f"written: {args.output or metrics_path(folder, args.split)}")
     return 0

@@ -89,6 +89,14 @@ def add_study(sub) -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, help="seeds per split (default 3)")
     p.add_argument("--train-sizes", metavar="N,N", help="learning curve: also train on N training images")
     p.add_argument("--curve-variants", metavar="A,B", help="variants of the learning curve (default baseline,fne)")
+    p.add_argument("--curve-cnns", metavar="A,B", help="CNNs of the learning curve (default: every --cnns)")
+    p.add_argument("--curve-seeds", type=int, help="seeds of the curve's smaller sizes (default: --seeds)")
+    p.add_argument("--presets", metavar="FAMILY",
+                   help="the pipeline every variant trains: FAMILY/FNE-MH, the baseline FAMILY/FC7-MH; demo "
+                        "(default: Table 1 scaled to a few thousand images) or the paper's flickr8k, flickr30k, coco")
+    p.add_argument("--patience", type=int, metavar="N",
+                   help="end every training stage after N epochs without a better validation rsum (the paper's "
+                        "presets run their full epochs otherwise: days on a CPU)")
     p.add_argument("--epochs", type=int, help="cap every run's epochs")
     p.add_argument("--max-images", type=int, help="use about this many images of the dataset")
     p.add_argument("--crops", type=int, choices=[1, 10], help="crops per image (default 10)")
@@ -126,7 +134,9 @@ def study(args) -> int:
         raise FnemmError(f"--train-sizes {args.train_sizes}: expected numbers, e.g. 250,500") from None
     changes = {"cnns": names(args.cnns), "variants": names(args.variants), "splits": args.splits,
                "seeds": args.seeds, "epochs": args.epochs, "crops": args.crops, "max_images": args.max_images,
-               "train_sizes": sizes, "curve_variants": names(args.curve_variants)}
+               "train_sizes": sizes, "curve_variants": names(args.curve_variants),
+               "curve_cnns": names(args.curve_cnns), "curve_seeds": args.curve_seeds, "presets": args.presets,
+               "patience": args.patience}
     grid = replace(QUICK if args.quick else Grid(), **{k: v for k, v in changes.items() if v is not None})
     summary = Study(dataset, images, Path(args.out), grid, device, args.workers, args.quiet).run(
         train=not args.report_only)
