@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fnemm.cnn import build_cnn
-from fnemm.cnn.mobilenet_v2 import default_weights
-from fnemm.extraction import forward_images, keep_freed_memory
-from fnemm.fne import crops, discretise, resized, standardise
+from fnemm.features.cnn import build_cnn
+from fnemm.features.cnn.mobilenet_v2 import default_weights
+from fnemm.features.images import forward_images, keep_freed_memory
+from fnemm.features.fne import crops, discretise, resized, standardise
 
 IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k" / "images"
 

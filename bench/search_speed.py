@@ -35,13 +35,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import synthetic  # noqa: E402  (the project's synthetic dataset)
 from liveserver import serving  # noqa: E402
 
-from fnemm.config import ModelConfig, StageConfig, TrainConfig  # noqa: E402
+from fnemm.joint.config import ModelConfig, StageConfig, TrainConfig  # noqa: E402
 from fnemm.datasets import load_dataset  # noqa: E402
-from fnemm.features import load_features  # noqa: E402
-from fnemm.gallery import Gallery  # noqa: E402
-from fnemm.index import VectorIndex, recall_at  # noqa: E402
-from fnemm.index_folder import build_index  # noqa: E402
-from fnemm.train import train  # noqa: E402
+from fnemm.features.store import load_features  # noqa: E402
+from fnemm.search.gallery import Gallery  # noqa: E402
+from fnemm.search.vector_index import VectorIndex, recall_at  # noqa: E402
+from fnemm.search.index_folder import build_index  # noqa: E402
+from fnemm.training.trainer import train  # noqa: E402
 
 DIM = 48
 

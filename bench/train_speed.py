@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fnemm.config import get_preset
-from fnemm.data import build_vocab
+from fnemm.joint.presets import get_preset
+from fnemm.joint.inputs import build_vocab
 from fnemm.datasets import load_dataset
-from fnemm.losses import contrastive_loss
-from fnemm.model import JointEmbedding
-from fnemm.text import pad_batch
+from fnemm.joint.losses import contrastive_loss
+from fnemm.joint.model import JointEmbedding
+from fnemm.joint.text import pad_batch
 
 F8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k"
 

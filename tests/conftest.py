@@ -23,7 +23,7 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 def demo(tmp_path_factory):
     """The demo pipeline on 30 bundled Flickr8K photos (2 epochs): a real feature
     store and three trained models, shared by the demo, index and service tests."""
-    from fnemm.demo import run_demo
+    from fnemm_studies.demo import run_demo
     if not (DATA / "flickr8k" / "images").is_dir():
         pytest.skip("../shared/data (bundled Flickr8K photos) not present")
     out = tmp_path_factory.mktemp("demo")

@@ -140,7 +140,7 @@ def test_train_seeds_evaluate_and_report_mean_and_std(capsys, synth, tmp_path):
 
 def test_stability_study_counts_runs_that_start_training(capsys, tmp_path):
     import synthetic
-    from fnemm.features import write_store
+    from fnemm.features.store import write_store
     jsonl, npy, ids_file = synthetic.write(tmp_path / "d")
     ids = ids_file.read_text().split()
     feats = np.load(npy).astype(np.float32)
@@ -168,8 +168,8 @@ def test_stability_study_counts_runs_that_start_training(capsys, tmp_path):
 def test_stability_threshold_is_the_papers_10_scaled_to_the_validation_split():
     """On 1,000 validation images chance rsum is 3.4 +- 0.67 and the paper's 10 is 10 std
     above it; on 113 images chance alone is ~27, so the threshold must rise with it."""
-    from fnemm.report import chance_rsum
-    from fnemm.stability import start_threshold
+    from fnemm.eval.metrics import chance_rsum
+    from fnemm_studies.stability import start_threshold
     mean, std = chance_rsum(1000, draws=20)
     assert mean + 10 * std == pytest.approx(10.0, abs=1.0)       # what the paper's 10 is
     assert start_threshold(1000) == start_threshold(5000) == 10.0

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from fnemm.cnn import build_cnn, cnn_names
-from fnemm.cnn.vgg16 import LABELS, VGG16
-from fnemm.errors import FnemmError
+from fnemm.features.cnn import build_cnn, cnn_names
+from fnemm.features.cnn.vgg16 import LABELS, VGG16
+from fnemm.io.errors import FnemmError
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TFLITE = DATA / "models" / "mobilenet_v2_1.0_224_quant.tflite"
@@ -91,7 +91,7 @@ def test_vgg16_keras_h5_weights_round_trip(tmp_path):
     h5py = pytest.importorskip("h5py")
     rng = np.random.default_rng(0)
     path = tmp_path / "vgg16_weights_tf_dim_ordering_tf_kernels.h5"
-    from fnemm.cnn.vgg16 import KERAS_CONV
+    from fnemm.features.cnn.vgg16 import KERAS_CONV
     shapes = {}
     cin = 3
     for name, cout in zip(KERAS_CONV, [64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512]):
@@ -246,7 +246,7 @@ def test_mobilenet_v2_layers_correlate_with_litert_on_flickr8k(litert, cnn_name)
 @needs_data
 def test_the_int8_per_channel_tf2_file_also_matches_litert_top1():
     interpreter = pytest.importorskip("ai_edge_litert.interpreter")
-    from fnemm.cnn.mobilenet_v2 import tapped
+    from fnemm.features.cnn.mobilenet_v2 import tapped
     path = DATA / "models" / "tf2_mobilenet_v2_1.0_224_ptq.tflite"
     it = interpreter.Interpreter(model_path=str(path))
     it.allocate_tensors()
@@ -290,7 +290,7 @@ def test_efficientnet_lite0_layers_and_groups(lite0):
 
 def test_efficientnet_lite0_matches_the_reference_layer_by_layer(lite0):
     ref_pkg = pytest.importorskip("efficientnet_lite_pytorch")
-    from fnemm.cnn.efficientnet_lite import default_weights
+    from fnemm.features.cnn.efficientnet_lite import default_weights
     ref = ref_pkg.EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(default_weights())).eval()
     # the reference's taps: the same layers, found by its own module names (its ReLU6 is shared
     # within a block, so take the outputs of the batch norms and apply ReLU6 as it does)

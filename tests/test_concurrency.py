@@ -67,14 +67,14 @@ def test_a_second_training_run_into_the_same_folder_is_refused(synth, tmp_path):
     assert {s["lr"] for s in config["stages"]} == {2e-3}                  # the first run's, whole
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["epoch"] for x in lines] == [1, 2]
-    from fnemm.config import TrainConfig
+    from fnemm.joint.config import TrainConfig
     best = torch.load(tmp_path / "run" / "best.pt", weights_only=False)
     assert TrainConfig.from_dict(best["config"]) == TrainConfig.from_dict(config)
 
 
 def test_a_second_index_build_into_the_same_folder_is_refused(synth, tmp_path):
     from fnemm import get_preset, load_dataset, load_features, train
-    from fnemm.config import apply_overrides
+    from fnemm.joint.config import apply_overrides
     jsonl, npy, ids = synth
     config = apply_overrides(get_preset("flickr30k/FNE-MH"), [*SMALL, "stages.max_epochs=1"])
     for name in ("a", "b"):

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from fnemm import PRESETS, FnemmError, apply_overrides, get_preset
-from fnemm.config import TrainConfig
+from fnemm.joint.config import TrainConfig
 
 
 def test_every_table1_variant_exists():
@@ -98,7 +98,7 @@ def test_unknown_preset_suggests():
 
 
 def test_demo_presets_scale_flickr8k_without_changing_the_method():
-    from fnemm.presets import table1_preset
+    from fnemm.joint.presets import table1_preset
     for feat in ("FNE", "FC7"):
         for pipe in ("MH", "SOE", "POE", "PH"):
             demo, full = PRESETS[f"demo/{feat}-{pipe}"], table1_preset("flickr8k", feat, pipe)

@@ -201,8 +201,8 @@ def test_image_names_with_newlines_and_line_separators(tmp_path, capsys):
         warnings.simplefilter("ignore")           # starlette's note that it prefers httpx2
         from fastapi.testclient import TestClient
 
-    from fnemm.gallery import Gallery
-    from fnemm.serve import create_app
+    from fnemm.search.gallery import Gallery
+    from fnemm.search.service import create_app
     client = TestClient(create_app(Gallery.from_index(tmp_path / "index")))
     results = client.post("/search/text", json={"query": "picture number 2", "k": 12}).json()["results"]
     odd_hash = next(r for r in results if "#" in r["image"])

@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from fnemm.distributed import shares, sharded_loss
-from fnemm.losses import contrastive_loss
+from fnemm.training.distributed import shares, sharded_loss
+from fnemm.joint.losses import contrastive_loss
 from test_train import SMALL
 
 N, D, WORLD = 13, 6, 2          # 13 pairs: shares of 7 and 6

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from fnemm.cli import main
-from fnemm.demo import run_demo
+from fnemm_studies.demo import run_demo
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 pytestmark = pytest.mark.skipif(not (DATA / "flickr8k" / "images").is_dir(),
@@ -38,6 +38,19 @@ def test_demo_writes_table_plots_and_report(demo):
     assert not (out / "features-late" / "raw.npy").exists() and late["image_ids"] == manifest["image_ids"]
     assert manifest["cnn"] == "mobilenet_v2" and manifest["crops"] == 10
     assert len(manifest["image_ids"]) == 30 and manifest["stats"]["images"] == 18
+
+
+def test_demo_of_one_model_trains_only_it_and_draws_its_examples_from_its_store(demo, tmp_path):
+    """run_demo(models=("FNE-late-MH",)): that model alone, its examples drawn with its
+    own (late-layer) store, not the base store its image map does not fit."""
+    import shutil
+    out = tmp_path / "demo"
+    shutil.copytree(demo[0] / "features", out / "features")      # the forward pass, reused
+    result = run_demo(out, DATA / "flickr8k", models=("FNE-late-MH",), max_images=30, epochs=1, quiet=True)
+    assert sorted(p.name for p in out.iterdir() if (p / "seed-0").is_dir()) == ["FNE-late-MH"]
+    assert "FNE-late-MH" in result["table"] and (out / "retrieval.png").exists()
+    with pytest.raises(Exception, match="demo models"):
+        run_demo(out, DATA / "flickr8k", models=("nope",), quiet=True)
 
 
 def test_demo_rerun_reuses_every_stage(demo):
@@ -74,7 +87,7 @@ def test_search_text_and_image(demo, capsys):
     assert "(+4)" in printed.out and "zzqxv" in printed.err and "vocabulary" in printed.err
     # an image of the store queried as a file or by id embeds identically
     from fnemm.datasets import load_dataset
-    from fnemm.gallery import Gallery
+    from fnemm.search.gallery import Gallery
     gallery = Gallery.from_store(out / "FNE-MH" / "seed-0", out / "features",
                                  load_dataset(f"flickr8k-1k={DATA / 'flickr8k'}"))
     image_id = gallery.image_ids[0]

@@ -10,8 +10,8 @@ import pytest
 from conftest import DATA
 from fnemm.cli import main
 from fnemm.datasets import load_dataset
-from fnemm.embed import read_embeddings
-from fnemm.gallery import Gallery
+from fnemm.search.embed import read_embeddings
+from fnemm.search.gallery import Gallery
 
 
 def run(capsys, *argv):

@@ -16,11 +16,11 @@ import torch
 import tinycnn
 from fnemm.cli import main
 from fnemm.datasets import load_dataset
-from fnemm.errors import FnemmError
-from fnemm.extraction import ExtractConfig, extract
-from fnemm.features import load_features
-from fnemm.fne import crops, discretise, l2_normalise, standardise
-from fnemm.recipe import Recipe
+from fnemm.io.errors import FnemmError
+from fnemm.features.extraction import ExtractConfig, extract
+from fnemm.features.store import load_features
+from fnemm.features.fne import crops, discretise, l2_normalise, standardise
+from fnemm.features.recipe import Recipe
 
 SPLITS = ["train"] * 8 + ["val"] * 2 + ["test"] * 2
 TINY = ExtractConfig(cnn="tinycnn:build", batch_size=3, chunk_size=4, workers=0)
@@ -214,7 +214,7 @@ def test_other_layers_or_post_processing_reassemble_to_a_fresh_extractions_bytes
 
 
 def test_a_derived_store_equals_an_extraction_with_those_training_images(images, tmp_path):
-    from fnemm.assembly import derive_store
+    from fnemm.features.assembly import derive_store
     folder, data = images
     base = extract(folder, tmp_path / "base", load_dataset(data), TINY, quiet=True)
     train = {"img000.jpg", "img002.jpg", "img007.jpg", "img010.jpg"}
@@ -294,9 +294,10 @@ def test_cli_extract_reports_and_errors(images, tmp_path, capsys, monkeypatch):
 
 
 def test_train_and_evaluate_read_the_store_and_refuse_another_cnns(images, tmp_path):
-    from fnemm.config import apply_overrides, get_preset
-    from fnemm.evaluation import evaluate
-    from fnemm.train import train
+    from fnemm.joint.config import apply_overrides
+    from fnemm.joint.presets import get_preset
+    from fnemm.eval.protocols import evaluate
+    from fnemm.training.trainer import train
     folder, data = images
     dataset = load_dataset(data)
     extract(folder, tmp_path / "store", dataset, TINY, quiet=True)
@@ -333,7 +334,7 @@ def test_crops_cut_on_the_device_are_the_crops_of_fne_crops(images):
     the CNN: the same pixels, so the same activations as the crops cut in the workers."""
     from PIL import Image
 
-    from fnemm.extraction import crop_tensor, forward_images, read_image
+    from fnemm.features.images import crop_tensor, forward_images, read_image
     folder, _ = images
     pixels = [read_image(folder / f"img{k:03d}.jpg")[0] for k in (0, 3, 7)]
     assert all(p.shape == (256, 256, 3) and p.dtype == np.uint8 for p in pixels)
@@ -361,9 +362,10 @@ def test_bf16_precision_is_part_of_the_stores_identity(images, tmp_path):
     with pytest.raises(FnemmError, match="--precision fp16"):
         extract(folder, tmp_path / "x", dataset, replace(TINY, precision="fp16"), quiet=True)
     # a model trained on fp32 features refuses bf16 ones (and the other way round)
-    from fnemm.checkpoint import open_model
-    from fnemm.config import apply_overrides, get_preset
-    from fnemm.train import train
+    from fnemm.joint.checkpoint import open_model
+    from fnemm.joint.config import apply_overrides
+    from fnemm.joint.presets import get_preset
+    from fnemm.training.trainer import train
     usable = dataset.subset([k for k, i in enumerate(dataset.image_ids) if i not in ("img005.jpg", "gone.jpg")])
     config = apply_overrides(get_preset("flickr8k/FNE-MH"),
                              ["model.embed_dim=16", "model.word_dim=8", "stages.max_epochs=1"])

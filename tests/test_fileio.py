@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from fnemm.fileio import (UMASK, atomic_open, atomic_path, atomic_save_npy, atomic_torch_save,
+from fnemm.io.files import (UMASK, atomic_open, atomic_path, atomic_save_npy, atomic_torch_save,
                           atomic_write_json, atomic_write_text)
 
 

@@ -1,4 +1,4 @@
-"""Fine-tuning the CNN end to end (fnemm.finetune): which weights learn, a real run on
+"""Fine-tuning the CNN end to end (fnemm.training.finetune): which weights learn, a real run on
 bundled photos, exact resume after kill -9, the exported CNN through `fnemm extract`,
 deterministic augmentation, and clear errors."""
 
@@ -14,15 +14,15 @@ from PIL import Image
 
 from conftest import DATA
 from fnemm.cli import main
-from fnemm.cnn import build_cnn
-from fnemm.config import ModelConfig
+from fnemm.features.cnn import build_cnn
+from fnemm.joint.config import ModelConfig
 from fnemm.datasets import load_dataset
-from fnemm.augment import ImageBank, apply_crop, random_resized_crop
-from fnemm.cnn.trunk import Trunk
-from fnemm.finetune import FineTuneModel
-from fnemm.fne import crops
-from fnemm.losses import contrastive_loss
-from fnemm.model import JointEmbedding
+from fnemm.training.augment import ImageBank, apply_crop, random_resized_crop
+from fnemm.training.trunk import Trunk
+from fnemm.training.finetune import FineTuneModel
+from fnemm.features.fne import crops
+from fnemm.joint.losses import contrastive_loss
+from fnemm.joint.model import JointEmbedding
 
 
 if not (DATA / "flickr8k" / "images").is_dir() or not (DATA / "models").is_dir():
@@ -173,7 +173,7 @@ def test_finetune_run_export_and_features_through_extract(capsys, start, tmp_pat
                        "--dataset", data)
     assert code == 2 and "extract them the same way" in err
     # search embeds a new photo with the fine-tuned CNN: a store image as a file = its row
-    from fnemm.gallery import Gallery
+    from fnemm.search.gallery import Gallery
     gallery = Gallery.from_store(out, store, load_dataset(str(data)))
     by_file = gallery.image_embedding(str(DATA / "flickr8k" / "images" / first))
     by_id = gallery.image_embedding(first)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fnemm.fne import RunningStats, crop_boxes, crops, discretise, l2_normalise, standardise
+from fnemm.features.fne import RunningStats, crop_boxes, crops, discretise, l2_normalise, standardise
 
 
 def test_ten_crop_boxes_are_corners_centre_and_mirrors():

@@ -7,8 +7,8 @@ import torch
 
 faiss = pytest.importorskip("faiss")
 
-from fnemm.index import VectorIndex, order_scores_np, recall_at, recall_bound, recall_per_query  # noqa: E402
-from fnemm.losses import order_scores  # noqa: E402
+from fnemm.search.vector_index import VectorIndex, order_scores_np, recall_at, recall_bound, recall_per_query  # noqa: E402
+from fnemm.joint.losses import order_scores  # noqa: E402
 
 
 def unit(x):

@@ -16,7 +16,7 @@ httpx = pytest.importorskip("httpx")
 from conftest import DATA  # noqa: E402
 from liveserver import serving  # noqa: E402
 from fnemm.datasets import load_dataset  # noqa: E402
-from fnemm.index_folder import build_index  # noqa: E402
+from fnemm.search.index_folder import build_index  # noqa: E402
 
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
                   "--disable-background-networking", "--disable-component-update"]

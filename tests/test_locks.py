@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from fnemm.locks import Busy, folder_lock
+from fnemm.io.locks import Busy, folder_lock
 
-HOLD = ("import sys, os, signal; from fnemm.locks import folder_lock\n"
+HOLD = ("import sys, os, signal; from fnemm.io.locks import folder_lock\n"
         "with folder_lock(sys.argv[1]):\n"
         "    print('held', flush=True); sys.stdin.readline()\n"
         "    if sys.argv[2] == 'kill': os.kill(os.getpid(), signal.SIGKILL)\n")

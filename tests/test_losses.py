@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from fnemm.losses import contrastive_loss, cosine_scores, hinge_loss, order_scores, scores
-from fnemm.model import l2_normalize
+from fnemm.joint.losses import contrastive_loss, cosine_scores, hinge_loss, order_scores, scores
+from fnemm.joint.model import l2_normalize
 
 
 def _unit(n, d, seed, abs_=False):

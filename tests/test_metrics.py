@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from fnemm.metrics import evaluate_embeddings, i2t_ranks, metrics_from_scores, t2i_ranks
-from fnemm.losses import scores
-from fnemm.model import l2_normalize
+from fnemm.eval.metrics import evaluate_embeddings, i2t_ranks, metrics_from_scores, t2i_ranks
+from fnemm.joint.losses import scores
+from fnemm.joint.model import l2_normalize
 
 
 def reference_i2t(s: np.ndarray, owner: np.ndarray) -> np.ndarray:
@@ -94,7 +94,7 @@ def test_evaluate_embeddings_and_five_folds(similarity):
 
 
 def test_row_blocking_does_not_change_ranks(monkeypatch):
-    import fnemm.metrics as ev
+    import fnemm.eval.metrics as ev
     rng = np.random.default_rng(5)
     owner = np.repeat(np.arange(30), 5)
     s = rng.normal(size=(30, 150))
@@ -104,63 +104,83 @@ def test_row_blocking_does_not_change_ranks(monkeypatch):
     assert ev.t2i_ranks(st, ot).tolist() == reference_t2i(s, owner).tolist()
 
 
-def _float64_ranks(img: torch.Tensor, cap: torch.Tensor, owner: torch.Tensor):
-    s = img.double() @ cap.double().t()
-    return i2t_ranks(s, owner).tolist(), t2i_ranks(s, owner).tolist()
-
-
-@pytest.mark.parametrize("kernel", ["1", "0"])
-@pytest.mark.parametrize("noise,seed", [(9.0, 0), (3.0, 1), (30.0, 2)])
-def test_screened_cosine_ranks_equal_the_float64_matrix_ranks(noise, seed, kernel, monkeypatch):
-    """The bfloat16 screen with float64 recomputation gives exactly the ranks of the
-    float64 score matrix, on models from good to near chance (every threshold with
-    many scores inside the screen's error band), with duplicated images and captions
-    (exact ties), uneven caption counts, an image without captions and rows of
-    different norms. (The give-up share is lifted: near chance most pairs are candidates.)
-    With the compiled kernel (two cuts, one pass in C) and without (torch only)."""
-    import fnemm.metrics as ev
-    from fnemm.metrics import screened_cosine_ranks
-    monkeypatch.setattr(ev, "SCREEN_MAX_SHARE", 1.0)
-    monkeypatch.setenv("FNEMM_KERNELS", kernel)
+def _awkward_case(seed: int, noise: float, similarity: str, n: int = 300, d: int = 48, duplicates: bool = True):
+    """Embeddings with what ranking must survive: duplicated images and captions (exact
+    ties), an image without captions, one with seven, rows of different norms (cosine)."""
     g = torch.Generator().manual_seed(seed)
-    n, d = 300, 96
-    img = l2_normalize(torch.randn(n, d, generator=g))
-    img[7] = img[3]                                     # a duplicated image
+    img = torch.randn(n, d, generator=g, dtype=torch.float64)
+    img = l2_normalize(img) if similarity == "cosine" else img.abs()
+    if duplicates:
+        img[7] = img[3]
     owner = torch.arange(n).repeat_interleave(5)
-    owner = owner[owner != 11]                          # image 11 has no caption
-    owner = torch.cat([owner, torch.tensor([5, 5])])    # image 5 has seven
-    cap = l2_normalize(img[owner] + noise / d ** 0.5 * torch.randn(len(owner), d, generator=g))
-    cap[20] = cap[21]                                   # a duplicated caption
-    cap = cap * (0.5 + torch.rand(len(owner), 1, generator=g))   # not unit norm
-    got = screened_cosine_ranks(img, cap, owner)
-    assert got is not None
-    assert (got[0].tolist(), got[1].tolist()) == _float64_ranks(img, cap, owner)
+    owner = torch.cat([owner[owner != 11], torch.tensor([5, 5])])
+    cap = img[owner] + noise / d ** 0.5 * torch.randn(len(owner), d, generator=g, dtype=torch.float64)
+    cap = l2_normalize(cap) * (0.5 + torch.rand(len(owner), 1, generator=g, dtype=torch.float64)) \
+        if similarity == "cosine" else cap.abs()
+    if duplicates:
+        cap[20] = cap[21]
+    return img, cap, owner
 
 
-def test_screening_gives_up_on_a_collapsed_model_and_ranks_still_pessimistic(monkeypatch):
-    import fnemm.metrics as ev
-    from fnemm.metrics import screened_cosine_ranks
-    img = torch.ones(60, 16) / 4
-    cap = torch.ones(300, 16) / 4
+@pytest.mark.parametrize("similarity", ["cosine", "order"])
+@pytest.mark.parametrize("noise,seed", [(9.0, 0), (3.0, 1), (30.0, 2)])
+def test_tiled_ranks_equal_the_whole_matrix_ranks(similarity, noise, seed):
+    """ranks() never holds the matrix: tiles of a few rows (here 1, 7 and 64 images'
+    worth of scores) give the ranks of the whole float64 score matrix, ties and all, on
+    models from good to near chance."""
+    from fnemm.eval.metrics import ranks
+    img, cap, owner = _awkward_case(seed, noise, similarity)
+    matrix = scores(img, cap, similarity)
+    want = (i2t_ranks(matrix, owner).tolist(), t2i_ranks(matrix, owner).tolist())
+    assert want[0][11] == len(owner) + 1                 # the captionless image: below every caption
+    for rows in (1, 7, 64):
+        got = ranks(img, cap, owner, similarity, tile_scores=rows * len(owner))
+        assert (got[0].tolist(), got[1].tolist()) == want
+
+
+@pytest.mark.parametrize("similarity", ["cosine", "order"])
+def test_float32_tiled_ranks_agree_with_the_loop_of_the_reference_code(similarity):
+    """On float32 embeddings, the ranks of vsepp's per-query argsort loop over float32
+    scores (ties aside: no duplicates here, whose order argsort leaves to chance),
+    whatever the tile size."""
+    from fnemm.eval.metrics import ranks
+    img, cap, owner = _awkward_case(3, 5.0, similarity, n=120, d=64, duplicates=False)
+    img, cap = img.float(), cap.float()
+    s = scores(img.double(), cap.double(), similarity).numpy()
+    keep = np.arange(len(img)) != 11                     # the loop has no answer for a captionless image
+    for rows in (5, 120):
+        i2t, t2i = ranks(img, cap, owner, similarity, tile_scores=rows * len(owner))
+        assert t2i.tolist() == reference_t2i(s, owner.numpy()).tolist()
+        assert i2t[torch.from_numpy(keep)].tolist() == reference_i2t(s[keep], np.searchsorted(
+            np.flatnonzero(keep), owner.numpy())).tolist()
+
+
+def test_a_collapsed_model_ranks_pessimistically_in_tiles():
+    from fnemm.eval.metrics import ranks
     owner = torch.arange(60).repeat_interleave(5)
-    assert screened_cosine_ranks(img, cap, owner) is None     # every score is at every threshold
-    monkeypatch.setattr(ev, "SCREEN_MIN_PAIRS", 1)
-    monkeypatch.setattr(ev, "_screenable", lambda a, b: True)
-    i2t, t2i = ev.ranks(img, cap, owner, "cosine")            # the plain path takes over
-    assert t2i.unique().tolist() == [60] and i2t.unique().tolist() == [296]
+    for similarity, value in (("cosine", 0.25), ("order", 0.5)):
+        img, cap = torch.full((60, 16), value), torch.full((300, 16), value)
+        i2t, t2i = ranks(img, cap, owner, similarity, tile_scores=1000)
+        assert t2i.unique().tolist() == [60] and i2t.unique().tolist() == [296]
 
 
-def test_evaluate_embeddings_takes_the_screen_when_it_applies(monkeypatch):
-    import fnemm.metrics as ev
+def test_ranks_use_the_compiled_order_kernel_on_a_cpu(monkeypatch):
+    import fnemm.eval.kernels as kernels
+    import fnemm.eval.metrics as ev
+    if not kernels.available():
+        pytest.skip("no C compiler to build fnemm's kernel")
     calls = []
-    real = ev.screened_cosine_ranks
-    monkeypatch.setattr(ev, "screened_cosine_ranks", lambda *a: calls.append(1) or real(*a))
-    monkeypatch.setattr(ev, "SCREEN_MIN_PAIRS", 1)
-    monkeypatch.setattr(ev, "_screenable", lambda a, b: True)
-    g = torch.Generator().manual_seed(4)
-    img = l2_normalize(torch.randn(80, 32, generator=g))
-    owner = torch.arange(80).repeat_interleave(5)
-    cap = l2_normalize(img[owner] + 0.8 * torch.randn(400, 32, generator=g))
-    screened = evaluate_embeddings(img, cap, owner, "cosine")
+    real = kernels.order_scores
+    monkeypatch.setattr(kernels, "order_scores", lambda *a, **k: calls.append(1) or real(*a, **k))
+    img, cap, owner = _awkward_case(4, 3.0, "order", n=50, d=16)
+    got = ev.evaluate_embeddings(img.float(), cap.float(), owner, "order")
     assert calls
-    assert screened == metrics_from_scores(img.double() @ cap.double().t(), owner)
+    assert got == pytest.approx(metrics_from_scores(scores(img, cap, "order"), owner))
+
+
+def test_chance_level_of_random_embeddings():
+    from fnemm.eval.metrics import chance_rsum
+    mean, std = chance_rsum(100, draws=30)
+    # R@K of a random ranking is K/N in both directions (and a little more for i2t,
+    # which takes the best of 5 captions): about 6 * 5.3% + i2t's extra
+    assert 30 < mean < 60 and 2 < std < 15

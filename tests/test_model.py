@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from fnemm.config import ModelConfig
-from fnemm.data import embed_captions, embed_images
-from fnemm.model import JointEmbedding, LayerNormGRU
-from fnemm.text import pad_batch
+from fnemm.joint.config import ModelConfig
+from fnemm.joint.inputs import embed_captions, embed_images
+from fnemm.joint.model import JointEmbedding, LayerNormGRU
+from fnemm.joint.text import pad_batch
 
 
 def _ln(x, gain, bias, eps=1e-5):

@@ -10,7 +10,7 @@ import fnemm
 from conftest import DATA
 from fnemm.cli import main
 from fnemm.datasets import auto_splits, load_dataset
-from fnemm.errors import FnemmError
+from fnemm.io.errors import FnemmError
 from test_train import SMALL
 
 

@@ -1,12 +1,12 @@
-"""Layer selection and post-processing (fnemm.recipe) against plain numpy references."""
+"""Layer selection and post-processing (fnemm.features.recipe) against plain numpy references."""
 
 import numpy as np
 import pytest
 
-from fnemm.cnn import tap_groups
-from fnemm.errors import FnemmError
-from fnemm.fne import discretise, standardise
-from fnemm.recipe import Encoder, Recipe, columns, fit_pca, select_layers
+from fnemm.features.cnn import tap_groups
+from fnemm.io.errors import FnemmError
+from fnemm.features.fne import discretise, standardise
+from fnemm.features.recipe import Encoder, Recipe, columns, fit_pca, select_layers
 
 # a toy CNN's taps: 8 layers of widths 2..9, the last the classifier
 NAMES = ["stem", "b0/expand", "b0/project", "b1/expand", "b1/project", "b2/project", "head", "logits"]

@@ -18,10 +18,10 @@ pytest.importorskip("fastapi")
 from conftest import DATA  # noqa: E402
 from fnemm.cli import main  # noqa: E402
 from fnemm.datasets import load_dataset  # noqa: E402
-from fnemm.errors import Conflict, FnemmError, NotAnImage, NotFound, TooLarge  # noqa: E402
-from fnemm.gallery import MAX_K, Gallery  # noqa: E402
-from fnemm.index_folder import build_index  # noqa: E402
-from fnemm.serve import create_app  # noqa: E402
+from fnemm.io.errors import Conflict, FnemmError, NotAnImage, NotFound, TooLarge  # noqa: E402
+from fnemm.search.gallery import MAX_K, Gallery  # noqa: E402
+from fnemm.search.index_folder import build_index  # noqa: E402
+from fnemm.search.service import create_app  # noqa: E402
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")           # starlette's note that it prefers httpx2
@@ -76,9 +76,9 @@ def test_index_matches_brute_force_search(built):
     assert [(h.image, h.caption) for h in ours] == [(h.image, h.caption) for h in ref]
     # brute force, by hand: the scores are the model's cosine of caption and image embeddings
     import torch
-    from fnemm.checkpoint import open_model
-    from fnemm.data import embed_captions, embed_images
-    from fnemm.features import load_features
+    from fnemm.joint.checkpoint import open_model
+    from fnemm.joint.inputs import embed_captions, embed_images
+    from fnemm.features.store import load_features
     opened = open_model(out / "FNE-MH" / "seed-0", out / "features")
     feats = load_features(out / "features")
     img = embed_images(opened.model, np.asarray(feats.array), "cpu")
@@ -359,7 +359,7 @@ def test_thumbnails_health_docs_and_page(client, built):
 def test_serve_warns_when_listening_beyond_this_machine(built, monkeypatch, capsys):
     import uvicorn
 
-    from fnemm.serve import serve
+    from fnemm.search.service import serve
     calls = []
 
     def run(self, sockets):
@@ -398,7 +398,7 @@ class Raising:
 @pytest.mark.parametrize("error", [FnemmError("bad k"), NotFound("no such thing"), Conflict("no captions here"),
                                    TooLarge("too many pixels"), NotAnImage("not a photo")])
 def test_every_route_answers_the_gallerys_errors_as_json(built, error, caplog):
-    from fnemm.serve import get_gallery
+    from fnemm.search.service import get_gallery
     app = create_app(Gallery.from_index(built[1]["FNE-MH"], encoder=False))
     app.dependency_overrides[get_gallery] = lambda: Raising(error)
     client = TestClient(app, raise_server_exceptions=False)
@@ -445,7 +445,7 @@ def test_similar_images_surrogates_urls_and_no_paths_in_answers(client, built):
 
 
 def test_result_urls_are_percent_encoded():
-    from fnemm.gallery import Hit
-    from fnemm.serve import with_urls
+    from fnemm.search.gallery import Hit
+    from fnemm.search.service import with_urls
     urls = [h["url"] for h in with_urls([Hit(1, 0.5, "a#b?c d.jpg"), Hit(2, 0.4, "dir/x.jpg")])]
     assert urls == ["/images/a%23b%3Fc%20d.jpg", "/images/dir%2Fx.jpg"]

@@ -1,11 +1,11 @@
-"""fnemm.stats against hand computations and published t-table values (no scipy)."""
+"""fnemm_studies.stats against hand computations and published t-table values (no scipy)."""
 
 import math
 
 import numpy as np
 import pytest
 
-from fnemm.stats import betainc, bootstrap_ci, format_p, paired_over_groups, paired_t, t_cdf, t_ppf
+from fnemm_studies.stats import betainc, bootstrap_ci, format_p, paired_over_groups, paired_t, t_cdf, t_ppf
 
 
 @pytest.mark.parametrize("df,q975", [(1, 12.7062), (2, 4.3027), (4, 2.7764), (9, 2.2622), (14, 2.1448), (30, 2.0423)])
@@ -65,7 +65,7 @@ def _ranks(i2t, t2i, owner):
 
 
 def test_rsum_from_ranks_and_its_bootstrap_against_a_loop():
-    from fnemm.stats import bootstrap_rsum, image_draws, rsum_of
+    from fnemm_studies.stats import bootstrap_rsum, image_draws, rsum_of
     r = _ranks([1, 3, 7, 20], [1, 2, 11, 6, 4, 30, 1, 9], [0, 0, 1, 1, 2, 2, 3, 3])
     # by hand: i2t R@1 = 1/4, R@5 = 2/4, R@10 = 3/4; t2i R@1 = 2/8, R@5 = 4/8, R@10 = 6/8
     assert rsum_of(r)[0] == pytest.approx(100 * (0.25 + 0.5 + 0.75 + 0.25 + 0.5 + 0.75))
@@ -84,7 +84,7 @@ def test_rsum_from_ranks_and_its_bootstrap_against_a_loop():
 
 
 def test_paired_bootstrap_sees_a_real_difference_and_not_a_null_one():
-    from fnemm.stats import paired_bootstrap
+    from fnemm_studies.stats import paired_bootstrap
     rng = np.random.default_rng(0)
     n = 120
     owner = list(np.repeat(np.arange(n), 5))

@@ -84,8 +84,9 @@ def test_learning_curve_trend_against_a_hand_computed_slope():
     """The gap to the baseline grows by 10 rsum per doubling of the training images on
     every split (plus split noise that a per-split slope removes): the trend says +10,
     significant, and where a linear-in-log extrapolation would close the gap."""
-    from fnemm.study import Grid, trends
-    from fnemm.study_report import trend_lines
+    from fnemm_studies.study import Grid
+    from fnemm_studies.study_summary import trends
+    from fnemm_studies.study_report import trend_lines
     grid = Grid(cnns=("cnn",), variants=("baseline", "fne"), splits=4, seeds=2)
     rows = {}
     for split in range(4):
@@ -107,7 +108,7 @@ def test_learning_curve_trend_against_a_hand_computed_slope():
 
 def _toy_study(tmp_path, **grid):
     from fnemm.datasets import Dataset
-    from fnemm.study import Grid, Study
+    from fnemm_studies.study import Grid, Study
     ds = Dataset("toy", [f"i{k}.jpg" for k in range(40)], [[f"cap {k}"] for k in range(40)],
                  ["train"] * 30 + ["val"] * 5 + ["test"] * 5)
     return Study(ds, tmp_path, tmp_path / "out", Grid(**grid))
@@ -137,7 +138,7 @@ def test_study_trains_the_papers_presets_with_patience(tmp_path):
     preset, config, _ = study.config(units["late-center-layer"])
     assert preset == "flickr8k/FNE-MH" and [s.patience for s in config.stages] == [7, 7]
     assert [s.lr for s in config.stages] == [2e-4, 2e-5]         # the authors' script: a second stage at 2e-5
-    from fnemm.errors import FnemmError
+    from fnemm.io.errors import FnemmError
     with pytest.raises(FnemmError, match="--presets nope"):
         _toy_study(tmp_path, presets="nope")
     with pytest.raises(FnemmError, match="--patience 0"):
@@ -157,7 +158,8 @@ def test_one_split_is_compared_by_a_paired_bootstrap_over_its_test_images():
     variant right on 30 more of 200 images both ways is +90 rsum (3 recalls x 2 directions
     x 15 points), clearly significant; with no ranks saved it falls back to the seeds."""
     import numpy as np
-    from fnemm.study import Grid, summarise
+    from fnemm_studies.study import Grid
+    from fnemm_studies.study_summary import summarise
     rng = np.random.default_rng(0)
     base_hits = rng.random((2, 200)) < 0.3
     rows, ranks = {}, {}
@@ -187,8 +189,8 @@ def test_bootstrap_slope_against_a_loop_and_where_curves_cross():
     least-squares fit (np.polyfit) of that draw's gaps; a gap that changes sign between
     two sizes is reported as a crossing, interpolated in log size."""
     import numpy as np
-    from fnemm.stats import image_draws, rsum_of
-    from fnemm.study import bootstrap_slope, crossings
+    from fnemm_studies.stats import image_draws, rsum_of
+    from fnemm_studies.stats import bootstrap_slope, crossings
     rng = np.random.default_rng(1)
     n, sizes = 150, (1000, 2000, 4000)
     paired = {}

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from fnemm.text import Vocab, pad_batch, tokenize
+from fnemm.joint.text import Vocab, pad_batch, tokenize
 
 
 def test_tokenize_lowercases_and_keeps_punctuation():

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from fnemm import TrainConfig, apply_overrides, evaluate, load_dataset, load_features, train
-from fnemm.config import ModelConfig, StageConfig
-from fnemm.metrics import evaluate_embeddings
+from fnemm.joint.config import ModelConfig, StageConfig
+from fnemm.eval.metrics import evaluate_embeddings
 
 SMALL = ["model.embed_dim=64", "model.word_dim=32", "batch_size=32"]
 
@@ -140,7 +140,7 @@ def test_layer_norm_gru_trains(synth, tmp_path):
 def test_image_weight_decay_and_dropout(synth, tmp_path):
     """Decay shrinks the image map (and only it) against the same run without; dropout
     acts while training only."""
-    from fnemm.model import JointEmbedding
+    from fnemm.joint.model import JointEmbedding
     jsonl, npy, ids = synth
     ds, feats = load_dataset(jsonl), load_features(npy, ids=ids)
     runs = {}
@@ -171,7 +171,7 @@ def test_a_megabyte_caption_is_cut_with_a_warning_and_memory_stays_bounded(synth
     # VmHWM: this process's own peak (ru_maxrss would count the forking pytest's RSS too,
     # which Linux carries across exec)
     script = ("import sys, fnemm\n"
-              "from fnemm.config import apply_overrides\n"
+              "from fnemm.joint.config import apply_overrides\n"
               "ds, feats = fnemm.load_dataset(sys.argv[1]), fnemm.load_features(sys.argv[2], ids=sys.argv[3])\n"
               "cfg = apply_overrides(fnemm.get_preset('flickr30k/FNE-MH'), sys.argv[5:])\n"
               "fnemm.train(cfg, ds, feats, sys.argv[4], quiet=True)\n"
@@ -185,7 +185,7 @@ def test_a_megabyte_caption_is_cut_with_a_warning_and_memory_stays_bounded(synth
 
 
 def test_gradient_clipping_per_tensor_and_global_by_hand():
-    from fnemm.train import clip_gradients
+    from fnemm.training.trainer import clip_gradients
     a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, 2))
 
     def grads():

@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from fnemm.cnn import Preprocess, TappedCNN
+from fnemm.features.cnn import Preprocess, TappedCNN
 
 
 class Tiny(nn.Module):

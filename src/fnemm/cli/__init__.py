@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from fnemm.errors import FnemmError
+from fnemm.io.errors import FnemmError
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
@@ -53,7 +53,7 @@ def read_lines(flag: str, path: str, what: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fnemm import __version__
+    from fnemm.io.version import __version__
     from fnemm.cli import features, runs, search, studies
     parser = argparse.ArgumentParser(
         prog="fnemm",
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
         torch.set_num_threads(args.threads)
     if getattr(args, "progress", "auto") != "auto":
-        from fnemm.progress import ENV
+        from fnemm.io.progress import ENV
         os.environ[ENV] = args.progress
     try:
         return args.handler(args)

@@ -6,9 +6,8 @@ import argparse
 from pathlib import Path
 
 from fnemm.cli import add_common, read_lines
-from fnemm.errors import FnemmError
-from fnemm.extraction import ExtractConfig
-from fnemm.recipe import POSTS
+from fnemm.io.errors import FnemmError
+from fnemm.features.recipe import POSTS, ExtractConfig
 
 EPILOG_EXTRACT = """\
 examples:
@@ -30,7 +29,7 @@ CNN, weights sha256, taps and their columns, the recipe, skipped images).
 Interrupted? Run the same command again: it continues where it stopped. Run it
 again with other --layers, --post, --thresholds or training images and only the
 assembly from raw.npy is redone (seconds), never the forward pass.
---cnn also takes package.module:function, a builder returning a fnemm.cnn.TappedCNN.
+--cnn also takes package.module:function, a builder returning a fnemm.features.cnn.TappedCNN.
 """
 
 
@@ -98,10 +97,10 @@ def add_extract(sub) -> argparse.ArgumentParser:
 
 
 def extract(args) -> int:
-    from fnemm.checkpoint import resolve_device
+    from fnemm.joint.checkpoint import resolve_device
     from fnemm.datasets import load_dataset
-    from fnemm.extraction import extract
-    from fnemm.recipe import Recipe
+    from fnemm.features.extraction import extract
+    from fnemm.features.recipe import Recipe
     try:
         low, high = (float(v) for v in args.thresholds.split(","))
     except ValueError:
@@ -130,8 +129,8 @@ def extract(args) -> int:
 
 def _derive(args, dataset, train_list, recipe) -> int:
     """``--from STORE``: the recipe's features of STORE's images, from its raw.npy."""
-    from fnemm.assembly import derive_store
-    from fnemm.locks import folder_lock
+    from fnemm.features.assembly import derive_store
+    from fnemm.io.locks import folder_lock
     given = [f for f, v in (("--images", args.images), ("--stats", args.stats), ("--weights", args.weights),
                             ("--ray", args.ray is not None), ("--verify", args.verify)) if v]
     if given:
@@ -174,8 +173,8 @@ def add_layers(sub) -> argparse.ArgumentParser:
 
 
 def layers(args) -> int:
-    from fnemm.cnn import build_cnn
-    from fnemm.recipe import select_layers
+    from fnemm.features.cnn import build_cnn
+    from fnemm.features.recipe import select_layers
     cnn = build_cnn(args.cnn, args.weights or ("random" if args.cnn == "vgg16" else None))
     names = [t.name for t in cnn.taps]
     picked = set(select_layers(args.layers, names, cnn.groups)) if args.layers else set()

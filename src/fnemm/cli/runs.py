@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from fnemm.cli import add_common, add_data
-from fnemm.errors import FnemmError
+from fnemm.io.errors import FnemmError
 
 EPILOG_TRAIN = """\
 examples:
@@ -86,8 +86,8 @@ def add_train(sub) -> argparse.ArgumentParser:
 
 def read_config(path: str):
     """A TrainConfig from a JSON (or YAML) file, every field checked."""
-    from fnemm.config import TrainConfig, validate
-    from fnemm.fileio import read_json
+    from fnemm.joint.config import TrainConfig, validate
+    from fnemm.io.files import read_json
     file = Path(path)
     if file.suffix.lower() in (".yaml", ".yml"):
         try:
@@ -115,7 +115,7 @@ def read_config(path: str):
 
 
 def _overrides(args) -> list[str]:
-    from fnemm.presets import CURRICULUM_PATIENCE
+    from fnemm.joint.presets import CURRICULUM_PATIENCE
     out = list(args.overrides)
     out += [f"{key}={getattr(args, flag)}" for flag, key in SHORTCUTS if getattr(args, flag) is not None]
     if args.clip:
@@ -126,13 +126,14 @@ def _overrides(args) -> list[str]:
 
 
 def train(args) -> int:
-    from fnemm.checkpoint import resolve_device
-    from fnemm.config import apply_overrides, get_preset
+    from fnemm.joint.checkpoint import resolve_device
+    from fnemm.joint.config import apply_overrides
+    from fnemm.joint.presets import get_preset
     from fnemm.datasets import load_dataset
-    from fnemm.features import load_features
-    from fnemm.metrics import format_metrics
-    from fnemm.runs import resume, resume_seeds, train_seeds
-    from fnemm.train import train as train_run
+    from fnemm.features.store import load_features
+    from fnemm.eval.metrics import format_metrics
+    from fnemm.training.runs import resume, resume_seeds, train_seeds
+    from fnemm.training.trainer import train as train_run
     device = resolve_device(args.device)          # fail before any slow loading
     out, overrides = Path(args.out), _overrides(args)
     common = {"device": device, "quiet": args.quiet, "checkpoint_every": args.checkpoint_every}
@@ -193,8 +194,8 @@ def train(args) -> int:
 
 def _finetune(args, out: Path, overrides: list[str], common: dict, log) -> int:
     from fnemm.datasets import load_dataset
-    from fnemm.finetune import finetune_seeds
-    from fnemm.runs import saved_info, seed_dirs
+    from fnemm.training.finetune import finetune_seeds
+    from fnemm.training.folders import saved_info, seed_dirs
     if args.preset or args.config or args.resume:
         raise FnemmError("--finetune starts from the run's own config: drop --preset/--config (use --set), and "
                          "continue a fine-tuning run with --out DIR --resume alone")
@@ -231,7 +232,7 @@ def _finetune(args, out: Path, overrides: list[str], common: dict, log) -> int:
 
 
 def add_evaluate(sub) -> argparse.ArgumentParser:
-    from fnemm.evaluation import PROTOCOLS
+    from fnemm.eval import PROTOCOLS
     p = sub.add_parser("evaluate", help="recall@K and ranks of a trained model",
                        description="Image annotation (i2t) and image retrieval (t2i): R@1/5/10, "
                                    "median and mean rank, rsum. Writes metrics-SPLIT.json to the run folder.")
@@ -250,8 +251,9 @@ def add_evaluate(sub) -> argparse.ArgumentParser:
 
 def evaluate(args) -> int:
     from fnemm.datasets import load_dataset
-    from fnemm.metrics import format_metrics
-    from fnemm.runs import evaluate_runs, metrics_path
+    from fnemm.eval.metrics import format_metrics
+    from fnemm.training.folders import metrics_path
+    from fnemm.training.runs import evaluate_runs
     every = evaluate_runs(args.checkpoint, load_dataset(args.dataset), args.features, args.split, args.protocol,
                           args.device, ids=args.ids, output=args.output)
     if args.json:
@@ -259,7 +261,7 @@ def evaluate(args) -> int:
                    for run, res in every.items()}
         print(json.dumps(rounded if len(rounded) > 1 else next(iter(rounded.values())), indent=2))
         return 0
-    from fnemm.report import chance_rsum
+    from fnemm.eval.metrics import chance_rsum
     chance = {}
     for run, results in every.items():
         for name, m in results.items():
@@ -297,8 +299,8 @@ def add_report(sub) -> argparse.ArgumentParser:
 
 
 def report(args) -> int:
-    from fnemm.fileio import atomic_write_text
-    from fnemm.report import default_baseline, load_run, markdown_table, plot_curves, verdict
+    from fnemm.io.files import atomic_write_text
+    from fnemm_studies.report import default_baseline, load_run, markdown_table, plot_curves, verdict
     from dataclasses import replace
 
     def named(arg: str):
@@ -343,7 +345,7 @@ def add_presets(sub) -> argparse.ArgumentParser:
 
 
 def presets(args) -> int:
-    from fnemm.presets import PRESETS, describe_sources, get_preset, paper_table
+    from fnemm.joint.presets import PRESETS, describe_sources, get_preset, paper_table
     if args.show:
         print(get_preset(args.show).to_json())           # stdout: the config JSON alone
         print("\n".join(f"# {line}" for line in describe_sources(args.show)), file=sys.stderr)

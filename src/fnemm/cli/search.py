@@ -7,7 +7,7 @@ import json
 import sys
 
 from fnemm.cli import add_common, at_least_one, read_lines
-from fnemm.errors import FnemmError
+from fnemm.io.errors import FnemmError
 
 EPILOG_INDEX = """\
 examples:
@@ -52,7 +52,7 @@ def add_search(sub) -> argparse.ArgumentParser:
 
 def search(args) -> int:
     from fnemm.datasets import load_dataset
-    from fnemm.gallery import Gallery, format_hits
+    from fnemm.search.gallery import Gallery, format_hits
     if args.index:
         if args.checkpoint or args.features or args.dataset or args.split != "all":
             raise FnemmError("--index holds the checkpoint, gallery and captions: drop --checkpoint, "
@@ -91,7 +91,7 @@ def search(args) -> int:
 
 
 def add_index(sub) -> argparse.ArgumentParser:
-    from fnemm.index import EXACT_UP_TO, METHODS
+    from fnemm.search.vector_index import EXACT_UP_TO, METHODS
     p = sub.add_parser("index", help="build a search index of a gallery (for `fnemm serve`)",
                        description="Embed a gallery with a trained checkpoint into a faiss index folder.",
                        epilog=EPILOG_INDEX, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -125,7 +125,7 @@ def add_index(sub) -> argparse.ArgumentParser:
 
 def index(args) -> int:
     from fnemm.datasets import load_dataset
-    from fnemm.index_folder import build_index, describe_index
+    from fnemm.search.index_folder import build_index, describe_index
     at_least_one("--threshold", args.threshold)
     dataset = load_dataset(args.dataset) if args.dataset else None
     tune = read_lines("--tune-queries", args.tune_queries, "sentences") if args.tune_queries else None
@@ -159,7 +159,7 @@ def serve(args) -> int:
     if args.max_upload_mb <= 0:
         raise FnemmError(f"--max-upload-mb {args.max_upload_mb}: expected a positive size")
     try:
-        from fnemm.serve import serve
+        from fnemm.search.service import serve
     except ImportError:
         raise FnemmError("the service needs FastAPI and uvicorn: pip install 'fnemm[serve]'") from None
     serve(args.index, args.host, args.port, args.checkpoint, args.features, args.device,
@@ -207,7 +207,7 @@ def add_embed(sub) -> argparse.ArgumentParser:
 
 
 def embed(args) -> int:
-    from fnemm.embed import embed_images, embed_texts
+    from fnemm.search.embed import embed_images, embed_texts
     if args.parquet:
         try:
             import pyarrow  # noqa: F401

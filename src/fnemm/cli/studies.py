@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from fnemm.cli import add_common, add_data, at_least_one
-from fnemm.errors import FnemmError
+from fnemm.io.errors import FnemmError
 
 
 def add_demo(sub) -> argparse.ArgumentParser:
@@ -24,7 +24,7 @@ def add_demo(sub) -> argparse.ArgumentParser:
 
 
 def demo(args) -> int:
-    from fnemm.demo import run_demo
+    from fnemm_studies.demo import run_demo
     at_least_one("--seeds", args.seeds)
     run_demo(args.out, args.data, seeds=args.seeds, workers=args.workers, quiet=args.quiet)
     return 0
@@ -48,10 +48,10 @@ def add_stability(sub) -> argparse.ArgumentParser:
 
 
 def stability(args) -> int:
-    from fnemm.checkpoint import resolve_device
+    from fnemm.joint.checkpoint import resolve_device
     from fnemm.datasets import load_dataset
-    from fnemm.fileio import atomic_write_json, atomic_write_text
-    from fnemm.stability import format_study, run_study, select
+    from fnemm.io.files import atomic_write_json, atomic_write_text
+    from fnemm_studies.stability import format_study, run_study, select
     at_least_one("--seeds", args.seeds)
     if args.ids:
         raise FnemmError("stability needs a feature store (both fne and fc7 arrays); --ids is for a plain .npy")
@@ -111,9 +111,9 @@ def add_study(sub) -> argparse.ArgumentParser:
 def study(args) -> int:
     from dataclasses import replace
 
-    from fnemm.checkpoint import resolve_device
+    from fnemm.joint.checkpoint import resolve_device
     from fnemm.datasets import load_dataset
-    from fnemm.study import QUICK, VARIANTS, Grid, Study
+    from fnemm_studies.study import QUICK, VARIANTS, Grid, Study
     if args.list:
         for v in VARIANTS:
             print(f"{v.name:<22} {v.about}")

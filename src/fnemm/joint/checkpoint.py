@@ -1,0 +1,136 @@
+"""A trained model on disk, and opening it against image features.
+
+A checkpoint (``best.pt`` / ``last.pt`` of a run folder) is a torch pickle of::
+
+    {"format": "fnemm-checkpoint", "version": 1,
+     "config": TrainConfig as a dict, "vocab": [words...], "feature_dim": D,
+     "features": {"source", "kind", "dim", "producer": {what made the training features}},
+     "model": state dict, ...}          (last.pt adds the optimiser, RNG and counters)
+
+:func:`open_model` is the one way in for everything that uses a trained model
+(evaluation, search, indexes, the service): it loads the checkpoint, reads the
+features with the kind it was trained on, and refuses features of another width or
+made another way (CNN, weights, crops, layers, post-processing), from what the
+checkpoint itself records: a ``best.pt`` copied without its run folder is checked too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fnemm.joint.config import TrainConfig
+from fnemm.io.errors import FnemmError
+from fnemm.features.store import FEATURE_KEYS, Features, load_features
+from fnemm.joint.model import JointEmbedding
+from fnemm.joint.text import Vocab
+
+FORMAT = "fnemm-checkpoint"
+
+
+def resolve_device(device: str) -> str:
+    """'cpu', 'cuda', 'cuda:N', or 'auto' (cuda when there is one): checked before any work."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise FnemmError(f"--device {device}: no CUDA device is available here; use --device cpu")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise FnemmError(f"--device {device}: expected cpu, cuda, cuda:N or auto")
+    return device
+
+
+def checkpoint_file(path: str | Path) -> Path:
+    """``path`` itself, or the ``best.pt`` of a run folder."""
+    path = Path(path)
+    return path / "best.pt" if path.is_dir() else path
+
+
+def read_checkpoint(path: str | Path, device: str = "cpu") -> dict:
+    """The raw checkpoint dict, or a one-line error naming the file."""
+    path = checkpoint_file(path)
+    if not path.exists():
+        raise FnemmError(f"{path}: no such checkpoint; pass a run folder or its best.pt "
+                         f"(written after the first training epoch)")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
+        raise FnemmError(f"{path}: not a readable checkpoint ({type(e).__name__}); is it an fnemm "
+                         f"best.pt? (a damaged one: re-train, or resume the run)") from None
+    needed = ("config", "vocab", "feature_dim", "model")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or any(k not in ckpt for k in needed):
+        raise FnemmError(f"{path}: not an fnemm checkpoint")
+    return ckpt
+
+
+def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[JointEmbedding, Vocab, TrainConfig, dict]:
+    """(model in eval mode, vocab, config, raw checkpoint) of a ``best.pt``/``last.pt`` or a run folder."""
+    device = resolve_device(device)
+    ckpt = read_checkpoint(path, device)
+    try:
+        config = TrainConfig.from_dict(ckpt["config"])
+        vocab = Vocab(ckpt["vocab"], config.max_caption_tokens)
+        model = JointEmbedding(config.model, len(vocab), ckpt["feature_dim"])
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, KeyError, ValueError, RuntimeError) as e:
+        raise FnemmError(f"{checkpoint_file(path)}: a checkpoint this fnemm cannot rebuild "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    return model.to(device).eval(), vocab, config, ckpt
+
+
+def check_features(ckpt: dict, features: Features, where: str | Path) -> None:
+    """Refuse features of another width, or made differently from the training features
+    when both say how they were made (the checkpoint's record, not the run folder's)."""
+    if features.dim != ckpt["feature_dim"]:
+        raise FnemmError(f"{features.source}: features have {features.dim} dimensions but {where} "
+                         f"was trained on {ckpt['feature_dim']}; pass the same kind of features "
+                         f"(store and --set features=...) as in training")
+    trained = (ckpt.get("features") or {}).get("producer") or {}
+    if not features.manifest or not trained:
+        return
+    if trained.get("precision", "fp32") != features.manifest.get("precision", "fp32"):
+        raise FnemmError(f"{features.source}: these features were made with the CNN in "
+                         f"{features.manifest.get('precision', 'fp32')}, {where} was trained on "
+                         f"{trained.get('precision', 'fp32')} ones; extract them the same way")
+    for k in FEATURE_KEYS:
+        if k in trained and trained[k] != features.manifest.get(k):
+            raise FnemmError(f"{features.source}: these features were made with {k}="
+                             f"{_short(features.manifest.get(k))}, {where} was trained on {k}={_short(trained[k])}; "
+                             f"extract them the same way")
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+@dataclass
+class OpenModel:
+    """A checkpoint opened against its features: what evaluation and search need."""
+    model: JointEmbedding
+    vocab: Vocab
+    config: TrainConfig
+    checkpoint: dict
+    path: Path                      # the checkpoint file
+    features: Features | None
+    device: str
+
+    @property
+    def similarity(self) -> str:
+        return self.config.model.similarity
+
+
+def open_model(checkpoint: str | Path, features: Features | str | Path | None = None, device: str = "cpu",
+               ids: str | Path | None = None) -> OpenModel:
+    """Load ``checkpoint`` (a run folder or a .pt) and, given ``features`` (loaded, or a
+    store folder / .npy read with the kind the model was trained on), check that they
+    belong together."""
+    device = resolve_device(device)
+    model, vocab, config, ckpt = load_checkpoint(checkpoint, device)
+    path = checkpoint_file(checkpoint)
+    if features is not None and not isinstance(features, Features):
+        features = load_features(features, config.features, ids)
+    if features is not None:
+        check_features(ckpt, features, path)
+    return OpenModel(model, vocab, config, ckpt, path, features, device)

@@ -1,0 +1,91 @@
+"""Joins a Dataset, its image features and a vocabulary into model-ready splits."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fnemm.datasets import Dataset
+from fnemm.io.errors import FnemmError
+from fnemm.features.store import Features
+from fnemm.joint.text import Vocab, pad_batch
+
+
+@dataclass
+class SplitData:
+    """The images of one split: a feature row and encoded captions per image."""
+    image_ids: list[str]
+    features: np.ndarray            # (n_images, D), in memory
+    captions: list[list[list[int]]]  # captions[k]: token-id lists of image k
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def head(self, n: int) -> "SplitData":
+        """The first ``n`` images (e.g. MSCOCO's 1K validation images)."""
+        return SplitData(self.image_ids[:n], self.features[:n], self.captions[:n])
+
+    def eval_captions(self, per_image: int) -> tuple[list[list[int]], torch.Tensor]:
+        """The first ``per_image`` captions of every image, flattened, and the
+        image index of each (the standard 5-captions protocol)."""
+        flat, owner = [], []
+        for k, caps in enumerate(self.captions):
+            for c in caps[:per_image]:
+                flat.append(c)
+                owner.append(k)
+        return flat, torch.tensor(owner, dtype=torch.long)
+
+
+def build_vocab(dataset: Dataset) -> Vocab:
+    """Every word of the train and validation captions (Sec. 4.3.2)."""
+    keep = set(dataset.split_indices("train")) | set(dataset.split_indices("val"))
+    return Vocab.build(c for k in sorted(keep) for c in dataset.captions[k])
+
+
+def split_data(dataset: Dataset, features: Features, vocab: Vocab, split: str) -> SplitData:
+    indices = dataset.split_indices(split)
+    if not indices:
+        raise FnemmError(dataset.missing.get(split) or f"dataset {dataset.name!r} has no {split!r} images; "
+                                                        f"check the split lists / 'split' fields of --dataset")
+    ids = [dataset.image_ids[k] for k in indices]
+    rows = features.rows_for(ids, f"the {split} split")
+    # Sorted reads are friendlier to a memory-mapped store; then back to order.
+    order = np.argsort(rows, kind="stable")
+    block = np.empty((len(rows), features.dim), dtype=features.array.dtype)
+    block[order] = features.array[rows[order]]
+    caps, cut = [], []
+    for k in indices:
+        encoded = [vocab.encode_checked(c) for c in dataset.captions[k]]
+        caps.append([ids for ids, _ in encoded])
+        cut += [(dataset.image_ids[k], n + 1) for n, (_, was_cut) in enumerate(encoded) if was_cut]
+    if cut:
+        image, n = cut[0]
+        print(f"fnemm: warning: {dataset.name} ({split}): {len(cut)} caption(s) longer than {vocab.max_tokens} "
+              f"tokens cut to {vocab.max_tokens}, e.g. caption {n} of {image} "
+              f"(--set max_caption_tokens=N to change)", file=sys.stderr)
+    return SplitData(ids, block, caps)
+
+
+@torch.no_grad()
+def embed_images(model, features: np.ndarray, device: str, batch: int = 1024) -> torch.Tensor:
+    model.eval()
+    # torch.tensor copies: rows of a read-only memory-mapped store cannot be shared
+    out = [model.image(torch.tensor(np.asarray(features[s:s + batch])).to(device))
+           for s in range(0, len(features), batch)]
+    return torch.cat(out) if out else torch.zeros(0, model.config.embed_dim)
+
+
+@torch.no_grad()
+def embed_captions(model, captions: list[list[int]], device: str, batch: int = 1024) -> torch.Tensor:
+    """Embeds captions in length-sorted batches (less padding), returned in input order."""
+    model.eval()
+    order = sorted(range(len(captions)), key=lambda k: len(captions[k]))
+    out = torch.empty(len(captions), model.config.embed_dim, device=device)
+    for s in range(0, len(order), batch):
+        idx = order[s:s + batch]
+        tokens, lengths = pad_batch([captions[k] for k in idx])
+        out[torch.tensor(idx, device=device)] = model.text(tokens.to(device), lengths)
+    return out

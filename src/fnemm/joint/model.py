@@ -1,0 +1,107 @@
+"""The joint embedding: a GRU caption encoder and a linear image encoder.
+
+Both sides end L2-normalised (so cosine similarity is a dot product) and, for
+the order-embedding variants, take the absolute value (Vendrov et al.).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from fnemm.joint.config import ModelConfig
+
+
+def l2_normalize(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True).clamp(min=eps)
+
+
+class LayerNormGRU(nn.Module):
+    """A one-layer GRU whose gate pre-activations are layer-normalised at every
+    step (Ba, Kiros & Hinton 2016, Sec. 3.1 applied to the GRU): the input and
+    recurrent projections are normalised separately, each with its own gain and
+    bias. Slower than cuDNN/MKL's fused GRU, since it loops over time in Python.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.x2h = nn.Linear(input_size, 3 * hidden_size, bias=False)
+        self.h2h = nn.Linear(hidden_size, 3 * hidden_size, bias=False)
+        self.ln_x = nn.LayerNorm(3 * hidden_size)
+        self.ln_h = nn.LayerNorm(3 * hidden_size)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Final hidden state at each sequence's true length; x is (batch, time, in)."""
+        batch, steps, _ = x.shape
+        h = x.new_zeros(batch, self.hidden_size)
+        gx_all = self.ln_x(self.x2h(x))                     # all steps at once
+        for t in range(steps):
+            gx = gx_all[:, t]
+            gh = self.ln_h(self.h2h(h))
+            rx, zx, nx = gx.chunk(3, dim=1)
+            rh, zh, nh = gh.chunk(3, dim=1)
+            r = torch.sigmoid(rx + rh)
+            z = torch.sigmoid(zx + zh)
+            n = torch.tanh(nx + r * nh)
+            h_new = (1 - z) * n + z * h
+            # Sequences already finished keep their last state (padding is ignored).
+            alive = (lengths > t).unsqueeze(1).to(x.dtype)
+            h = alive * h_new + (1 - alive) * h
+        return h
+
+
+class TextEncoder(nn.Module):
+    def __init__(self, vocab_size: int, word_dim: int, embed_dim: int,
+                 use_abs: bool = False, layer_norm: bool = False):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, word_dim, padding_idx=0)
+        self.use_abs = use_abs
+        self.layer_norm = layer_norm
+        if layer_norm:
+            self.rnn = LayerNormGRU(word_dim, embed_dim)
+        else:
+            self.rnn = nn.GRU(word_dim, embed_dim, batch_first=True)
+        nn.init.uniform_(self.embed.weight, -0.1, 0.1)
+
+    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens)
+        if self.layer_norm:
+            h = self.rnn(x, lengths.to(x.device))
+        else:
+            packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+            _, h_n = self.rnn(packed)                     # (1, batch, hidden), original order
+            h = h_n[0]
+        h = l2_normalize(h)
+        return h.abs() if self.use_abs else h
+
+
+class ImageEncoder(nn.Module):
+    """Bias-free linear map of the image features into the joint space (input dropout
+    while training, when asked for)."""
+
+    def __init__(self, feature_dim: int, embed_dim: int, use_abs: bool = False, dropout: float = 0.0):
+        super().__init__()
+        self.fc = nn.Linear(feature_dim, embed_dim, bias=False)
+        self.use_abs = use_abs
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        nn.init.xavier_uniform_(self.fc.weight)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        v = l2_normalize(self.fc(self.dropout(features.float())))
+        return v.abs() if self.use_abs else v
+
+
+class JointEmbedding(nn.Module):
+    def __init__(self, config: ModelConfig, vocab_size: int, feature_dim: int):
+        super().__init__()
+        self.config = config
+        self.feature_dim = feature_dim
+        self.vocab_size = vocab_size
+        self.image = ImageEncoder(feature_dim, config.embed_dim, config.use_abs, config.image_dropout)
+        self.text = TextEncoder(vocab_size, config.word_dim, config.embed_dim,
+                                config.use_abs, config.layer_norm)
+
+    def forward(self, features, tokens, lengths):
+        return self.image(features), self.text(tokens, lengths)

@@ -1,0 +1,111 @@
+"""Training across processes (torch DDP): ``torchrun --nproc-per-node N -m fnemm.cli train ...``.
+
+The paper's batch of 128 pairs is the *global* batch: every process draws the same
+epoch order and captions (the same seed), takes its share of each batch, embeds it,
+and the embeddings of all shares are gathered *with their gradient*, so each
+process's hinge terms see every in-batch negative (the hardest negative of the max
+of hinges may be another process's). Each process scores only its own pairs' rows and
+columns of the batch's score matrix; their sum is the single-process loss, and with
+that local loss multiplied by the number of processes, DDP's gradient averaging gives
+exactly the single-process gradient. Only rank 0 validates and writes.
+
+Backends: gloo on CPU, NCCL on GPUs (one per process, by LOCAL_RANK).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from fnemm.io.errors import FnemmError
+from fnemm.joint.losses import hinge_loss, scores
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world: int
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def from_env(device: str) -> tuple[Dist | None, str]:
+    """(the process group, this process's device) when launched by torchrun with more than
+    one process (WORLD_SIZE > 1), else (None, device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return None, device
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.startswith("cuda"):
+        if torch.cuda.device_count() <= local:
+            raise FnemmError(f"process {rank}: no GPU {local} here ({torch.cuda.device_count()} visible); "
+                             f"start at most as many processes per node as GPUs")
+        device = f"cuda:{local}"
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size()), device
+
+
+def shares(n: int, world: int) -> list[slice]:
+    """Each process's contiguous share of a global batch of ``n`` pairs (sizes differ by at most 1)."""
+    bounds = np.cumsum([0] + [len(part) for part in np.array_split(np.arange(n), world)])
+    return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+class _AllGather(torch.autograd.Function):
+    """Every process's (equal-sized) tensor, stacked; backward: each process gets the sum,
+    over all processes, of the gradient of its own part (an all-reduce, which gloo has;
+    gloo has no reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, local.contiguous())
+        return torch.stack(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[dist.get_rank()]
+
+
+def gather_with_grad(local: torch.Tensor, parts: list[slice]) -> torch.Tensor:
+    """The whole batch's rows from every process's share, differentiable: the gradient of
+    a row flows back to the process that owns it. Shares may differ in size by one."""
+    size = max(p.stop - p.start for p in parts)
+    padded = torch.cat([local, local.new_zeros(size - len(local), *local.shape[1:])]) if len(local) < size else local
+    gathered = _AllGather.apply(padded)
+    return torch.cat([g[:p.stop - p.start] for g, p in zip(gathered, parts)])
+
+
+def sharded_loss(images: torch.Tensor, captions: torch.Tensor, parts: list[slice], rank: int, world: int,
+                 similarity: str, reduction: str, margin: float) -> torch.Tensor:
+    """This process's part of the batch loss, scaled for DDP's averaging: its own pairs'
+    rows (caption negatives) and columns (image negatives) of the whole batch's scores."""
+    all_images = gather_with_grad(images, parts)
+    all_captions = gather_with_grad(captions, parts)
+    return world * hinge_loss(scores(all_images, all_captions, similarity), margin, reduction, pairs=parts[rank])
+
+
+def all_sum(value: float) -> float:
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+def broadcast(obj, src: int = 0):
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier() -> None:
+    dist.barrier()

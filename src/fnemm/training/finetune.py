@@ -1,0 +1,343 @@
+"""Fine-tuning the CNN end to end (VSE++'s second lever), from a converged FC7 run.
+
+    images -> CNN (the last N blocks train, the rest frozen) -> the baseline layer,
+    pooled and L2-normalised (exactly a store's fc7 row) -> the image map  ...  text as before
+
+:func:`finetune` starts from a frozen-feature run trained on ``fc7`` (its best.pt: the
+image map, the text side, the vocabulary) and trains on the images themselves: a
+random-resized crop (torchvision's defaults, on the image as extraction resizes it,
+256 x 256) and a horizontal flip per training image, drawn from (seed, epoch, image) so
+that a resumed run, and each process of a DDP run, sees the same crops; validation
+embeds the 10 crops extraction
+uses, averaged. The CNN's trained blocks learn at ``cnn_lr_scale`` x the stage's
+learning rate; batch-norm statistics stay frozen unless ``train_bn``.
+
+The run folder gets ``cnn.pt`` (fnemm.features.cnn.finetuned: the fine-tuned network, usable
+as ``fnemm extract --weights RUN/cnn.pt``) beside best.pt, which records its sha256
+as the weights its features must come from: evaluation, search and the service then
+take a store extracted with that file, and refuse one made with other weights. FNE
+pipelines on the fine-tuned CNN train on such a store like on any other (its
+statistics and codes come from the fine-tuned network).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from fnemm.joint.checkpoint import checkpoint_file, load_checkpoint, resolve_device
+from fnemm.training.augment import ImageBank, random_resized_crop, readable
+from fnemm.features.cnn import build_cnn
+from fnemm.features.cnn import finetuned as cnn_file
+from fnemm.training.trunk import Trunk
+from fnemm.joint.config import FinetuneConfig, TrainConfig, validate
+from fnemm.joint.inputs import SplitData, embed_captions, split_data
+from fnemm.datasets import Dataset
+from fnemm.io.errors import FnemmError
+from fnemm.features.images import resolve_paths
+from fnemm.features.store import load_features
+from fnemm.io.files import atomic_write_bytes, locate, read_json
+from fnemm.features.fne import RESIZE
+from fnemm.eval.metrics import evaluate_embeddings
+from fnemm.io.progress import say
+from fnemm.training.trainer import Trainer
+
+class FineTuneModel(nn.Module):
+    """Trunk + joint embedding: what DDP wraps and an optimiser steps."""
+
+    def __init__(self, trunk: Trunk, joint: nn.Module, amp: bool):
+        super().__init__()
+        self.trunk, self.joint, self.amp = trunk, joint, amp
+
+    def forward(self, pixels, tokens, lengths):
+        cuda = pixels.device.type == "cuda"
+        with torch.autocast("cuda", dtype=torch.bfloat16) if self.amp and cuda else contextlib.nullcontext():
+            features = self.trunk(pixels)
+        return self.joint(features.float(), tokens, lengths)
+
+
+# --- the trainer ------------------------------------------------------------------------
+
+class FineTuner(Trainer):
+    """A Trainer whose image side is a CNN reading photos (see the module's docstring)."""
+
+    def __init__(self, config: TrainConfig, train: SplitData, val: SplitData, vocab, out_dir: Path,
+                 trunk: Trunk, banks: dict[str, ImageBank], start: dict, device: str = "cpu",
+                 quiet: bool = False, run_info: dict | None = None, checkpoint_every: float = 120.0,
+                 dist=None, export: dict | None = None):
+        self.trunk, self.banks, self.export, self.start = trunk, banks, export or {}, start
+        self.n_crops = int(self.export.get("crops", 10))
+        super().__init__(config, train, val, vocab, out_dir, device, quiet, run_info, checkpoint_every, dist)
+
+    def _build_net(self) -> nn.Module:
+        self.model.load_state_dict(self.start["model"])      # the converged frozen-feature run
+        self.trunk.to(self.device)
+        return self._distribute(FineTuneModel(self.trunk, self.model, self.config.finetune.amp).to(self.device))
+
+    def _new_optimizer(self) -> torch.optim.Optimizer:
+        head = super()._new_optimizer()
+        stage = min(self.state.stage, len(self.config.stages) - 1)
+        lr = self.config.stages[stage].lr * self.config.finetune.cnn_lr_scale
+        head.add_param_group({"params": self.trunk.trained_parameters(), "lr": lr, "weight_decay": 0.0})
+        return head
+
+    def _parameters(self):
+        return [*self.model.parameters(), *self.trunk.trained_parameters()]
+
+    def _batch_images(self, idx: np.ndarray) -> torch.Tensor:
+        # each image's crop a function of (seed, epoch, image) alone: a resumed run, and every
+        # process of a DDP run (which draws only its share), see the single run's crops
+        scale = (self.config.finetune.crop_scale, 1.0)
+        boxes = [random_resized_crop(np.random.default_rng((self.config.seed, self.state.epoch, int(k))), RESIZE, scale)
+                 for k in idx]
+        return torch.from_numpy(self.banks["train"].augmented(idx, boxes)).to(self.device)
+
+    def val_features(self) -> np.ndarray:
+        bank, per = self.banks["val"], 32          # images per pass (x 10 crops)
+        return np.concatenate([self.trunk.features(bank.eval_crops(self.n_crops, s, min(s + per, len(bank))),
+                                                   self.n_crops, self.device)
+                               for s in range(0, len(bank), per)])
+
+    def _validate(self) -> dict:
+        captions, owner = self.val_data.eval_captions(self.config.eval_captions)
+        with torch.no_grad():
+            self.model.eval()
+            img = self.model.image(torch.from_numpy(self.val_features()).to(self.device))
+        cap = embed_captions(self.model, captions, self.device)
+        return evaluate_embeddings(img, cap, owner, self.config.model.similarity)
+
+    def _payload(self) -> dict:
+        return {**super()._payload(), "cnn": self.trunk.trained_state()}
+
+    def _restore_more(self, ckpt: dict) -> None:
+        self.trunk.load_trained_state(ckpt["cnn"])
+
+    # best.pt and cnn.pt: cnn.pt first, then best.pt naming its sha256 (a kill in between
+    # leaves a cnn.pt newer than best.pt, which sync_export re-creates from best.pt)
+    def _cnn_bytes(self, epoch: int) -> bytes:
+        return cnn_file.to_bytes(self.export["cnn"], self.trunk.net.state_dict(), self.trunk.info,
+                                 self.trunk.preprocess.to_dict(),
+                                 {"epoch": epoch, "blocks": self.trunk.blocks, "from": self.export.get("from")})
+
+    def _best_payload(self) -> dict:
+        data = self._cnn_bytes(self.state.epoch)
+        if self.main:
+            atomic_write_bytes(self.out / "cnn.pt", data)
+        payload = self._payload()
+        sha = hashlib.sha256(data).hexdigest()
+        producer = {**payload["features"].get("producer", {}), "weights": str((self.out / "cnn.pt").resolve()),
+                    "weights_sha256": sha, "weights_format": "fnemm-cnn"}
+        payload["features"] = {**payload["features"], "producer": producer}
+        payload["cnn_sha256"] = sha
+        return payload
+
+    def sync_export(self) -> str:
+        """Make cnn.pt the CNN of best.pt (after a kill between the two writes); its sha256."""
+        best = torch.load(self.out / "best.pt", map_location="cpu", weights_only=False)
+        path = self.out / "cnn.pt"
+        if path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == best["cnn_sha256"]:
+            return best["cnn_sha256"]
+        current = self.trunk.trained_state()
+        self.trunk.load_trained_state(best["cnn"])
+        data = self._cnn_bytes(best["epoch"])
+        self.trunk.load_trained_state(current)
+        if hashlib.sha256(data).hexdigest() != best["cnn_sha256"]:
+            raise FnemmError(f"{path}: cannot be re-created as best.pt recorded it; fine-tune again in a new --out")
+        atomic_write_bytes(path, data)
+        return best["cnn_sha256"]
+
+    def _fit(self, resume: bool) -> dict:
+        summary = super()._fit(resume)
+        if self.main:
+            summary["cnn_sha256"] = self.sync_export()
+        return summary
+
+
+# --- the entry point ----------------------------------------------------------------------
+
+FINETUNABLE = {"mobilenet_v2": "mobilenet_v2_float"}     # int8-grid rounding has no useful gradient
+
+
+def start_run(path: str | Path) -> tuple[dict, Path, dict]:
+    """(the start run's best.pt, its feature store, that store's manifest), checked."""
+    model, vocab, config, ckpt = load_checkpoint(path)
+    where = checkpoint_file(path)
+    if config.features != "fc7":
+        raise FnemmError(f"{where}: trained on {config.features} features; fine-tuning starts from a run on the "
+                         f"baseline layer (features=fc7, e.g. a FC7-MH preset)")
+    if config.finetune is not None:
+        raise FnemmError(f"{where}: already a fine-tuning run; to continue it use --out {where.parent} --resume")
+    source = (ckpt.get("features") or {}).get("source")
+    store = Path(source) if source else None
+    if store is None or not (store / "manifest.json").is_file():
+        raise FnemmError(f"{where}: its feature store ({source}) is not there; fine-tuning reads the images and "
+                         f"CNN it names. Pass --features STORE (the store the run was trained on)")
+    return ckpt, store, read_json(store / "manifest.json", "re-run `fnemm extract`")
+
+
+def finetune_config(start: str | Path, overrides: list[str] | tuple = ()) -> TrainConfig:
+    """The config of a fine-tuning run from ``start``: the start run's (its model, loss,
+    margin, learning rate, batch, seed), the curriculum's last stage only, ``finetune``
+    at its defaults; then ``overrides`` (``finetune.blocks=3``, ``stages.max_epochs=10``...)."""
+    from fnemm.joint.config import apply_overrides
+    _, _, base, ckpt = load_checkpoint(start)
+    config = replace(base, stages=base.stages[-1:], finetune=FinetuneConfig())
+    return apply_overrides(config, list(overrides))
+
+
+def _start_cnn(name: str, store: Path, manifest: dict, feature_dim: int):
+    """The CNN to fine-tune, built with the weights the start store was extracted with."""
+    if name in FINETUNABLE:
+        raise FnemmError(f"--cnn {name}: its activations are rounded to the int8 grid, which passes no useful "
+                         f"gradient; pass --finetune-cnn {FINETUNABLE[name]} (the same weights as a float network)")
+    weights = manifest.get("weights")
+    if manifest.get("weights_sha256") and not (weights and Path(weights).is_file()):
+        raise FnemmError(f"{store}: its CNN weights {weights} are not here; fine-tuning starts from them")
+    built = build_cnn(name, weights if manifest.get("weights_sha256") else None)
+    if manifest.get("weights_sha256") and built.info.get("weights_sha256") != manifest["weights_sha256"]:
+        raise FnemmError(f"--finetune-cnn {name}: not the weights {store} was extracted with")
+    if built.baseline.channels != feature_dim:
+        raise FnemmError(f"--finetune-cnn {name}: its baseline layer has {built.baseline.channels} features, the "
+                         f"start run's image map takes {feature_dim}")
+    return built
+
+
+def _photo_splits(dataset: Dataset, feats, vocab, folder: Path, config: TrainConfig, workers: int):
+    """(train and val data, their photo banks, {image: why} of the photos that cannot be read)."""
+    splits, banks, skipped = {}, {}, {}
+    for split in ("train", "val"):
+        data = split_data(dataset, feats, vocab, split)
+        ok, bad = readable(resolve_paths(folder, data.image_ids))
+        skipped.update({data.image_ids[k]: why for k, why in bad.items()})
+        if len(ok) < len(data):
+            data = SplitData([data.image_ids[k] for k in ok], data.features[ok], [data.captions[k] for k in ok])
+        if split == "val" and config.val_images and len(data) > config.val_images:
+            data = data.head(config.val_images)
+        if len(data) < 2:
+            raise FnemmError(f"{folder}: fewer than 2 readable {split} images; check --images")
+        splits[split] = data
+        banks[split] = ImageBank(resolve_paths(folder, data.image_ids), workers)
+    return splits, banks, skipped
+
+
+def finetune(start: str | Path, dataset: Dataset, out_dir: str | Path, *, config: TrainConfig | None = None,
+             images: str | Path | None = None, features: str | Path | None = None, cnn: str | None = None,
+             resume: bool = False, device: str = "cpu", quiet: bool = False, workers: int = 4,
+             checkpoint_every: float = 120.0, run_info: dict | None = None) -> dict:
+    """Fine-tune the CNN of the FC7 run ``start`` on ``dataset``'s photos into ``out_dir``.
+
+    ``config``: default :func:`finetune_config` (the start run's). ``images``: the photos
+    (default: the folder the start store was extracted from). ``cnn``: the network to
+    fine-tune (default: the store's; the int8-grid ``mobilenet_v2`` must be named as
+    ``mobilenet_v2_float``, the same weights as a float network)."""
+    from fnemm.training import distributed
+    device = resolve_device(device)
+    ckpt, store, manifest = start_run(start)
+    if features is not None:
+        store, manifest = Path(features), read_json(Path(features) / "manifest.json", "re-run `fnemm extract`")
+    name = cnn or manifest["cnn"]
+    built = _start_cnn(name, store, manifest, ckpt["feature_dim"])
+    base = TrainConfig.from_dict(ckpt["config"])
+    if config is None:
+        config = finetune_config(start)
+    elif config.finetune is None:
+        config = replace(config, finetune=FinetuneConfig())
+    if config.model != base.model:
+        raise FnemmError("the model's shape (model.*) comes from the start run; fine-tuning cannot change it")
+    validate(config)
+    trunk = Trunk(built, config.finetune.blocks, config.finetune.train_bn)
+
+    from fnemm.joint.text import Vocab
+    vocab = Vocab(ckpt["vocab"], config.max_caption_tokens)
+    feats = load_features(store, "fc7")
+    folder = Path(images) if images else locate(store, manifest.get("images_dir_relative"), manifest.get("images_dir"))
+    if folder is None or not folder.is_dir():
+        raise FnemmError(f"{store}: the images it was extracted from ({manifest.get('images_dir')}) are not there; "
+                         f"pass --images DIR")
+    splits, banks, skipped = _photo_splits(dataset, feats, vocab, folder, config, workers)
+    if skipped:
+        k, why = next(iter(skipped.items()))
+        print(f"fnemm: warning: {len(skipped)} image(s) cannot be read and are left out of fine-tuning "
+              f"(e.g. {k}: {why}); listed in run.json", file=sys.stderr)
+    dist, device = distributed.from_env(device)
+    producer = {k: manifest[k] for k in ("preprocess", "input_size", "resize", "crop", "crops", "taps", "groups",
+                                         "baseline") if k in manifest}
+    producer.update({"cnn": name, **({"quant": built.info["quant"]} if "quant" in built.info else {})})
+    producer.pop("groups", None)
+    start_file = checkpoint_file(start)
+    run_info = dict(run_info or {})
+    if "label" not in run_info:                   # the start run's name + "-ft" (FC7-MH-ft)
+        from fnemm.training.folders import label_of, run_preset
+        home = start_file.parent
+        label = read_json(home / "run.json", "").get("label") if (home / "run.json").exists() else None
+        run_info["label"] = f"{label or label_of(run_preset(home), home)}-ft"
+    info = {"dataset": dataset.name, "n_train": len(splits["train"]), "n_val": len(splits["val"]),
+            "features": {"source": str(store), "kind": "fc7", "dim": trunk.dim, "producer": producer},
+            "finetune": {"from": str(start_file.resolve()), "from_sha256": hashlib.sha256(
+                start_file.read_bytes()).hexdigest(), "cnn": name, "images_dir": str(folder.resolve()),
+                         "skipped": skipped, "trained_modules": trunk.trained_modules},
+            **{k: v for k, v in (run_info or {}).items() if k not in ("features", "finetune")}}
+    trainer = FineTuner(config, splits["train"], splits["val"], vocab, Path(out_dir), trunk, banks, ckpt, device,
+                        quiet, info, checkpoint_every, dist,
+                        export={"cnn": name, "crops": int(manifest.get("crops", 10)), "from": str(start_file)})
+    summary = trainer.fit(resume=resume)
+    if not quiet and (dist is None or dist.main):
+        say(f"fine-tuned CNN: {Path(out_dir) / 'cnn.pt'} (sha256 {summary.get('cnn_sha256', '')[:12]}...)")
+    return summary
+
+
+def finetune_seeds(start: str | Path, dataset: Dataset, out: str | Path, seeds: int | None = None,
+                   overrides: list[str] | tuple = (), log=None, resume: bool = False, **kwargs) -> list[dict]:
+    """Fine-tune every seed of a seeds folder ``start`` (seed-K -> ``out``/seed-K; the first
+    ``seeds`` of them), or the single run ``start`` into ``out``."""
+    from fnemm.training.folders import seed_dirs
+    start = Path(start)
+    runs = seed_dirs(start) if start.is_dir() and not (start / "best.pt").exists() else [start]
+    if seeds is not None:
+        if seeds > len(runs):
+            raise FnemmError(f"--seeds {seeds}: {start} holds {len(runs)} run(s) to fine-tune")
+        runs = runs[:seeds]
+    if runs != [start]:                  # run.json says how many, so --resume starts the same number
+        kwargs["run_info"] = {**(kwargs.get("run_info") or {}), "seeds": len(runs)}
+    summaries = []
+    for run in runs:
+        target = Path(out) / run.name if run != start else Path(out)      # a seeds folder: seed-K -> seed-K
+        if log:
+            log(f"--- fine-tuning {run} -> {target}")
+        summaries.append(finetune(run, dataset, target, config=finetune_config(run, overrides),
+                                  resume=resume and (target / "last.pt").exists(), **kwargs))
+    return summaries
+
+
+def resume_finetune(out: str | Path, dataset=None, device: str = "cpu", quiet: bool = False,
+                    checkpoint_every: float = 120.0) -> dict:
+    """Continue the fine-tuning run in ``out`` from its folder (run.json names its start
+    run, CNN, photos and store; the start run must be unchanged)."""
+    from fnemm.training.folders import saved_config, saved_info
+    out = Path(out)
+    config, info = saved_config(out), saved_info(out)
+    ft = info.get("finetune") or {}
+    start = Path(ft.get("from", ""))
+    if not start.is_file():
+        raise FnemmError(f"{out}: the run it fine-tunes from ({start}) is not there; it is needed to resume")
+    if hashlib.sha256(start.read_bytes()).hexdigest() != ft.get("from_sha256"):
+        raise FnemmError(f"{start}: changed since {out} started fine-tuning from it; start a new --out")
+    if dataset is None:
+        args = info.get("args") or {}
+        if not args.get("dataset"):
+            raise FnemmError(f"{out / 'run.json'}: does not say which dataset it was trained on; pass --dataset")
+        dataset = args["dataset"]
+    if not isinstance(dataset, Dataset):
+        from fnemm.datasets import load_dataset
+        dataset = load_dataset(dataset)
+    keep = {k: v for k, v in info.items() if k in ("preset", "overrides", "args", "label")}
+    return finetune(start, dataset, out, config=config, images=ft.get("images_dir"),
+                    features=(info.get("features") or {}).get("source"), cnn=ft.get("cnn"), resume=True,
+                    device=device, quiet=quiet, checkpoint_every=checkpoint_every, run_info=keep)

@@ -1,0 +1,186 @@
+"""Run folders: what ``fnemm train`` writes into one, and reading it back.
+
+A run folder holds one training run::
+
+    config.json        the resolved TrainConfig          run.json      what it was trained on
+    best.pt, last.pt   checkpoints (fnemm.joint.checkpoint)    metrics.jsonl one line per epoch
+    metrics-SPLIT.json what `fnemm evaluate` measured on SPLIT    ranks-SPLIT.jsonl  its per-query ranks
+
+and a seeds folder holds ``seed-0/``, ``seed-1/``... of them. Everything that reads a
+folder back (its seeds, config, inputs, epochs, metrics) is here; what trains or
+evaluates runs is in fnemm.training.runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fnemm.datasets import Dataset, load_dataset
+from fnemm.features.store import Features, load_features
+from fnemm.io.errors import FnemmError
+from fnemm.io.files import atomic_write_json, atomic_write_text, read_json
+from fnemm.joint.config import TrainConfig
+
+
+def seed_dirs(path: str | Path) -> list[Path]:
+    """The runs of a folder: its seed-N subfolders (sorted by N), or the folder itself."""
+    path = Path(path)
+    seeds = sorted((p for p in path.glob("seed-*") if p.is_dir() and p.name[5:].isdigit()),
+                   key=lambda p: int(p.name[5:]))
+    return seeds or [path]
+
+
+def count_seeds(path: str | Path) -> int:
+    """How many seed-N subfolders ``path`` holds (0 for a single run)."""
+    return len([p for p in seed_dirs(path) if p != Path(path)])
+
+
+def metrics_path(run: Path, split: str) -> Path:
+    """Where ``fnemm evaluate`` keeps a run's metrics on ``split``."""
+    return Path(run) / f"metrics-{split}.json"
+
+
+def save_metrics(target: Path, split: str, checkpoint: str | Path, results: dict) -> None:
+    atomic_write_json(target, {"split": split, "checkpoint": str(checkpoint), "results": results})
+
+
+def ranks_path(run: Path, split: str) -> Path:
+    """Where ``fnemm evaluate`` keeps a run's per-query ranks on ``split`` (JSON lines)."""
+    return Path(run) / f"ranks-{split}.jsonl"
+
+
+def save_ranks(target: Path, ranks: dict) -> None:
+    """One line per query: {"query": "image", "image", "rank"} (annotation: the rank of the
+    image's best caption) and {"query": "caption", "image", "caption", "rank"} (retrieval)."""
+    images = ranks["images"]
+    lines = [json.dumps({"query": "image", "image": i, "rank": r}) for i, r in zip(images, ranks["i2t"])]
+    seen: dict[int, int] = {}
+    for owner, r in zip(ranks["caption_image"], ranks["t2i"]):
+        seen[owner] = seen.get(owner, 0) + 1
+        lines.append(json.dumps({"query": "caption", "image": images[owner], "caption": seen[owner], "rank": r}))
+    atomic_write_text(target, "\n".join(lines) + "\n")
+
+
+def load_ranks(run: Path, split: str) -> dict | None:
+    """The per-query ranks saved for ``split`` (as :func:`save_ranks` writes them), or None."""
+    path = ranks_path(run, split)
+    if not path.exists():
+        return None
+    images, i2t, t2i, owner, row = [], [], [], [], {}
+    for n, line in enumerate(path.read_bytes().decode("utf-8", "replace").splitlines(), 1):
+        try:
+            rec = json.loads(line)
+            if rec["query"] == "image":
+                row[rec["image"]] = len(images)
+                images.append(rec["image"])
+                i2t.append(int(rec["rank"]))
+            else:
+                owner.append(row[rec["image"]])
+                t2i.append(int(rec["rank"]))
+        except (ValueError, KeyError, TypeError):
+            raise FnemmError(f"{path}:{n}: not a rank record; evaluate the run again") from None
+    return {"images": images, "i2t": i2t, "t2i": t2i, "caption_image": owner}
+
+
+def load_metrics(run: Path, split: str) -> dict:
+    """{protocol: metrics} that ``fnemm evaluate`` saved for ``split``."""
+    path = metrics_path(run, split)
+    fix = f"evaluate it again: fnemm evaluate --checkpoint {run} --split {split} ..."
+    if not path.exists():
+        raise FnemmError(f"{path}: not evaluated yet; run `fnemm evaluate --checkpoint {run} "
+                         f"--split {split} ...` first")
+    results = read_json(path, fix).get("results")
+    if not isinstance(results, dict) or not results or \
+            not all(isinstance(m, dict) and "rsum" in m for m in results.values()):
+        raise FnemmError(f"{path}: no metrics in it; {fix}")
+    return results
+
+
+def epoch_history(run: Path) -> list[dict]:
+    """A run's metrics.jsonl records, one per epoch ([] when it has none yet)."""
+    history = Path(run) / "metrics.jsonl"
+    if not history.exists():
+        return []
+    out = []
+    for n, line in enumerate(history.read_bytes().decode("utf-8", "replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            float(rec["val"]["rsum"])
+            out.append(rec)
+        except (ValueError, KeyError, TypeError):
+            raise FnemmError(f"{history}:{n}: not an epoch record; the run folder is damaged "
+                             f"(resume it with `fnemm train --out {run} --resume`)") from None
+    return out
+
+
+def val_curve(run: Path) -> list[float]:
+    """Validation rsum per epoch from a run's metrics.jsonl ([] when it has none yet)."""
+    return [float(rec["val"]["rsum"]) for rec in epoch_history(run)]
+
+
+def training_summary(run: Path) -> dict:
+    """How a run trained: epochs, the best epoch (by validation rsum), the seconds its
+    epochs took (training and validation) and the epochs each stage ran."""
+    history = epoch_history(run)
+    best = max(history, key=lambda r: float(r["val"]["rsum"]), default=None)
+    stages: dict[int, int] = {}
+    for rec in history:
+        stages[int(rec.get("stage", 1))] = stages.get(int(rec.get("stage", 1)), 0) + 1
+    return {"epochs": len(history), "best_epoch": int(best["epoch"]) if best else 0,
+            "best_val_rsum": float(best["val"]["rsum"]) if best else None,
+            "seconds": float(sum(float(r.get("time_s", 0.0)) for r in history)),
+            "stage_epochs": [stages[k] for k in sorted(stages)]}
+
+
+def saved_config(run: Path) -> TrainConfig:
+    """The config a run was started with (its config.json)."""
+    d = read_json(Path(run) / "config.json", "the run folder is damaged; start a new --out")
+    try:
+        return TrainConfig.from_dict(d)
+    except (TypeError, ValueError, KeyError) as e:
+        raise FnemmError(f"{Path(run) / 'config.json'}: not a config of this fnemm ({e}); start a new --out") from None
+
+
+def saved_info(run: Path) -> dict:
+    """What a run was trained on (its run.json: preset, dataset and features arguments)."""
+    return read_json(Path(run) / "run.json", "the run folder is damaged; start a new --out")
+
+
+def run_preset(run: Path) -> str | None:
+    """The preset a run was trained from: its run.json says, else its best.pt."""
+    if (run / "run.json").exists():
+        return saved_info(run).get("preset")
+    if (run / "best.pt").exists():
+        from fnemm.joint.checkpoint import read_checkpoint
+        return read_checkpoint(run / "best.pt").get("preset")
+    return None
+
+
+def label_of(preset: str | None, path: Path) -> str:
+    """A run's name in a table: its preset's pipeline (FNE-MH), else its folder's name."""
+    return preset.split("/")[-1] if preset else path.name
+
+
+def run_inputs(run: Path, config: TrainConfig, dataset, features, ids=None) -> tuple[Dataset, Features]:
+    """The run's dataset and features: as given (loaded, or paths: e.g. moved since), else
+    where its run.json says they were."""
+    args = saved_info(run).get("args") or {}
+    if isinstance(dataset, (str, Path, list)):
+        dataset = load_dataset(dataset)
+        if args.get("restval"):
+            dataset = dataset.with_restval()
+    if isinstance(features, (str, Path)):
+        features = load_features(features, config.features, ids)
+    if dataset is None:
+        if not args.get("dataset"):
+            raise FnemmError(f"{run / 'run.json'}: does not say which dataset it was trained on; pass --dataset")
+        dataset = load_dataset(args["dataset"])
+        if args.get("restval"):                 # MSCOCO trained with restval
+            dataset = dataset.with_restval()
+    if features is None:
+        if not args.get("features"):
+            raise FnemmError(f"{run / 'run.json'}: does not say which features it was trained on; pass --features")
+        features = load_features(args["features"], config.features, args.get("ids"))
+    return dataset, features

@@ -1,0 +1,226 @@
+"""study.md and study.png of ``fnemm study``: the table with intervals and p-values, a
+few sentences that read it, and a plot of every variant's test rsum."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from fnemm.io.files import atomic_path, atomic_write_text
+from fnemm_studies.stats import Comparison, format_p, t_ppf
+
+ALPHA = 0.05
+
+
+def _cmp(entry: dict, other: str) -> Comparison | None:
+    c = entry.get(f"vs_{other}")
+    return Comparison(**c) if c else None
+
+
+def _cell(c: Comparison | None) -> str:
+    if c is None:
+        return "–"
+    if c.n < 2:
+        return f"{c.mean:+.1f}"
+    mark = " *" if c.p < ALPHA else ""
+    return f"{c.mean:+.1f} [{c.low:+.1f}, {c.high:+.1f}], {format_p(c.p)}{mark}"
+
+
+def table(results: list[dict], cnn: str, size: int, about: dict[str, str]) -> str:
+    lines = ["| variant | what | runs | test rsum | i2t R@1 | t2i R@1 | vs baseline | vs paper's FNE |",
+             "|---|---|---:|---:|---:|---:|---|---|"]
+    for e in results:
+        if e["cnn"] != cnn or e["train_images"] != size:
+            continue
+        spread = f" ± {e['rsum_std']:.1f}" if e["runs"] > 1 else ""
+        if "rsum_interval" in e:
+            spread += f" [{e['rsum_interval'][0]:.1f}, {e['rsum_interval'][1]:.1f}]"
+        lines.append(f"| {e['variant']} | {about.get(e['variant'], '')} | {e['runs']} | "
+                     f"{e['rsum_mean']:.1f}{spread} | {e['i2t_r1']:.1f} | {e['t2i_r1']:.1f} | "
+                     f"{_cell(_cmp(e, 'baseline'))} | {_cell(_cmp(e, 'fne'))} |")
+    return "\n".join(lines)
+
+
+def recalls(results: list[dict], cnn: str, size: int, paper: dict | None = None) -> str:
+    """Every recall, as the paper's tables give them (mean over the runs), with the paper's
+    own rows (``paper``: {label: its 8 numbers}) below when given."""
+    lines = ["| variant | runs | i2t R@1 | R@5 | R@10 | Med r | t2i R@1 | R@5 | R@10 | Med r | rsum |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for e in results:
+        if e["cnn"] == cnn and e["train_images"] == size and "i2t_r5" in e:
+            cells = [f"{e[k]:.1f}" for k in ("i2t_r1", "i2t_r5", "i2t_r10", "i2t_medr",
+                                             "t2i_r1", "t2i_r5", "t2i_r10", "t2i_medr")]
+            lines.append(f"| {e['variant']} | {e['runs']} | " + " | ".join(cells) + f" | {e['rsum_mean']:.1f} |")
+    for label, row in (paper or {}).items():
+        rsum = sum(row[k] for k in (0, 1, 2, 4, 5, 6))
+        lines.append(f"| *{label}* | – | " + " | ".join(f"{v:g}" for v in row) + f" | {rsum:.1f} |")
+    return "\n".join(lines)
+
+
+def training(results: list[dict], cnn: str, size: int) -> str:
+    """How the runs trained: epochs per seed (and per stage), the best epoch, hours."""
+    lines = ["| variant | epochs (per run) | epochs per stage | best epoch | hours (all runs) |",
+             "|---|---|---|---|---:|"]
+    for e in results:
+        if e["cnn"] == cnn and e["train_images"] == size and "training" in e:
+            t = e["training"]
+            lines.append(f"| {e['variant']} | {', '.join(map(str, t['epochs']))} | "
+                         f"{'; '.join('+'.join(map(str, x)) for x in t['stage_epochs'])} | "
+                         f"{', '.join(map(str, t['best_epoch']))} | {t['hours']:.1f} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def reading(results: list[dict], cnn: str, size: int) -> list[str]:
+    """Sentences that say what the table shows for one CNN."""
+    rows = [e for e in results if e["cnn"] == cnn and e["train_images"] == size]
+    by = {e["variant"]: e for e in rows}
+    if "baseline" not in by or "fne" not in by:
+        return []
+    out = []
+    fne = _cmp(by["fne"], "baseline")
+    if fne is not None and fne.n >= 2:
+        verdict = ("beats" if fne.mean > 0 else "loses to") if fne.p < ALPHA else "is not distinguishable from"
+        out.append(f"The paper's FNE {verdict} the baseline: {fne.format()} rsum ({fne.method}).")
+    better = [e for e in rows if e["variant"] != "baseline" and (c := _cmp(e, "baseline")) and c.n >= 2
+              and c.p < ALPHA and c.mean > 0]
+    worse = [e for e in rows if e["variant"] != "baseline" and (c := _cmp(e, "baseline")) and c.n >= 2
+             and c.p < ALPHA and c.mean < 0]
+    tested = [e for e in rows if e["variant"] != "baseline" and (c := _cmp(e, "baseline")) and c.n >= 2]
+    if tested:
+        worse_text = f"{len(worse)} {'is' if len(worse) == 1 else 'are'} significantly worse"
+        if better:
+            names = ", ".join(f"{e['variant']} ({_cmp(e, 'baseline').mean:+.1f})" for e in better)
+            out.append(f"{len(better)} of the {len(tested)} variants tested beat the baseline at "
+                       f"p < {ALPHA}: {names}; {worse_text}.")
+        else:
+            out.append(f"None of the {len(tested)} variants tested beats the baseline at "
+                       f"p < {ALPHA}; {worse_text}.")
+    screened = [e["variant"] for e in rows if e["variant"] != "baseline" and e not in tested]
+    if screened:
+        out.append(f"Run once on one split (a screening: no test): {', '.join(screened)}.")
+    best = max(tested, key=lambda e: e["rsum_mean"], default=None)
+    if best is not None:
+        c = _cmp(best, "fne")
+        vs = f", {c.format()} vs the paper's FNE" if c is not None and c.n >= 2 else ""
+        out.append(f"Best variant tested: {best['variant']} ({best['rsum_mean']:.1f} over "
+                   f"{best['runs']} runs vs the baseline's {by['baseline']['rsum_mean']:.1f}{vs}).")
+    return out
+
+
+def curve(results: list[dict], cnn: str) -> str:
+    """The learning curve as a table: rsum per training size for the curve's variants."""
+    sizes = sorted({e["train_images"] for e in results if e["cnn"] == cnn})
+    if len(sizes) < 2:
+        return ""
+    names = sorted({e["variant"] for e in results if e["cnn"] == cnn and e["train_images"] == sizes[0]})
+    lines = ["| training images | " + " | ".join(names) + " | FNE - baseline |",
+             "|---:|" + "---:|" * (len(names) + 1)]
+    for size in sizes:
+        by = {e["variant"]: e for e in results if e["cnn"] == cnn and e["train_images"] == size}
+        cells = [f"{by[n]['rsum_mean']:.1f} ± {by[n]['rsum_std']:.1f}" if n in by else "–" for n in names]
+        diff = _cmp(by["fne"], "baseline") if "fne" in by else None
+        lines.append(f"| {size} | " + " | ".join(cells) + f" | {_cell(diff)} |")
+    return "\n".join(lines)
+
+
+def trend_lines(trends: list[dict], cnn: str) -> list[str]:
+    """A sentence per variant: how its gap to the baseline moves per doubling of the
+    training images, where the curves cross (if they do), and (a rough, linear-in-log
+    extrapolation) where a closing gap would close."""
+    out = []
+    for t in trends:
+        if t["cnn"] != cnn:
+            continue
+        c = Comparison(**t["per_doubling"])
+        sizes = sorted(int(k) for k in t["gap"])
+        last = t["gap"][str(sizes[-1])]
+        path = " -> ".join(f"{t['gap'][str(n)]:+.1f}" for n in sizes)
+        line = (f"{t['variant']} - baseline: {path} rsum at "
+                f"{', '.join(map(str, sizes))} training images; {c.format()} per doubling ({c.method})")
+        cross = t.get("crossings") or []
+        if cross:
+            line += "; the curves cross near " + " and ".join(f"{x:,.0f}" for x in cross) + " training images"
+        elif c.n >= 2 and last < 0 < c.mean and c.p < ALPHA:
+            line += (f"; at that rate the gap would close near {sizes[-1] * 2 ** (-last / c.mean):,.0f} training "
+                     f"images (a linear extrapolation in log size: a rough indication only)")
+        else:
+            line += "; the curves do not cross between these sizes"
+        out.append(line + ".")
+    return out
+
+
+def plot(results: list[dict], cnns: tuple[str, ...], full: int, path: Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    cnns = [c for c in cnns if any(e["cnn"] == c and e["train_images"] == full for e in results)]
+    fig, axes = plt.subplots(1, max(len(cnns), 1), figsize=(6.5 * max(len(cnns), 1), 6), dpi=100, squeeze=False)
+    for ax, cnn in zip(axes[0], cnns):
+        rows = [e for e in results if e["cnn"] == cnn and e["train_images"] == full]
+        rows.sort(key=lambda e: e["rsum_mean"])
+        y = np.arange(len(rows))
+        half = [t_ppf(0.975, e["runs"] - 1) * e["rsum_std"] / np.sqrt(e["runs"]) if e["runs"] > 1 else 0
+                for e in rows]
+        colours = ["black" if e["variant"] == "baseline" else "C3" if e["variant"] == "fne" else "C0" for e in rows]
+        for k, e in enumerate(rows):
+            ax.errorbar(e["rsum_mean"], y[k], xerr=half[k], fmt="o", color=colours[k], capsize=3)
+        base = next((e["rsum_mean"] for e in rows if e["variant"] == "baseline"), None)
+        if base is not None:
+            ax.axvline(base, color="black", lw=0.8, ls="--")
+        ax.set_yticks(y, [e["variant"] for e in rows])
+        ax.set_xlabel("test rsum (mean over runs, 95% interval)")
+        ax.set_title(f"{cnn}, {full} training images")
+        ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path
+
+
+def method(grid, summary: dict) -> str:
+    """How the comparisons were made, as the summary's comparisons say."""
+    used = {e[k]["method"].split(" over ")[0] for e in summary["results"] for k in ("vs_baseline", "vs_fne") if k in e}
+    t_test = ("a paired t-test over splits (each split's difference averaged over its seeds, since they share its "
+              "test images)")
+    boot = ("a paired bootstrap over the test images (the same resample for both models in every draw; each model's "
+            "seeds resampled too; rsum intervals: bootstrap over the test images and seeds)")
+    how = " and, for rows run on one split, ".join(
+        [t for t, on in ((t_test, grid.splits > 1), (boot, "paired bootstrap" in used or grid.splits == 1)) if on])
+    return f"mean difference in test rsum, its 95% interval and two-sided p-value, from {how}"
+
+
+def write_report(out: Path, summary: dict, grid, dataset, about: dict[str, str], pipelines: tuple[str, str]) -> Path:
+    """study.md (and study.png) in ``out``: ``about`` says what each variant is,
+    ``pipelines`` the presets the variants and the baseline trained."""
+    from fnemm_studies.report import PAPER
+    results, full = summary["results"], summary["full_train_images"]
+    fne, base = pipelines
+    stop = (f"; every stage stops after {grid.patience} epoch{'s' * (grid.patience != 1)} without a better "
+            f"validation rsum" if grid.patience else "")
+    parts = ["# When does the Full-Network Embedding pay off? (fnemm study)\n",
+             f"{dataset.summary()}; {grid.splits} split(s) (split 0: the dataset's own"
+             + ("; the others drawn at random with the same sizes" if grid.splits > 1 else "")
+             + f") x {grid.seeds} seed(s); every variant trains the {fne} pipeline (the baseline {base}){stop}, "
+             f"and is compared with the baseline and with the paper's FNE on the same splits and seeds: "
+             f"{method(grid, summary)}. * marks p < {ALPHA}."]
+    paper = PAPER.get(grid.presets, {})
+    paper_rows = {f"paper {k} (VGG16)": paper[k] for k in ("FC7-MH", "FNE-MH") if k in paper}
+    for cnn in grid.cnns:
+        if not any(e["cnn"] == cnn for e in results):
+            continue
+        parts.append(f"\n## {cnn}\n\n{table(results, cnn, full, about)}\n")
+        parts += [f"- {s}" for s in reading(results, cnn, full)]
+        parts.append(f"\nRecalls ({full} training images):\n\n{recalls(results, cnn, full, paper_rows)}\n")
+        if t := training(results, cnn, full):
+            parts.append(f"How the runs trained:\n\n{t}\n")
+        if c := curve(results, cnn):
+            parts.append(f"\n### Learning curve\n\n{c}\n")
+            parts += [f"- {line}" for line in trend_lines(summary.get("trends", []), cnn)]
+    if results:
+        png = plot(results, grid.cnns, full, out / "study.png")
+        parts.append(f"\n![test rsum per variant]({png.name})\n")
+    path = out / "study.md"
+    atomic_write_text(path, "\n".join(parts) + "\n")
+    return path
