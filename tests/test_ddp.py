@@ -81,3 +81,42 @@ def test_a_two_process_run_ends_where_a_one_process_run_ends(synth, tmp_path):
     assert [h["epoch"] for h in h2] == [1, 2]
     for a, b in zip(h1, h2):
         assert abs(a["loss"] - b["loss"]) < 1e-3 * abs(a["loss"]) and abs(a["val"]["rsum"] - b["val"]["rsum"]) < 1.0
+
+
+def test_collectives_use_the_backends_device(monkeypatch):
+    """NCCL has no CPU tensors: the epoch's loss sum and the broadcasts go through the
+    process's GPU there, through the CPU under gloo (the README's torchrun --device cuda
+    command crashed at the end of its first epoch on a CPU tensor)."""
+    import torch
+    import torch.distributed as dist
+    import fnemm.training.distributed as fd
+    monkeypatch.setattr(dist, "get_backend", lambda *a: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert fd.collective_device() == torch.device("cuda", 3)
+    monkeypatch.setattr(dist, "get_backend", lambda *a: "gloo")
+    assert fd.collective_device() == torch.device("cpu")
+    seen = []
+    monkeypatch.setattr(fd, "collective_device", lambda: seen.append("asked") or torch.device("cpu"))
+    monkeypatch.setattr(dist, "all_reduce", lambda t: seen.append(t.device.type) or t.mul_(2))
+    assert fd.all_sum(1.5) == 3.0
+    monkeypatch.setattr(dist, "broadcast_object_list", lambda box, src, device: seen.append(device.type))
+    assert fd.broadcast({"a": 1}) == {"a": 1}
+    assert seen == ["asked", "cpu", "asked", "cpu"]
+
+
+def test_a_torchrun_group_of_one_process_trains_in_it(monkeypatch):
+    """Under torchrun, even with one process, fnemm joins the process group (so one GPU
+    checks the NCCL path); outside torchrun it trains alone."""
+    import fnemm.training.distributed as fd
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    assert fd.from_env("cpu") == (None, "cpu")
+    calls = []
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setattr(fd.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(fd.dist, "init_process_group", lambda backend: calls.append(backend))
+    monkeypatch.setattr(fd.dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(fd.dist, "get_world_size", lambda: 1)
+    group, device = fd.from_env("cpu")
+    assert calls == ["gloo"] and group.world == 1 and group.main and device == "cpu"

@@ -2,10 +2,13 @@
 bundled photos, exact resume after kill -9, the exported CNN through `fnemm extract`,
 deterministic augmentation, and clear errors."""
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -133,11 +136,11 @@ def test_finetune_run_export_and_features_through_extract(capsys, start, tmp_pat
                              "--quiet", "--threads", "1")
     assert code == 0, err
     assert (out / "cnn.pt").is_file() and "fnemm extract --cnn mobilenet_v2_float" in printed
-    best = torch.load(out / "best.pt", weights_only=False)
+    best = torch.load(out / "best.pt", weights_only=True)
     assert best["config"]["finetune"]["blocks"] == 2 and best["cnn"]
     import hashlib
     assert best["cnn_sha256"] == hashlib.sha256((out / "cnn.pt").read_bytes()).hexdigest()
-    start_ckpt = torch.load(run_dir / "best.pt", weights_only=False)
+    start_ckpt = torch.load(run_dir / "best.pt", weights_only=True)
     moved = [k for k in best["model"] if not torch.equal(best["model"][k], start_ckpt["model"][k])]
     assert "image.fc.weight" in moved                        # it trained from the start run's weights
 
@@ -188,10 +191,21 @@ def test_resume_after_kill_mid_epoch_gives_the_same_weights(start, tmp_path):
     subprocess.run(_cli("train", "--out", ref, *common), check=True)
     killed = subprocess.run(_cli("train", "--out", cut, *common), env={**os.environ, "FNEMM_DIE_AT": "cut/epoch-2/batch-1"})
     assert killed.returncode == -signal.SIGKILL
-    assert torch.load(cut / "last.pt", weights_only=False)["state"]["epoch"] == 1
-    subprocess.run(_cli("train", "--out", cut, "--resume", "--quiet", "--threads", "1"), check=True)
-    a = torch.load(ref / "last.pt", weights_only=False)
-    b = torch.load(cut / "last.pt", weights_only=False)
+    assert torch.load(cut / "last.pt", weights_only=True)["state"]["epoch"] == 1
+    # the store it was started from has moved since: --features names where it is now
+    info = json.loads((cut / "run.json").read_text())
+    store = Path(info["features"]["source"])
+    moved = tmp_path / "moved-store"
+    shutil.copytree(store, moved)
+    info["features"]["source"] = str(tmp_path / "gone")
+    (cut / "run.json").write_text(json.dumps(info))
+    lost = subprocess.run(_cli("train", "--out", cut, "--resume", "--quiet", "--threads", "1"),
+                          capture_output=True, text=True)
+    assert lost.returncode == 2 and "gone" in lost.stderr
+    subprocess.run(_cli("train", "--out", cut, "--resume", "--quiet", "--threads", "1", "--features", moved),
+                   check=True)
+    a = torch.load(ref / "last.pt", weights_only=True)
+    b = torch.load(cut / "last.pt", weights_only=True)
     for part in ("model", "cnn"):
         for k in a[part]:
             assert torch.equal(a[part][k], b[part][k]), (part, k)
@@ -264,8 +278,8 @@ def test_two_processes_fine_tune_to_the_weights_of_one(start, tmp_path):
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                     "-m", "fnemm.cli", *[str(a) for a in args], "--out", str(tmp_path / "two")],
                    check=True, env=env, capture_output=True)
-    one = torch.load(tmp_path / "one" / "last.pt", weights_only=False)
-    two = torch.load(tmp_path / "two" / "last.pt", weights_only=False)
+    one = torch.load(tmp_path / "one" / "last.pt", weights_only=True)
+    two = torch.load(tmp_path / "two" / "last.pt", weights_only=True)
     moved, change, gap = 0, 0.0, 0.0
     for part in ("model", "cnn"):
         for k, v in one[part].items():

@@ -131,7 +131,7 @@ def test_coco_restval_is_trained_on_only_when_asked(tmp_path, capsys):
         runs[restval] = json.loads((run / "run.json").read_text())
         manifest = json.loads((store / "manifest.json").read_text())
         assert manifest["stats"]["images"] == (6 if restval else 3)
-        vocab = torch.load(run / "best.pt", weights_only=False)["vocab"]
+        vocab = torch.load(run / "best.pt", weights_only=True)["vocab"]
         assert ("zebracorn" in vocab) == restval
     assert (runs[False]["n_train"], runs[True]["n_train"]) == (3, 6)
     capsys.readouterr()

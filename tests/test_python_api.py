@@ -72,5 +72,5 @@ def test_a_killed_multi_seed_run_resumes_in_one_command(synth, tmp_path):
     subprocess.run([*cli, "--out", str(cut), "--seeds", "3", "--resume", "--quiet", "--threads", "1"], check=True)
     for k in range(3):
         assert_same_run(ref / f"seed-{k}", cut / f"seed-{k}")
-    a = torch.load(cut / "seed-2" / "best.pt", weights_only=False)
+    a = torch.load(cut / "seed-2" / "best.pt", weights_only=True)
     assert a["config"]["seed"] == 2 and np.isfinite(a["val"]["rsum"])

@@ -50,7 +50,7 @@ def test_learns_far_above_chance(synth, tmp_path, similarity, use_abs):
     assert len(lines) == 12
     best = max(json.loads(x)["val"]["rsum"] for x in lines)
     assert best == summary["val"]["rsum"]
-    ckpt = torch.load(tmp_path / "run" / "best.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
     assert ckpt["val"]["rsum"] == best
 
 
@@ -69,7 +69,7 @@ def test_curriculum_switches_loss_and_starts_from_best(synth, tmp_path):
     if len(stage1) < 6:
         best_at = max(range(len(stage1)), key=lambda k: stage1[k]["val"]["rsum"])
         assert len(stage1) - 1 - best_at == 2
-    last = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert last["state"]["done"] and last["state"]["stage"] == 2
 
 
@@ -95,7 +95,7 @@ def test_resume_after_kill_reaches_the_same_state(synth, tmp_path, checkpoint_ev
     assert killed.returncode == -signal.SIGKILL
     metrics = cut / "metrics.jsonl"
     assert len(metrics.read_text().splitlines()) == 3
-    saved = torch.load(cut / "last.pt", weights_only=False)["state"]["epoch"]
+    saved = torch.load(cut / "last.pt", weights_only=True)["state"]["epoch"]
     assert saved == (3 if checkpoint_every == "0" else 0)    # "1e9": epochs past the start get re-run
 
     subprocess.run(_cli("train", "--out", str(cut), "--resume", "--quiet", "--threads", "1"), check=True)
@@ -103,15 +103,15 @@ def test_resume_after_kill_reaches_the_same_state(synth, tmp_path, checkpoint_ev
 
 
 def assert_same_run(ref: Path, cut: Path):
-    a = torch.load(ref / "last.pt", weights_only=False)
-    b = torch.load(cut / "last.pt", weights_only=False)
+    a = torch.load(ref / "last.pt", weights_only=True)
+    b = torch.load(cut / "last.pt", weights_only=True)
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     strip = lambda h: {k: v for k, v in h.items() if k != "time_s"}  # noqa: E731
     assert [strip(h) for h in a["state"]["history"]] == [strip(h) for h in b["state"]["history"]]
     assert a["state"]["best_epoch"] == b["state"]["best_epoch"]
-    ba = torch.load(ref / "best.pt", weights_only=False)
-    bb = torch.load(cut / "best.pt", weights_only=False)
+    ba = torch.load(ref / "best.pt", weights_only=True)
+    bb = torch.load(cut / "best.pt", weights_only=True)
     assert all(torch.equal(ba["model"][k], bb["model"][k]) for k in ba["model"])
 
 
@@ -147,7 +147,7 @@ def test_image_weight_decay_and_dropout(synth, tmp_path):
     for name, extra in (("plain", []), ("decay", ["image_weight_decay=5.0"])):
         cfg = apply_overrides(small_config(max_epochs=3), extra)
         train(cfg, ds, feats, tmp_path / name, quiet=True)
-        runs[name] = torch.load(tmp_path / name / "last.pt", weights_only=False)["model"]
+        runs[name] = torch.load(tmp_path / name / "last.pt", weights_only=True)["model"]
     norm = {k: float(v["image.fc.weight"].norm()) for k, v in runs.items()}
     assert norm["decay"] < 0.9 * norm["plain"], norm
     assert torch.equal(runs["decay"]["text.embed.weight"][:2], runs["plain"]["text.embed.weight"][:2])

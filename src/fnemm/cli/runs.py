@@ -142,7 +142,7 @@ def train(args) -> int:
         raise FnemmError("--preset or --config, not both")
     finetuning = [f for f, v in (("--finetune-cnn", args.finetune_cnn), ("--finetune-blocks", args.finetune_blocks),
                                  ("--cnn-lr-scale", args.cnn_lr_scale), ("--train-bn", args.train_bn),
-                                 ("--images", args.images)) if v]
+                                 ("--images", args.images and not args.resume)) if v]
     if args.finetune:
         return _finetune(args, out, overrides, common, log)
     if finetuning:
@@ -152,7 +152,7 @@ def train(args) -> int:
             raise FnemmError(f"{out}: --resume continues the saved config ({out / 'config.json'}); drop --set "
                              f"and the shortcuts (--lr, --epochs...), or start a new --out")
         # the run folder says what it was trained on; --dataset/--features: moved since
-        moved = {"dataset": args.dataset, "features": args.features, "ids": args.ids}
+        moved = {"dataset": args.dataset, "features": args.features, "ids": args.ids, "images": args.images}
         if args.seeds is not None or (out / "seed-0").is_dir():
             summaries = resume_seeds(out, args.seeds, log=log, **moved, **common)
         else:

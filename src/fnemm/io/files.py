@@ -17,6 +17,8 @@ from typing import BinaryIO
 
 import numpy as np
 
+from fnemm.io.errors import FnemmError
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -71,6 +73,32 @@ def atomic_torch_save(path: str | Path, obj) -> None:
     import torch
     with atomic_open(path) as f:
         torch.save(obj, f)
+
+
+def load_torch_data(path: str | Path, fix: str) -> dict:
+    """A ``.pt`` file read as data only (``torch.load(weights_only=True)``: tensors, numbers,
+    strings, lists and dicts; never an object whose unpickling could run code), on the CPU
+    (the caller moves what it needs). A file that is not such data is a one-line error
+    naming it, with ``fix``."""
+    import pickle
+
+    import torch
+    path = Path(path)
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise FnemmError(f"{path}: holds Python objects, not only tensors and numbers; fnemm reads checkpoints "
+                             f"as data and will not unpickle it (a file from elsewhere, or tampered with?); "
+                             f"{fix}") from None
+        raise FnemmError(f"{path}: not a readable checkpoint ({first[:80] or 'UnpicklingError'}); {fix}") from None
+    except Exception as e:  # noqa: BLE001 - a truncated zip, garbage, an I/O error: a damaged file
+        raise FnemmError(f"{path}: not a readable checkpoint ({type(e).__name__}; damaged, or killed while it "
+                         f"was copied?); {fix}") from None
+    if not isinstance(data, dict):
+        raise FnemmError(f"{path}: not an fnemm checkpoint; {fix}")
+    return data
 
 
 def atomic_save_npy(path: str | Path, array: np.ndarray) -> None:

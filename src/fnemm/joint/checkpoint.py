@@ -23,6 +23,7 @@ import torch
 
 from fnemm.joint.config import TrainConfig
 from fnemm.io.errors import FnemmError
+from fnemm.io.files import load_torch_data
 from fnemm.features.store import FEATURE_KEYS, Features, load_features
 from fnemm.joint.model import JointEmbedding
 from fnemm.joint.text import Vocab
@@ -47,19 +48,15 @@ def checkpoint_file(path: str | Path) -> Path:
     return path / "best.pt" if path.is_dir() else path
 
 
-def read_checkpoint(path: str | Path, device: str = "cpu") -> dict:
-    """The raw checkpoint dict, or a one-line error naming the file."""
+def read_checkpoint(path: str | Path) -> dict:
+    """The raw checkpoint dict (tensors on the CPU), or a one-line error naming the file."""
     path = checkpoint_file(path)
     if not path.exists():
         raise FnemmError(f"{path}: no such checkpoint; pass a run folder or its best.pt "
                          f"(written after the first training epoch)")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise FnemmError(f"{path}: not a readable checkpoint ({type(e).__name__}); is it an fnemm "
-                         f"best.pt? (a damaged one: re-train, or resume the run)") from None
+    ckpt = load_torch_data(path, "is it an fnemm best.pt? (a damaged one: re-train, or resume the run)")
     needed = ("config", "vocab", "feature_dim", "model")
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or any(k not in ckpt for k in needed):
+    if ckpt.get("format") != FORMAT or any(k not in ckpt for k in needed):
         raise FnemmError(f"{path}: not an fnemm checkpoint")
     return ckpt
 
@@ -67,7 +64,7 @@ def read_checkpoint(path: str | Path, device: str = "cpu") -> dict:
 def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[JointEmbedding, Vocab, TrainConfig, dict]:
     """(model in eval mode, vocab, config, raw checkpoint) of a ``best.pt``/``last.pt`` or a run folder."""
     device = resolve_device(device)
-    ckpt = read_checkpoint(path, device)
+    ckpt = read_checkpoint(path)
     try:
         config = TrainConfig.from_dict(ckpt["config"])
         vocab = Vocab(ckpt["vocab"], config.max_caption_tokens)

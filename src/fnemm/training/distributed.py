@@ -36,10 +36,10 @@ class Dist:
 
 
 def from_env(device: str) -> tuple[Dist | None, str]:
-    """(the process group, this process's device) when launched by torchrun with more than
-    one process (WORLD_SIZE > 1), else (None, device)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    """(the process group, this process's device) when launched by torchrun (RANK and
+    WORLD_SIZE set; a group of one process too, which exercises the same collectives),
+    else (None, device)."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return None, device
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if device.startswith("cuda"):
@@ -95,15 +95,23 @@ def sharded_loss(images: torch.Tensor, captions: torch.Tensor, parts: list[slice
     return world * hinge_loss(scores(all_images, all_captions, similarity), margin, reduction, pairs=parts[rank])
 
 
+def collective_device() -> torch.device:
+    """Where a collective's tensors must be: NCCL reduces GPU tensors only (the process's
+    current GPU), gloo CPU ones."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_sum(value: float) -> float:
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([value], dtype=torch.float64, device=collective_device())
     dist.all_reduce(t)
     return float(t.item())
 
 
 def broadcast(obj, src: int = 0):
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    dist.broadcast_object_list(box, src=src, device=collective_device())
     return box[0]
 
 

@@ -43,7 +43,7 @@ from fnemm.datasets import Dataset
 from fnemm.io.errors import FnemmError
 from fnemm.features.images import resolve_paths
 from fnemm.features.store import load_features
-from fnemm.io.files import atomic_write_bytes, locate, read_json
+from fnemm.io.files import atomic_write_bytes, load_torch_data, locate, read_json
 from fnemm.features.fne import RESIZE
 from fnemm.eval.metrics import evaluate_embeddings
 from fnemm.io.progress import say
@@ -140,7 +140,7 @@ class FineTuner(Trainer):
 
     def sync_export(self) -> str:
         """Make cnn.pt the CNN of best.pt (after a kill between the two writes); its sha256."""
-        best = torch.load(self.out / "best.pt", map_location="cpu", weights_only=False)
+        best = load_torch_data(self.out / "best.pt", "resume the run to write it again")
         path = self.out / "cnn.pt"
         if path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == best["cnn_sha256"]:
             return best["cnn_sha256"]
@@ -316,10 +316,12 @@ def finetune_seeds(start: str | Path, dataset: Dataset, out: str | Path, seeds: 
     return summaries
 
 
-def resume_finetune(out: str | Path, dataset=None, device: str = "cpu", quiet: bool = False,
+def resume_finetune(out: str | Path, dataset=None, *, features: str | Path | None = None,
+                    images: str | Path | None = None, device: str = "cpu", quiet: bool = False,
                     checkpoint_every: float = 120.0) -> dict:
     """Continue the fine-tuning run in ``out`` from its folder (run.json names its start
-    run, CNN, photos and store; the start run must be unchanged)."""
+    run, CNN, photos and store; the start run must be unchanged). ``features`` and
+    ``images``: the store and the photos, where they moved since."""
     from fnemm.training.folders import saved_config, saved_info
     out = Path(out)
     config, info = saved_config(out), saved_info(out)
@@ -338,6 +340,6 @@ def resume_finetune(out: str | Path, dataset=None, device: str = "cpu", quiet: b
         from fnemm.datasets import load_dataset
         dataset = load_dataset(dataset)
     keep = {k: v for k, v in info.items() if k in ("preset", "overrides", "args", "label")}
-    return finetune(start, dataset, out, config=config, images=ft.get("images_dir"),
-                    features=(info.get("features") or {}).get("source"), cnn=ft.get("cnn"), resume=True,
+    return finetune(start, dataset, out, config=config, images=images or ft.get("images_dir"),
+                    features=features or (info.get("features") or {}).get("source"), cnn=ft.get("cnn"), resume=True,
                     device=device, quiet=quiet, checkpoint_every=checkpoint_every, run_info=keep)

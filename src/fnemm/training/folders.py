@@ -40,8 +40,9 @@ def metrics_path(run: Path, split: str) -> Path:
     return Path(run) / f"metrics-{split}.json"
 
 
-def save_metrics(target: Path, split: str, checkpoint: str | Path, results: dict) -> None:
-    atomic_write_json(target, {"split": split, "checkpoint": str(checkpoint), "results": results})
+def save_metrics(target: Path, split: str, checkpoint: str | Path, results: dict, protocol: str = "auto") -> None:
+    atomic_write_json(target, {"split": split, "checkpoint": str(checkpoint), "protocol": protocol,
+                               "results": results})
 
 
 def ranks_path(run: Path, split: str) -> Path:
@@ -82,17 +83,21 @@ def load_ranks(run: Path, split: str) -> dict | None:
     return {"images": images, "i2t": i2t, "t2i": t2i, "caption_image": owner}
 
 
-def load_metrics(run: Path, split: str) -> dict:
-    """{protocol: metrics} that ``fnemm evaluate`` saved for ``split``."""
-    path = metrics_path(run, split)
+def load_metrics(run: Path, split: str, path: Path | None = None, protocol: str | None = None) -> dict | None:
+    """{protocol: metrics} that ``fnemm evaluate`` saved for ``split`` (in ``path``: default
+    the run's metrics-SPLIT.json). With ``protocol``: None unless they were measured with it."""
+    path = Path(path) if path is not None else metrics_path(run, split)
     fix = f"evaluate it again: fnemm evaluate --checkpoint {run} --split {split} ..."
     if not path.exists():
         raise FnemmError(f"{path}: not evaluated yet; run `fnemm evaluate --checkpoint {run} "
                          f"--split {split} ...` first")
-    results = read_json(path, fix).get("results")
+    saved = read_json(path, fix)
+    results = saved.get("results")
     if not isinstance(results, dict) or not results or \
             not all(isinstance(m, dict) and "rsum" in m for m in results.values()):
         raise FnemmError(f"{path}: no metrics in it; {fix}")
+    if protocol is not None and saved.get("protocol") != protocol:
+        return None
     return results
 
 

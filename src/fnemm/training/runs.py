@@ -15,10 +15,11 @@ from fnemm.features.store import Features
 from fnemm.training.folders import count_seeds, load_metrics, metrics_path, ranks_path, run_inputs, save_metrics, save_ranks, saved_config, saved_info, seed_dirs
 
 
-def resume(out: str | Path, *, dataset=None, features=None, ids=None, device: str = "cpu", quiet: bool = False,
-           checkpoint_every: float = 120.0) -> dict:
+def resume(out: str | Path, *, dataset=None, features=None, ids=None, images=None, device: str = "cpu",
+           quiet: bool = False, checkpoint_every: float = 120.0) -> dict:
     """Continue the run in ``out`` where it stopped, from its folder alone (config.json;
-    the dataset and features named in run.json unless given: loaded, or paths)."""
+    the dataset and features named in run.json unless given: loaded, or paths, e.g. moved
+    since; a fine-tuning run's photos from ``images`` when they moved)."""
     from fnemm.training.trainer import train
     out = Path(out)
     if not (out / "last.pt").exists():
@@ -26,7 +27,13 @@ def resume(out: str | Path, *, dataset=None, features=None, ids=None, device: st
     config = saved_config(out)
     if config.finetune is not None:             # the CNN fine-tuned on photos: no feature rows to load
         from fnemm.training.finetune import resume_finetune
-        return resume_finetune(out, dataset, device, quiet, checkpoint_every)
+        if ids is not None:
+            raise FnemmError(f"{out}: a fine-tuning run reads a feature store's photos, not a .npy matrix; "
+                             f"drop --ids (--features STORE names a moved store)")
+        return resume_finetune(out, dataset, features=features, images=images, device=device, quiet=quiet,
+                               checkpoint_every=checkpoint_every)
+    if images is not None:
+        raise FnemmError(f"{out}: --images is for fine-tuning runs; this one trains on feature rows (--features)")
     dataset, features = run_inputs(out, config, dataset, features, ids)
     info = saved_info(out)
     keep = {k: v for k, v in info.items() if k not in ("dataset", "n_train", "n_val", "features",
@@ -66,14 +73,16 @@ def resume_seeds(out: str | Path, seeds: int | None = None, **kwargs) -> list[di
     config = saved_config(first)
     if config.finetune is not None:
         return _resume_finetune_seeds(out, seeds, **kwargs)
+    if kwargs.pop("images", None) is not None:
+        raise FnemmError(f"{out}: --images is for fine-tuning runs; these train on feature rows (--features)")
     dataset, features = run_inputs(first, config, kwargs.pop("dataset", None), kwargs.pop("features", None),
-                                kwargs.pop("ids", None))
+                                   kwargs.pop("ids", None))
     info = {k: v for k, v in saved_info(first).items() if k in ("preset", "overrides", "args", "label")}
     return train_seeds(config, dataset, features, out, seeds or started, resume=True, run_info=info, **kwargs)
 
 
-def _resume_finetune_seeds(out: Path, seeds: int | None, dataset=None, features=None, ids=None, log=None,
-                           **kwargs) -> list[dict]:
+def _resume_finetune_seeds(out: Path, seeds: int | None, dataset=None, features=None, ids=None, images=None,
+                           log=None, **kwargs) -> list[dict]:
     """Every seed of a fine-tuning seeds folder: started ones resumed, the others started
     from the same seed of the start folder (seed-0's run.json names it) as seed-0 was
     (its CNN and photos); ``seeds`` defaults to as many as were asked for at the start."""
@@ -87,7 +96,7 @@ def _resume_finetune_seeds(out: Path, seeds: int | None, dataset=None, features=
         if log:
             log(f"--- seed-{k} ({k + 1} of {seeds}) -> {run}")
         if (run / "last.pt").exists():
-            summaries.append(resume_finetune(run, dataset, **kwargs))
+            summaries.append(resume_finetune(run, dataset, features=features, images=images, **kwargs))
             continue
         start = start_dir / f"seed-{k}"
         if not (start / "best.pt").exists():
@@ -99,7 +108,7 @@ def _resume_finetune_seeds(out: Path, seeds: int | None, dataset=None, features=
             data = load_dataset(data)
         ft = info.get("finetune") or {}          # seed-0's CNN and photos, as it was started
         summaries.append(finetune(start, data, run, config=finetune_config(start, info.get("overrides") or []),
-                                  cnn=ft.get("cnn"), images=ft.get("images_dir"),
+                                  cnn=ft.get("cnn"), images=images or ft.get("images_dir"), features=features,
                                   run_info={k2: v for k2, v in info.items()
                                             if k2 in ("preset", "overrides", "args", "label", "seeds")},
                                   **kwargs))
@@ -111,7 +120,8 @@ def evaluate_runs(path: str | Path, dataset: Dataset, features, split: str = "te
                   fresh: bool = False) -> dict[str, dict]:
     """Evaluate a run (a folder or a .pt) or every seed of a seeds folder on ``split`` and
     save each one's metrics beside it (or to ``output``, for a single run): {run: results}.
-    With ``fresh``, metrics saved after the run's best.pt are kept, not recomputed."""
+    With ``fresh``, metrics saved after the run's best.pt with the same protocol are kept,
+    not recomputed."""
     from fnemm.eval.protocols import evaluate
     path = Path(path)
     runs = seed_dirs(path) if path.is_dir() and not (path / "best.pt").exists() else [path]
@@ -124,11 +134,13 @@ def evaluate_runs(path: str | Path, dataset: Dataset, features, split: str = "te
         best = folder / "best.pt"
         if fresh and target.exists() and best.exists() and target.stat().st_mtime >= best.stat().st_mtime \
                 and (output or ranks_path(folder, split).exists()):
-            every[str(run)] = load_metrics(folder, split)
-            continue
+            saved = load_metrics(folder, split, target, protocol)
+            if saved is not None:
+                every[str(run)] = saved
+                continue
         ranks: dict = {}
         results = evaluate(run, dataset, features, split, protocol, device, ids=ids, ranks=ranks)
-        save_metrics(target, split, run, results)
+        save_metrics(target, split, run, results, protocol)
         if ranks and not output:
             save_ranks(ranks_path(folder, split), ranks)
         every[str(run)] = results

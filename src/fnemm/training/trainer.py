@@ -44,7 +44,7 @@ from fnemm.io.faults import fault
 from fnemm.io.locks import folder_lock
 from fnemm.eval.metrics import evaluate_embeddings, format_metrics
 from fnemm.features.store import Features
-from fnemm.io.files import atomic_torch_save, atomic_write_json, atomic_write_text
+from fnemm.io.files import atomic_torch_save, atomic_write_json, atomic_write_text, load_torch_data
 from fnemm.joint.losses import contrastive_loss
 from fnemm.joint.model import JointEmbedding
 from fnemm.joint.text import Vocab, pad_batch
@@ -189,6 +189,8 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "numpy_rng": self.rng.bit_generator.state,
             "torch_rng": torch.get_rng_state(),
+            # the GPU's generator too (dropout draws there): a resume on a GPU continues exactly
+            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.startswith("cuda") else None,
             "state": self.state.__dict__,
         })
         self._write_metrics()
@@ -213,7 +215,9 @@ class Trainer:
         self.optimizer = self._new_optimizer()
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.rng.bit_generator.state = ckpt["numpy_rng"]
-        torch.set_rng_state(ckpt["torch_rng"])
+        torch.set_rng_state(ckpt["torch_rng"].cpu())
+        if ckpt.get("cuda_rng") is not None and self.device.startswith("cuda"):
+            torch.cuda.set_rng_state(ckpt["cuda_rng"].cpu(), self.device)
 
     def _start(self, resume: bool) -> None:
         last = self.out / "last.pt"
@@ -224,14 +228,9 @@ class Trainer:
             if not resume:
                 raise FnemmError(f"{self.out}: a run is already here; pass --resume to continue it "
                                  f"or choose another --out")
-            try:
-                ckpt = torch.load(last, map_location=self.device, weights_only=False)
-            except Exception as e:  # noqa: BLE001 - any unpickling failure means a damaged file
-                raise FnemmError(f"{last}: not a readable checkpoint ({type(e).__name__}; killed while it was "
-                                 f"copied?); start the run again in a new --out") from None
-            if not isinstance(ckpt, dict):
-                raise FnemmError(f"{last}: not an fnemm checkpoint; start the run again in a new --out")
-            self._restore(ckpt)
+            # on the CPU: the RNG states must stay there (torch.set_rng_state takes a CPU tensor);
+            # the model and Adam's state are copied to the device as they load
+            self._restore(load_torch_data(last, "start the run again in a new --out"))
             self._write_metrics()       # metrics.jsonl as last.pt knows it (repairs a damaged one)
             return
         if self.main:
@@ -285,7 +284,7 @@ class Trainer:
             # Curriculum: the next stage starts from the best model so far.
             if self.dist is not None:
                 distributed.barrier()          # the first process has written it
-            best = torch.load(self.out / "best.pt", map_location=self.device, weights_only=False)
+            best = load_torch_data(self.out / "best.pt", "resume the run to write it again")
             self.model.load_state_dict(best["model"])
             self._restore_more(best)
             self.optimizer = self._new_optimizer()

@@ -1,0 +1,133 @@
+"""Checkpoints are data: every .pt fnemm reads is loaded with weights_only=True, so a
+run folder someone shares cannot run code on the machine that opens it; and a resume
+restores the random state on the CPU whatever the device (a GPU resume crashed on it)."""
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fnemm.cli import main
+from test_train import SMALL
+
+
+class Payload:
+    """What a malicious checkpoint hides: unpickling it runs a command."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    import synthetic
+    folder = tmp_path_factory.mktemp("ckpt")
+    jsonl, npy, ids = synthetic.write(folder / "synth")
+    out = folder / "run"
+    args = ["train", "--preset", "flickr30k/FNE-MH", "--dataset", str(jsonl), "--features", str(npy),
+            "--ids", str(ids), "--epochs", "3", "--quiet", "--threads", "1", "--checkpoint-every", "0",
+            "--out", str(out), *sum((["--set", s] for s in SMALL), [])]
+    # killed (as kill -9) after its first epoch: a run to resume
+    killed = subprocess.run([sys.executable, "-m", "fnemm.cli", *args], env={**os.environ, "FNEMM_DIE_AT": "epoch-1"})
+    assert killed.returncode != 0 and (out / "best.pt").exists()
+    return out, jsonl, npy, ids
+
+
+def _poison(path: Path, marker: Path) -> None:
+    """The same checkpoint with one entry swapped for an object that runs code when unpickled."""
+    data = torch.load(path, weights_only=True)
+    data["preset"] = Payload(marker)
+    torch.save(data, path)
+    with pytest.raises(pickle.UnpicklingError):       # the file really holds one
+        torch.load(path, weights_only=True)
+
+
+def test_a_checkpoint_carrying_a_pickled_object_is_refused_not_run(run, tmp_path, capsys):
+    out, jsonl, npy, ids = run
+    folder = tmp_path / "shared-run"
+    subprocess.run(["cp", "-r", str(out), str(folder)], check=True)
+    marker = tmp_path / "it-ran"
+    _poison(folder / "best.pt", marker)
+    assert main(["evaluate", "--checkpoint", str(folder), "--dataset", str(jsonl), "--features", str(npy),
+                 "--ids", str(ids), "--output", str(tmp_path / "m.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fnemm: error: ") and err.count("\n") == 1
+    assert "best.pt: holds Python objects" in err and "will not unpickle it" in err
+    _poison(folder / "last.pt", marker)
+    assert main(["train", "--out", str(folder), "--resume", "--quiet"]) == 2
+    assert "last.pt: holds Python objects" in capsys.readouterr().err
+    assert not marker.exists()
+
+
+def test_every_load_in_the_library_is_data_only():
+    src = Path(__file__).resolve().parents[1] / "src"
+    found = [f"{p}:{k}" for p in src.rglob("*.py") for k, line in enumerate(p.read_text().splitlines(), 1)
+             if "weights_only=False" in line]
+    assert not found, found
+
+
+def test_resume_restores_the_random_state_on_the_cpu(run, tmp_path, monkeypatch):
+    """last.pt is read onto the CPU, so the RNG state torch.set_rng_state takes stays a
+    CPU tensor on any device (map_location=cuda moved it to the GPU: a GPU resume
+    crashed); a GPU's own generator state is saved beside it."""
+    out, *_ = run
+    folder = tmp_path / "resumed"
+    subprocess.run(["cp", "-r", str(out), str(folder)], check=True)
+    seen = []
+    real = torch.set_rng_state
+    monkeypatch.setattr(torch, "set_rng_state", lambda state: seen.append(state.device.type) or real(state))
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: seen.append(str(k.get("map_location"))) or real_load(*a, **k))
+    assert main(["train", "--out", str(folder), "--resume", "--quiet"]) == 0
+    assert "cpu" in seen and all(s == "cpu" for s in seen), seen
+    last = torch.load(folder / "last.pt", weights_only=True)
+    assert "cuda_rng" in last and last["cuda_rng"] is None          # saved as such on a CPU run
+    assert last["torch_rng"].device.type == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_gpu_run_resumes_exactly(run, tmp_path):
+    out, jsonl, npy, ids = run
+    common = ["--preset", "flickr30k/FNE-MH", "--dataset", str(jsonl), "--features", str(npy), "--ids", str(ids),
+              "--epochs", "4", "--quiet", "--checkpoint-every", "0", "--device", "cuda",
+              "--set", "model.image_dropout=0.3", *sum((["--set", s] for s in SMALL), [])]
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    assert main(["train", "--out", str(ref), *common]) == 0
+    env = {**os.environ, "FNEMM_DIE_AT": "epoch-2"}
+    killed = subprocess.run([sys.executable, "-m", "fnemm.cli", "train", "--out", str(cut), *common], env=env)
+    assert killed.returncode != 0
+    assert main(["train", "--out", str(cut), "--resume", "--quiet", "--device", "cuda"]) == 0
+    a, b = (torch.load(p / "last.pt", weights_only=True)["model"] for p in (ref, cut))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fresh_evaluation_reads_the_file_it_was_given_and_the_protocol_it_was_made_with(run, tmp_path):
+    """evaluate_runs(output=F, fresh=True) keeps F when it is newer than best.pt and was
+    measured with the same protocol (it used to read RUN/metrics-test.json instead)."""
+    import json
+    from fnemm.training.runs import evaluate_runs
+    out, jsonl, npy, ids = run
+    folder = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(out), str(folder)], check=True)
+    from fnemm.datasets import load_dataset
+    from fnemm.features.store import load_features
+    dataset, feats = load_dataset(jsonl), load_features(npy, "fne", ids=ids)
+    target = tmp_path / "elsewhere.json"
+    first = evaluate_runs(folder, dataset, feats, "test", protocol="all", output=target)
+    saved = json.loads(target.read_text())
+    assert saved["protocol"] == "all" and not (folder / "metrics-test.json").exists()
+    saved["results"]["all"]["rsum"] = 123.0             # marks the file: a fresh run must return it
+    target.write_text(json.dumps(saved))
+    (folder / "metrics-test.json").write_text(json.dumps({"results": {"all": {"rsum": 999.0}}}))
+    again = evaluate_runs(folder, dataset, feats, "test", protocol="all", output=target, fresh=True)
+    assert next(iter(again.values()))["all"]["rsum"] == 123.0
+    other = evaluate_runs(folder, dataset, feats, "test", protocol="all,5fold", output=target, fresh=True)
+    assert set(next(iter(other.values()))) == {"all", "5fold"}          # another protocol: measured
+    assert next(iter(other.values()))["all"]["rsum"] == next(iter(first.values()))["all"]["rsum"]
