@@ -1,12 +1,13 @@
-"""Training throughput of the flickr8k/FNE-MH preset on this machine.
+"""Training throughput of a preset on this machine, and where a step spends its time.
 
 One training step = image encoder + GRU text encoder + max-of-hinges loss,
-backward, gradient clipping, Adam. Measured on batches shaped like Flickr8K
-(12,416-d int8 FNE features, the real caption lengths and vocabulary size when
-../shared/data/flickr8k is present), with a breakdown of where the time goes
-and the projected time of one epoch (6,000 pairs) and of the preset's full run.
+backward, gradient clipping, Adam. Measured on batches shaped like Flickr8K (int8
+FNE codes of --feature-dim features, the real caption lengths and vocabulary size when
+../shared/data/flickr8k is present); then each part alone in the same process (the
+text side, the image map, the update), as a share of the whole step, and the projected
+time of one Flickr8K epoch (6,000 pairs).
 
-    .venv/bin/python bench/train_speed.py [--preset flickr8k/FNE-MH] [--steps 10] [--device cpu]
+    .venv/bin/python bench/train_speed.py [--preset flickr8k/FNE-MH] [--feature-dim 17056] [--steps 10]
 """
 
 from __future__ import annotations
@@ -57,58 +58,70 @@ def main() -> None:
     ap.add_argument("--preset", default="flickr8k/FNE-MH")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--feature-dim", type=int, default=12416)
+    ap.add_argument("--feature-dim", type=int, default=17056,
+                    help="17,056: MobileNetV2's FNE; 21,008: EfficientNet-Lite0's; 12,416: VGG16's; 1,280: a baseline")
+    ap.add_argument("--float-features", action="store_true", help="float32 features (late-center-layer) "
+                                                                  "instead of the FNE's int8 codes")
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from fnemm.training.trainer import _adam, clip_gradients
     cfg = get_preset(args.preset)
     rng = np.random.default_rng(0)
     bs = cfg.batch_size
     batches, vocab_size, source = caption_batches(bs, args.steps + 2, rng)
-    feats = torch.from_numpy(rng.integers(-1, 2, size=(args.steps + 2, bs, args.feature_dim), dtype=np.int8))
+    codes = rng.integers(-1, 2, size=(args.steps + 2, bs, args.feature_dim), dtype=np.int8)
+    feats = torch.from_numpy(codes.astype(np.float32) if args.float_features else codes)
     torch.manual_seed(0)
     model = JointEmbedding(cfg.model, vocab_size, args.feature_dim).to(args.device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.stages[0].lr)
+    opt = _adam(torch.optim.Adam, model.parameters(), cfg.stages[0].lr)
     stage = cfg.stages[0]
-    parts = {"image encoder": 0.0, "text encoder": 0.0, "loss": 0.0, "backward+clip+adam": 0.0}
 
-    def step(k, timed):
-        t0 = time.perf_counter()
-        img = model.image(feats[k].to(args.device))
-        sync(args.device)
-        t1 = time.perf_counter()
+    def full_step(k):
         tokens, lengths = batches[k]
-        cap = model.text(tokens.to(args.device), lengths)
-        sync(args.device)
-        t2 = time.perf_counter()
+        img, cap = model(feats[k].to(args.device), tokens.to(args.device), lengths)
         loss = contrastive_loss(img, cap, cfg.model.similarity, stage.loss, stage.margin)
-        sync(args.device)
-        t3 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        clip_gradients(model.parameters(), cfg.grad_clip, cfg.grad_clip_mode)
         opt.step()
         sync(args.device)
-        t4 = time.perf_counter()
-        if timed:
-            for name, dt in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
-                parts[name] += dt
 
-    for k in range(2):                       # warm-up (allocations, kernels)
-        step(k, False)
-    t0 = time.perf_counter()
-    for k in range(2, args.steps + 2):
-        step(k, True)
-    total = time.perf_counter() - t0
-    pairs_s = args.steps * bs / total
-    epochs = max(s.max_epochs for s in cfg.stages) * len(cfg.stages)
+    def image_side(k):                 # the image map: forward and backward
+        model.image(feats[k].to(args.device)).sum().backward()
+        sync(args.device)
+
+    def text_side(k):                  # word embeddings + GRU: forward and backward
+        tokens, lengths = batches[k]
+        model.text(tokens.to(args.device), lengths).sum().backward()
+        sync(args.device)
+
+    def update(k):                     # gradient clipping and Adam over every parameter
+        clip_gradients(model.parameters(), cfg.grad_clip, cfg.grad_clip_mode)
+        opt.step()
+        sync(args.device)
+
+    def timed(fn) -> float:
+        for k in range(2):             # warm-up (allocations, kernels)
+            fn(k)
+        t0 = time.perf_counter()
+        for k in range(2, args.steps + 2):
+            fn(k)
+        return (time.perf_counter() - t0) / args.steps
+
+    step_s = timed(full_step)
+    parts = {"text side (embeddings + GRU), fwd+bwd": timed(text_side),
+             "image map, fwd+bwd": timed(image_side), "clipping + Adam": timed(update)}
+    pairs_s = bs / step_s
     print(f"{args.preset}: embed {cfg.model.embed_dim}, word {cfg.model.word_dim}, vocab {vocab_size}, "
-          f"features {args.feature_dim}, batch {bs}, {source}, device {args.device}, "
-          f"torch threads {torch.get_num_threads()}")
-    print(f"training step: {pairs_s:8.1f} pairs/s  ({1000 * total / args.steps:.0f} ms per batch of {bs})")
+          f"features {args.feature_dim} ({'float32' if args.float_features else 'int8 codes'}), batch {bs}, "
+          f"{source}, device {args.device}, torch threads {torch.get_num_threads()}")
+    print(f"training step: {pairs_s:8.1f} pairs/s  ({1000 * step_s:.0f} ms per batch of {bs})")
     for name, dt in parts.items():
-        print(f"  {name:<20} {100 * dt / total:5.1f} %")
-    epoch_s = 6000 / pairs_s
-    print(f"projected: {epoch_s:.0f} s per Flickr8K epoch (6,000 pairs, without validation); "
-          f"{epochs} epochs = {epochs * epoch_s / 3600:.1f} h")
+        print(f"  {name:<40} {1000 * dt:7.0f} ms  {100 * dt / step_s:5.1f} % of a step")
+    print(f"  (the hinge loss and the rest: {100 * (1 - sum(parts.values()) / step_s):.1f} %)")
+    print(f"projected: {6000 / pairs_s:.0f} s per Flickr8K epoch (6,000 pairs, without validation)")
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ _EXPORTS = {
     "evaluate": "fnemm.eval.protocols",
     "train": "fnemm.training.trainer",
     "evaluate_runs": "fnemm.training.runs", "resume": "fnemm.training.runs", "train_seeds": "fnemm.training.runs",
+    "fit": "fnemm.training.runs",
     "finetune": "fnemm.training.finetune",
     "Gallery": "fnemm.search.gallery", "Hit": "fnemm.search.gallery", "Searcher": "fnemm.search.gallery",
     "build_index": "fnemm.search.index_folder",

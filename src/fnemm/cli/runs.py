@@ -131,32 +131,27 @@ def train(args) -> int:
     from fnemm.joint.presets import get_preset
     from fnemm.datasets import load_dataset
     from fnemm.features.store import load_features
-    from fnemm.eval.metrics import format_metrics
-    from fnemm.training.runs import resume, resume_seeds, train_seeds
-    from fnemm.training.trainer import train as train_run
+    from fnemm.training.runs import fit
     device = resolve_device(args.device)          # fail before any slow loading
     out, overrides = Path(args.out), _overrides(args)
-    common = {"device": device, "quiet": args.quiet, "checkpoint_every": args.checkpoint_every}
-    log = None if args.quiet else (lambda text: print(text, file=sys.stderr))
+    common = {"device": device, "quiet": args.quiet, "checkpoint_every": args.checkpoint_every,
+              "log": None if args.quiet else (lambda text: print(text, file=sys.stderr))}
     if args.preset and args.config:
         raise FnemmError("--preset or --config, not both")
     finetuning = [f for f, v in (("--finetune-cnn", args.finetune_cnn), ("--finetune-blocks", args.finetune_blocks),
                                  ("--cnn-lr-scale", args.cnn_lr_scale), ("--train-bn", args.train_bn),
                                  ("--images", args.images and not args.resume)) if v]
     if args.finetune:
-        return _finetune(args, out, overrides, common, log)
+        return _finetune(args, out, overrides, common)
     if finetuning:
         raise FnemmError(f"{finetuning[0]} is for fine-tuning: add --finetune RUN (an FC7 run to start from)")
     if args.resume and not args.preset and not args.config:
         if overrides:
             raise FnemmError(f"{out}: --resume continues the saved config ({out / 'config.json'}); drop --set "
                              f"and the shortcuts (--lr, --epochs...), or start a new --out")
-        # the run folder says what it was trained on; --dataset/--features: moved since
-        moved = {"dataset": args.dataset, "features": args.features, "ids": args.ids, "images": args.images}
-        if args.seeds is not None or (out / "seed-0").is_dir():
-            summaries = resume_seeds(out, args.seeds, log=log, **moved, **common)
-        else:
-            summaries = [resume(out, **moved, **common)]
+        # the run folder says what it was trained on; --dataset/--features/--images: moved since
+        summaries = fit(out, dataset=args.dataset, features=args.features, ids=args.ids, images=args.images,
+                        seeds=args.seeds, resume=True, **common)
     else:
         if not args.preset and not args.config:
             raise FnemmError("--preset (or --config FILE) is required for a new run (e.g. flickr8k/FNE-MH; "
@@ -168,34 +163,36 @@ def train(args) -> int:
         if args.restval:
             dataset = dataset.with_restval()
         features = load_features(args.features, config.features, args.ids)
-        if log:
-            log(dataset.summary())
-            log(f"features: {features.source} [{features.kind}] {features.array.shape[0]} x {features.dim}")
+        if common["log"]:
+            common["log"](dataset.summary())
+            common["log"](f"features: {features.source} [{features.kind}] {features.array.shape[0]} x {features.dim}")
         info = {"preset": args.preset or f"config:{Path(args.config).name}", "overrides": overrides,
                 "args": {"dataset": [str(d) for d in args.dataset], "features": str(args.features), "ids": args.ids,
                          "restval": args.restval}}
-        if args.seeds is None:
-            summaries = [train_run(config, dataset, features, out, resume=args.resume and (out / "last.pt").exists(),
-                                   run_info=info, **common)]
-        else:
-            summaries = train_seeds(config, dataset, features, out, args.seeds, resume=args.resume, run_info=info,
-                                    log=log, **common)
+        summaries = fit(out, config, dataset, features, seeds=args.seeds, resume=args.resume, run_info=info,
+                        **common)
+    _print_summaries(summaries)
+    return 0
+
+
+def _print_summaries(summaries: list[dict], finetuned: bool = False) -> None:
+    from fnemm.eval.metrics import format_metrics
     for s in summaries:
         val = s["val"]
         print(f"best epoch {s['best_epoch']} of {s['epochs']}: val {format_metrics(val) if val else '(none)'}\n"
-              f"checkpoint: {Path(s['out']) / 'best.pt'}")
+              f"checkpoint: {Path(s['out']) / 'best.pt'}"
+              + (f"  fine-tuned CNN: {Path(s['out']) / 'cnn.pt'}" if finetuned else ""))
     if len(summaries) > 1:
         import numpy as np
         rsums = [s["val"]["rsum"] if s["val"] else float("nan") for s in summaries]
         print(f"{len(rsums)} seeds: best val rsum {np.mean(rsums):.1f} ± {np.std(rsums, ddof=1):.1f} "
               f"({', '.join(f'{r:.1f}' for r in rsums)})")
-    return 0
 
 
-def _finetune(args, out: Path, overrides: list[str], common: dict, log) -> int:
+def _finetune(args, out: Path, overrides: list[str], common: dict) -> int:
     from fnemm.datasets import load_dataset
-    from fnemm.training.finetune import finetune_seeds
     from fnemm.training.folders import saved_info, seed_dirs
+    from fnemm.training.runs import fit
     if args.preset or args.config or args.resume:
         raise FnemmError("--finetune starts from the run's own config: drop --preset/--config (use --set), and "
                          "continue a fine-tuning run with --out DIR --resume alone")
@@ -207,23 +204,22 @@ def _finetune(args, out: Path, overrides: list[str], common: dict, log) -> int:
                              if v is not None] + (["finetune.train_bn=true"] if args.train_bn else [])
     start = Path(args.finetune)
     first = seed_dirs(start)[0] if start.is_dir() else start.parent
-    saved = saved_info(first).get("args") or {} if (first / "run.json").exists() else {}
+    saved = (saved_info(first).get("args") or {}) if (first / "run.json").exists() else {}
     data = args.dataset or saved.get("dataset")
     if not data:
         raise FnemmError(f"{first}: its run.json does not say which dataset it was trained on; pass --dataset")
+    restval = bool(saved.get("restval") or args.restval)
     dataset = load_dataset(data)
-    if saved.get("restval") or args.restval:
-        dataset = dataset.with_restval()
     info = {"preset": f"finetune:{start}", "overrides": overrides,
-            "args": {"dataset": [str(d) for d in data], "restval": bool(saved.get("restval") or args.restval)}}
-    summaries = finetune_seeds(start, dataset, out, args.seeds, overrides, log=log, images=args.images,
-                               cnn=args.finetune_cnn, run_info=info, **common)
-    for s in summaries:
-        print(f"best epoch {s['best_epoch']} of {s['epochs']}: val rsum {s['val']['rsum']:.1f}\n"
-              f"checkpoint: {Path(s['out']) / 'best.pt'}  fine-tuned CNN: {Path(s['out']) / 'cnn.pt'}")
+            "args": {"dataset": [str(d) for d in data], "restval": restval}}
+    summaries = fit(out, start=start, dataset=dataset.with_restval() if restval else dataset, overrides=overrides,
+                    seeds=args.seeds,
+                    images=args.images, cnn=args.finetune_cnn, run_info=info, **common)
+    _print_summaries(summaries, finetuned=True)
     run = Path(summaries[0]["out"])
-    ft = saved_info(run)["finetune"]
-    datasets = " ".join(f"--dataset {d}" for d in info["args"]["dataset"])
+    saved = saved_info(run)
+    ft = saved["finetune"]
+    datasets = " ".join(f"--dataset {d}" for d in (saved.get("args") or {}).get("dataset") or [])
     print(f"next, its features (fc7 and FNE) and test metrics:\n"
           f"  fnemm extract --cnn {ft['cnn']} --weights {run / 'cnn.pt'} --images {ft['images_dir']} "
           f"{datasets} --out {run / 'features'}\n"

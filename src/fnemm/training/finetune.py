@@ -294,9 +294,10 @@ def finetune(start: str | Path, dataset: Dataset, out_dir: str | Path, *, config
 
 
 def finetune_seeds(start: str | Path, dataset: Dataset, out: str | Path, seeds: int | None = None,
-                   overrides: list[str] | tuple = (), log=None, resume: bool = False, **kwargs) -> list[dict]:
+                   overrides: list[str] | tuple = (), *, log=None, resume: bool = False, **kwargs) -> list[dict]:
     """Fine-tune every seed of a seeds folder ``start`` (seed-K -> ``out``/seed-K; the first
-    ``seeds`` of them), or the single run ``start`` into ``out``."""
+    ``seeds`` of them), or the single run ``start`` into ``out``, each with its start run's
+    config (finetune_config) and ``overrides``."""
     from fnemm.training.folders import seed_dirs
     start = Path(start)
     runs = seed_dirs(start) if start.is_dir() and not (start / "best.pt").exists() else [start]
@@ -322,7 +323,7 @@ def resume_finetune(out: str | Path, dataset=None, *, features: str | Path | Non
     """Continue the fine-tuning run in ``out`` from its folder (run.json names its start
     run, CNN, photos and store; the start run must be unchanged). ``features`` and
     ``images``: the store and the photos, where they moved since."""
-    from fnemm.training.folders import saved_config, saved_info
+    from fnemm.training.folders import run_dataset, saved_config, saved_info
     out = Path(out)
     config, info = saved_config(out), saved_info(out)
     ft = info.get("finetune") or {}
@@ -331,14 +332,7 @@ def resume_finetune(out: str | Path, dataset=None, *, features: str | Path | Non
         raise FnemmError(f"{out}: the run it fine-tunes from ({start}) is not there; it is needed to resume")
     if hashlib.sha256(start.read_bytes()).hexdigest() != ft.get("from_sha256"):
         raise FnemmError(f"{start}: changed since {out} started fine-tuning from it; start a new --out")
-    if dataset is None:
-        args = info.get("args") or {}
-        if not args.get("dataset"):
-            raise FnemmError(f"{out / 'run.json'}: does not say which dataset it was trained on; pass --dataset")
-        dataset = args["dataset"]
-    if not isinstance(dataset, Dataset):
-        from fnemm.datasets import load_dataset
-        dataset = load_dataset(dataset)
+    dataset = run_dataset(out, dataset)
     keep = {k: v for k, v in info.items() if k in ("preset", "overrides", "args", "label")}
     return finetune(start, dataset, out, config=config, images=images or ft.get("images_dir"),
                     features=features or (info.get("features") or {}).get("source"), cnn=ft.get("cnn"), resume=True,

@@ -168,22 +168,29 @@ def label_of(preset: str | None, path: Path) -> str:
     return preset.split("/")[-1] if preset else path.name
 
 
+def run_dataset(run: Path, dataset=None) -> Dataset:
+    """The dataset a run was trained on: ``dataset`` as given (loaded, or its path(s): e.g.
+    moved since), else the one its run.json names, with MSCOCO's restval as it was trained.
+    The one place a run's dataset is read back."""
+    args = saved_info(run).get("args") or {} if (Path(run) / "run.json").exists() else {}
+    if isinstance(dataset, Dataset):
+        return dataset
+    if dataset is None:
+        dataset = args.get("dataset")
+        if not dataset:
+            raise FnemmError(f"{Path(run) / 'run.json'}: does not say which dataset it was trained on; "
+                             f"pass --dataset")
+    dataset = load_dataset(dataset)
+    return dataset.with_restval() if args.get("restval") else dataset
+
+
 def run_inputs(run: Path, config: TrainConfig, dataset, features, ids=None) -> tuple[Dataset, Features]:
     """The run's dataset and features: as given (loaded, or paths: e.g. moved since), else
     where its run.json says they were."""
     args = saved_info(run).get("args") or {}
-    if isinstance(dataset, (str, Path, list)):
-        dataset = load_dataset(dataset)
-        if args.get("restval"):
-            dataset = dataset.with_restval()
+    dataset = run_dataset(run, dataset)
     if isinstance(features, (str, Path)):
         features = load_features(features, config.features, ids)
-    if dataset is None:
-        if not args.get("dataset"):
-            raise FnemmError(f"{run / 'run.json'}: does not say which dataset it was trained on; pass --dataset")
-        dataset = load_dataset(args["dataset"])
-        if args.get("restval"):                 # MSCOCO trained with restval
-            dataset = dataset.with_restval()
     if features is None:
         if not args.get("features"):
             raise FnemmError(f"{run / 'run.json'}: does not say which features it was trained on; pass --features")

@@ -1,93 +1,117 @@
-"""Working with run folders (fnemm.training.folders says what is in one): training
-several seeds, resuming any run (or every unfinished seed) from its folder alone, and
-evaluating and saving metrics, for the CLI, the demo, the studies and Python alike
-(``fnemm.resume``, ``fnemm.train_seeds``)."""
+"""Working with run folders (fnemm.training.folders says what is in one): ``fit``, the one
+way into training (one run or a seeds folder, trained or resumed, fine-tuning the CNN
+included), and evaluating runs and saving their metrics, for the CLI, the demo, the
+studies and Python alike. ``resume`` and ``train_seeds`` are ``fit``'s two common uses
+under their own names (``fnemm.resume``, ``fnemm.train_seeds``)."""
 
 from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
 
-from fnemm.joint.config import TrainConfig
-from fnemm.datasets import Dataset, load_dataset
-from fnemm.io.errors import FnemmError
+from fnemm.datasets import Dataset
 from fnemm.features.store import Features
-from fnemm.training.folders import count_seeds, load_metrics, metrics_path, ranks_path, run_inputs, save_metrics, save_ranks, saved_config, saved_info, seed_dirs
+from fnemm.io.errors import FnemmError
+from fnemm.joint.config import TrainConfig
+from fnemm.training.folders import (count_seeds, load_metrics, metrics_path, ranks_path, run_dataset, run_inputs,
+                                    save_metrics, save_ranks, saved_config, saved_info, seed_dirs)
+
+# what a resumed seed (or one started late) keeps of how seed-0 was started
+KEPT_INFO = ("preset", "overrides", "args", "label", "seeds")
 
 
-def resume(out: str | Path, *, dataset=None, features=None, ids=None, images=None, device: str = "cpu",
-           quiet: bool = False, checkpoint_every: float = 120.0) -> dict:
-    """Continue the run in ``out`` where it stopped, from its folder alone (config.json;
-    the dataset and features named in run.json unless given: loaded, or paths, e.g. moved
-    since; a fine-tuning run's photos from ``images`` when they moved)."""
-    from fnemm.training.trainer import train
+def fit(out: str | Path, config: TrainConfig | None = None, dataset=None, features=None, *,
+        seeds: int | None = None, start: str | Path | None = None, overrides: list[str] | tuple = (),
+        resume: bool = False, ids=None,
+        images: str | Path | None = None, cnn: str | None = None, device: str = "cpu", quiet: bool = False,
+        checkpoint_every: float = 120.0, run_info: dict | None = None, log=None) -> list[dict]:
+    """Train, or resume, one run or a seeds folder in ``out``; each run's best summary.
+
+    A new run: ``config`` on ``dataset`` and ``features`` (feature rows: a store or .npy,
+    loaded or paths); or, fine-tuning the CNN, the FC7 run (or seeds folder) ``start`` on
+    ``dataset``'s photos (default: the one it was trained on), each with its start run's
+    config and ``overrides`` (see finetune_config).
+    ``seeds``: out/seed-K for K < seeds, each with seed config.seed + K (None: one run in
+    ``out``). With ``resume``, a run already in ``out`` continues where it stopped and a
+    missing one starts; without a config or start, everything comes back from the folder
+    (a run, a seeds folder or a fine-tuning run; seeds not yet started start as seed-0
+    did), and ``dataset``, ``features``, ``ids``, ``images`` name inputs that moved."""
     out = Path(out)
-    if not (out / "last.pt").exists():
-        raise FnemmError(f"{out}: no run to resume here (no last.pt); start one with --preset")
-    config = saved_config(out)
-    if config.finetune is not None:             # the CNN fine-tuned on photos: no feature rows to load
-        from fnemm.training.finetune import resume_finetune
-        if ids is not None:
-            raise FnemmError(f"{out}: a fine-tuning run reads a feature store's photos, not a .npy matrix; "
-                             f"drop --ids (--features STORE names a moved store)")
-        return resume_finetune(out, dataset, features=features, images=images, device=device, quiet=quiet,
-                               checkpoint_every=checkpoint_every)
-    if images is not None:
-        raise FnemmError(f"{out}: --images is for fine-tuning runs; this one trains on feature rows (--features)")
-    dataset, features = run_inputs(out, config, dataset, features, ids)
-    info = saved_info(out)
-    keep = {k: v for k, v in info.items() if k not in ("dataset", "n_train", "n_val", "features",
-                                                        "vocab_size", "feature_dim")}
-    return train(config, dataset, features, out, resume=True, device=device, quiet=quiet, run_info=keep,
-                 checkpoint_every=checkpoint_every)
-
-
-def train_seeds(config: TrainConfig, dataset: Dataset, features: Features, out: str | Path, seeds: int, *,
-                resume: bool = False, device: str = "cpu", quiet: bool = False, run_info: dict | None = None,
-                checkpoint_every: float = 120.0, log=None) -> list[dict]:
-    """Train ``seeds`` runs of ``config`` into ``out/seed-K`` with seeds config.seed + K.
-    With ``resume``, every seed continues from wherever it is: finished, interrupted or
-    not started (each must have been started with this config)."""
+    common = {"device": device, "quiet": quiet, "checkpoint_every": checkpoint_every}
+    if start is not None:
+        from fnemm.training.finetune import finetune_seeds
+        if config is not None:
+            raise FnemmError("fine-tuning starts from the start run's own config: give overrides, not a config")
+        if features is not None or ids is not None:
+            raise FnemmError("fine-tuning reads the photos, not feature rows: drop --features (the start run's "
+                             "store names the CNN and the photos; --images DIR if they moved)")
+        first = seed_dirs(start)[0] if Path(start).is_dir() else Path(start).parent
+        start_args = (saved_info(first).get("args") or {}) if (first / "run.json").exists() else {}
+        spec = start_args.get("dataset") if dataset is None else dataset
+        run_info = dict(run_info or {})
+        if isinstance(spec, (str, Path, list)) and "args" not in run_info:   # so that a resume finds it again
+            run_info["args"] = {"dataset": [str(d) for d in (spec if isinstance(spec, list) else [spec])],
+                                "restval": bool(start_args.get("restval"))}
+        return finetune_seeds(start, run_dataset(first, dataset), out, seeds, overrides, log=log, images=images,
+                              cnn=cnn, run_info=run_info, resume=resume, **common)
+    if config is None:
+        if not resume:
+            raise FnemmError(f"{out}: a new run needs a config (a preset) or a run to fine-tune from")
+        return _resume(out, seeds, dataset, features, ids, images, log, common)
+    if dataset is None or features is None:
+        raise FnemmError("--dataset and --features are required for a new run")
     from fnemm.training.trainer import train
+    if seeds is None:
+        return [train(config, dataset, features, out, resume=resume and (out / "last.pt").exists(),
+                      run_info=run_info, **common)]
     if seeds < 1:
         raise FnemmError(f"--seeds {seeds}: expected at least 1")
-    out, summaries = Path(out), []
+    summaries = []
     for k in range(seeds):
         run = out / f"seed-{k}"
         if log:
             log(f"--- seed {config.seed + k} ({k + 1} of {seeds}) -> {run}")
         summaries.append(train(replace(config, seed=config.seed + k), dataset, features, run,
-                               resume=resume and (run / "last.pt").exists(), device=device, quiet=quiet,
-                               run_info=run_info, checkpoint_every=checkpoint_every))
+                               resume=resume and (run / "last.pt").exists(), run_info=run_info, **common))
     return summaries
 
 
-def resume_seeds(out: str | Path, seeds: int | None = None, **kwargs) -> list[dict]:
-    """Resume every seed of a seeds folder (``seeds``: how many there should be; default
-    as many as have started), unstarted ones from seed-0's config and inputs."""
-    out = Path(out)
-    first = out / "seed-0"
-    if not (first / "config.json").exists():
-        raise FnemmError(f"{out}: no seed-0/ run to resume from; start the seeds with --preset")
-    started = count_seeds(out)
+def _resume(out: Path, seeds: int | None, dataset, features, ids, images, log, common: dict) -> list[dict]:
+    """Everything ``out`` holds, continued from the folder alone (see ``fit``)."""
+    from fnemm.training.trainer import train
+    several = seeds is not None or (out / "seed-0").is_dir()
+    first = out / "seed-0" if several else out
+    if not (first / "config.json").exists() or not several and not (out / "last.pt").exists():
+        raise FnemmError(f"{out}: no run to resume here (no {'seed-0/' if several else ''}last.pt); start one "
+                         f"with --preset")
     config = saved_config(first)
-    if config.finetune is not None:
-        return _resume_finetune_seeds(out, seeds, **kwargs)
-    if kwargs.pop("images", None) is not None:
-        raise FnemmError(f"{out}: --images is for fine-tuning runs; these train on feature rows (--features)")
-    dataset, features = run_inputs(first, config, kwargs.pop("dataset", None), kwargs.pop("features", None),
-                                   kwargs.pop("ids", None))
-    info = {k: v for k, v in saved_info(first).items() if k in ("preset", "overrides", "args", "label")}
-    return train_seeds(config, dataset, features, out, seeds or started, resume=True, run_info=info, **kwargs)
+    if config.finetune is not None:             # the CNN fine-tuned on photos: no feature rows to load
+        if ids is not None:
+            raise FnemmError(f"{out}: a fine-tuning run reads a feature store's photos, not a .npy matrix; drop "
+                             f"--ids (--features STORE names a moved store)")
+        return _resume_finetuning(out, several, seeds, dataset, features, images, log, common)
+    if images is not None:
+        raise FnemmError(f"{out}: --images is for fine-tuning runs; this one trains on feature rows (--features)")
+    dataset, features = run_inputs(first, config, dataset, features, ids)
+    info = saved_info(first)
+    if not several:
+        keep = {k: v for k, v in info.items() if k not in ("dataset", "n_train", "n_val", "features",
+                                                            "vocab_size", "feature_dim")}
+        return [train(config, dataset, features, out, resume=True, run_info=keep, **common)]
+    return fit(out, config, dataset, features, seeds=seeds or count_seeds(out), resume=True,
+               run_info={k: v for k, v in info.items() if k in KEPT_INFO}, log=log, **common)
 
 
-def _resume_finetune_seeds(out: Path, seeds: int | None, dataset=None, features=None, ids=None, images=None,
-                           log=None, **kwargs) -> list[dict]:
-    """Every seed of a fine-tuning seeds folder: started ones resumed, the others started
-    from the same seed of the start folder (seed-0's run.json names it) as seed-0 was
-    (its CNN and photos); ``seeds`` defaults to as many as were asked for at the start."""
+def _resume_finetuning(out: Path, several: bool, seeds: int | None, dataset, features, images, log,
+                       common: dict) -> list[dict]:
+    """A fine-tuning run, or every seed of a folder of them: started ones resumed, the others
+    started from the same seed of the start folder (seed-0's run.json names it) as seed-0
+    was (its CNN and photos); ``seeds`` defaults to as many as were asked for at the start."""
     from fnemm.training.finetune import finetune, finetune_config, resume_finetune
+    if not several:
+        return [resume_finetune(out, run_dataset(out, dataset), features=features, images=images, **common)]
     info = saved_info(out / "seed-0")
+    dataset = run_dataset(out / "seed-0", dataset)
     start_dir = Path((info.get("finetune") or {}).get("from", "")).parent.parent
     seeds = seeds or info.get("seeds") or max(count_seeds(start_dir), 1)
     summaries = []
@@ -96,23 +120,36 @@ def _resume_finetune_seeds(out: Path, seeds: int | None, dataset=None, features=
         if log:
             log(f"--- seed-{k} ({k + 1} of {seeds}) -> {run}")
         if (run / "last.pt").exists():
-            summaries.append(resume_finetune(run, dataset, features=features, images=images, **kwargs))
+            summaries.append(resume_finetune(run, dataset, features=features, images=images, **common))
             continue
         start = start_dir / f"seed-{k}"
         if not (start / "best.pt").exists():
             raise FnemmError(f"{run}: not started, and {start} (its start run) is not there")
-        data = dataset if dataset is not None else (info.get("args") or {}).get("dataset")
-        if data is None:
-            raise FnemmError(f"{out / 'seed-0' / 'run.json'}: does not say which dataset; pass --dataset")
-        if not isinstance(data, Dataset):
-            data = load_dataset(data)
         ft = info.get("finetune") or {}          # seed-0's CNN and photos, as it was started
-        summaries.append(finetune(start, data, run, config=finetune_config(start, info.get("overrides") or []),
+        summaries.append(finetune(start, dataset, run, config=finetune_config(start, info.get("overrides") or []),
                                   cnn=ft.get("cnn"), images=images or ft.get("images_dir"), features=features,
-                                  run_info={k2: v for k2, v in info.items()
-                                            if k2 in ("preset", "overrides", "args", "label", "seeds")},
-                                  **kwargs))
+                                  run_info={k2: v for k2, v in info.items() if k2 in KEPT_INFO}, **common))
     return summaries
+
+
+def resume(out: str | Path, *, dataset=None, features=None, ids=None, images=None, device: str = "cpu",
+           quiet: bool = False, checkpoint_every: float = 120.0) -> dict:
+    """Continue the run in ``out`` where it stopped, from its folder alone (``fit`` with
+    resume=True, for one run): its best summary."""
+    if (Path(out) / "seed-0").is_dir():
+        raise FnemmError(f"{out}: a seeds folder; resume every seed with fit(out, resume=True) "
+                         f"(fnemm train --out {out} --resume)")
+    return fit(out, dataset=dataset, features=features, ids=ids, images=images, resume=True, device=device,
+               quiet=quiet, checkpoint_every=checkpoint_every)[0]
+
+
+def train_seeds(config: TrainConfig, dataset: Dataset, features: Features, out: str | Path, seeds: int, *,
+                resume: bool = False, device: str = "cpu", quiet: bool = False, run_info: dict | None = None,
+                checkpoint_every: float = 120.0, log=None) -> list[dict]:
+    """``seeds`` runs of ``config`` in ``out/seed-K`` with seeds config.seed + K (``fit`` with
+    seeds); with ``resume``, each continues from wherever it is."""
+    return fit(out, config, dataset, features, seeds=seeds, resume=resume, device=device, quiet=quiet,
+               run_info=run_info, checkpoint_every=checkpoint_every, log=log)
 
 
 def evaluate_runs(path: str | Path, dataset: Dataset, features, split: str = "test", protocol: str = "auto",
