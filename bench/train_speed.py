@@ -66,7 +66,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    from fnemm.training.trainer import _adam, clip_gradients
+    from fnemm.training.optim import adam, clip_gradients
     cfg = get_preset(args.preset)
     rng = np.random.default_rng(0)
     bs = cfg.batch_size
@@ -75,7 +75,7 @@ def main() -> None:
     feats = torch.from_numpy(codes.astype(np.float32) if args.float_features else codes)
     torch.manual_seed(0)
     model = JointEmbedding(cfg.model, vocab_size, args.feature_dim).to(args.device)
-    opt = _adam(torch.optim.Adam, model.parameters(), cfg.stages[0].lr)
+    opt = adam(torch.optim.Adam, model.parameters(), cfg.stages[0].lr)
     stage = cfg.stages[0]
 
     def full_step(k):

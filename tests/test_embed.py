@@ -6,6 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import DATA
 from fnemm.cli import main
@@ -113,6 +114,36 @@ def test_embed_errors_are_one_line(capsys, model, tmp_path):
     code, _, err = run(capsys, "embed", "--checkpoint", tmp_path, "--texts", tmp_path / "list.txt",
                        "--out", tmp_path / "o")
     assert code == 2 and "no such checkpoint" in err
+
+
+def test_open_model_encodes_texts_and_photos_like_open_clip(model, gallery):
+    """model = fnemm.open_model(run, store); model.encode_text / encode_image give the
+    normalised rows search uses, and model.similarity compares them."""
+    import fnemm
+    from PIL import Image
+    run_dir, store = model
+    m = fnemm.open_model(run_dir, store)
+    texts = m.encode_text(["a dog runs on the beach", "two children play"])
+    assert texts.shape == (2, m.config.model.embed_dim)
+    assert torch.allclose(texts.norm(dim=1), torch.ones(2), atol=1e-5)
+    assert torch.allclose(texts[0], torch.from_numpy(gallery.text_embedding("a dog runs on the beach"))[0], atol=1e-6)
+    photo = DATA / "flickr8k" / "images" / gallery.image_ids[0]
+    with Image.open(photo) as im:
+        images = m.encode_image([photo, im.copy()])
+    assert images.shape == (2, m.config.model.embed_dim) and torch.allclose(images[0], images[1], atol=1e-5)
+    scores = m.similarity(images, texts)
+    assert scores.shape == (2, 2) and torch.allclose(scores, images @ texts.t(), atol=1e-6)
+    assert m.encode_text("a dog").shape == (1, m.config.model.embed_dim)
+
+
+def test_a_query_with_no_known_word_gets_no_hits_and_exit_1(capsys, model, gallery):
+    run_dir, store = model
+    common = ["search", "--checkpoint", run_dir, "--features", store, "--dataset", f"flickr8k-1k={DATA / 'flickr8k'}"]
+    code, out, err = run(capsys, *common, "--text", "xylophone quokka")
+    assert code == 1 and out == "" and err.count("\n") == 1
+    assert "none of the query's words is in the model's vocabulary (xylophone, quokka)" in err
+    code, out, err = run(capsys, *common, "--text", "a dog xylophone", "-k", "2")   # partly known: hits and a note
+    assert code == 0 and "read as <unk>: xylophone" in err
 
 
 def test_image_to_image_search_is_brute_force_cosine(capsys, model, gallery):

@@ -174,6 +174,27 @@ def test_resume_after_kill_is_byte_identical(images, tmp_path):
     assert not (cut / ".partial").exists()
 
 
+def test_piped_extraction_prints_progress_lines_with_a_total(images, tmp_path):
+    """A log (stdout not a terminal) gets whole progress lines, never a bar: done/total,
+    percent and rate (FNEMM_PROGRESS_EVERY=0: a line every tenth, not every 30 s, so the
+    test needs no clock)."""
+    folder, data = images
+    done = subprocess.run(_cli("--images", str(folder), "--dataset", str(data), "--cnn", "tinycnn:build",
+                               "--batch-size", "1", "--workers", "0", "--threads", "1", "--out", str(tmp_path / "s")),
+                          env=_env(FNEMM_PROGRESS_EVERY="0"), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stdout.splitlines() if line.startswith("extract: ")]
+    assert len(lines) >= 3, done.stdout
+    # 13: the 12 photos and the dataset's missing one
+    assert all("/13 img (" in line and ("img/s" in line or "s/img" in line) for line in lines), lines
+    assert lines[-1].startswith("extract: 13/13 img (100%)") and 3 <= len(lines) <= 11
+    assert "\r" not in done.stdout and "\r" not in done.stderr          # no bar drawn into a pipe
+    quiet = subprocess.run(_cli("--images", str(folder), "--dataset", str(data), "--cnn", "tinycnn:build",
+                                "--workers", "0", "--quiet", "--out", str(tmp_path / "q")),
+                           env=_env(FNEMM_PROGRESS_EVERY="0"), capture_output=True, text=True)
+    assert quiet.returncode == 0 and "extract: " not in quiet.stdout
+
+
 @pytest.mark.parametrize("point", ["assemble-stats", "assemble-arrays"])
 def test_an_interrupted_reassembly_is_never_reused(images, tmp_path, point):
     """Killed while re-standardising with other thresholds, the store must not be taken

@@ -107,3 +107,34 @@ def test_a_gallery_moved_with_its_images_still_finds_them(demo, tmp_path):
     hit = gallery.text("a dog", 1)[0]
     assert gallery.image_path(hit.image) == moved / "images" / hit.image
     assert len(gallery.thumbnail(hit.image, 64)) > 100
+
+
+def test_a_60_photo_csv_states_its_chance_level_at_train_evaluate_and_report(tmp_path, capsys):
+    """Chance everywhere: train says the validation chance level and calls a model at
+    chance that; evaluate and report state the test set's."""
+    import numpy as np
+    import synthetic
+    records, feats, ids = synthetic.make(n_images=60, splits=(0.8, 0.1, 0.1))
+    import csv as csv_module
+    csv = tmp_path / "mine.csv"
+    with open(csv, "w", newline="") as f:
+        writer = csv_module.writer(f)
+        writer.writerow(["image", "caption", "split"])
+        writer.writerows([r["image"], c, r["split"]] for r in records for c in r["captions"])
+    np.save(tmp_path / "feats.npy", feats)
+    (tmp_path / "feats.ids.txt").write_text("\n".join(ids) + "\n")
+    common = ["--dataset", str(csv), "--features", str(tmp_path / "feats.npy")]
+    # a learning rate that cannot move it: the model stays at chance
+    assert main(["train", "--preset", "demo/FNE-MH", *common, "--out", str(tmp_path / "run"), "--epochs", "1",
+                 "--lr", "1e-12", "--threads", "1", *sum((["--set", s] for s in SMALL), [])]) == 0
+    out, err = capsys.readouterr()
+    assert "validation: 6 images x 5 captions; chance (random embeddings) scores rsum" in out
+    assert "fnemm: warning: " in err and "this model is at chance" in err
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "run"), *common]) == 0
+    out = capsys.readouterr().out
+    assert "test [all: 6 images, 30 captions]" in out and "chance on 6 images x 5 captions" in out
+    assert "this model is at chance" in out
+    assert main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "report")]) == 0
+    out = capsys.readouterr().out
+    assert "(at chance)" in out and "| chance: random embeddings, 6 images x 5 captions |" in out
+    assert (tmp_path / "report" / "val_rsum.png").stat().st_size > 1000

@@ -41,7 +41,7 @@ def test_a_notebook_session(synth, tmp_path):
 
     # open the model against its features, then search and evaluate
     opened = fnemm.open_model(cut, npy, ids=ids)
-    assert opened.features.dim == 48 and opened.similarity == "cosine"
+    assert opened.features.dim == 48 and opened.similarity_kind == "cosine"
     dataset = fnemm.load_dataset(jsonl)
     gallery = fnemm.Gallery.from_store(cut, npy, dataset, "test", ids=ids)
     hits = gallery.text("a red dog is running .", k=5)

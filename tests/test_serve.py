@@ -232,6 +232,10 @@ def test_text_search_endpoint(client, built):
     r = client.post("/search/text", json={"query": "a zzqxv dog"})        # k defaults to 10
     assert len(r.json()["results"]) == 10 and r.json()["unknown_words"] == ["zzqxv"]
     assert len(client.post("/search/text", json={"query": "dog", "k": MAX_K}).json()["results"]) == 30
+    # no word the model knows: no confident noise, a 422 naming the words
+    r = client.post("/search/text", json={"query": "xylophone quokka"})
+    assert r.status_code == 422 and r.json()["unknown_words"] == ["xylophone", "quokka"]
+    assert "none of the query's words is in the model's vocabulary (xylophone, quokka)" in r.json()["error"]
 
 
 @pytest.mark.parametrize("body, status, message", [

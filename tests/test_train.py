@@ -185,7 +185,7 @@ def test_a_megabyte_caption_is_cut_with_a_warning_and_memory_stays_bounded(synth
 
 
 def test_gradient_clipping_per_tensor_and_global_by_hand():
-    from fnemm.training.trainer import clip_gradients
+    from fnemm.training.optim import clip_gradients
     a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, 2))
 
     def grads():

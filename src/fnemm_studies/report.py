@@ -18,6 +18,7 @@ import numpy as np
 from fnemm.io.errors import FnemmError
 from fnemm.io.files import atomic_path
 from fnemm.training.folders import label_of, load_metrics, load_ranks, run_preset, saved_info, seed_dirs, val_curve
+from fnemm.eval.metrics import chance_rsum
 from fnemm_studies.stats import Comparison, bootstrap_rsum, format_p, paired_bootstrap
 
 DIRECTIONS = ("i2t", "t2i")
@@ -105,6 +106,19 @@ class RunSummary:
     curves: list[list[float]] = field(default_factory=list)   # val rsum per epoch, per seed
     preset: str | None = None
     ranks: list[dict] = field(default_factory=list)           # per-query test ranks, per seed (if saved)
+    val_chance: tuple[float, float] | None = None             # rsum of random embeddings on its val split
+
+    def test_chance(self) -> tuple[int, int, float, float] | None:
+        """(test images, captions an image, chance rsum mean, std) of its test split."""
+        m = self.seeds[0]
+        if "images" not in m:
+            return None
+        per = max(1, round(m.get("captions", 5 * m["images"]) / m["images"]))
+        return (int(m["images"]), per, *chance_rsum(int(m["images"]), per))
+
+    def at_chance(self) -> bool:
+        chance = self.test_chance()
+        return chance is not None and self.mean_std("rsum")[0] <= chance[2] + 2 * chance[3]
 
     def mean_std(self, key: str) -> tuple[float, float]:
         values = np.array([s[key] for s in self.seeds], dtype=np.float64)
@@ -122,7 +136,7 @@ def load_run(path: str | Path, split: str = "test") -> RunSummary:
     path = Path(path)
     if not path.is_dir():
         raise FnemmError(f"{path}: no such run folder")
-    seeds, curves, ranks, preset, label = [], [], [], None, None
+    seeds, curves, ranks, preset, label, chance = [], [], [], None, None, None
     for run in seed_dirs(path):
         results = load_metrics(run, split)
         seeds.append(next(iter(results.values())))      # the whole split (first protocol)
@@ -134,8 +148,11 @@ def load_run(path: str | Path, split: str = "test") -> RunSummary:
         if preset is None:
             preset = run_preset(run)
             if (run / "run.json").exists():       # a name of its own (the demo's FNE-late-MH)
-                label = saved_info(run).get("label")
-    return RunSummary(label or label_of(preset, path), path, seeds, curves, preset, ranks)
+                info = saved_info(run)
+                label = info.get("label")
+                vc = info.get("val_chance")
+                chance = (float(vc["rsum"]), float(vc["std"])) if isinstance(vc, dict) and "rsum" in vc else None
+    return RunSummary(label or label_of(preset, path), path, seeds, curves, preset, ranks, chance)
 
 
 def _cell(run: RunSummary, key: str) -> str:
@@ -173,7 +190,12 @@ def markdown_table(runs: list[RunSummary], paper: str | None = None, baseline: R
         if baseline is not None:
             c = compare(run, baseline) if run is not baseline else None
             diff = " | " + (f"{c.mean:+.1f} [{c.low:+.1f}, {c.high:+.1f}], {format_p(c.p)}" if c else "–")
-        lines.append(f"| {run.label} | {len(run.seeds)} | {cells} | {rsum}{diff} |")
+        lines.append(f"| {run.label}{' (at chance)' if run.at_chance() else ''} | {len(run.seeds)} | {cells} | "
+                     f"{rsum}{diff} |")
+    shapes = {c[:2]: c for run in runs if (c := run.test_chance()) is not None}
+    for n, per, mean, std in shapes.values():
+        lines.append(f"| chance: random embeddings, {n} images x {per} captions | | " + "– | " * len(HEADER)
+                     + f"{mean:.1f} ± {std:.1f} |" + (" |" if baseline else ""))
     if paper:
         if paper not in PAPER:
             raise FnemmError(f"--paper {paper}: the paper's numbers exist for {', '.join(PAPER)}")
@@ -213,6 +235,10 @@ def plot_curves(runs: list[RunSummary], path: str | Path) -> Path:
         for s, curve in enumerate(run.curves):
             ax.plot(range(1, len(curve) + 1), curve, color=color, alpha=0.9 if s == 0 else 0.45,
                     label=run.label if s == 0 else None)
+    chances = {run.val_chance for run in runs if run.val_chance is not None}
+    for k, (mean, std) in enumerate(sorted(chances)):
+        ax.axhspan(mean - 2 * std, mean + 2 * std, color="grey", alpha=0.25, lw=0,
+                   label="chance ± 2 std" if k == 0 else None)
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation rsum")
     ax.set_title("Validation rsum (R@1+R@5+R@10, both directions) per epoch")

@@ -67,7 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"fnemm: warning: {message}", file=file or sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+    warnings.showwarning = _one_line_warning          # the library warns; the CLI says it in one line
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.command:
@@ -83,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     except FnemmError as e:
         print(f"fnemm: error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)
     except KeyboardInterrupt:
         hint = {"train": "; continue it with `fnemm train --out DIR --resume`",
                 "extract": "; run the same command again to continue",

@@ -30,3 +30,14 @@ class TooLarge(FnemmError):
 class NotAnImage(FnemmError):
     """An upload or file that is not an image we can read."""
     status = 415
+
+
+class NoMatch(FnemmError):
+    """The query means nothing to the model (no word it knows): no answer rather than noise.
+    The CLI exits 1 (as grep does when nothing matches); ``details`` names the words."""
+    status = 422
+    exit_code = 1
+
+    def __init__(self, message: str, **details):
+        super().__init__(message)
+        self.details = details

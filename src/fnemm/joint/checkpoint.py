@@ -16,7 +16,7 @@ checkpoint itself records: a ``best.pt`` copied without its run folder is checke
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -112,10 +112,48 @@ class OpenModel:
     path: Path                      # the checkpoint file
     features: Features | None
     device: str
+    _encoder: object = field(default=None, init=False, repr=False)      # the store's CNN, on first use
 
     @property
-    def similarity(self) -> str:
+    def similarity_kind(self) -> str:
+        """'cosine' or 'order': how the model compares an image with a caption."""
         return self.config.model.similarity
+
+    def encode_text(self, texts: str | list[str]) -> torch.Tensor:
+        """(n, d) embeddings of sentences, L2-normalised (and non-negative for order models),
+        as open_clip's ``model.encode_text``: rows comparable with :meth:`encode_image`'s."""
+        from fnemm.joint.inputs import embed_captions
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        return embed_captions(self.model, [self.vocab.encode(t) for t in texts], self.device)
+
+    def encode_image(self, images) -> torch.Tensor:
+        """(n, d) embeddings of images: files or PIL images, each run through the CNN and
+        statistics of the model's feature store (its crops, layers and post-processing)."""
+        from PIL import Image
+
+        from fnemm.features.encode import StoreEncoder
+        from fnemm.joint.inputs import embed_images
+        images = [images] if isinstance(images, (str, Path, Image.Image)) else list(images)
+        if self._encoder is None:
+            store = self.features.source if self.features is not None and self.features.manifest else \
+                (self.checkpoint.get("features") or {}).get("source")
+            if not store or not (Path(store) / "manifest.json").is_file():
+                raise FnemmError(f"{self.path}: encoding photos needs the feature store the model was trained on "
+                                 f"({store}): its CNN and statistics; open the model with features=STORE")
+            self._encoder = StoreEncoder(store, self.device)
+        rows = [self._encoder.encode_image(im) if isinstance(im, Image.Image) else self._encoder.encode(im)
+                for im in images]
+        import numpy as np
+        feats = np.concatenate([r[self.config.features] for r in rows]) if rows else \
+            np.zeros((0, self.checkpoint["feature_dim"]), np.float32)
+        return embed_images(self.model, feats, self.device)
+
+    def similarity(self, images: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
+        """The (n_images, n_texts) scores of embeddings from encode_image and encode_text,
+        with the model's own similarity (cosine: dot products; order: Eq. 3)."""
+        from fnemm.joint.losses import scores
+        with torch.no_grad():
+            return scores(images, texts, self.similarity_kind)
 
 
 def open_model(checkpoint: str | Path, features: Features | str | Path | None = None, device: str = "cpu",

@@ -48,8 +48,8 @@ class Embedded:
 
 def _meta(kind: str, opened, ids: list, extra: dict) -> dict:
     return {"format": FORMAT, "version": 1, "fnemm": __version__, "kind": kind, "count": len(ids),
-            "dim": opened.config.model.embed_dim, "dtype": "float32", "similarity": opened.similarity,
-            "compare": COMPARE[opened.similarity], "checkpoint": str(opened.path.resolve()),
+            "dim": opened.config.model.embed_dim, "dtype": "float32", "similarity": opened.similarity_kind,
+            "compare": COMPARE[opened.similarity_kind], "checkpoint": str(opened.path.resolve()),
             "checkpoint_sha256": sha256_file(opened.path), "ids": ids, **extra}
 
 

@@ -26,7 +26,7 @@ from PIL import Image
 from fnemm.joint.checkpoint import OpenModel, open_model
 from fnemm.joint.inputs import embed_captions, embed_images
 from fnemm.datasets import Dataset
-from fnemm.io.errors import Conflict, FnemmError, NotFound
+from fnemm.io.errors import Conflict, FnemmError, NoMatch, NotFound
 from fnemm.io.files import locate
 from fnemm.search.index_folder import select_gallery
 from fnemm.search.vector_index import VectorIndex
@@ -64,7 +64,7 @@ class Gallery:
                  images_dir: Path | None, candidates: dict[str, int] | None = None, manifest: dict | None = None,
                  encoder: bool = True, name: str = "the gallery"):
         self.opened, self.model, self.vocab, self.config = opened, opened.model, opened.vocab, opened.config
-        self.device, self.similarity = opened.device, opened.similarity
+        self.device, self.similarity = opened.device, opened.similarity_kind
         self.image_ids, self.images = image_ids, images
         self.captions, self.caption_index = captions, caption_index
         self.captions_of: dict[str, list[str]] = {}
@@ -140,11 +140,22 @@ class Gallery:
             query.encode("utf-8")
         except UnicodeEncodeError:
             raise FnemmError("the text query is not valid Unicode text (a lone surrogate?)") from None
+        if not self.known_words(query):
+            unknown = self.unknown_words(query)
+            raise NoMatch(f"none of the query's words is in the model's vocabulary"
+                          f"{' (' + ', '.join(unknown[:10]) + ')' if unknown else ''}: the model would read it as "
+                          f"nothing and rank the images at random; use words like those of its training captions",
+                          unknown_words=unknown)
         return embed_captions(self.model, [self.vocab.encode(query)], self.device).cpu().numpy()
 
     def unknown_words(self, query: str) -> list[str]:
         from fnemm.joint.text import tokenize
         return [w for w in tokenize(query) if w not in self.vocab.stoi]
+
+    def known_words(self, query: str) -> list[str]:
+        """The query's words the model has embeddings for (punctuation aside)."""
+        from fnemm.joint.text import tokenize
+        return [w for w in tokenize(query) if w in self.vocab.stoi and any(ch.isalnum() for ch in w)]
 
     def text(self, query: str, k: int = 10) -> list[Hit]:
         """The ``k`` gallery images that fit the sentence best, with their captions."""

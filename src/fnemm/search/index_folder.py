@@ -196,7 +196,7 @@ def _build(opened, features: Path, out: Path, dataset, split: str, ids, method: 
                                    opened.device).cpu().numpy()
     out.mkdir(parents=True, exist_ok=True)
     old.unlink(missing_ok=True)      # half-rewritten files must never sit under a valid manifest
-    common = {"similarity": opened.similarity, "method": method, "threshold": threshold,
+    common = {"similarity": opened.similarity_kind, "method": method, "threshold": threshold,
               "target": target_recall, "quiet": quiet}
     sides = {"images": _write_side(out, "images", image_emb, query_emb, image_queries, True, **common),
              "captions": _write_side(out, "captions", caption_emb, image_emb, "the gallery's images", False,
@@ -212,7 +212,7 @@ def _build(opened, features: Path, out: Path, dataset, split: str, ids, method: 
     names += [f"{s}.faiss" for s, info in sides.items() if info and info["method"] != "exact"]
     from fnemm.io.version import __version__
     manifest = {"format": FORMAT, "version": VERSION, "fnemm": __version__, "request": request,
-                "similarity": opened.similarity, "embed_dim": opened.config.model.embed_dim,
+                "similarity": opened.similarity_kind, "embed_dim": opened.config.model.embed_dim,
                 "images_dir": store.manifest.get("images_dir"), **sides,
                 **_relative_paths(out, opened.path, features, store),
                 "files": {n: {"bytes": (out / n).stat().st_size, "sha256": sha256_file(out / n)} for n in names},

@@ -215,7 +215,7 @@ def thumbnail(image_id: str, size: int = Query(DEFAULT_THUMB, description="longe
 # --- errors --------------------------------------------------------------------------------
 
 async def fnemm_error(request: Request, exc: FnemmError):
-    return JSONResponse({"error": str(exc)}, status_code=exc.status)
+    return JSONResponse({"error": str(exc), **getattr(exc, "details", {})}, status_code=exc.status)
 
 
 async def http_error(request: Request, exc: HTTPException):

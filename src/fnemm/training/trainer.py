@@ -24,6 +24,7 @@ import contextlib
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +40,7 @@ from fnemm.joint.config import TrainConfig, validate
 from fnemm.joint.inputs import SplitData, build_vocab, embed_captions, embed_images, split_data
 from fnemm.datasets import Dataset
 from fnemm.training.distributed import Dist
+from fnemm.training.optim import adam, clip_gradients
 from fnemm.io.errors import FnemmError
 from fnemm.io.faults import fault
 from fnemm.io.locks import folder_lock
@@ -55,32 +57,6 @@ def validation_metrics(model: JointEmbedding, data: SplitData, per_image: int, d
     img = embed_images(model, data.features, device)
     cap = embed_captions(model, captions, device)
     return evaluate_embeddings(img, cap, owner, model.config.similarity, folds=folds)
-
-
-def clip_gradients(params, max_norm: float, mode: str) -> None:
-    """'global': scale all gradients by max_norm / their joint norm when it is larger
-    (VSE++); 'per-tensor': the same for each parameter tensor on its own (the authors'
-    optimiser). The scale is max_norm / (norm + 1e-6), as torch's clip_grad_norm_."""
-    params = [p for p in params if p.grad is not None]
-    if not params:
-        return
-    if mode == "global":
-        torch.nn.utils.clip_grad_norm_(params, max_norm)
-        return
-    grads = [p.grad for p in params]
-    norms = torch._foreach_norm(grads)
-    scales = [torch.clamp(max_norm / (n + 1e-6), max=1.0) for n in norms]
-    torch._foreach_mul_(grads, scales)
-
-
-def _adam(cls, params, lr: float) -> torch.optim.Optimizer:
-    """Adam's fused kernel where torch has one for these tensors: the same update, ~5x
-    faster on a CPU for the FNE's large image map (6 vs 35 ms a step at 18,057 x 512)."""
-    params = list(params)
-    try:
-        return cls(params, lr=lr, fused=True)
-    except (RuntimeError, TypeError, ValueError):
-        return cls(params, lr=lr)
 
 
 @dataclass
@@ -129,8 +105,8 @@ class Trainer:
             image = set(map(id, self.model.image.parameters()))
             groups = [{"params": [p for p in self.model.parameters() if id(p) not in image], "weight_decay": 0.0},
                       {"params": list(self.model.image.parameters()), "weight_decay": decay}]
-            return _adam(torch.optim.AdamW, groups, lr)
-        return _adam(torch.optim.Adam, self.model.parameters(), lr)
+            return adam(torch.optim.AdamW, groups, lr)
+        return adam(torch.optim.Adam, self.model.parameters(), lr)
 
     def _payload(self) -> dict:
         return {"format": CHECKPOINT_FORMAT, "version": 1, "config": self.config.to_dict(),
@@ -252,7 +228,9 @@ class Trainer:
         desc = (f"stage {self.state.stage + 1}/{len(self.config.stages)} "
                 f"epoch {self.state.stage_epoch + 1}/{stage.max_epochs}")
         world = self.dist.world if self.dist else 1
-        bar = progress_bar(range(0, len(perm), bs), desc=desc, leave=False, quiet=self.quiet, unit="batch")
+        # in a log, lines within an epoch only for long epochs (the epoch line says the rest)
+        bar = progress_bar(range(0, len(perm), bs), desc=desc, leave=False, quiet=self.quiet, unit="batch",
+                           every=120.0)
         for start in bar:
             idx, pick = perm[start:start + bs], picks[start:start + bs]
             if len(idx) < max(2, world):      # a lone pair has no negatives; every process needs a pair
@@ -340,9 +318,17 @@ class Trainer:
                 self._write_metrics()
             fault(f"epoch-{st.epoch}", f"{self.out.name}/epoch-{st.epoch}")
             if not self.quiet:
-                say(f"epoch {st.epoch} (stage {st.stage + 1}) loss {loss:.3f} | "
-                           f"val {format_metrics(val)}{'  *best' if improved else ''}")
+                say(self._epoch_line(loss, val, improved, time.perf_counter() - t0))
         return self.best_summary()
+
+    def _epoch_line(self, loss: float, val: dict, improved: bool, seconds: float) -> str:
+        """'epoch 12 (stage 1/2: 12 of at most 400, patience 3/10) loss ... | val ... | 80 s'."""
+        st, stage = self.state, self.config.stages[self.state.stage]
+        where = f"stage {st.stage + 1}/{len(self.config.stages)}: {st.stage_epoch} of at most {stage.max_epochs}"
+        if stage.patience is not None:
+            where += f", {st.stale}/{stage.patience} without a better rsum"
+        return (f"epoch {st.epoch} ({where}) loss {loss:.3f} | val {format_metrics(val)} | {seconds:.0f} s"
+                f"{'  *best' if improved else ''}")
 
     def best_summary(self) -> dict:
         best = next((h for h in self.state.history if h["epoch"] == self.state.best_epoch), None)
@@ -365,14 +351,31 @@ def train(config: TrainConfig, dataset: Dataset, features: Features, out_dir: st
     val_split = split_data(dataset, features, vocab, "val")
     if config.val_images and len(val_split) > config.val_images:      # MSCOCO: select on the first 1K
         val_split = val_split.head(config.val_images)
+    from fnemm.eval.metrics import chance_rsum
+    chance = chance_rsum(len(val_split), config.eval_captions) if len(val_split) >= 2 else (0.0, 0.0)
     if not quiet and (dist is None or dist.main):
         from fnemm.eval.protocols import warn_small
         warn_small(len(val_split), "validation")
+        say(f"validation: {len(val_split)} images x {config.eval_captions} captions; chance (random embeddings) "
+            f"scores rsum {chance[0]:.1f} ± {chance[1]:.1f}")
     info = {"dataset": dataset.name, "n_train": len(train_split), "n_val": len(val_split),
+            "val_chance": {"rsum": chance[0], "std": chance[1]},
             "features": {"source": features.source, "kind": features.kind, "dim": features.dim,
                          "producer": {k: v for k, v in features.manifest.items()
                                       if k not in ("image_ids", "skipped", "arrays")}},
             **(run_info or {})}
     trainer = Trainer(config, train_split, val_split, vocab, Path(out_dir), device, quiet, info,
                       checkpoint_every, dist)
-    return trainer.fit(resume=resume)
+    summary = trainer.fit(resume=resume)
+    summary["at_chance"] = at_chance(summary, chance)
+    if summary["at_chance"] and (dist is None or dist.main):
+        warnings.warn(f"{out_dir}: the best validation rsum, {summary['val']['rsum']:.1f}, is within 2 std of chance "
+                      f"({chance[0]:.1f} ± {chance[1]:.1f}): this model is at chance; it has learnt nothing the "
+                      f"validation images can tell (too few training images, or a learning rate that does not "
+                      f"start: see README, Fidelity)", stacklevel=2)
+    return summary
+
+
+def at_chance(summary: dict, chance: tuple[float, float]) -> bool:
+    """Whether a run's best validation rsum is within 2 std of chance's."""
+    return summary.get("val") is not None and summary["val"]["rsum"] <= chance[0] + 2 * chance[1]
