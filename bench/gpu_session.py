@@ -13,9 +13,14 @@ decoding, forward pass and assembly; images/s = photos / wall seconds):
   and MobileNetV2, fp32, and after with --precision bf16;
 - the agreement of bf16 and fp32 FNE codes (equal, and sign flips -1 <-> +1);
 - fine-tuning: demo/FC7-MH trained on the MobileNetV2 store, then `train --finetune`
-  for --ft-epochs epochs, seconds per epoch from its metrics (validation included).
+  for --ft-epochs epochs, seconds per epoch from its metrics (validation included);
+- what crashed on GPUs (issue 23): torchrun training through NCCL past epoch 1, and a
+  run killed after epoch 1 resumed on the GPU to an unbroken run's weights;
+- the paper's Flickr8K benchmark (issue 22): extraction of the kit's images-224 photos
+  with MobileNetV2 and EfficientNet-Lite0, and bench/train_speed.py's step of
+  flickr8k/FNE-MH at 17,056 and 21,008 features and flickr8k/FC7-MH at 1,280.
 It writes OUT/gpu_summary.json and OUT/gpu_summary.txt (the 8-file limit: logs are
-summarised, not copied). `--device cpu --images 8` rehearses it here in a minute.
+summarised, not copied). `--device cpu --images 8 --skip-precision` rehearses it here in minutes.
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=12, help="decoding processes for extraction")
     ap.add_argument("--ft-epochs", type=int, default=2)
     ap.add_argument("--work", default="/tmp/fnemm-gpu")
+    ap.add_argument("--skip-precision", action="store_true",
+                    help="skip the VGG16 / bf16 extraction timings (a rehearsal on a CPU without bf16 units)")
     args = ap.parse_args()
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
@@ -94,13 +101,13 @@ def main() -> None:
         return store
 
     stores = {}
-    for cnn in ("vgg16", "mobilenet_v2_float"):
+    for cnn in () if args.skip_precision else ("vgg16", "mobilenet_v2_float"):
         if (KIT / "before" / "src").is_dir():
             extract(f"{cnn}-before-fp32", cnn, "fp32", old_env)
         for precision in ("fp32", "bf16"):
             stores[cnn, precision] = extract(f"{cnn}-after-{precision}", cnn, precision, new_env)
     import numpy as np
-    for cnn in ("vgg16", "mobilenet_v2_float"):
+    for cnn in () if args.skip_precision else ("vgg16", "mobilenet_v2_float"):
         a, b = stores[cnn, "fp32"], stores[cnn, "bf16"]
         if a and b:
             x, y = np.load(a / "fne.npy"), np.load(b / "fne.npy")
@@ -128,7 +135,67 @@ def main() -> None:
                 say(f"  fine-tuning epochs {run['epoch_s']} s ({info['n_train']} training photos + validation "
                     f"on {info['n_val']} x 10 crops): {info['n_train'] / per:.1f} training photos/s incl. "
                     f"validation; val rsum {run['val_rsum']}")
+        _ddp_and_resume(fnemm, say, summary, base, dataset, work, args.device, new_env)
+    _flickr8k_224(fnemm, say, summary, data, work, args, new_env)
     say("done")
+
+
+def _ddp_and_resume(fnemm, say, summary: dict, base: Path, dataset: str, work: Path, device: str, env: dict) -> None:
+    """What crashed on GPUs before (issue 23): a torchrun training (one process: NCCL all
+    the same) past the end of its first epoch, and a run killed after epoch 1 resumed on
+    the GPU, whose weights must equal an unbroken run's."""
+    common = ["--preset", "demo/FC7-MH", "--dataset", dataset, "--features", base, "--device", device,
+              "--epochs", "3", "--checkpoint-every", "0", "--quiet", "--set", "model.image_dropout=0.2"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "-m", "fnemm.cli", "train",
+           *[str(a) for a in common], "--out", str(work / "ddp")]
+    t = time.perf_counter()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    epochs = len((work / "ddp" / "metrics.jsonl").read_text().splitlines()) if (work / "ddp" / "metrics.jsonl").exists() else 0
+    summary["runs"]["torchrun-nccl"] = {"rc": done.returncode, "epochs": epochs, "wall_s": round(time.perf_counter() - t, 1),
+                                        "tail": (done.stdout + done.stderr)[-600:]}
+    say(f"torchrun --nproc-per-node 1 (NCCL), 3 epochs: rc {done.returncode}, {epochs} epochs written"
+        + ("" if done.returncode == 0 else f"\n  {(done.stdout + done.stderr)[-300:]}"))
+    ref, cut = work / "ref", work / "cut"
+    fnemm("gpu-unbroken", ["train", *common, "--out", ref], env)
+    subprocess.run([sys.executable, "-m", "fnemm.cli", "train", *[str(a) for a in common], "--out", str(cut)],
+                   env={**env, "FNEMM_DIE_AT": "epoch-1"}, capture_output=True)
+    run = fnemm("gpu-resume", ["train", "--out", cut, "--resume", "--quiet", "--device", device], env)
+    if run["rc"] == 0 and (ref / "last.pt").exists():
+        import torch
+        a, b = (torch.load(p / "last.pt", weights_only=True)["model"] for p in (ref, cut))
+        run["same_weights"] = all(torch.equal(a[k], b[k]) for k in a)
+        say(f"  resumed on {device} after a kill at epoch 1: weights equal an unbroken run's: {run['same_weights']}")
+
+
+def _flickr8k_224(fnemm, say, summary: dict, data: Path, work: Path, args, env: dict) -> None:
+    """The paper's benchmark on a GPU (issue 22): extraction of the images-224 photos the
+    kit carries (a few hundred: the working tree that travels is 64 MiB), and the training
+    step of the paper's presets at the FNE widths of both bundled CNNs."""
+    photos = data / "flickr8k" / "images-224"
+    if not photos.is_dir():
+        say("flickr8k-224: no photos in the kit (bash bench/gpu_kit.sh)")
+        return
+    names = sorted(p.name for p in photos.iterdir())[:args.images or None]
+    sys.path.insert(0, str(ROOT / "src"))
+    from fnemm.datasets import load_dataset
+    full = load_dataset(data / "flickr8k")
+    keep = [k for k, i in enumerate(full.image_ids) if i in set(names)]
+    spec = str(full.subset(keep).to_jsonl(work / "f8k224.jsonl"))
+    for cnn in ("mobilenet_v2_float", "efficientnet_lite0"):
+        store = work / f"f8k224-{cnn}"
+        run = fnemm(f"f8k224-extract-{cnn}", ["extract", "--images", photos, "--dataset", spec, "--cnn", cnn,
+                                              "--device", args.device, "--workers", args.workers, "--out", store,
+                                              "--quiet"], env)
+        if run["rc"] == 0:
+            run["images_per_s"] = round(len(keep) / run["wall_s"], 1)
+            say(f"  {len(keep)} images-224 photos, {run['images_per_s']} images/s (10 crops, whole process)")
+    for preset, dim in (("flickr8k/FNE-MH", 17056), ("flickr8k/FNE-MH", 21008), ("flickr8k/FC7-MH", 1280)):
+        cmd = [sys.executable, str(ROOT / "bench" / "train_speed.py"), "--preset", preset, "--feature-dim", str(dim),
+               "--device", args.device, "--steps", "20" if args.device != "cpu" else "1"]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        summary["runs"][f"train-speed-{preset}-{dim}"] = {"rc": done.returncode, "out": done.stdout[-900:]}
+        say(f"train_speed {preset} at {dim} features:\n  " + "\n  ".join(done.stdout.strip().splitlines()[-6:])
+            if done.returncode == 0 else f"train_speed {preset}: rc {done.returncode} {done.stderr[-300:]}")
 
 
 def _torch_info() -> str:

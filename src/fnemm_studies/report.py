@@ -224,11 +224,20 @@ def verdict(runs: list[RunSummary], baseline: RunSummary | None) -> str:
             f"[{c.low:+.1f}, {c.high:+.1f}], {format_p(c.p)}: {noise} ({c.method}).")
 
 
-def plot_curves(runs: list[RunSummary], path: str | Path) -> Path:
-    """Validation rsum per epoch for every run (one line per seed)."""
-    import matplotlib
+def pyplot():
+    """matplotlib's pyplot, drawing to files (an extra: pip install 'fnemm[report]')."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise FnemmError("plots need matplotlib, which is not installed: pip install 'fnemm[report]'") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_curves(runs: list[RunSummary], path: str | Path) -> Path:
+    """Validation rsum per epoch for every run (one line per seed)."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     for k, run in enumerate(runs):
         color = f"C{k % 10}"

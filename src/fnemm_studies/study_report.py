@@ -151,9 +151,8 @@ def trend_lines(trends: list[dict], cnn: str) -> list[str]:
 
 
 def plot(results: list[dict], cnns: tuple[str, ...], full: int, path: Path) -> Path:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from fnemm_studies.report import pyplot
+    plt = pyplot()
     cnns = [c for c in cnns if any(e["cnn"] == c and e["train_images"] == full for e in results)]
     fig, axes = plt.subplots(1, max(len(cnns), 1), figsize=(6.5 * max(len(cnns), 1), 6), dpi=100, squeeze=False)
     for ax, cnn in zip(axes[0], cnns):
