@@ -55,3 +55,20 @@ def test_bad_store(tmp_path):
     (tmp_path / "bad.ids.txt").write_text("a\n")
     with pytest.raises(FnemmError, match="not a readable .npy"):
         load_features(tmp_path / "bad.npy")
+
+
+def test_training_rows_are_read_into_one_block_chunk_by_chunk(tmp_path, monkeypatch):
+    """gather_rows: the same bytes as fancy indexing, for shuffled and repeated rows, from a
+    memory-mapped store, whatever the chunk (a chunk of 1, 3 and all rows)."""
+    import numpy as np
+    import fnemm.joint.inputs as inputs
+    rng = np.random.default_rng(0)
+    array = rng.integers(-1, 2, size=(50, 7), dtype=np.int8)
+    np.save(tmp_path / "a.npy", array)
+    mapped = np.load(tmp_path / "a.npy", mmap_mode="r")
+    rows = np.concatenate([rng.permutation(50)[:30], [4, 4]])
+    for chunk_rows in (1, 3, 100):
+        monkeypatch.setattr(inputs, "GATHER_BYTES", chunk_rows * 7)
+        got = inputs.gather_rows(mapped, rows)
+        assert got.dtype == np.int8 and got.tobytes() == array[rows].tobytes()
+    assert inputs.gather_rows(mapped, np.zeros(0, np.int64)).shape == (0, 7)

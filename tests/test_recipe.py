@@ -6,7 +6,8 @@ import pytest
 from fnemm.features.cnn import tap_groups
 from fnemm.io.errors import FnemmError
 from fnemm.features.fne import discretise, standardise
-from fnemm.features.recipe import Encoder, Recipe, columns, fit_pca, select_layers
+from fnemm.features.pca import fit_pca, fit_pca_streamed
+from fnemm.features.recipe import Encoder, Recipe, columns, select_layers
 
 # a toy CNN's taps: 8 layers of widths 2..9, the last the classifier
 NAMES = ["stem", "b0/expand", "b0/project", "b1/expand", "b1/project", "b2/project", "head", "logits"]
@@ -133,6 +134,21 @@ def test_pca_against_numpy_svd_and_the_baseline_appended(data):
     np.testing.assert_allclose(np.abs(fit_pca(tall, 3)[1] @ vt[:3].T), np.eye(3), atol=1e-8)
     with pytest.raises(FnemmError, match="at most"):
         fit_pca(tall[:4], 5)
+
+
+@pytest.mark.parametrize("shape", [(30, 80), (300, 12)])       # fewer images than features, and more
+@pytest.mark.parametrize("block", [1, 7, 1000])
+def test_streamed_pca_equals_the_dense_one_up_to_sign(shape, block):
+    """Read a block at a time (the Gram matrix of the centred rows, or the covariance summed
+    block by block): the dense PCA's mean and components, whatever the block size."""
+    rows = np.random.default_rng(2).normal(size=shape) * np.linspace(3, 0.1, shape[1]) + 5
+    mean, comps = fit_pca(rows, 6)
+    got_mean, got = fit_pca_streamed(lambda: (rows[b:b + block] for b in range(0, len(rows), block)), 6)
+    np.testing.assert_allclose(got_mean, mean, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(np.abs(np.sum(got * comps, 1)), 1.0, atol=1e-8)       # each up to sign
+    np.testing.assert_allclose(got, comps, atol=1e-8)            # and the sign convention is the same
+    with pytest.raises(FnemmError, match="at most"):
+        fit_pca_streamed(lambda: iter([rows[:3]]), 6)
 
 
 def test_recipe_validation_and_round_trip():

@@ -190,8 +190,8 @@ def markdown_table(runs: list[RunSummary], paper: str | None = None, baseline: R
         if baseline is not None:
             c = compare(run, baseline) if run is not baseline else None
             diff = " | " + (f"{c.mean:+.1f} [{c.low:+.1f}, {c.high:+.1f}], {format_p(c.p)}" if c else "–")
-        lines.append(f"| {run.label}{' (at chance)' if run.at_chance() else ''} | {len(run.seeds)} | {cells} | "
-                     f"{rsum}{diff} |")
+        rsum += " (at chance)" if run.at_chance() else ""
+        lines.append(f"| {run.label} | {len(run.seeds)} | {cells} | {rsum}{diff} |")
     shapes = {c[:2]: c for run in runs if (c := run.test_chance()) is not None}
     for n, per, mean, std in shapes.values():
         lines.append(f"| chance: random embeddings, {n} images x {per} captions | | " + "– | " * len(HEADER)

@@ -25,33 +25,44 @@ from fnemm.io.faults import fault
 from fnemm.features.store import FORMAT, RAW_KEYS, write_manifest
 from fnemm.io.files import atomic_save_npy, locate, read_json, relative_to, sha256_file
 from fnemm.features.fne import CROP, RESIZE, THRESHOLDS, RunningStats
-from fnemm.features.recipe import Encoder, Recipe, fit_pca, select_layers
+from fnemm.features.pca import fit_pca_streamed
+from fnemm.features.recipe import Encoder, Recipe, select_layers
 
-BLOCK = 4096          # rows per block when streaming raw.npy
+BLOCK_BYTES = 64 << 20        # a block of raw.npy rows, once in float64: memory is this, not the store's
 
 
-def _blocks(n: int, what: str, quiet: bool):
+def block_rows(width: int) -> int:
+    """Rows per block when streaming an array of ``width`` columns (float64 at most BLOCK_BYTES)."""
+    return max(16, BLOCK_BYTES // (8 * max(width, 1)))
+
+
+def _blocks(n: int, width: int, what: str, quiet: bool):
     """Block starts over n rows, with a progress bar when there is more than one block."""
-    return bar(range(0, n, BLOCK), desc=what, unit="block", quiet=quiet or n <= BLOCK)
+    step = block_rows(width)
+    return bar(range(0, n, step), desc=what, unit="block", quiet=quiet or n <= step), step
 
 
 def train_statistics(raw: np.ndarray, rows: np.ndarray, quiet: bool = True) -> RunningStats:
     """Mean/std over ``rows`` of ``raw`` (sorted row numbers), streamed in blocks."""
     stats = RunningStats()
-    for b in _blocks(len(rows), "statistics", quiet):
-        stats.update(raw[rows[b:b + BLOCK]])
+    starts, step = _blocks(len(rows), raw.shape[1], "statistics", quiet)
+    for b in starts:
+        stats.update(raw[rows[b:b + step]])
     return stats
 
 
-def _write_arrays(folder: Path, n: int, columns: dict[str, tuple[type, int]], fill, quiet: bool) -> None:
+def _write_arrays(folder: Path, n: int, columns: dict[str, tuple[type, int]], fill, quiet: bool,
+                  width: int) -> None:
     """``folder/NAME.npy`` for each of ``columns`` {name: (dtype, width)}, n rows written block
-    by block from ``fill(rows) -> {name: block}`` in one pass, each renamed into place at the end."""
+    by block from ``fill(rows) -> {name: block}`` in one pass (blocks of the raw ``width``),
+    each renamed into place at the end."""
     tmps = {name: folder / f".{name}.npy.tmp" for name in columns}
     arrays = {name: np.lib.format.open_memmap(tmps[name], mode="w+", dtype=dtype, shape=(n, width))
               for name, (dtype, width) in columns.items()}
-    for b in _blocks(n, "+".join(columns), quiet):
-        for name, block in fill(slice(b, b + BLOCK)).items():
-            arrays[name][b:b + BLOCK] = block
+    starts, step = _blocks(n, width, "+".join(columns), quiet)
+    for b in starts:
+        for name, block in fill(slice(b, b + step)).items():
+            arrays[name][b:b + step] = block
     for name, array in arrays.items():
         array.flush()
         del array
@@ -194,7 +205,9 @@ def assemble(out: Path, producer: dict, state: dict, recipe: Recipe, train_ids: 
     encoder = Encoder.build(recipe, mean, std, producer["taps"], producer["groups"], producer["baseline"]["tap"],
                             pca)
     if recipe.pca and pca is None:
-        encoder.pca = fit_pca(encoder.features(raw[rows]), recipe.pca)
+        step = block_rows(raw.shape[1])
+        encoder.pca = fit_pca_streamed(lambda: (encoder.features(raw[rows[b:b + step]])
+                                                for b in range(0, len(rows), step)), recipe.pca)
     out.mkdir(parents=True, exist_ok=True)
     atomic_save_npy(out / "stats.npy", np.stack([mean, std]))
     stats_info["bytes"] = (out / "stats.npy").stat().st_size
@@ -215,7 +228,8 @@ def assemble(out: Path, producer: dict, state: dict, recipe: Recipe, train_ids: 
         return block
 
     width = encoder.baseline.stop - encoder.baseline.start
-    _write_arrays(out, len(ids), {"fne": (recipe.dtype, encoder.width), "fc7": (np.float32, width)}, fill, quiet)
+    _write_arrays(out, len(ids), {"fne": (recipe.dtype, encoder.width), "fc7": (np.float32, width)}, fill, quiet,
+                  raw.shape[1])
     fault("assemble-arrays")
     if counts.sum():
         extra["fne_fractions"] = {str(v): round(float(c) / int(counts.sum()), 4) for v, c in zip((-1, 0, 1), counts)}

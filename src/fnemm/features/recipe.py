@@ -180,27 +180,6 @@ def transform(raw: np.ndarray, mean: np.ndarray, std: np.ndarray, recipe: Recipe
     return centred
 
 
-def fit_pca(rows: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """(mean (d,), components (n, d)) of the top ``n`` principal components of ``rows``
-    (float64; signs fixed so each component's largest entry is positive)."""
-    x = np.asarray(rows, np.float64)
-    mean = x.mean(0)
-    x = x - mean
-    if n > min(x.shape):
-        raise FnemmError(f"--pca {n}: at most {min(x.shape)} components from {x.shape[0]} training "
-                         f"images of {x.shape[1]} features")
-    if x.shape[0] <= x.shape[1]:                  # few images: the (n x n) Gram matrix
-        values, vectors = np.linalg.eigh(x @ x.T)
-        top = np.argsort(values)[::-1][:n]
-        comps = (x.T @ vectors[:, top]) / np.sqrt(np.maximum(values[top], 1e-300))
-        comps = comps.T
-    else:                                         # many images: the (d x d) covariance
-        values, vectors = np.linalg.eigh(x.T @ x)
-        comps = vectors[:, np.argsort(values)[::-1][:n]].T
-    signs = np.sign(comps[np.arange(n), np.abs(comps).argmax(1)])
-    return mean, comps * signs[:, None]
-
-
 def finish(x: np.ndarray, recipe: Recipe, pca: tuple[np.ndarray, np.ndarray] | None,
            baseline: np.ndarray | None) -> np.ndarray:
     """PCA and the appended baseline, after :func:`transform`; the final dtype."""

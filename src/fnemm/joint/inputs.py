@@ -45,17 +45,30 @@ def build_vocab(dataset: Dataset) -> Vocab:
     return Vocab.build(c for k in sorted(keep) for c in dataset.captions[k])
 
 
+GATHER_BYTES = 32 << 20        # rows read at once from a (memory-mapped) store
+
+
+def gather_rows(array: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``array[rows]`` read straight into its own block: the store's rows in sorted order
+    (friendlier to a memory-mapped file), a chunk at a time, so that beyond the block the
+    memory is one chunk (fancy indexing would build a second, whole copy first)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    block = np.empty((len(rows), array.shape[1]), dtype=array.dtype)
+    order = np.argsort(rows, kind="stable")
+    step = max(1, GATHER_BYTES // max(1, array.shape[1] * array.dtype.itemsize))
+    for s in range(0, len(rows), step):
+        part = order[s:s + step]
+        block[part] = array[rows[part]]
+    return block
+
+
 def split_data(dataset: Dataset, features: Features, vocab: Vocab, split: str) -> SplitData:
     indices = dataset.split_indices(split)
     if not indices:
         raise FnemmError(dataset.missing.get(split) or f"dataset {dataset.name!r} has no {split!r} images; "
                                                         f"check the split lists / 'split' fields of --dataset")
     ids = [dataset.image_ids[k] for k in indices]
-    rows = features.rows_for(ids, f"the {split} split")
-    # Sorted reads are friendlier to a memory-mapped store; then back to order.
-    order = np.argsort(rows, kind="stable")
-    block = np.empty((len(rows), features.dim), dtype=features.array.dtype)
-    block[order] = features.array[rows[order]]
+    block = gather_rows(features.array, features.rows_for(ids, f"the {split} split"))
     caps, cut = [], []
     for k in indices:
         encoded = [vocab.encode_checked(c) for c in dataset.captions[k]]
