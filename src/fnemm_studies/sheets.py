@@ -13,6 +13,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from fnemm.features.fne import as_seen
+
 from fnemm.io.files import atomic_path
 
 THUMB, PAD = 190, 10
@@ -38,7 +40,7 @@ def _thumb(path: Path | None) -> Image.Image:
     if path is None or not Path(path).is_file():
         return Image.new("RGB", (THUMB, THUMB), (230, 230, 230))
     with Image.open(path) as img:
-        img = img.convert("RGB")
+        img = as_seen(img)
         img.thumbnail((THUMB, THUMB))
         return img.copy()
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 RESIZE = 256
 CROP = 224
@@ -33,10 +33,33 @@ def crop_boxes(size: int = RESIZE, crop: int = CROP, n: int = 10) -> list[tuple[
     raise ValueError(f"crops={n}: expected 1 or 10")
 
 
+def as_seen(image: Image.Image) -> Image.Image:
+    """The image as a viewer shows it, in 8-bit RGB: its first frame, turned upright by its
+    EXIF orientation, 16-bit (and other wide integer or float) levels scaled to 8 bits, not
+    clipped, transparency composited on white, palettes, greyscale and CMYK converted."""
+    if getattr(image, "n_frames", 1) > 1:
+        image.seek(0)
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        levels = np.asarray(image, dtype=np.float64)
+        if image.mode == "F" and levels.size and levels.max() <= 1.0:
+            levels = levels * 255.0                          # floats in [0, 1]
+        elif image.mode != "F" and levels.size and levels.max() > 255:
+            levels = levels / 257.0                          # 16-bit: 65,535 -> 255
+        image = Image.fromarray(np.clip(np.rint(levels), 0, 255).astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode in ("P", "L", "RGB")
+                                                            and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, rgba)
+    return image.convert("RGB")
+
+
 def resized(image: Image.Image, size: int = RESIZE) -> Image.Image:
-    """The image as the crops are cut from it: RGB, size x size (bilinear). Applying it
-    twice changes nothing, so a large upload can be reduced to this early."""
-    return image.convert("RGB").resize((size, size), Image.BILINEAR)
+    """The image as the crops are cut from it: as a viewer shows it (``as_seen``), RGB,
+    size x size (bilinear). Applying it twice changes nothing, so a large upload can be
+    reduced to this early."""
+    return as_seen(image).resize((size, size), Image.BILINEAR)
 
 
 def crops(image: Image.Image, n: int = 10, size: int = RESIZE, crop: int = CROP) -> np.ndarray:

@@ -26,6 +26,7 @@ from PIL import Image
 from fnemm.joint.checkpoint import OpenModel, open_model
 from fnemm.joint.inputs import embed_captions, embed_images
 from fnemm.datasets import Dataset
+from fnemm.features.fne import as_seen
 from fnemm.io.errors import Conflict, FnemmError, NoMatch, NotFound
 from fnemm.io.files import locate
 from fnemm.search.index_folder import select_gallery
@@ -240,7 +241,7 @@ class Gallery:
             raise NotFound(f"{image_id}: in the gallery, but its file is not in the images folder")
         try:
             with Image.open(path) as img:
-                img = img.convert("RGB")
+                img = as_seen(img)
                 img.thumbnail((size, size))
                 buf = io.BytesIO()
                 img.save(buf, "JPEG", quality=85)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fnemm.features.fne import CROP, RESIZE, crops
+from fnemm.features.fne import CROP, RESIZE, crops, resized
 
 CACHE_BYTES = int(float(os.environ.get("FNEMM_IMAGE_CACHE_GB", "4")) * 2**30)   # decoded images kept in memory
 
@@ -55,7 +55,7 @@ class ImageBank:
         if k in self._cache:
             return self._cache[k]
         with Image.open(self.paths[k]) as img:
-            a = np.asarray(img.convert("RGB").resize((RESIZE, RESIZE), Image.BILINEAR))
+            a = np.asarray(resized(img, RESIZE))
         if self._budget >= a.nbytes:
             self._cache[k] = a
             self._budget -= a.nbytes
