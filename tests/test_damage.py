@@ -42,6 +42,18 @@ def damage(path: Path, how: str) -> None:
     elif how == "line-removed":
         lines = data.decode().splitlines(keepends=True)
         path.write_text("".join(lines[:-1]))
+    elif how in ("key-removed", "value-mistyped"):       # still valid JSON, one field wrong
+        import re
+        text = data.decode()
+        field = re.compile(r'^(\s*"[^"]+": )(-?\d[\d.eE+-]*|true|false)(,?)$', re.M)
+        m = list(field.finditer(text))[-1]               # the last number or flag (a metric, a seed...)
+        if how == "key-removed":
+            text = text[:m.start()] + text[m.end() + 1:]
+            text = re.sub(r",(\s*[}\]])", r"\1", text)           # no comma left before a closing brace
+        else:
+            text = text[:m.start()] + f'{m.group(1)}"{m.group(2)}"{m.group(3)}' + text[m.end():]
+        json.loads(text)
+        path.write_text(text)
 
 
 def build(root: Path, images: bool = True) -> None:
@@ -98,6 +110,7 @@ READERS = {  # which commands read each file
     "run/run.json": ["resume", "report"],
     "run/metrics.jsonl": ["resume", "report"],
     "run/metrics-test.json": ["report"],
+    "run/ranks-test.jsonl": ["report"],
     "run/best.pt": ["evaluate", "search-text", "index"],
     "run/last.pt": ["resume"],
     "index/manifest.json": ["index-text", "index", "index-image"],
@@ -113,7 +126,12 @@ def kinds(name: str) -> list[str]:
     return JSONL if name.endswith(".jsonl") else JSON if name.endswith(".json") else BINARY
 
 
-CASES = [(f, how) for f in READERS for how in kinds(f)]
+# same-shape damage to a JSON file: a field gone or of another type (report, resume and
+# encoding a new image each had a traceback for one)
+FIELDS = [("run/metrics-test.json", "key-removed"), ("run/metrics-test.json", "value-mistyped"),
+          ("run/config.json", "value-mistyped"), ("run/config.json", "key-removed"),
+          ("store/manifest.json", "value-mistyped")]
+CASES = [(f, how) for f in READERS for how in kinds(f)] + FIELDS
 
 
 @pytest.fixture(scope="module")
@@ -156,6 +174,9 @@ def test_damaged_file(pristine, tmp_path, capsys, file, how):
                 assert_repaired(WRITERS[name], pristine, root, capsys)
             else:                                       # (image paths: the pristine or the copied images)
                 same = [o.replace(str(pristine), "<W>").replace(str(root), "<W>") for o in (out, expected[name])]
+                if (file, how) == ("run/ranks-test.jsonl", "removed"):     # optional: said, no interval
+                    assert "ranks-test.jsonl) are missing: evaluate it again" in out
+                    continue
                 assert same[0] == same[1], f"{name}: a different answer with {file} {how}"
         else:
             line = err.strip()
@@ -224,3 +245,14 @@ def test_a_reassembly_never_reads_a_damaged_raw_npy(pristine, tmp_path, capsys):
     assert main([*extract_args(root), "--verify"]) == 0      # and back: re-assembled from the repaired raw
     for f in ("stats.npy", "fne.npy", "fc7.npy"):
         assert (root / "store" / f).read_bytes() == (pristine / "store" / f).read_bytes(), f
+
+
+def test_an_index_of_a_dataset_naming_none_of_the_stores_images_is_refused(pristine, tmp_path, capsys):
+    """Not an image-only index that says 'captions: none (pass --dataset ...)' while one was passed."""
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"image": "elsewhere.jpg", "captions": ["a cat"], "split": "test"}) + "\n")
+    code, _, err = run(["index", "build", "--checkpoint", str(pristine / "run"), "--features",
+                        str(pristine / "store"), "--dataset", str(other), "--out", str(tmp_path / "i"), "--quiet"],
+                       capsys)
+    assert code == 2 and "none of its images is in other" in err and err.count("\n") == 1
+    assert not (tmp_path / "i" / "manifest.json").exists()

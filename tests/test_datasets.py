@@ -194,3 +194,30 @@ def test_flickr8k_224_refuses_a_folder_missing_images(tmp_path):
     assert ds.subset([0]).images == ds.resplit(1).images == folder / "images-224"
     with pytest.raises(FnemmError, match="flickr8k-224 needs the Flickr8K folder with images-224/"):
         load_dataset(f"flickr8k-224={tmp_path}")
+
+
+@pytest.mark.parametrize("text", [b"", b"\n\n  \n", b"image,caption\n"])
+def test_an_empty_dataset_is_one_line_for_every_command(tmp_path, text, capsys):
+    from fnemm.cli import main
+    path = tmp_path / ("mine.csv" if text.startswith(b"image") else "mine.jsonl")
+    path.write_bytes(text)
+    for argv in (["extract", "--dataset", str(path), "--images", str(tmp_path), "--out", str(tmp_path / "s")],
+                 ["train", "--preset", "demo/FNE-MH", "--dataset", str(path), "--features", str(tmp_path / "x.npy"),
+                  "--out", str(tmp_path / "r")],
+                 ["index", "build", "--checkpoint", str(tmp_path), "--features", str(tmp_path), "--dataset", str(path),
+                  "--out", str(tmp_path / "i")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("fnemm: error: ") and "mine." in err, (argv, err)
+
+
+def test_a_file_that_is_not_utf8_is_named_with_the_line(tmp_path):
+    (tmp_path / "latin.jsonl").write_bytes('{"image": "a.jpg", "captions": ["a dog"]}\n'.encode()
+                                           + '{"image": "caf\u00e9.jpg", "captions": ["x"]}\n'.encode("latin-1"))
+    with pytest.raises(FnemmError, match=r"latin\.jsonl:2: not UTF-8 text \(byte 0xe9"):
+        load_dataset(tmp_path / "latin.jsonl")
+    folder = tmp_path / "f8k"
+    folder.mkdir()
+    (folder / "Flickr8k.token.txt").write_bytes("a.jpg#0\tun caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(FnemmError, match=r"Flickr8k\.token\.txt:1: not UTF-8"):
+        load_dataset(folder)

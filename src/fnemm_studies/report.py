@@ -107,14 +107,19 @@ class RunSummary:
     preset: str | None = None
     ranks: list[dict] = field(default_factory=list)           # per-query test ranks, per seed (if saved)
     val_chance: tuple[float, float] | None = None             # rsum of random embeddings on its val split
+    split: str = "test"                                       # the split its metrics are of
 
     def test_chance(self) -> tuple[int, int, float, float] | None:
-        """(test images, captions an image, chance rsum mean, std) of its test split."""
-        m = self.seeds[0]
-        if "images" not in m:
+        """(test images, captions an image, chance rsum mean, std) of its test split: the
+        counts from its per-query ranks, else from its metrics."""
+        if self.ranks:
+            images, captions = len(self.ranks[0]["i2t"]), len(self.ranks[0]["t2i"])
+        elif "images" in self.seeds[0] and "captions" in self.seeds[0]:
+            images, captions = self.seeds[0]["images"], self.seeds[0]["captions"]
+        else:
             return None
-        per = max(1, round(m.get("captions", 5 * m["images"]) / m["images"]))
-        return (int(m["images"]), per, *chance_rsum(int(m["images"]), per))
+        per = max(1, round(captions / images))
+        return (images, per, *chance_rsum(images, per))
 
     def at_chance(self) -> bool:
         chance = self.test_chance()
@@ -144,6 +149,7 @@ def load_run(path: str | Path, split: str = "test") -> RunSummary:
         if curve:
             curves.append(curve)
         if (r := load_ranks(run, split)) is not None:
+            _check_ranks(r, seeds[-1], run, split)
             ranks.append(r)
         if preset is None:
             preset = run_preset(run)
@@ -152,7 +158,21 @@ def load_run(path: str | Path, split: str = "test") -> RunSummary:
                 label = info.get("label")
                 vc = info.get("val_chance")
                 chance = (float(vc["rsum"]), float(vc["std"])) if isinstance(vc, dict) and "rsum" in vc else None
-    return RunSummary(label or label_of(preset, path), path, seeds, curves, preset, ranks, chance)
+    return RunSummary(label or label_of(preset, path), path, seeds, curves, preset, ranks, chance, split)
+
+
+def _check_ranks(ranks: dict, metrics: dict, run: Path, split: str) -> None:
+    """The per-query ranks must give the metrics saved beside them (the same evaluation)."""
+    import torch
+
+    from fnemm.eval.metrics import metrics_from_ranks
+    again = metrics_from_ranks(torch.tensor(ranks["i2t"]), torch.tensor(ranks["t2i"]))
+    counts = {"images": len(ranks["i2t"]), "captions": len(ranks["t2i"])}
+    if any(abs(again[k] - metrics[k]) > 1e-6 for k in again) or \
+            any(k in metrics and metrics[k] != v for k, v in counts.items()):
+        raise FnemmError(f"{run / f'ranks-{split}.jsonl'}: does not give the metrics of {f'metrics-{split}.json'} "
+                         f"beside it (one of them is damaged); evaluate the run again: fnemm evaluate "
+                         f"--checkpoint {run} --split {split} ...")
 
 
 def _cell(run: RunSummary, key: str) -> str:
@@ -192,10 +212,14 @@ def markdown_table(runs: list[RunSummary], paper: str | None = None, baseline: R
             diff = " | " + (f"{c.mean:+.1f} [{c.low:+.1f}, {c.high:+.1f}], {format_p(c.p)}" if c else "–")
         rsum += " (at chance)" if run.at_chance() else ""
         lines.append(f"| {run.label} | {len(run.seeds)} | {cells} | {rsum}{diff} |")
+    missing = [run for run in runs if len(run.ranks) != len(run.seeds)]
     shapes = {c[:2]: c for run in runs if (c := run.test_chance()) is not None}
     for n, per, mean, std in shapes.values():
         lines.append(f"| chance: random embeddings, {n} images x {per} captions | | " + "– | " * len(HEADER)
                      + f"{mean:.1f} ± {std:.1f} |" + (" |" if baseline else ""))
+    for run in missing:
+        lines.append(f"| {run.label}: no interval, its per-query ranks (ranks-{run.split}.jsonl) are missing: "
+                     f"evaluate it again | | " + "| " * len(HEADER) + "|" + (" |" if baseline else ""))
     if paper:
         if paper not in PAPER:
             raise FnemmError(f"--paper {paper}: the paper's numbers exist for {', '.join(PAPER)}")

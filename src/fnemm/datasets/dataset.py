@@ -116,6 +116,9 @@ def _norm_split(value, where: str) -> str:
 
 def _build(name: str, order: list[str], caps: dict[str, list[str]], split: dict[str, str],
            source: Path) -> Dataset:
+    if not order:
+        raise FnemmError(f"{source}: no images with captions in it; a dataset needs at least one "
+                         f"(see `fnemm train --help` for the formats)")
     missing = [i for i in order if not caps.get(i)]
     if missing:
         raise FnemmError(f"{source}: image {missing[0]} has no captions "

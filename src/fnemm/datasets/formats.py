@@ -34,22 +34,32 @@ _TOKEN_LINE = re.compile(r"^(?P<image>[^\t#]+)#(?P<n>\d+)\t(?P<caption>.*)$")
 def read_token_file(path: Path) -> dict[str, list[str]]:
     """``{image: [captions]}`` from a Flickr ``*.token.txt`` file."""
     caps: dict[str, list[str]] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            m = _TOKEN_LINE.match(line)
-            if m is None or not m["caption"].strip():
-                raise FnemmError(f"{path}:{lineno}: expected '<image>#<n><TAB><caption>', got "
-                                 f"{line[:60]!r}; fix or remove that line")
-            caps.setdefault(m["image"], []).append(m["caption"].strip())
+    for lineno, line in enumerate(text_lines(path), 1):
+        line = line.rstrip("\r\n")
+        if not line.strip():
+            continue
+        m = _TOKEN_LINE.match(line)
+        if m is None or not m["caption"].strip():
+            raise FnemmError(f"{path}:{lineno}: expected '<image>#<n><TAB><caption>', got "
+                             f"{line[:60]!r}; fix or remove that line")
+        caps.setdefault(m["image"], []).append(m["caption"].strip())
     return caps
 
 
 def _read_list(path: Path) -> list[str]:
-    with open(path, encoding="utf-8") as f:
-        return [line.strip() for line in f if line.strip()]
+    return [line.strip() for line in text_lines(path) if line.strip()]
+
+
+def text_lines(path: Path) -> list[str]:
+    """The lines of a UTF-8 text file, or one line naming the file, the line and the byte
+    that are not UTF-8 (a file saved as Latin-1, say) and how to fix it."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise FnemmError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                         f"save the file as UTF-8") from None
 
 
 def load_flickr_raw(folder: Path, name: str | None = None) -> Dataset:
@@ -152,35 +162,37 @@ def load_coco_captions(paths: list[tuple[Path, str | None]], data=None) -> Datas
 
 def load_jsonl(path: Path) -> Dataset:
     order, caps, split = [], {}, {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise FnemmError(f"{where}: invalid JSON ({e.msg}); each line must be one "
-                                 f'{{"image": ..., "captions": [...], "split": ...}} object') from None
-            if (not isinstance(rec, dict) or not isinstance(rec.get("image"), str)
-                    or not isinstance(rec.get("captions"), list)
-                    or not all(isinstance(c, str) for c in rec["captions"])):
-                raise FnemmError(f'{where}: expected {{"image": "name.jpg", "captions": ["...", ...], '
-                                 f'"split": "train|val|test" (optional)}}')
-            image = rec["image"]
-            if image in caps:
-                raise FnemmError(f"{where}: image {image} appears twice")
-            texts = [c.strip() for c in rec["captions"] if c.strip()]
-            if not texts:
-                raise FnemmError(f"{where}: image {image} has no non-empty caption")
-            order.append(image)
-            caps[image] = texts
-            split[image] = _norm_split(rec["split"], where) if "split" in rec else None
+    for lineno, line in enumerate(text_lines(path), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise FnemmError(f"{where}: invalid JSON ({e.msg}); each line must be one "
+                             f'{{"image": ..., "captions": [...], "split": ...}} object') from None
+        if (not isinstance(rec, dict) or not isinstance(rec.get("image"), str)
+                or not isinstance(rec.get("captions"), list)
+                or not all(isinstance(c, str) for c in rec["captions"])):
+            raise FnemmError(f'{where}: expected {{"image": "name.jpg", "captions": ["...", ...], '
+                             f'"split": "train|val|test" (optional)}}')
+        image = rec["image"]
+        if image in caps:
+            raise FnemmError(f"{where}: image {image} appears twice")
+        texts = [c.strip() for c in rec["captions"] if c.strip()]
+        if not texts:
+            raise FnemmError(f"{where}: image {image} has no non-empty caption")
+        order.append(image)
+        caps[image] = texts
+        split[image] = _norm_split(rec["split"], where) if "split" in rec else None
     return _build(path.stem, order, caps, _fill_splits(split, path), path)
 
 
 def _fill_splits(split: dict[str, str | None], path: Path) -> dict[str, str]:
     """Every image's split: as given, or, when none is given at all, drawn at random."""
+    if not split:
+        raise FnemmError(f"{path}: no images with captions in it; a dataset needs at least one "
+                         f"(see `fnemm train --help` for the formats)")
     given = [i for i, s in split.items() if s is not None]
     if given and len(given) < len(split):
         missing = next(i for i, s in split.items() if s is None)

@@ -47,9 +47,15 @@ def extract_config_of(store: str | Path, device: str = "cpu", **overrides) -> Ex
     post-processing), for other images to be extracted into its space with its statistics."""
     store = Path(store)
     manifest = read_manifest(store)
-    return ExtractConfig(cnn=manifest["cnn"], weights=store_weights(store, manifest), crops=int(manifest["crops"]),
-                         recipe=recipe_of(manifest), device=device, precision=manifest.get("precision", "fp32"),
-                         **overrides)
+    try:
+        if not isinstance(manifest["cnn"], str) or not isinstance(manifest.get("precision", "fp32"), str):
+            raise TypeError("cnn / precision")
+        return ExtractConfig(cnn=manifest["cnn"], weights=store_weights(store, manifest),
+                             crops=int(manifest["crops"]), recipe=recipe_of(manifest), device=device,
+                             precision=manifest.get("precision", "fp32"), **overrides)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise FnemmError(f"{store / 'manifest.json'}: damaged ({type(e).__name__}: {str(e)[:80]}); re-run "
+                         f"`fnemm extract` into {store} (or `fnemm extract --verify`)") from None
 
 
 class StoreEncoder:

@@ -58,6 +58,10 @@ def select_gallery(features: Features, dataset: Dataset | None, split: str | Non
         owners = set(ids)
         captions = [(image, c) for image, caps in zip(dataset.image_ids, dataset.captions)
                     if image in owners for c in caps]
+        if not captions:
+            raise FnemmError(f"{features.source}: none of its images is in {dataset.name}, so the gallery would "
+                             f"have no captions; pass the dataset these features were extracted for (or no "
+                             f"--dataset for photos alone)")
     return ids, captions
 
 

@@ -19,7 +19,7 @@ from fnemm.datasets import Dataset, load_dataset
 from fnemm.features.store import Features, load_features
 from fnemm.io.errors import FnemmError
 from fnemm.io.files import atomic_write_json, atomic_write_text, read_json
-from fnemm.joint.config import TrainConfig
+from fnemm.joint.config import TrainConfig, validate
 
 
 def seed_dirs(path: str | Path) -> list[Path]:
@@ -33,6 +33,9 @@ def seed_dirs(path: str | Path) -> list[Path]:
 def count_seeds(path: str | Path) -> int:
     """How many seed-N subfolders ``path`` holds (0 for a single run)."""
     return len([p for p in seed_dirs(path) if p != Path(path)])
+
+
+METRIC_KEYS = tuple(f"{d}_{m}" for d in ("i2t", "t2i") for m in ("r1", "r5", "r10", "medr", "meanr")) + ("rsum",)
 
 
 def metrics_path(run: Path, split: str) -> Path:
@@ -80,6 +83,9 @@ def load_ranks(run: Path, split: str) -> dict | None:
                 t2i.append(int(rec["rank"]))
         except (ValueError, KeyError, TypeError):
             raise FnemmError(f"{path}:{n}: not a rank record; evaluate the run again") from None
+    if not images or not t2i or any(r < 1 for r in i2t + t2i):
+        raise FnemmError(f"{path}: damaged ({'no image queries' if not images else 'no caption queries' if not t2i else 'a rank below 1'}); "
+                         f"evaluate the run again: fnemm evaluate --checkpoint {run} --split {split} ...")
     return {"images": images, "i2t": i2t, "t2i": t2i, "caption_image": owner}
 
 
@@ -92,10 +98,15 @@ def load_metrics(run: Path, split: str, path: Path | None = None, protocol: str 
         raise FnemmError(f"{path}: not evaluated yet; run `fnemm evaluate --checkpoint {run} "
                          f"--split {split} ...` first")
     saved = read_json(path, fix)
-    results = saved.get("results")
-    if not isinstance(results, dict) or not results or \
-            not all(isinstance(m, dict) and "rsum" in m for m in results.values()):
-        raise FnemmError(f"{path}: no metrics in it; {fix}")
+    results = saved.get("results") if isinstance(saved, dict) else None
+    if not isinstance(results, dict) or not results or not all(
+            isinstance(m, dict) and all(isinstance(m.get(k), (int, float)) and not isinstance(m.get(k), bool)
+                                        for k in METRIC_KEYS) for m in results.values()):
+        raise FnemmError(f"{path}: damaged (not every metric of {', '.join(METRIC_KEYS[:3])}... is there, as a "
+                         f"number); {fix}")
+    counts = [m[k] for m in results.values() for k in ("images", "captions") if k in m]
+    if not all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in counts):
+        raise FnemmError(f"{path}: damaged (its image or caption counts are not positive whole numbers); {fix}")
     if protocol is not None and saved.get("protocol") != protocol:
         return None
     return results
@@ -143,9 +154,12 @@ def saved_config(run: Path) -> TrainConfig:
     """The config a run was started with (its config.json)."""
     d = read_json(Path(run) / "config.json", "the run folder is damaged; start a new --out")
     try:
-        return TrainConfig.from_dict(d)
-    except (TypeError, ValueError, KeyError) as e:
-        raise FnemmError(f"{Path(run) / 'config.json'}: not a config of this fnemm ({e}); start a new --out") from None
+        config = TrainConfig.from_dict(d)
+        validate(config)
+        return config
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, FnemmError) as e:
+        raise FnemmError(f"{Path(run) / 'config.json'}: not a config of this fnemm ({type(e).__name__}: "
+                         f"{str(e)[:100]}); start a new --out") from None
 
 
 def saved_info(run: Path) -> dict:

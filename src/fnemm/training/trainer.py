@@ -208,6 +208,10 @@ class Trainer:
             # the model and Adam's state are copied to the device as they load
             self._restore(load_torch_data(last, "start the run again in a new --out"))
             self._write_metrics()       # metrics.jsonl as last.pt knows it (repairs a damaged one)
+            saved = self.out / "config.json"
+            if self.main and (not saved.is_file() or saved.read_bytes() != (self.config.to_json() + "\n").encode()):
+                # config.json as last.pt knows it: a damaged one (a field gone) is written again
+                atomic_write_text(self.out / "config.json", self.config.to_json() + "\n")
             return
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
