@@ -55,6 +55,12 @@ def test_a_checkpoint_carrying_a_pickled_object_is_refused_not_run(run, tmp_path
     subprocess.run(["cp", "-r", str(out), str(folder)], check=True)
     marker = tmp_path / "it-ran"
     _poison(folder / "best.pt", marker)
+    # its checksums.json says best.pt is not the file the run wrote: refused before it is opened
+    args = ["evaluate", "--checkpoint", str(folder), "--dataset", str(jsonl), "--features", str(npy),
+            "--ids", str(ids), "--output", str(tmp_path / "m.json")]
+    assert main(args) == 2
+    assert "best.pt: not the file its record names" in capsys.readouterr().err
+    (folder / "checksums.json").unlink()          # a folder shared without it: the unpickler must refuse
     assert main(["evaluate", "--checkpoint", str(folder), "--dataset", str(jsonl), "--features", str(npy),
                  "--ids", str(ids), "--output", str(tmp_path / "m.json")]) == 2
     err = capsys.readouterr().err

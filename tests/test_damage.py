@@ -35,6 +35,11 @@ def damage(path: Path, how: str) -> None:
         path.write_bytes(np.random.default_rng(len(data)).integers(0, 256, len(data), dtype=np.uint8).tobytes())
     elif how == "removed":
         path.unlink()
+    elif how == "middle-garbled":            # a few bytes in the middle of the data, the size the same
+        n = len(data)
+        path.write_bytes(data[: n // 2] + bytes((b + 1) % 256 for b in data[n // 2:n // 2 + 16]) + data[n // 2 + 16:])
+    elif how == "swapped":                   # the twin world's file of the same name
+        shutil.copyfile(TWIN[0] / path.relative_to(path.parents[1]), path)
     elif how == "not-utf8":
         path.write_bytes(b"\xff\xfe" + data[2:])
     elif how == "wrong-type":
@@ -113,6 +118,7 @@ READERS = {  # which commands read each file
     "run/ranks-test.jsonl": ["report"],
     "run/best.pt": ["evaluate", "search-text", "index"],
     "run/last.pt": ["resume"],
+    "run/checksums.json": ["resume", "evaluate", "search-text"],
     "index/manifest.json": ["index-text", "index", "index-image"],
     "index/images.npy": ["index-text", "index"],
     "index/images.ids.json": ["index-text", "index"],
@@ -131,13 +137,23 @@ def kinds(name: str) -> list[str]:
 FIELDS = [("run/metrics-test.json", "key-removed"), ("run/metrics-test.json", "value-mistyped"),
           ("run/config.json", "value-mistyped"), ("run/config.json", "key-removed"),
           ("store/manifest.json", "value-mistyped")]
-CASES = [(f, how) for f in READERS for how in kinds(f)] + FIELDS
+# same-shape damage to a binary file: garbled in the middle, or the same file swapped in
+# from a twin world (other images, the same shapes): only its content says it is not this one's
+SAME_SHAPE = [(f, how) for f in READERS if kinds(f) == BINARY for how in ("middle-garbled", "swapped")]
+CASES = [(f, how) for f in READERS for how in kinds(f)] + FIELDS + SAME_SHAPE
+
+
+TWIN: list[Path] = []          # the twin world's root, once built
 
 
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory):
     root = tmp_path_factory.mktemp("pristine") / "w"
     build(root)
+    twin = tmp_path_factory.mktemp("twin") / "w"     # other photos (another seed), the same shapes
+    write_dataset(twin, tinycnn.write_images(twin / "images", 12, seed=7), extra=())
+    build(twin, images=False)
+    TWIN[:] = [twin]
     return root
 
 

@@ -6,6 +6,7 @@ import stat
 
 import numpy as np
 import pytest
+from pathlib import Path
 import torch
 
 from fnemm.io.files import (UMASK, atomic_open, atomic_path, atomic_save_npy, atomic_torch_save,
@@ -53,3 +54,31 @@ def test_arrays_and_checkpoints_round_trip(tmp_path):
     atomic_torch_save(tmp_path / "c.pt", {"w": torch.arange(5)})
     assert torch.equal(torch.load(tmp_path / "c.pt")["w"], torch.arange(5))
     assert leftovers(tmp_path) == []
+
+
+def test_a_verified_file_is_not_hashed_again_until_it_changes(tmp_path, monkeypatch):
+    """Content identity on every read, cheaply: a store's array is hashed on its first
+    read, remembered beside it by (size, mtime, inode), read again without hashing; a
+    same-size change is hashed again and refused, naming the file."""
+    import numpy as np
+    import fnemm.io.files as files
+    from fnemm.features.store import load_features, write_manifest
+    from fnemm.io.errors import FnemmError
+    folder = tmp_path / "store"
+    folder.mkdir()
+    np.save(folder / "fne.npy", np.arange(40, dtype=np.int8).reshape(4, 10) % 3 - 1)
+    write_manifest(folder, ["a", "b", "c", "d"], {"fne": "fne.npy"})
+    calls = []
+    real = files.sha256_file
+    monkeypatch.setattr(files, "sha256_file", lambda p, *a: calls.append(Path(p).name) or real(p, *a))
+    for _ in range(3):
+        load_features(folder)
+    assert calls == ["fne.npy"]                       # hashed once, then remembered
+    data = bytearray((folder / "fne.npy").read_bytes())
+    data[-1] ^= 1                                     # the same size, one byte changed
+    (folder / "fne.npy").write_bytes(bytes(data))
+    with pytest.raises(FnemmError, match=r"fne\.npy: not the file its record names"):
+        load_features(folder)
+    assert calls == ["fne.npy", "fne.npy"]            # changed: hashed again
+    monkeypatch.setenv(files.VERIFY_ENV, "0")         # --no-verify: sizes only
+    assert load_features(folder).array.shape == (4, 10)

@@ -18,6 +18,9 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    p.add_argument("--no-verify", action="store_true",
+                   help="check the files read by size only, not by content: their sha256 against their records "
+                        "(remembered beside them while unchanged, so a file is hashed once)")
     p.add_argument("--progress", choices=["auto", "on", "off"], default="auto",
                    help="progress bars: auto (default) draws them only on a terminal; piped to a file, "
                         "whole lines only (TQDM_DISABLE=1 also turns them off)")
@@ -82,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "threads", None):
         import torch
         torch.set_num_threads(args.threads)
+    if getattr(args, "no_verify", False):
+        from fnemm.io.files import VERIFY_ENV
+        os.environ[VERIFY_ENV] = "0"
     if getattr(args, "progress", "auto") != "auto":
         from fnemm.io.progress import ENV
         os.environ[ENV] = args.progress

@@ -23,7 +23,7 @@ from fnemm.features.cnn import TappedCNN, tap_groups
 from fnemm.io.errors import FnemmError
 from fnemm.io.faults import fault
 from fnemm.features.store import FORMAT, RAW_KEYS, write_manifest
-from fnemm.io.files import atomic_save_npy, locate, read_json, relative_to, sha256_file
+from fnemm.io.files import atomic_save_npy, cached_sha256, check_sha256, locate, read_json, relative_to, sha256_file
 from fnemm.features.fne import CROP, RESIZE, THRESHOLDS, RunningStats
 from fnemm.features.pca import fit_pca_streamed
 from fnemm.features.recipe import Encoder, Recipe, select_layers
@@ -90,12 +90,15 @@ def damaged_files(store: Path, manifest: dict, hashes: bool = False) -> list[str
             files.append(manifest[extra].get("file"))
             sizes[manifest[extra].get("file")] = manifest[extra].get("bytes")
     hashed = {a.get("file"): a.get("sha256") for a in (manifest.get("arrays") or {}).values() if isinstance(a, dict)}
+    for extra in ("stats", "pca"):
+        if isinstance(manifest.get(extra), dict) and manifest[extra].get("sha256"):
+            hashed[manifest[extra].get("file")] = manifest[extra]["sha256"]
     bad = []
     for name in files:
         path = store / str(name)
         if not isinstance(name, str) or not path.is_file() or \
                 (sizes.get(name) is not None and path.stat().st_size != sizes[name]) or \
-                (hashes and hashed.get(name) and sha256_file(path) != hashed[name]):
+                (hashes and hashed.get(name) and cached_sha256(path) != hashed[name]):
             bad.append(str(name))
             continue
         try:
@@ -110,12 +113,18 @@ def load_stats(store: str | Path) -> tuple[np.ndarray, np.ndarray, dict]:
     store = Path(store)
     manifest = read_manifest(store)
     try:
-        stats = np.load(store / manifest["stats"]["file"], allow_pickle=False)
+        entry = manifest["stats"]
+        path = store / entry["file"]
+        if entry.get("bytes") is not None and path.stat().st_size != entry["bytes"]:
+            raise FnemmError(f"{path}: {path.stat().st_size} bytes, the manifest says {entry['bytes']}; run "
+                             f"`fnemm extract` into {store} again (the same command repairs it)")
+        check_sha256(path, entry.get("sha256"), f"run `fnemm extract` into {store} again (or --verify)")
+        stats = np.load(path, allow_pickle=False)
         if stats.ndim != 2 or len(stats) != 2:
             raise ValueError("not [mean; std]")
     except (OSError, KeyError, TypeError, ValueError, EOFError):
-        raise FnemmError(f"{store}: not a complete feature store with statistics (run `fnemm extract` "
-                         f"with --dataset there first)") from None
+        raise FnemmError(f"{store / 'stats.npy'}: missing or not [mean; std]: not a complete feature store with "
+                         f"statistics (run `fnemm extract` with --dataset there first)") from None
     return stats[0], stats[1], manifest
 
 
@@ -124,6 +133,7 @@ def _load_pca(store: Path, manifest: dict) -> tuple[np.ndarray, np.ndarray] | No
     if not entry:
         return None
     try:
+        check_sha256(store / entry["file"], entry.get("sha256"), f"run `fnemm extract` into {store} again")
         array = np.load(store / entry["file"], allow_pickle=False)
     except (OSError, KeyError, TypeError, ValueError, EOFError):
         raise FnemmError(f"{store}: its PCA ({entry.get('file')}) cannot be read; re-run `fnemm extract`") from None
@@ -211,11 +221,13 @@ def assemble(out: Path, producer: dict, state: dict, recipe: Recipe, train_ids: 
     out.mkdir(parents=True, exist_ok=True)
     atomic_save_npy(out / "stats.npy", np.stack([mean, std]))
     stats_info["bytes"] = (out / "stats.npy").stat().st_size
+    stats_info["sha256"] = sha256_file(out / "stats.npy")
     fault("assemble-stats")
     extra = {}
     if encoder.pca is not None:
         atomic_save_npy(out / "pca.npy", np.vstack([encoder.pca[0][None], encoder.pca[1]]).astype(np.float32))
-        extra["pca"] = {"file": "pca.npy", "components": recipe.pca, "bytes": (out / "pca.npy").stat().st_size}
+        extra["pca"] = {"file": "pca.npy", "components": recipe.pca, "bytes": (out / "pca.npy").stat().st_size,
+                        "sha256": sha256_file(out / "pca.npy")}
         encoder.pca = tuple(a.astype(np.float32).astype(np.float64) for a in encoder.pca)   # as stored
     else:
         (out / "pca.npy").unlink(missing_ok=True)

@@ -41,7 +41,7 @@ from fnemm.features.cnn import TappedCNN, build_cnn, check_finite
 from fnemm.datasets import Dataset
 from fnemm.io.errors import FnemmError
 from fnemm.io.faults import fault
-from fnemm.io.files import atomic_save_npy, atomic_write_json, read_json, relative_to
+from fnemm.io.files import HASH_CACHE, atomic_save_npy, atomic_write_json, read_json, relative_to, verifying
 from fnemm.io.locks import folder_lock
 from fnemm.features.fne import CROP, RESIZE
 from fnemm.features.images import (IMAGE_SUFFIXES, PRECISIONS, _collate, _Images, _worker_init, forward_images,
@@ -176,7 +176,8 @@ def _state_of(manifest: dict) -> dict:
 def plan(out: Path, identity: dict, assembly: dict, verify: bool = False) -> Plan:
     """Decide what to do in ``out`` for a job of this forward ``identity`` and this
     ``assembly`` ({stats source, recipe}); refuse a folder holding another job. A
-    complete store's files are checked (sizes; sha256 too with ``verify``)."""
+    complete store's files are checked: sizes, and their sha256 (remembered beside them while
+    unchanged; with ``verify``, hashed again whatever the cache says)."""
     partial = out / ".partial"
     if (out / "manifest.json").exists() and not partial.exists():
         try:
@@ -194,7 +195,9 @@ def plan(out: Path, identity: dict, assembly: dict, verify: bool = False) -> Pla
             state = _state_of(manifest)
         except (KeyError, TypeError):
             return Plan("forward", reason="its manifest.json is incomplete: extracting again")
-        damaged = damaged_files(out, manifest, hashes=verify)
+        if verify:                         # --verify: hash everything again, the cache aside
+            (out / HASH_CACHE).unlink(missing_ok=True)
+        damaged = damaged_files(out, manifest, hashes=verify or verifying())
         raw = (manifest.get("arrays") or {}).get("raw", {}).get("file", "raw.npy")
         if raw in damaged or not (out / raw).is_file():
             return Plan("forward", reason=f"{raw} is damaged or missing: extracting again")

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from fnemm.io.errors import FnemmError
-from fnemm.io.files import atomic_save_npy, atomic_write_json, read_json, sha256_file
+from fnemm.io.files import check_sha256, atomic_save_npy, atomic_write_json, read_json, sha256_file
 
 FORMAT = "fnemm-features"
 # What a store's raw activations depend on (a store's statistics only fit raw activations
@@ -105,6 +105,7 @@ def load_store(folder: Path, kind: str = "fne", verify: bool = False) -> Feature
     path = folder / arrays[kind]["file"]
     if (wrong := verify_array(folder, arrays[kind], hashes=verify)) is not None:
         raise FnemmError(f"{path}: damaged ({wrong}); {fix}")
+    check_sha256(path, arrays[kind].get("sha256"), f"{fix}, or `fnemm extract --verify`")
     array = _load_npy(path, fix)
     _check_array(array, len(ids), path)
     _check_ids(ids, manifest_path)

@@ -69,10 +69,64 @@ def atomic_write_json(path: str | Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
-def atomic_torch_save(path: str | Path, obj) -> None:
+CHECKSUMS = "checksums.json"      # a run folder's record of its checkpoints' sha256
+
+
+def atomic_torch_save(path: str | Path, obj, record: bool = False) -> None:
+    """``obj`` saved to ``path`` atomically; with ``record``, its sha256 kept in the folder's
+    checksums.json, which names both the old and the new file while one replaces the
+    other, so that a kill at any point leaves a file its record names."""
     import torch
-    with atomic_open(path) as f:
-        torch.save(obj, f)
+    path = Path(path)
+    if not record:
+        with atomic_open(path) as f:
+            torch.save(obj, f)
+        return
+    sums = _checksums(path.parent, strict=False)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+        new = sha256_file(tmp)
+        sums[path.name] = [*sums.get(path.name, [])[-1:], new]
+        atomic_write_json(path.parent / CHECKSUMS, sums)
+    sums[path.name] = [new]
+    atomic_write_json(path.parent / CHECKSUMS, sums)
+    _remember(path, new)
+
+
+def _checksums(folder: Path, strict: bool = True) -> dict[str, list[str]]:
+    """A folder's checksums.json ({file: [sha256, ...]}); {} when there is none. A damaged
+    one is an error naming it (``strict``), or ignored by a writer about to replace it."""
+    path = folder / CHECKSUMS
+    if not path.exists():
+        return {}
+    try:
+        sums = json.loads(path.read_bytes().decode("utf-8"))
+        if not isinstance(sums, dict) or not all(isinstance(v, list) and v and all(isinstance(x, str) for x in v)
+                                                 for v in sums.values()):
+            raise ValueError
+        return sums
+    except (ValueError, UnicodeDecodeError, OSError):
+        if strict:
+            raise FnemmError(f"{path}: damaged, so the checkpoints beside it cannot be proven theirs; train the "
+                             f"run again (or delete it to read them unchecked)") from None
+        return {}
+
+
+def _remember(path: Path, digest: str) -> None:
+    """Put a file just written, whose sha256 is known, in the hash cache beside it."""
+    st = path.stat()
+    cache_path = path.parent / HASH_CACHE
+    try:
+        cache = json.loads(cache_path.read_text(encoding="utf-8")) if cache_path.exists() else {}
+        cache = cache if isinstance(cache, dict) else {}
+    except (OSError, ValueError):
+        cache = {}
+    cache[path.name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino, "sha256": digest}
+    try:
+        atomic_write_text(cache_path, json.dumps(cache, indent=1) + "\n")
+    except OSError:
+        pass
 
 
 def load_torch_data(path: str | Path, fix: str) -> dict:
@@ -84,6 +138,8 @@ def load_torch_data(path: str | Path, fix: str) -> dict:
 
     import torch
     path = Path(path)
+    if path.is_file():                # proven the file its run's checksums.json names, when it names one
+        check_sha256(path, _checksums(path.parent).get(path.name), fix)
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -113,6 +169,55 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+# --- content identity on every read, cheaply ---------------------------------------------------
+
+VERIFY_ENV = "FNEMM_VERIFY"          # "0": check sizes only (fnemm ... --no-verify)
+HASH_CACHE = ".fnemm-sha256.json"    # beside the files: {name: {size, mtime_ns, inode, sha256}}
+
+
+def verifying() -> bool:
+    return os.environ.get(VERIFY_ENV, "1") != "0"
+
+
+def cached_sha256(path: str | Path) -> str:
+    """The file's sha256, remembered beside it by (size, mtime_ns, inode): a file read again
+    unchanged is not hashed again (a 2 GB store: seconds once, then nothing); a changed one
+    is. The cache is a convenience: when it cannot be written, the hash is still right."""
+    path = Path(path)
+    st = path.stat()
+    key = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
+    cache_path = path.parent / HASH_CACHE
+    try:
+        cache = json.loads(cache_path.read_text(encoding="utf-8"))
+        if not isinstance(cache, dict):
+            cache = {}
+    except (OSError, ValueError):
+        cache = {}
+    entry = cache.get(path.name)
+    if isinstance(entry, dict) and all(entry.get(k) == v for k, v in key.items()) and \
+            isinstance(entry.get("sha256"), str):
+        return entry["sha256"]
+    digest = sha256_file(path)
+    cache[path.name] = {**key, "sha256": digest}
+    try:
+        atomic_write_text(cache_path, json.dumps(cache, indent=1) + "\n")
+    except OSError:
+        pass
+    return digest
+
+
+def check_sha256(path: str | Path, expected: str | list[str] | None, fix: str) -> None:
+    """Refuse a file whose content is not the one its record names (``expected``: the
+    sha256, or the few it may be while a save is under way): one line naming it. Nothing to
+    check without a record, or with verification turned off (sizes are still checked)."""
+    if not expected or not verifying():
+        return
+    wanted = [expected] if isinstance(expected, str) else list(expected)
+    if cached_sha256(path) not in wanted:
+        raise FnemmError(f"{path}: not the file its record names (its sha256 differs: damaged, or swapped in "
+                         f"from elsewhere); {fix}")
 
 
 def read_json(path: str | Path, fix: str, expect: type = dict):

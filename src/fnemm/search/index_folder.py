@@ -28,7 +28,8 @@ from fnemm.io.progress import bar
 from fnemm.joint.checkpoint import checkpoint_file, open_model
 from fnemm.joint.inputs import embed_captions, embed_images
 from fnemm.io.errors import FnemmError
-from fnemm.io.files import atomic_save_npy, atomic_write_json, atomic_write_text, locate, read_json, relative_to, sha256_file
+from fnemm.io.files import (atomic_save_npy, atomic_write_json, atomic_write_text, cached_sha256, locate, read_json,
+                            relative_to, sha256_file, verifying)
 from fnemm.io.faults import fault
 from fnemm.search.vector_index import EXACT_UP_TO, METHODS, TUNE_QUERIES, VectorIndex, sample, tune_side
 from fnemm.io.locks import folder_lock
@@ -81,7 +82,7 @@ def _files_intact(folder: Path, files: dict, hashes: bool) -> str | None:
         path = folder / name
         if not path.is_file() or path.stat().st_size != record["bytes"]:
             return name
-        if hashes and sha256_file(path) != record["sha256"]:
+        if hashes and cached_sha256(path) != record["sha256"]:
             return name
     return None
 
@@ -282,19 +283,19 @@ def read_index(folder: str | Path, checkpoint: str | Path | None = None,
         raise FnemmError(f"{folder / 'manifest.json'}: incomplete (no request); {rebuild}") from None
     if not ckpt.exists():
         raise FnemmError(f"{folder}: its checkpoint {ckpt} is not there; pass --checkpoint, or {rebuild}")
-    if sha256_file(ckpt) != ckpt_sha:
+    if verifying() and cached_sha256(ckpt) != ckpt_sha:
         raise FnemmError(f"{ckpt}: not the checkpoint {folder} was built from (sha256 differs); {rebuild}")
     if not store.exists() or not store_file(store).exists():
         raise FnemmError(f"{folder}: its feature store {store} is not there; pass --features, or {rebuild}")
-    if sha256_file(store_file(store)) != store_sha:
+    if verifying() and cached_sha256(store_file(store)) != store_sha:
         raise FnemmError(f"{store}: not the feature store {folder} was built from "
                          f"(its {store_file(store).name} sha256 differs); {rebuild}")
-    # sizes of every file; the small ones (ids, captions) by hash too; embeddings by their norms below
+    # every file by size, and by content (sha256, remembered beside them while unchanged)
     small = {n: r for n, r in m["files"].items() if not n.endswith((".npy", ".faiss"))}
-    bad = _files_intact(folder, m["files"], hashes=False) or _files_intact(folder, small, hashes=True)
+    bad = _files_intact(folder, m["files"], hashes=verifying()) or _files_intact(folder, small, hashes=True)
     if bad is not None:
-        raise FnemmError(f"{folder / bad}: missing or not the size the manifest records (an interrupted "
-                         f"copy?); {rebuild}")
+        raise FnemmError(f"{folder / bad}: missing, or not the file the manifest records (its size or sha256 "
+                         f"differs: an interrupted copy, damage, or a file from another index); {rebuild}")
     try:
         if not isinstance(m["images"], dict) or (m.get("captions") is not None and not isinstance(m["captions"], dict)):
             raise TypeError

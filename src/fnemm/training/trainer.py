@@ -160,7 +160,7 @@ class Trainer:
         if not self.main:
             return
         self._saved_at = time.monotonic()
-        atomic_torch_save(self.out / "last.pt", {
+        atomic_torch_save(self.out / "last.pt", record=True, obj={
             **self._payload(),
             "optimizer": self.optimizer.state_dict(),
             "numpy_rng": self.rng.bit_generator.state,
@@ -309,8 +309,8 @@ class Trainer:
             if improved:
                 st.best_rsum, st.best_epoch = val["rsum"], st.epoch
                 if self.main:
-                    atomic_torch_save(self.out / "best.pt", {**self._best_payload(), "epoch": st.epoch,
-                                                             "stage": st.stage + 1, "val": val})
+                    atomic_torch_save(self.out / "best.pt", record=True,
+                                      obj={**self._best_payload(), "epoch": st.epoch, "stage": st.stage + 1, "val": val})
             st.history.append({"epoch": st.epoch, "stage": st.stage + 1, "stage_epoch": st.stage_epoch,
                                "lr": self.config.stages[st.stage].lr, "loss": loss, "val": val,
                                "best": improved, "time_s": round(time.perf_counter() - t0, 3)})
