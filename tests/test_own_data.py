@@ -136,5 +136,5 @@ def test_a_60_photo_csv_states_its_chance_level_at_train_evaluate_and_report(tmp
     assert "this model is at chance" in out
     assert main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "report")]) == 0
     out = capsys.readouterr().out
-    assert "(at chance)" in out and "| chance: random embeddings, 6 images x 5 captions |" in out
+    assert "FNE-MH is at chance: its rsum, " in out and "| chance: random embeddings, 6 images x 5 captions |" in out
     assert (tmp_path / "report" / "val_rsum.png").stat().st_size > 1000

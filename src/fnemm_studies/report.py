@@ -210,16 +210,17 @@ def markdown_table(runs: list[RunSummary], paper: str | None = None, baseline: R
         if baseline is not None:
             c = compare(run, baseline) if run is not baseline else None
             diff = " | " + (f"{c.mean:+.1f} [{c.low:+.1f}, {c.high:+.1f}], {format_p(c.p)}" if c else "–")
-        rsum += " (at chance)" if run.at_chance() else ""
         lines.append(f"| {run.label} | {len(run.seeds)} | {cells} | {rsum}{diff} |")
     missing = [run for run in runs if len(run.ranks) != len(run.seeds)]
     shapes = {c[:2]: c for run in runs if (c := run.test_chance()) is not None}
     for n, per, mean, std in shapes.values():
         lines.append(f"| chance: random embeddings, {n} images x {per} captions | | " + "– | " * len(HEADER)
                      + f"{mean:.1f} ± {std:.1f} |" + (" |" if baseline else ""))
-    for run in missing:
-        lines.append(f"| {run.label}: no interval, its per-query ranks (ranks-{run.split}.jsonl) are missing: "
-                     f"evaluate it again | | " + "| " * len(HEADER) + "|" + (" |" if baseline else ""))
+    notes = [f"{run.label} is at chance: its rsum, {run.mean_std('rsum')[0]:.1f}, is within 2 std of chance's "
+             f"{run.test_chance()[2]:.1f}; it has learnt nothing the test images can tell" for run in runs
+             if run.at_chance()]
+    notes += [f"{run.label}: no interval, its per-query ranks (ranks-{run.split}.jsonl) are missing: evaluate it "
+              f"again" for run in missing]
     if paper:
         if paper not in PAPER:
             raise FnemmError(f"--paper {paper}: the paper's numbers exist for {', '.join(PAPER)}")
@@ -230,7 +231,7 @@ def markdown_table(runs: list[RunSummary], paper: str | None = None, baseline: R
             a1, a5, a10, am, r1, r5, r10, rm = row
             lines.append(f"| paper {paper} {run.label} | | {a1} | {a5} | {a10} | {am} | – | {r1} | {r5} | {r10} | "
                          f"{rm} | – | {a1 + a5 + a10 + r1 + r5 + r10:.1f} |" + (" |" if baseline else ""))
-    return "\n".join(lines) + "\n\n" + LEGEND
+    return "\n".join(lines) + "\n\n" + "".join(f"{note}.\n" for note in notes) + LEGEND
 
 
 def verdict(runs: list[RunSummary], baseline: RunSummary | None) -> str:
