@@ -68,8 +68,22 @@ def test_a_second_training_run_into_the_same_folder_is_refused(synth, tmp_path):
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["epoch"] for x in lines] == [1, 2]
     from fnemm.joint.config import TrainConfig
-    best = torch.load(tmp_path / "run" / "best.pt", weights_only=False)
+    best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
     assert TrainConfig.from_dict(best["config"]) == TrainConfig.from_dict(config)
+
+
+def test_a_seeds_job_is_refused_while_a_run_writes_its_folder_and_the_other_way_round(synth, tmp_path):
+    """train --seeds takes the whole folder: refused while a run trains in it (it wrote
+    seed-0/ and seed-1/ beside that run before), and a second --seeds job is refused too."""
+    first = paused(train_args(synth, tmp_path / "runC"), "epoch-1")
+    err = refused(train_args(synth, tmp_path / "runC", "--seeds", "2"), first)
+    assert str(tmp_path / "runC") in err
+    assert go(first) == 0
+    assert not (tmp_path / "runC" / "seed-0").exists() and not (tmp_path / "runC" / "seed-1").exists()
+    seeds = paused(train_args(synth, tmp_path / "many", "--seeds", "2"), "epoch-1")
+    err = refused(train_args(synth, tmp_path / "many", "--seeds", "2", "--resume"), seeds)
+    assert "a seeds folder" in err
+    assert go(seeds) == 0 and (tmp_path / "many" / "seed-1" / "best.pt").exists()
 
 
 def test_a_second_index_build_into_the_same_folder_is_refused(synth, tmp_path):

@@ -183,15 +183,20 @@ def test_finetune_run_export_and_features_through_extract(capsys, start, tmp_pat
     assert float((by_file * by_id).sum()) > 0.999
 
 
-def test_resume_after_kill_mid_epoch_gives_the_same_weights(start, tmp_path):
+def test_resume_after_kill_at_the_first_batch_gives_the_same_weights_and_cnn_file(start, tmp_path):
+    """Killed at its very first batch, resumed from another working directory: the same
+    weights and the same cnn.pt bytes as an unbroken run (it records its start run relative
+    to itself, not as the path was typed, nor absolute after a resume)."""
     run_dir, data, _ = start
-    common = ["--finetune", run_dir, "--dataset", data, "--finetune-cnn", "mobilenet_v2_float", "--epochs", "2",
-              "--batch-size", "9", "--checkpoint-every", "0", "--quiet", "--threads", "1"]
+    home = run_dir.parents[1]              # started as a user would: `--finetune FC7-MH/seed-0` from there
+    common = ["--finetune", run_dir.relative_to(home), "--dataset", data, "--finetune-cnn", "mobilenet_v2_float",
+              "--epochs", "2", "--batch-size", "9", "--checkpoint-every", "0", "--quiet", "--threads", "1"]
     ref, cut = tmp_path / "ref", tmp_path / "cut"
-    subprocess.run(_cli("train", "--out", ref, *common), check=True)
-    killed = subprocess.run(_cli("train", "--out", cut, *common), env={**os.environ, "FNEMM_DIE_AT": "cut/epoch-2/batch-1"})
+    subprocess.run(_cli("train", "--out", ref, *common), check=True, cwd=home)
+    killed = subprocess.run(_cli("train", "--out", cut, *common), cwd=home,
+                            env={**os.environ, "FNEMM_DIE_AT": "cut/epoch-1/batch-1"})
     assert killed.returncode == -signal.SIGKILL
-    assert torch.load(cut / "last.pt", weights_only=True)["state"]["epoch"] == 1
+    assert torch.load(cut / "last.pt", weights_only=True)["state"]["epoch"] == 0
     # the store it was started from has moved since: --features names where it is now
     info = json.loads((cut / "run.json").read_text())
     store = Path(info["features"]["source"])
@@ -203,7 +208,7 @@ def test_resume_after_kill_mid_epoch_gives_the_same_weights(start, tmp_path):
                           capture_output=True, text=True)
     assert lost.returncode == 2 and "gone" in lost.stderr
     subprocess.run(_cli("train", "--out", cut, "--resume", "--quiet", "--threads", "1", "--features", moved),
-                   check=True)
+                   check=True, cwd=tmp_path)
     a = torch.load(ref / "last.pt", weights_only=True)
     b = torch.load(cut / "last.pt", weights_only=True)
     for part in ("model", "cnn"):

@@ -228,3 +228,19 @@ def test_slow_clients_are_cut_off(server, tmp_path, monkeypatch):
             assert answer.startswith(b"HTTP/1.1 408")
         # a client that sends at its pace, within the deadlines, is served
         assert httpx.post(url + "/search/text", json={"query": "a dog", "k": 2}).status_code == 200
+    # a body that never stalls but never ends either: the whole-body deadline (here 0 s, so the
+    # first part after the headers is already too late) answers 408
+    monkeypatch.setenv("FNEMM_BODY_DEADLINE", "0")
+    with serving(index, tmp_path / "serve2.log", "--threads", "1") as url:
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as trickle:
+            trickle.sendall(b"POST /search/image HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n"
+                            b"Content-Type: multipart/form-data; boundary=b\r\n\r\n--b\r\n")
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                chunk = trickle.recv(4096)
+                assert chunk, answer
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 408")
+            body = trickle.recv(4096)
+            assert b"took over 0 s" in answer + body

@@ -45,6 +45,8 @@ MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 # the body's wait answered with 408, instead of holding a connection forever.
 HEADER_TIMEOUT = float(os.environ.get("FNEMM_HEADER_TIMEOUT", "10"))
 BODY_TIMEOUT = float(os.environ.get("FNEMM_BODY_TIMEOUT", "30"))
+# and the whole body, however it trickles in (a byte every few seconds never stalls long)
+BODY_DEADLINE = float(os.environ.get("FNEMM_BODY_DEADLINE", "120"))
 DEFAULT_THUMB = 256
 # Decoded photos at once: a 50-megapixel RGBA upload decodes to ~200 MB, so the thread
 # pool's 40 workers must not all decode together.
@@ -260,16 +262,22 @@ class BodyLimit:
         if length.isdigit() and int(length) > self.limit:
             return await JSONResponse({"error": self._message()}, status_code=413)(scope, receive, send)
         seen, complete = 0, False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + BODY_DEADLINE
 
         async def limited():
             nonlocal seen, complete
             if complete:                  # the body is in: what remains is waiting for a disconnect
                 return await receive()
+            left = deadline - loop.time()
+            if left <= 0:
+                raise HTTPException(status_code=408, detail=f"the request body took over {BODY_DEADLINE:g} s; "
+                                                            f"send it again, faster")
             try:
-                message = await asyncio.wait_for(receive(), BODY_TIMEOUT)
+                message = await asyncio.wait_for(receive(), min(BODY_TIMEOUT, left))
             except asyncio.TimeoutError:
-                raise HTTPException(status_code=408, detail=f"the request body stalled for {BODY_TIMEOUT:g} s; "
-                                                            f"send it again") from None
+                why = f"stalled for {BODY_TIMEOUT:g} s" if BODY_TIMEOUT <= left else f"took over {BODY_DEADLINE:g} s"
+                raise HTTPException(status_code=408, detail=f"the request body {why}; send it again") from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 complete = not message.get("more_body", False)

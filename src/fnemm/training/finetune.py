@@ -43,7 +43,7 @@ from fnemm.datasets import Dataset
 from fnemm.io.errors import FnemmError
 from fnemm.features.images import resolve_paths
 from fnemm.features.store import load_features
-from fnemm.io.files import atomic_write_bytes, load_torch_data, locate, read_json
+from fnemm.io.files import atomic_write_bytes, load_torch_data, locate, read_json, relative_to
 from fnemm.features.fne import RESIZE
 from fnemm.eval.metrics import evaluate_embeddings
 from fnemm.io.progress import say
@@ -286,7 +286,10 @@ def finetune(start: str | Path, dataset: Dataset, out_dir: str | Path, *, config
             **{k: v for k, v in (run_info or {}).items() if k not in ("features", "finetune")}}
     trainer = FineTuner(config, splits["train"], splits["val"], vocab, Path(out_dir), trunk, banks, ckpt, device,
                         quiet, info, checkpoint_every, dist,
-                        export={"cnn": name, "crops": int(manifest.get("crops", 10)), "from": str(start_file)})
+                        # the start run as seen from this run's folder: the same bytes in cnn.pt whether the
+                        # run was started or resumed, from any working directory
+                        export={"cnn": name, "crops": int(manifest.get("crops", 10)),
+                                "from": relative_to(start_file, out_dir)})
     summary = trainer.fit(resume=resume)
     if not quiet and (dist is None or dist.main):
         say(f"fine-tuned CNN: {Path(out_dir) / 'cnn.pt'} (sha256 {summary.get('cnn_sha256', '')[:12]}...)")

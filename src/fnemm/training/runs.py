@@ -12,6 +12,7 @@ from pathlib import Path
 from fnemm.datasets import Dataset
 from fnemm.features.store import Features
 from fnemm.io.errors import FnemmError
+from fnemm.io.locks import folder_lock
 from fnemm.joint.config import TrainConfig
 from fnemm.training.folders import (count_seeds, load_metrics, metrics_path, ranks_path, run_dataset, run_inputs,
                                     save_metrics, save_ranks, saved_config, saved_info, seed_dirs)
@@ -67,12 +68,15 @@ def fit(out: str | Path, config: TrainConfig | None = None, dataset=None, featur
     if seeds < 1:
         raise FnemmError(f"--seeds {seeds}: expected at least 1")
     summaries = []
-    for k in range(seeds):
-        run = out / f"seed-{k}"
-        if log:
-            log(f"--- seed {config.seed + k} ({k + 1} of {seeds}) -> {run}")
-        summaries.append(train(replace(config, seed=config.seed + k), dataset, features, run,
-                               resume=resume and (run / "last.pt").exists(), run_info=run_info, **common))
+    # the whole seeds folder is this job's: refused while anyone writes it (a run in it, or
+    # another --seeds job), and no seed of it is resumed under a running job
+    with folder_lock(out, "a seeds folder"):
+        for k in range(seeds):
+            run = out / f"seed-{k}"
+            if log:
+                log(f"--- seed {config.seed + k} ({k + 1} of {seeds}) -> {run}")
+            summaries.append(train(replace(config, seed=config.seed + k), dataset, features, run,
+                                   resume=resume and (run / "last.pt").exists(), run_info=run_info, **common))
     return summaries
 
 
