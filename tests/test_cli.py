@@ -198,3 +198,18 @@ def test_logs_piped_to_a_file_are_whole_lines(synth, tmp_path):
                            check=True)
     assert not [line for line in quiet.stdout.splitlines() if line.startswith("epoch ")]
     assert "best epoch" in quiet.stdout
+
+
+def test_unknown_names_get_the_close_one_suggested(capsys, tmp_path):
+    """A typo in a bundled dataset's, a preset's or a CNN's name: one line with the name meant."""
+    for argv, meant in [(["train", "--preset", "demo/FNE-MH", "--dataset", "flickr8k-2k", "--features", "x",
+                          "--out", str(tmp_path / "r")], "did you mean the bundled flickr8k-1k?"),
+                        (["train", "--preset", "flickr8k/FNE-HM", "--dataset", "x", "--features", "x",
+                          "--out", str(tmp_path / "r")], "flickr8k/FNE-MH"),
+                        (["layers", "--cnn", "mobilenetv2"], "did you mean mobilenet_v2?")]:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and meant in err, err
+    assert main(["train", "--preset", "demo/FNE-MH", "--dataset", str(tmp_path / "none.json"), "--features", "x",
+                 "--out", str(tmp_path / "r")]) == 2
+    assert ".csv of image,caption[,split] rows" in capsys.readouterr().err

@@ -24,6 +24,8 @@ feature store carries.
 
 from __future__ import annotations
 
+import difflib
+
 import re
 from pathlib import Path
 
@@ -77,6 +79,10 @@ def load_flickr8k_224(folder: Path | None = None) -> Dataset:
 
 
 NAMED = {"flickr8k-1k": load_flickr8k_1k, "flickr8k-224": load_flickr8k_224}
+# what --dataset takes, for every help and error that lists it
+FORMATS = ("a Flickr folder (token file + split lists), Karpathy's dataset_*.json, COCO captions_*.json files, "
+           "a .jsonl of {\"image\", \"captions\", \"split\"} lines, a .csv of image,caption[,split] rows, or a "
+           "bundled benchmark: " + ", ".join(NAMED))
 
 
 def load_dataset(specs: str | Path | list[str | Path]) -> Dataset:
@@ -99,8 +105,9 @@ def load_dataset(specs: str | Path | list[str | Path]) -> Dataset:
             split, text = m.group(1), m.group(2)
         path = Path(text)
         if not path.exists():
-            raise FnemmError(f"{path}: no such file or folder; pass --dataset a Flickr folder, "
-                             f"a dataset_*.json, COCO captions_*.json files or a .jsonl file")
+            close = difflib.get_close_matches(text.split("=", 1)[0], list(NAMED), n=1, cutoff=0.6)
+            hint = f"did you mean the bundled {close[0]}? " if close else ""
+            raise FnemmError(f"{path}: no such file or folder; {hint}pass --dataset {FORMATS}")
         parsed.append((path, split))
     if len(parsed) > 1 or parsed[0][1] is not None:
         return load_coco_captions(parsed)
@@ -118,4 +125,4 @@ def load_dataset(specs: str | Path | list[str | Path]) -> Dataset:
         return load_karpathy(path, data)
     if path.name.endswith((".token.txt", ".token")):
         return load_flickr_raw(path.parent)
-    raise FnemmError(f"{path}: unknown dataset format; expected a Flickr folder, .json, .jsonl or .csv")
+    raise FnemmError(f"{path}: unknown dataset format; pass --dataset {FORMATS}")

@@ -101,7 +101,7 @@ def load_store(folder: Path, kind: str = "fne", verify: bool = False) -> Feature
     if kind not in arrays:
         have = ", ".join(arrays) or "none"
         raise FnemmError(f"{folder}: this feature store has no {kind!r} features (it has: {have}); "
-                         f"choose --set features=... accordingly or re-extract")
+                         f"train with --set features=... to use another array, or extract them")
     path = folder / arrays[kind]["file"]
     if (wrong := verify_array(folder, arrays[kind], hashes=verify)) is not None:
         raise FnemmError(f"{path}: damaged ({wrong}); {fix}")

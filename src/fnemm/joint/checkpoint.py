@@ -82,7 +82,7 @@ def check_features(ckpt: dict, features: Features, where: str | Path) -> None:
     if features.dim != ckpt["feature_dim"]:
         raise FnemmError(f"{features.source}: features have {features.dim} dimensions but {where} "
                          f"was trained on {ckpt['feature_dim']}; pass the same kind of features "
-                         f"(store and --set features=...) as in training")
+                         f"(the same store, and its fne or fc7 array) as in training")
     trained = (ckpt.get("features") or {}).get("producer") or {}
     if not features.manifest or not trained:
         return

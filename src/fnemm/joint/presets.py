@@ -241,7 +241,9 @@ def canonical(name: str) -> str:
     try:
         return by_lower[name.lower()]
     except KeyError:
-        close = [k for k in PRESETS if name.lower().split("/")[-1] in k.lower()][:4]
+        import difflib
+        close = difflib.get_close_matches(name.lower(), list(by_lower), n=3, cutoff=0.75)
+        close = [by_lower[k] for k in close] or [k for k in PRESETS if name.lower().split("/")[-1] in k.lower()][:4]
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise FnemmError(f"unknown preset {name!r}{hint}; `fnemm presets` lists all "
                          f"{len(PRESETS)} of them") from None

@@ -216,7 +216,10 @@ def build_cnn(name: str, weights: str | None = None) -> TappedCNN:
         except (ImportError, AttributeError) as e:
             raise FnemmError(f"--cnn {name}: cannot import the builder ({e})") from None
     else:
-        raise FnemmError(f"--cnn {name}: unknown CNN; choose one of {', '.join(sorted(_REGISTRY))} "
+        import difflib
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise FnemmError(f"--cnn {name}: unknown CNN; {hint}choose one of {', '.join(sorted(_REGISTRY))} "
                          f"or give package.module:function")
     from fnemm.features.cnn import finetuned
     if weights and weights != "random" and finetuned.is_finetuned(weights):
