@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test demo serve bench clean flickr8k
+.PHONY: venv test demo serve serve-flickr8k bench clean flickr8k
 
 venv: $(STAMP)
 
@@ -29,17 +29,28 @@ demo: $(STAMP)
 	$(VENV)/bin/fnemm search --checkpoint runs/demo/FNE-late-MH/seed-0 --features runs/demo/features-late \
 		--dataset flickr8k-1k --split test --text "a dog runs on the beach"
 
-# After `make demo`: index all 991 demo images and their captions, serve them on http://127.0.0.1:$(PORT)/
-# (the index is rebuilt only when the checkpoint or feature store changed).
-MODEL ?= FNE-MH
+# After `make demo`: index the demo's photos and their captions with its best model (by the
+# report's test rsum; MODEL=FNE-MH, FC7-MH, FNE-POE or FNE-late-MH for another) and serve them on
+# http://127.0.0.1:$(PORT)/. SPLIT=test: only the 125 held-out test photos, which no model was
+# trained on (default: all 991). The index is rebuilt only when the checkpoint or store changed.
+MODEL ?= $(shell test -x $(PY) && $(PY) -c "from fnemm_studies.demo import best_model; print(best_model())" 2>/dev/null || echo FNE-late-MH)
 # the features MODEL was trained on (FNE-late-MH: the late layers' store the demo derives)
 STORE = runs/demo/$(if $(filter FNE-late-MH,$(MODEL)),features-late,features)
 PORT  ?= 8000
+SPLIT ?= all
 serve: $(STAMP)
 	@test -f runs/demo/$(MODEL)/seed-0/best.pt || { echo "runs/demo/$(MODEL): run \`make demo\` first"; exit 2; }
 	$(VENV)/bin/fnemm index build --checkpoint runs/demo/$(MODEL)/seed-0 --features $(STORE) \
-		--dataset flickr8k-1k --out runs/demo/index-$(MODEL)
-	$(VENV)/bin/fnemm serve --index runs/demo/index-$(MODEL) --port $(PORT)
+		--dataset flickr8k-1k --split $(SPLIT) --out runs/demo/index-$(MODEL)-$(SPLIT)
+	$(VENV)/bin/fnemm serve --index runs/demo/index-$(MODEL)-$(SPLIT) --port $(PORT)
+
+# After `make flickr8k` (or part of it): all 8,000 photos of the official Flickr8K split and
+# their 40,000 captions, searched with the benchmark's best model (SPLIT=test: its 1,000 test photos).
+serve-flickr8k: $(STAMP)
+	run=$$($(PY) -c "from fnemm_studies.study import best_run; r, f = best_run('$(F8K_OUT)'); print(r, f)") && \
+	set -- $$run && $(VENV)/bin/fnemm index build --checkpoint $$1 --features $$2 --dataset flickr8k-224 \
+		--split $(SPLIT) --out $(F8K_OUT)/index-best-$(SPLIT) && \
+	$(VENV)/bin/fnemm serve --index $(F8K_OUT)/index-best-$(SPLIT) --port $(PORT)
 
 # The paper's Flickr8K benchmark (README: The paper's Flickr8K benchmark): all 8,091 photos
 # (flickr8k-224), the paper's flickr8k/ presets stopped by validation patience, 2 CNNs x 4 feature

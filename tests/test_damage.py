@@ -272,3 +272,21 @@ def test_an_index_of_a_dataset_naming_none_of_the_stores_images_is_refused(prist
                        capsys)
     assert code == 2 and "none of its images is in other" in err and err.count("\n") == 1
     assert not (tmp_path / "i" / "manifest.json").exists()
+
+
+def test_a_run_still_training_is_not_indexed(pristine, tmp_path, capsys):
+    """index build refuses a checkpoint whose run is still being trained (the lock of its
+    folder is held): its best.pt may still change under the index."""
+    import subprocess
+    import sys
+    from test_locks import HOLD
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(pristine / "run"), "exit"], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    try:
+        code, _, err = run(index_args(pristine)[:-3] + ["--out", str(tmp_path / "i"), "--quiet"], capsys)
+        assert code == 2 and "still being trained (pid" in err and err.count("\n") == 1
+    finally:
+        holder.communicate("go\n")
+    code, _, _ = run(index_args(pristine)[:-3] + ["--out", str(tmp_path / "i"), "--quiet"], capsys)
+    assert code == 0

@@ -235,7 +235,7 @@ def test_the_flickr8k_benchmark_command_on_a_few_images(tmp_path, capsys):
     assert entry["runs"] == 2 and "paired bootstrap over 6 test images" in entry["vs_baseline"]["method"]
     assert len(entry["training"]["epochs"]) == 2 and all(1 <= e <= 4 for e in entry["training"]["epochs"])
     report = (out / "study.md").read_text()
-    assert "flickr8k/FNE-MH pipeline (the baseline flickr8k/FC7-MH)" in report and "after 1 epoch without" in report
+    assert "flickr8k/FNE-MH pipeline (the baseline flickr8k/FC7-MH)" in report and "stopped after 1 epoch without" in report
     assert "*paper FNE-MH (VGG16)* | – | 27.3 | 56.8 | 69.3 | 4 |" in report and "### Learning curve" in report
     # evaluate prints the protocol (images and captions) and the chance level of that test set
     capsys.readouterr()

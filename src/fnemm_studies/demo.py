@@ -173,3 +173,17 @@ def _retrieval_examples(model_dir: Path, dataset, store: Path, out: Path) -> tup
     queries = [(dataset.captions[k][0], dataset.image_ids[k]) for k in picks]
     return (text_to_image_sheet(gallery, queries, out / "retrieval.png"),
             image_to_text_sheet(gallery, [dataset.image_ids[k] for k in picks], out / "annotation.png"))
+
+
+def best_model(out: str | Path = "runs/demo") -> str:
+    """The demo's model with the highest mean test rsum (its report's best), for `make serve`;
+    FNE-late-MH (the recipe the study recommends) when none has been evaluated yet."""
+    best, best_rsum = "FNE-late-MH", -1.0
+    for name in MODELS:
+        try:
+            run = load_run(Path(out) / name)
+        except FnemmError:
+            continue
+        if run.mean_std("rsum")[0] > best_rsum:
+            best, best_rsum = name, run.mean_std("rsum")[0]
+    return best

@@ -309,3 +309,20 @@ class Study:
         write_report(self.out, summary, self.grid, self.dataset, {name: v.about for name, v in BY_NAME.items()},
                      (preset_of(self.grid.presets, False), preset_of(self.grid.presets, True)))
         return summary
+
+
+def best_run(out: str | Path) -> tuple[Path, Path]:
+    """(run folder, its feature store) of the best variant of a finished study at its full
+    training size (highest mean test rsum; its first seed on the dataset's own split), for
+    serving the study's best model (`make serve-flickr8k`)."""
+    out = Path(out)
+    summary = read_json(out / "study.json", f"run the study into {out} first")
+    full = summary.get("full_train_images")
+    rows = [e for e in summary.get("results", []) if e.get("train_images") == full]
+    if not rows:
+        raise FnemmError(f"{out / 'study.json'}: no finished run at the full training size yet")
+    best = max(rows, key=lambda e: e["rsum_mean"])
+    for run in sorted((out / "runs" / best["cnn"] / f"n{full}" / best["variant"] / "split-0").glob("seed-*")):
+        if (run / "best.pt").is_file() and (run / "run.json").is_file():
+            return run, Path(read_json(run / "run.json", "")["args"]["features"])
+    raise FnemmError(f"{out}: the best variant ({best['cnn']} {best['variant']}) has no trained run on split 0")

@@ -196,13 +196,13 @@ def write_report(out: Path, summary: dict, grid, dataset, about: dict[str, str],
     from fnemm_studies.report import PAPER
     results, full = summary["results"], summary["full_train_images"]
     fne, base = pipelines
-    stop = (f"; every stage stops after {grid.patience} epoch{'s' * (grid.patience != 1)} without a better "
+    stop = (f", every stage stopped after {grid.patience} epoch{'s' * (grid.patience != 1)} without a better "
             f"validation rsum" if grid.patience else "")
     parts = ["# When does the Full-Network Embedding pay off? (fnemm study)\n",
              f"{dataset.summary()}; {grid.splits} split(s) (split 0: the dataset's own"
              + ("; the others drawn at random with the same sizes" if grid.splits > 1 else "")
-             + f") x {grid.seeds} seed(s); every variant trains the {fne} pipeline (the baseline {base}){stop}, "
-             f"and is compared with the baseline and with the paper's FNE on the same splits and seeds: "
+             + f") x {grid.seeds} seed(s); every variant trains the {fne} pipeline (the baseline {base}){stop}. "
+             f"Each is compared with the baseline and with the paper's FNE on the same splits and seeds: "
              f"{method(grid, summary)}. * marks p < {ALPHA}."]
     paper = PAPER.get(grid.presets, {})
     paper_rows = {f"paper {k} (VGG16)": paper[k] for k in ("FC7-MH", "FNE-MH") if k in paper}

@@ -80,3 +80,24 @@ def folder_lock(folder: str | Path, what: str = "this folder", wait: bool = Fals
         if _HELD.get(key) == fd:
             del _HELD[key]
         os.close(fd)          # releases the lock
+
+
+def writer_of(folder: str | Path) -> str | None:
+    """Who is writing ``folder`` now (another process holding its lock), or None; the
+    folder is not locked by asking."""
+    path = Path(folder) / LOCK_FILE
+    if str(Path(folder).resolve()) in _HELD or not path.is_file():
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return None
+    except OSError as e:
+        if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            raise
+        return _holder(path)
+    finally:
+        os.close(fd)          # a shared lock taken only to test: released at once

@@ -169,6 +169,10 @@ def build_index(checkpoint: str | Path, features: str | Path, out: str | Path, *
         raise FnemmError(f"--method {method}: expected one of {', '.join(METHODS)}")
     t0 = time.perf_counter()
     split, out, features = split or "all", Path(out), Path(features)
+    from fnemm.io.locks import writer_of
+    if (writer := writer_of(checkpoint_file(checkpoint).parent)) is not None:
+        raise FnemmError(f"{checkpoint_file(checkpoint).parent}: still being trained ({writer}); its best.pt may "
+                         f"change: index it once the training ends")
     opened = open_model(checkpoint, features, device, ids)
     with folder_lock(out, "an index"):
         return _build(opened, features, out, dataset, split, ids, method, threshold, target_recall, quiet,
