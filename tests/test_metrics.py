@@ -184,3 +184,16 @@ def test_chance_level_of_random_embeddings():
     # R@K of a random ranking is K/N in both directions (and a little more for i2t,
     # which takes the best of 5 captions): about 6 * 5.3% + i2t's extra
     assert 30 < mean < 60 and 2 < std < 15
+
+
+def test_the_compiled_count_and_torchs_give_the_same_float32_ranks(monkeypatch):
+    import fnemm.eval.kernels as kernels
+    from fnemm.eval.metrics import ranks
+    if not kernels.available():
+        pytest.skip("no C compiler to build fnemm's kernel")
+    img, cap, owner = _awkward_case(6, 6.0, "cosine", n=90, d=24)
+    img, cap = img.float(), cap.float()
+    fast = ranks(img, cap, owner, "cosine", tile_scores=20 * len(owner))
+    monkeypatch.setenv("FNEMM_KERNELS", "0")
+    plain = ranks(img, cap, owner, "cosine", tile_scores=20 * len(owner))
+    assert fast[0].tolist() == plain[0].tolist() and fast[1].tolist() == plain[1].tolist()

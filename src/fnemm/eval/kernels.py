@@ -78,6 +78,23 @@ void fnemm_order_rows(const float *I, const float *C, float *out,
   }
 }
 
+
+/* One pass over a tile of scores S (nr x nc, float32) against each column's threshold
+   (pos) and each row's (best): t2i[c] += #rows with S >= pos[c], i2t[r] += #columns with
+   S >= best[r]. Counters in int32: a tile has fewer than 2^31 rows or columns. */
+void fnemm_count(const float *S, long nr, long nc, const float *pos, const float *best, int *t2i, int *i2t) {
+  for (long r = 0; r < nr; r++) {
+    const float *row = S + r * nc;
+    const float b = best[r];
+    int above = 0;
+    for (long c = 0; c < nc; c++) {
+      const float s = row[c];
+      t2i[c] += s >= pos[c];
+      above += s >= b;
+    }
+    i2t[r] += above;
+  }
+}
 """
 # Reassociation lets the compiler vectorise the sums; nothing here depends on errno,
 # traps or the sign of zero. Not -ffast-math: it would also assume no NaN.
@@ -139,6 +156,8 @@ def _build() -> ctypes.CDLL | None:
         return None
     lib.fnemm_order_rows.restype = None
     lib.fnemm_order_rows.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 4
+    lib.fnemm_count.restype = None
+    lib.fnemm_count.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long] + [ctypes.c_void_p] * 4
     return lib
 
 
@@ -189,3 +208,24 @@ def applies(images: torch.Tensor, captions: torch.Tensor) -> bool:
             and images.dtype == torch.float32 and captions.dtype == torch.float32
             and not images.requires_grad and not captions.requires_grad and images.dim() == 2
             and captions.dim() == 2 and images.shape[1] == captions.shape[1] and available())
+
+
+def count_at_or_above(scores: torch.Tensor, positive: torch.Tensor, best: torch.Tensor,
+                      t2i: torch.Tensor, i2t: torch.Tensor) -> bool:
+    """Add to ``t2i`` (per column) how many rows of ``scores`` reach each column's
+    ``positive``, and to ``i2t`` (per row) how many columns reach each row's ``best``, in
+    one compiled pass; False (nothing done) where the kernel does not apply (not CPU
+    float32, or no kernel), and the caller counts with torch."""
+    if not (scores.device.type == "cpu" and scores.dtype == torch.float32 and positive.dtype == torch.float32
+            and best.dtype == torch.float32 and scores.dim() == 2 and available()):
+        return False
+    scores, positive, best = scores.contiguous(), positive.contiguous(), best.contiguous()
+    nr, nc = scores.shape
+    cols = torch.zeros(nc, dtype=torch.int32)
+    rows = torch.zeros(nr, dtype=torch.int32)
+    if nr and nc:
+        _lib.fnemm_count(scores.data_ptr(), nr, nc, positive.data_ptr(), best.data_ptr(), cols.data_ptr(),
+                         rows.data_ptr())
+    t2i += cols.to(t2i.dtype)
+    i2t += rows.to(i2t.dtype)
+    return True

@@ -179,10 +179,11 @@ def ranks(image_emb: torch.Tensor, caption_emb: torch.Tensor, caption_image: tor
             own_rows, own_scores = owner[own] - start, tile[owner[own] - start, own]
             best = torch.full((stop - start,), -math.inf, dtype=tile.dtype, device=device).scatter_reduce(
                 0, own_rows, own_scores, reduce="amax")
-            for a in range(0, stop - start, ROW_BLOCK):
-                block = tile[a:a + ROW_BLOCK]
-                t2i += (block >= positive).sum(0)
-                i2t[start + a:start + a + len(block)] += (block >= best[a:a + ROW_BLOCK, None]).sum(1)
+            if not kernels.count_at_or_above(tile, positive, best, t2i, i2t[start:stop]):
+                for a in range(0, stop - start, ROW_BLOCK):
+                    block = tile[a:a + ROW_BLOCK]
+                    t2i += (block >= positive).sum(0)
+                    i2t[start + a:start + a + len(block)] += (block >= best[a:a + ROW_BLOCK, None]).sum(1)
             # a pair is not its own rival
             t2i.index_add_(0, own, -(own_scores >= positive[own]).long())
             i2t.index_add_(0, owner[own], -(own_scores >= best[own_rows]).long())
