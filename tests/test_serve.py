@@ -151,11 +151,11 @@ def test_index_refuses_changed_checkpoint_or_store(built, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(folders["FNE-POE"], broken)
     (broken / "images.faiss").unlink()
-    with pytest.raises(FnemmError, match="images.faiss: missing or not the size the manifest records"):
+    with pytest.raises(FnemmError, match="images.faiss: missing, or not the file the manifest records"):
         Gallery.from_index(broken)
     shutil.copy(folders["FNE-POE"] / "images.faiss", broken)
     (broken / "images.ids.json").write_text('["a.jpg"]')
-    with pytest.raises(FnemmError, match="images.ids.json: missing or not the size"):
+    with pytest.raises(FnemmError, match="images.ids.json: missing, or not the file"):
         Gallery.from_index(broken)
     (broken / "manifest.json").write_text("{not json")
     with pytest.raises(FnemmError, match=r"manifest.json:1: invalid JSON .*rebuild it: fnemm index build"):

@@ -33,13 +33,20 @@ def crop_boxes(size: int = RESIZE, crop: int = CROP, n: int = 10) -> list[tuple[
     raise ValueError(f"crops={n}: expected 1 or 10")
 
 
+ORIENTATION = 0x0112                                        # the EXIF tag
+BAND = 256                                                  # rows composited at a time
+
+
 def as_seen(image: Image.Image) -> Image.Image:
     """The image as a viewer shows it, in 8-bit RGB: its first frame, turned upright by its
     EXIF orientation, 16-bit (and other wide integer or float) levels scaled to 8 bits, not
     clipped, transparency composited on white, palettes, greyscale and CMYK converted."""
     if getattr(image, "n_frames", 1) > 1:
         image.seek(0)
-    image = ImageOps.exif_transpose(image)
+    # Full-size copies are what a 50-megapixel upload costs (~200 MB each), so make only
+    # the ones a step needs: none to stay upright, one RGB canvas to composite on.
+    if image.getexif().get(ORIENTATION, 1) != 1:
+        image = ImageOps.exif_transpose(image)
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         levels = np.asarray(image, dtype=np.float64)
         if image.mode == "F" and levels.size and levels.max() <= 1.0:
@@ -47,12 +54,17 @@ def as_seen(image: Image.Image) -> Image.Image:
         elif image.mode != "F" and levels.size and levels.max() > 255:
             levels = levels / 257.0                          # 16-bit: 65,535 -> 255
         image = Image.fromarray(np.clip(np.rint(levels), 0, 255).astype(np.uint8), "L")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode in ("P", "L", "RGB")
-                                                            and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(white, rgba)
-    return image.convert("RGB")
+    if image.mode in ("RGBa", "La"):                         # premultiplied: undo it first
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode in ("P", "L", "RGB")
+                                              and "transparency" in image.info):
+        rgba = image if image.mode == "RGBA" else image.convert("RGBA")
+        canvas = Image.new("RGB", rgba.size, (255, 255, 255))
+        for top in range(0, rgba.height, BAND):             # in bands: no full-size temporaries
+            band = rgba.crop((0, top, rgba.width, min(top + BAND, rgba.height)))
+            canvas.paste(band.convert("RGB"), (0, top), mask=band.getchannel("A"))  # src*a + white*(1-a)
+        return canvas
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def resized(image: Image.Image, size: int = RESIZE) -> Image.Image:

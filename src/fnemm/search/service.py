@@ -31,13 +31,14 @@ from urllib.parse import quote
 from fastapi import APIRouter, Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from pydantic import BaseModel, Field
 from starlette.convertors import Convertor, register_url_convertor
 from starlette.exceptions import HTTPException
 
 from fnemm.features.encode import decode_upload
 from fnemm.io.errors import FnemmError, TooLarge
-from fnemm.search.gallery import MAX_K, MAX_QUERY_CHARS, Gallery
+from fnemm.search.gallery import MAX_K, Gallery
+from fnemm.search.schemas import (CaptionResults, SimilarResults, TextQuery, TextResults,
+                                  errors)
 
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 # A client gets this long to send a request's headers, and this long between two parts
@@ -53,56 +54,6 @@ DEFAULT_THUMB = 256
 DECODES = threading.BoundedSemaphore(2)
 
 log = logging.getLogger("fnemm.search.service")
-
-
-# --- the API's bodies ----------------------------------------------------------------
-
-class TextQuery(BaseModel):
-    query: str = Field(..., description=f"a sentence, 1 to {MAX_QUERY_CHARS} characters",
-                       examples=["a dog runs on the beach"])
-    k: int = Field(10, description=f"how many images, 1 to {MAX_K}")
-
-
-class ImageHit(BaseModel):
-    rank: int
-    score: float
-    image: str
-    url: str
-    captions: list[str]
-
-
-class TextResults(BaseModel):
-    query: str
-    unknown_words: list[str]
-    results: list[ImageHit]
-    took_ms: float
-
-
-class CaptionHit(BaseModel):
-    rank: int
-    score: float
-    caption: str
-    image: str
-    url: str
-
-
-class CaptionResults(BaseModel):
-    results: list[CaptionHit]
-    took_ms: float
-
-
-class SimilarResults(BaseModel):
-    results: list[ImageHit]
-    took_ms: float
-
-
-class Error(BaseModel):
-    error: str = Field(..., description="one line: what was wrong and what to send instead")
-
-
-def errors(why: dict[int, str]) -> dict:
-    """OpenAPI ``responses`` for the 4xx a route answers, all ``{"error": "..."}``."""
-    return {code: {"model": Error, "description": text} for code, text in why.items()}
 
 
 # --- dependencies and helpers ------------------------------------------------------------
