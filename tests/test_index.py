@@ -109,3 +109,32 @@ def test_recall_bound_against_its_formula():
     assert recall_bound(np.tile(hits, 20)) > recall_bound(hits)
     assert recall_per_query(np.array([[1, 2, 3], [4, 5, 6]]), np.array([[3, 2, 9], [7, 8, 9]]), 3).tolist() == \
         pytest.approx([2 / 3, 0.0])
+
+
+@pytest.mark.parametrize("similarity", ["cosine", "order"])
+@pytest.mark.parametrize("query_is_caption", [True, False])
+def test_exhaustive_search_in_item_blocks_from_a_mapped_file_equals_one_dense_pass(
+        tmp_path, monkeypatch, similarity, query_is_caption):
+    """Exact search reads its items ITEMS rows at a time (here 37, uneven against 1,000):
+    the top-k of the blocks merged is the top-k of the whole score matrix, also when the
+    items are a read-only file mapped into memory (how an index folder serves them)."""
+    import fnemm.search.vector_index as vi
+    items = np.abs(clustered(1000, seed=11))
+    queries = np.abs(clustered(230, seed=12))                     # 3 query blocks, the last partial
+    np.save(tmp_path / "items.npy", items)
+    mapped = np.load(tmp_path / "items.npy", mmap_mode="r")
+    monkeypatch.setattr(vi, "ITEMS", 37)
+    index = VectorIndex.build(mapped, "exact")
+    assert isinstance(index.vectors, np.memmap) or isinstance(index.vectors.base, np.memmap)   # not copied
+    scores, rows = index.exhaustive(queries, 25, similarity, query_is_caption)
+    if similarity == "cosine":
+        ref = queries @ items.T
+    else:
+        ref = order_scores(torch.from_numpy(items), torch.from_numpy(queries)).numpy().T if query_is_caption \
+            else order_scores(torch.from_numpy(queries), torch.from_numpy(items)).numpy()
+    expected = -np.sort(-ref, axis=1)[:, :25]
+    np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.take_along_axis(ref, rows, 1), scores, rtol=1e-5, atol=1e-5)  # rows match
+    assert all(len(set(r)) == 25 for r in rows)
+    _, everything = index.exhaustive(queries[:3], 5000, similarity, query_is_caption)         # k above n: all
+    assert everything.shape == (3, 1000) and all(sorted(r) == list(range(1000)) for r in everything)

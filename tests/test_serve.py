@@ -65,6 +65,9 @@ def test_index_matches_brute_force_search(built):
     manifest = json.loads((folders["FNE-MH"] / "manifest.json").read_text())
     assert manifest["images"]["method"] == "exact" and manifest["images"]["count"] == 30
     assert manifest["captions"]["count"] == 150 and len(manifest["request"]["checkpoint"]["sha256"]) == 64
+    for side in (gallery.images, gallery.caption_index):      # exact sides are served from their files, mapped
+        assert isinstance(side.vectors.base, np.memmap) or isinstance(side.vectors, np.memmap)
+    assert not list(folders["FNE-MH"].glob(".*.tmp"))          # the embeddings were written in place, then renamed
     searcher = Gallery.from_store(out / "FNE-MH" / "seed-0", out / "features", load_dataset(SPEC))
     for query in ("a dog runs on the beach", "two children play in the snow", "a man on a bike"):
         ours, ref = gallery.text(query, 10), searcher.text(query, 10)

@@ -247,3 +247,15 @@ def test_the_flickr8k_benchmark_command_on_a_few_images(tmp_path, capsys):
     # the grid is fixed: the same --out with other presets is refused
     assert main([*args[:-1], "--presets", "demo"]) == 2
     assert "another presets/patience" in capsys.readouterr().err
+    # its records (no weights) copied out redraw the same report on their own
+    records = tmp_path / "records"
+    assert main([*args, "--report-only", "--export", str(records)]) == 0
+    assert "6 runs' records -> " in capsys.readouterr().out
+    assert not list(records.rglob("*.pt")) and not (records / "features").exists()
+    assert len(list(records.rglob("ranks-test.jsonl"))) == 6
+    assert main([*args[:args.index("--out")], "--out", str(records), *args[args.index("--out") + 2:],
+                 "--report-only"]) == 0
+    again = json.loads((records / "study.json").read_text())
+    assert again["results"] == json.loads((out / "study.json").read_text())["results"]
+    assert main(["study", "--out", str(records), "--export", str(tmp_path / "x")]) == 2
+    assert "give it with --report-only" in capsys.readouterr().err

@@ -34,7 +34,7 @@ from fnemm.io.errors import FnemmError
 from fnemm.features.assembly import derive_store
 from fnemm.features.extraction import ExtractConfig, extract
 from fnemm.features.store import load_features
-from fnemm.io.files import atomic_write_json, read_json
+from fnemm.io.files import atomic_write_bytes, atomic_write_json, read_json
 from fnemm.io.locks import Busy, folder_lock
 from fnemm.features.recipe import Recipe
 from fnemm.training.folders import load_metrics, load_ranks, metrics_path, ranks_path, save_metrics, save_ranks, training_summary
@@ -309,6 +309,34 @@ class Study:
         write_report(self.out, summary, self.grid, self.dataset, {name: v.about for name, v in BY_NAME.items()},
                      (preset_of(self.grid.presets, False), preset_of(self.grid.presets, True)))
         return summary
+
+
+RECORDS = ("config.json", "run.json", "metrics.jsonl", "metrics-test.json", "ranks-test.jsonl")
+
+
+def export_records(out: str | Path, dest: str | Path) -> int:
+    """Copy a study's records (no weights, no features) into ``dest``, in the same layout:
+    study.json/.md/.png and each finished run's config, history, test metrics and test
+    ranks (the paired statistics need them), about 0.5 MB a run at 1,000 test images (the
+    splits are not copied: the study draws them again from the dataset and its seeds). ``fnemm study ... --out DEST --report-only`` redraws the report from them
+    alone. Returns the number of runs copied."""
+    out, dest = Path(out), Path(dest)
+    if not (out / "study.json").is_file():
+        raise FnemmError(f"{out}: no study.json; run the study into it first")
+    copied = 0
+    for name in ("study.json", "study.md", "study.png"):
+        if (out / name).is_file():
+            dest.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(dest / name, (out / name).read_bytes())
+    for done in sorted((out / "runs").glob("*/*/*/*/*/metrics-test.json")):
+        run = done.parent
+        target = dest / run.relative_to(out)
+        target.mkdir(parents=True, exist_ok=True)
+        for name in RECORDS:
+            if (run / name).is_file():
+                atomic_write_bytes(target / name, (run / name).read_bytes())
+        copied += 1
+    return copied
 
 
 def best_run(out: str | Path) -> tuple[Path, Path]:

@@ -104,6 +104,10 @@ def add_study(sub) -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="list the variants and exit")
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: summarise the runs finished so far (e.g. while workers run)")
+    p.add_argument("--export", metavar="DIR",
+                   help="with --report-only: also copy the study's records (report, each finished run's "
+                        "config, history, test metrics and ranks; no weights or features) into DIR, from which "
+                        "--out DIR --report-only redraws the report")
     add_common(p)
     return p
 
@@ -114,6 +118,9 @@ def study(args) -> int:
     from fnemm.joint.checkpoint import resolve_device
     from fnemm.datasets import load_dataset
     from fnemm_studies.study import QUICK, VARIANTS, Grid, Study
+    if args.export and not args.report_only:
+        raise FnemmError("--export DIR copies a study's records: give it with --report-only (after, or while, "
+                         "the runs train)")
     if args.list:
         for v in VARIANTS:
             print(f"{v.name:<22} {v.about}")
@@ -142,6 +149,9 @@ def study(args) -> int:
         train=not args.report_only)
     runs = sum(r["runs"] for r in summary["results"])
     print(f"{runs} finished runs in {len(summary['results'])} table rows; report: {Path(args.out) / 'study.md'}")
+    if args.export:
+        from fnemm_studies.study import export_records
+        print(f"{export_records(args.out, args.export)} runs' records -> {args.export}")
     return 0
 
 

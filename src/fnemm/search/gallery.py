@@ -29,7 +29,7 @@ from fnemm.datasets import Dataset
 from fnemm.features.fne import as_seen
 from fnemm.io.errors import Conflict, FnemmError, NoMatch, NotFound
 from fnemm.io.files import locate
-from fnemm.search.index_folder import select_gallery
+from fnemm.search.index_folder import embed_gallery, select_gallery
 from fnemm.search.vector_index import VectorIndex
 
 MAX_K = 100                    # results per query, everywhere
@@ -85,16 +85,13 @@ class Gallery:
     def from_store(cls, checkpoint: str | Path, features: str | Path, dataset: Dataset | None = None,
                    split: str | None = None, device: str = "cpu", ids: str | Path | None = None,
                    encoder: bool = True) -> "Gallery":
-        """Exact search over a feature store's images (of ``split``), embedded now."""
+        """Exact search over a feature store's images (of ``split``), embedded now and held in
+        memory (an index folder, ``fnemm index build``, maps them from disk instead)."""
         opened = open_model(checkpoint, features, device, ids)
         store = opened.features
         image_ids, captions = select_gallery(store, dataset, split)
-        rows = store.rows_for(image_ids, "the gallery")
-        images = embed_images(opened.model, np.asarray(store.array[rows]), opened.device).cpu().numpy()
-        caption_index = None
-        if captions:
-            emb = embed_captions(opened.model, [opened.vocab.encode(c) for _, c in captions], opened.device)
-            caption_index = VectorIndex.build(emb.cpu().numpy(), "exact")
+        images, texts = embed_gallery(opened, store, image_ids, captions)   # the store read block by block
+        caption_index = VectorIndex.build(texts, "exact") if captions else None
         images_dir = locate(features, store.manifest.get("images_dir_relative"), store.manifest.get("images_dir")) \
             if Path(features).is_dir() else None
         return cls(opened, image_ids, VectorIndex.build(images, "exact"), captions, caption_index,

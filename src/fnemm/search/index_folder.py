@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from fnemm.io.progress import bar
 from fnemm.joint.checkpoint import checkpoint_file, open_model
 from fnemm.joint.inputs import embed_captions, embed_images
 from fnemm.io.errors import FnemmError
-from fnemm.io.files import (atomic_save_npy, atomic_write_json, atomic_write_text, cached_sha256, locate, read_json,
+from fnemm.io.files import (atomic_path, atomic_write_json, atomic_write_text, cached_sha256, locate, read_json,
                             relative_to, sha256_file, verifying)
 from fnemm.io.faults import fault
 from fnemm.search.vector_index import EXACT_UP_TO, METHODS, TUNE_QUERIES, VectorIndex, sample, tune_side
@@ -117,19 +118,29 @@ def _relative_paths(out: Path, checkpoint: Path, features: Path, store) -> dict:
             **({"images_dir_relative": relative_to(images, out)} if images else {})}
 
 
-def _embed(opened, store, gallery: list[str], captions: list[tuple[str, str]], quiet: bool):
-    """(image embeddings, caption embeddings) of the gallery, in blocks."""
+def embed_gallery(opened, store, gallery: list[str], captions: list[tuple[str, str]], quiet: bool = True,
+                  images: np.ndarray | None = None, texts: np.ndarray | None = None):
+    """(image embeddings, caption embeddings) of a gallery, ``BLOCK`` rows at a time: the
+    store's rows are read a block at a time (never the whole gallery's features at once),
+    into ``images`` / ``texts`` when given (e.g. files mapped into memory), else new arrays."""
     model, vocab, device, dim = opened.model, opened.vocab, opened.device, opened.config.model.embed_dim
     rows = store.rows_for(gallery, "the gallery")
-    images = np.empty((len(gallery), dim), np.float32)
+    images = np.empty((len(gallery), dim), np.float32) if images is None else images
+    texts = np.empty((len(captions), dim), np.float32) if texts is None else texts
     for s in bar(range(0, len(rows), BLOCK), desc="embed images", unit="block", quiet=quiet or len(rows) <= BLOCK):
         images[s:s + BLOCK] = embed_images(model, np.asarray(store.array[rows[s:s + BLOCK]]), device).cpu().numpy()
-    texts = np.empty((len(captions), dim), np.float32)
     for s in bar(range(0, len(captions), BLOCK), desc="embed captions", unit="block",
                  quiet=quiet or len(captions) <= BLOCK):
         tokens = [vocab.encode(c) for _, c in captions[s:s + BLOCK]]
         texts[s:s + BLOCK] = embed_captions(model, tokens, device).cpu().numpy()
     return images, texts
+
+
+def _mapped(files: ExitStack, path: Path, shape: tuple[int, int]) -> np.ndarray:
+    """A float32 .npy of ``shape`` mapped into memory, replacing ``path`` once the stack
+    closes without an error (the temporary file is removed otherwise)."""
+    tmp = files.enter_context(atomic_path(path))
+    return np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
 
 
 def _write_side(out: Path, side: str, items: np.ndarray, queries: np.ndarray, tuned_on: str,
@@ -144,7 +155,6 @@ def _write_side(out: Path, side: str, items: np.ndarray, queries: np.ndarray, tu
         tuned_on = "the images themselves (no captions: --tune-queries FILE is closer to text)"
     info = tune_side(index, queries[sample(len(queries), TUNE_QUERIES)], similarity, query_is_caption, target)
     info["tuned_on"] = tuned_on
-    atomic_save_npy(out / f"{side}.npy", items)
     if index.method != "exact":
         index.save(out / f"{side}.faiss")
     else:
@@ -196,20 +206,29 @@ def _build(opened, features: Path, out: Path, dataset, split: str, ids, method: 
                 print(f"{out}: index up to date (same checkpoint, features and options; files intact)")
             return previous
 
-    image_emb, caption_emb = _embed(opened, store, gallery, captions, quiet)
-    query_emb, image_queries = caption_emb, "the dataset's captions"
-    if tune_queries:
-        image_queries = "--tune-queries"
-        picked = [tune_queries[k] for k in sample(len(tune_queries), TUNE_QUERIES)]
-        query_emb = embed_captions(opened.model, [opened.vocab.encode(q) for q in picked],
-                                   opened.device).cpu().numpy()
     out.mkdir(parents=True, exist_ok=True)
     old.unlink(missing_ok=True)      # half-rewritten files must never sit under a valid manifest
-    common = {"similarity": opened.similarity_kind, "method": method, "threshold": threshold,
-              "target": target_recall, "quiet": quiet}
-    sides = {"images": _write_side(out, "images", image_emb, query_emb, image_queries, True, **common),
-             "captions": _write_side(out, "captions", caption_emb, image_emb, "the gallery's images", False,
-                                     **common) if captions else None}
+    dim = opened.config.model.embed_dim
+    with ExitStack() as files:       # embeddings go straight to their files, never whole in memory
+        image_emb = _mapped(files, out / "images.npy", (len(gallery), dim))
+        caption_emb = _mapped(files, out / "captions.npy", (len(captions), dim)) if captions else \
+            np.empty((0, dim), np.float32)
+        embed_gallery(opened, store, gallery, captions, quiet, image_emb, caption_emb)
+        query_emb, image_queries = caption_emb, "the dataset's captions"
+        if tune_queries:
+            image_queries = "--tune-queries"
+            picked = [tune_queries[k] for k in sample(len(tune_queries), TUNE_QUERIES)]
+            query_emb = embed_captions(opened.model, [opened.vocab.encode(q) for q in picked],
+                                       opened.device).cpu().numpy()
+        common = {"similarity": opened.similarity_kind, "method": method, "threshold": threshold,
+                  "target": target_recall, "quiet": quiet}
+        sides = {"images": _write_side(out, "images", image_emb, query_emb, image_queries, True, **common),
+                 "captions": _write_side(out, "captions", caption_emb, image_emb, "the gallery's images", False,
+                                         **common) if captions else None}
+        for emb in (image_emb, caption_emb):
+            if isinstance(emb, np.memmap):
+                emb.flush()
+        del image_emb, caption_emb, query_emb
     fault("index-sides")
     atomic_write_json(out / "images.ids.json", gallery)
     if captions:
@@ -350,7 +369,7 @@ def _side(folder: Path, manifest: dict, side: str, count: int, listed_in: str) -
         norms = np.linalg.norm(np.asarray(vectors[s:s + 65536], np.float64), axis=1)
         if len(norms) and not np.all(np.abs(norms - 1) < 1e-3):
             raise FnemmError(f"{folder / (side + '.npy')}: damaged (rows that are not unit vectors); {rebuild}")
-    if info["method"] == "exact":           # searched in full at every query: in memory
+    if info["method"] == "exact":           # searched block by block from the mapped file
         return VectorIndex.build(vectors, "exact")
     index = VectorIndex.load(folder / f"{side}.faiss", vectors, info["method"])
     index.set_params(**info.get("params", {}))

@@ -13,6 +13,7 @@ reaches a target with 95% confidence (a lower bound over sample queries).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from fnemm.io.files import atomic_path
 
 METHODS = ("auto", "exact", "hnsw", "ivf")
 EXACT_UP_TO = 100_000          # 'auto': exact inner product up to this many vectors
+ITEMS = 65_536                 # items scored at a time by exhaustive search
 
 
 def _faiss():
@@ -32,6 +34,15 @@ def _faiss():
     except ImportError:
         raise FnemmError("retrieval indexes need faiss; pip install 'fnemm[serve]' (faiss-cpu)") from None
     return faiss
+
+
+def _tensor(rows: np.ndarray):
+    """float32 rows as a tensor without a copy; rows of a read-only memory map are only
+    read here, so torch's warning about arrays it could write to does not apply."""
+    import torch
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
 
 
 def order_scores_np(queries: np.ndarray, items: np.ndarray, query_is_caption: bool) -> np.ndarray:
@@ -57,9 +68,8 @@ class VectorIndex:
         n, d = vectors.shape
         if method == "auto":
             method = "exact" if n <= threshold else "hnsw"
-        if method == "exact":           # brute force: exact for any similarity, no faiss needed
-            vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-            return cls(vectors if vectors.flags.writeable else vectors.copy(), "exact")
+        if method == "exact":           # brute force: exact for any similarity, no faiss needed;
+            return cls(np.ascontiguousarray(vectors, dtype=np.float32), "exact")   # a mapped file stays mapped
         faiss = _faiss()
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         if method == "hnsw":
@@ -137,21 +147,30 @@ class VectorIndex:
         return np.take_along_axis(exact, top, 1), np.take_along_axis(rows, top, 1)
 
     def exhaustive(self, queries: np.ndarray, k: int, similarity: str, query_is_caption: bool = True):
-        """The exact top-k by brute force (the reference recall is measured against), in
-        blocks of queries: a (block, n) score matrix at a time, 400 MB at 1M vectors."""
+        """The exact top-k by brute force (the reference recall is measured against): a
+        (100, ITEMS) score matrix at a time, the items read block by block, so a side
+        mapped from its file is searched without being read into memory whole."""
         from fnemm.joint.losses import order_scores
         import torch            # only order models need it (the CLI's parsers read this module)
-        v = torch.from_numpy(np.ascontiguousarray(self.vectors, np.float32))
+        k = min(k, len(self))
+        queries = np.asarray(queries, np.float32)
         values, rows = [], []
         for s in range(0, len(queries), 100):
-            q = torch.from_numpy(np.asarray(queries[s:s + 100], np.float32))
-            if similarity == "cosine":
-                scores = q @ v.t()
-            else:
-                scores = order_scores(v, q).t() if query_is_caption else order_scores(q, v)
-            top = torch.topk(scores, min(k, len(self)), dim=1)
-            values.append(top.values.numpy())
-            rows.append(top.indices.numpy())
+            q = torch.from_numpy(np.ascontiguousarray(queries[s:s + 100]))
+            best_v = torch.empty(len(q), 0)
+            best_i = torch.empty(len(q), 0, dtype=torch.int64)
+            for t in range(0, len(self), ITEMS):
+                v = _tensor(self.vectors[t:t + ITEMS])
+                if similarity == "cosine":
+                    scores = q @ v.t()
+                else:
+                    scores = order_scores(v, q).t() if query_is_caption else order_scores(q, v)
+                top = torch.topk(torch.cat([best_v, scores], 1), min(k, best_v.shape[1] + scores.shape[1]), dim=1)
+                best_i = torch.gather(torch.cat([best_i, torch.arange(t, t + scores.shape[1]).expand(len(q), -1)], 1),
+                                      1, top.indices)
+                best_v = top.values
+            values.append(best_v.numpy())
+            rows.append(best_i.numpy())
         if not values:
             return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
         return np.concatenate(values), np.concatenate(rows)
