@@ -17,8 +17,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# TEST_JOBS pytest processes, a test file each at a time (its module fixtures stay in one
+# process); 2 fits the 2-core CI machine. TEST_JOBS=0 runs everything in this process.
+TEST_JOBS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(if $(filter 0,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist loadfile)
 
 # The whole method on the bundled Flickr8K photos (../shared/data), then a search.
 # Re-running reuses every finished stage. SEEDS=3 trains three runs per model.
