@@ -92,6 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "progress", "auto") != "auto":
         from fnemm.io.progress import ENV
         os.environ[ENV] = args.progress
+    import logging
+    messages = logging.getLogger("fnemm")          # the library's one channel (fnemm.io.progress.say)
+    level = messages.level
+    if getattr(args, "quiet", False):
+        messages.setLevel(logging.WARNING)
     try:
         return args.handler(args)
     except FnemmError as e:
@@ -107,3 +112,5 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 0
+    finally:
+        messages.setLevel(level)

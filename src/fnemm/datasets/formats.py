@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import re
-import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -202,8 +202,8 @@ def _fill_splits(split: dict[str, str | None], path: Path) -> dict[str, str]:
         return split
     drawn = auto_splits(list(split))
     counts = {s: sum(1 for v in drawn.values() if v == s) for s in SPLITS}
-    print(f"fnemm: {path.name}: no splits given; drew {counts['train']} train / {counts['val']} val / "
-          f"{counts['test']} test images at random (seed 0; give a split per image to choose)", file=sys.stderr)
+    warnings.warn(f"{path.name}: no splits given; drew {counts['train']} train / {counts['val']} val / "
+                  f"{counts['test']} test images at random (seed 0; give a split per image to choose)", stacklevel=2)
     return drawn
 
 

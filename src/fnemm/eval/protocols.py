@@ -8,7 +8,7 @@ Protocols: 'all' (every image of the split, e.g. the 1K Flickr test), '1k' (the 
 
 from __future__ import annotations
 
-import sys
+import warnings
 from pathlib import Path
 
 from fnemm.joint.checkpoint import open_model
@@ -64,8 +64,8 @@ def evaluate(checkpoint: str | Path, dataset: Dataset, features: Features | str 
             if n % 5:
                 raise FnemmError(f"--protocol 5fold needs a multiple of 5 {split} images; this split has {n}")
             if n != 5000:
-                print(f"fnemm: warning: 5fold on {n} images ranks among folds of {n // 5}, not MSCOCO's 1,000: "
-                      f"its recalls are higher and not comparable", file=sys.stderr)
+                warnings.warn(f"5fold on {n} images ranks among folds of {n // 5}, not MSCOCO's 1,000: "
+                              f"its recalls are higher and not comparable", stacklevel=2)
             results["5fold"] = {**evaluate_embeddings(img, cap, owner, sim, folds=5), "images": n // 5,
                                 "captions": len(owner) // 5}
     return results
@@ -79,5 +79,5 @@ def warn_small(n: int, split: str) -> None:
     if n >= SMALL_SPLIT:
         return
     trivial = " and R@10 is 100% by construction" if n <= 10 else ""
-    print(f"fnemm: warning: only {n} {split} images: one image moves R@1 by {100 / n:.0f} points{trivial}; "
-          f"take these recalls as rough (the paper's test sets have 1,000)", file=sys.stderr)
+    warnings.warn(f"only {n} {split} images: one image moves R@1 by {100 / n:.0f} points{trivial}; "
+                  f"take these recalls as rough (the paper's test sets have 1,000)", stacklevel=2)

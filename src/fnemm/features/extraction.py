@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from fnemm.io.progress import bar as progress_bar
+from fnemm.io.progress import bar as progress_bar, say
 
 from fnemm.features.assembly import assemble, damaged_files, ids_sha, producer_of
 from fnemm.features.store import FORMAT
@@ -302,7 +302,7 @@ def extract(images: str | Path, out: str | Path, dataset: Dataset | None = None,
         todo = plan(out, identity, assembly, verify)
         if todo.action == "reuse":
             if not quiet:
-                print(f"{out}: complete ({len(todo.manifest['image_ids'])} images); reusing it")
+                say(f"{out}: complete ({len(todo.manifest['image_ids'])} images); reusing it")
             m = todo.manifest
             return ExtractResult(out, m, len(m["image_ids"]), len(m["skipped"]), True)
         partial = out / ".partial"
@@ -314,11 +314,11 @@ def extract(images: str | Path, out: str | Path, dataset: Dataset | None = None,
             atomic_write_json(partial / "raw.json", todo.state)
             (out / "manifest.json").unlink()
             if not quiet:
-                print(f"{out}: {todo.reason}; re-assembling from raw.npy (no forward pass)")
+                say(f"{out}: {todo.reason}; re-assembling from raw.npy (no forward pass)")
         state = todo.state
         if todo.action == "forward":
             if todo.reason and not quiet:
-                print(f"{out}: {todo.reason}")
+                say(f"{out}: {todo.reason}")
             state = _forward(cnn, images, ids, config, out, identity, quiet)
         if not state["image_ids"]:
             raise FnemmError(f"{images}: none of the {len(ids)} images could be read "

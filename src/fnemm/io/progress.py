@@ -6,12 +6,13 @@ it: one when another tenth is done (at most one every few seconds) or when ``eve
 seconds have passed (default 30), each with done/total, the rate and the time left,
 never carriage returns. ``fnemm ... --progress on|off`` forces bars on or off (so does
 TQDM_DISABLE=1); FNEMM_PROGRESS_EVERY sets the seconds between log lines (0: every
-tenth, however quick). Lines that are not progress go through :func:`say`, which keeps
-them off a bar being drawn.
+tenth, however quick). Lines that are not progress go through :func:`say` (the
+``fnemm`` logger), which keeps them off a bar being drawn.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -125,7 +126,32 @@ class Lines:
         self.inner.close()
 
 
+# --- the one channel for messages ------------------------------------------------------
+# Every line fnemm says goes through the ``fnemm`` logger (INFO; warnings go through
+# ``warnings.warn``). It has its own handler, as a command-line tool's logger would: each
+# message a whole line on the *current* sys.stdout (or the file given), written between
+# bar redraws. Silence it, or send it elsewhere, the usual way:
+# ``logging.getLogger("fnemm").setLevel(logging.WARNING)``, or replace its handlers.
+log = logging.getLogger("fnemm")
+
+
+class _Lines(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            file = getattr(record, "file", None) or sys.stdout
+            tqdm.write(self.format(record), file=file)
+            file.flush()
+        except Exception:  # noqa: BLE001 - logging's contract: a handler never raises
+            self.handleError(record)
+
+
+if not any(isinstance(h, _Lines) for h in log.handlers):
+    log.addHandler(_Lines())
+    log.setLevel(logging.INFO)
+    log.propagate = False            # the root logger's handlers would print every line twice
+
+
 def say(text: str, file=None) -> None:
-    """A whole line (on stdout by default), between bar redraws when one is drawn."""
-    tqdm.write(text, file=file or sys.stdout)
-    (file or sys.stdout).flush()
+    """A whole line through the ``fnemm`` logger (on stdout, or ``file``), between bar
+    redraws when one is drawn."""
+    log.info(text, extra={"file": file})

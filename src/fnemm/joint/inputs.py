@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import warnings
 
 from fnemm.datasets import Dataset
 from fnemm.io.errors import FnemmError
@@ -76,9 +76,9 @@ def split_data(dataset: Dataset, features: Features, vocab: Vocab, split: str) -
         cut += [(dataset.image_ids[k], n + 1) for n, (_, was_cut) in enumerate(encoded) if was_cut]
     if cut:
         image, n = cut[0]
-        print(f"fnemm: warning: {dataset.name} ({split}): {len(cut)} caption(s) longer than {vocab.max_tokens} "
-              f"tokens cut to {vocab.max_tokens}, e.g. caption {n} of {image} "
-              f"(--set max_caption_tokens=N to change)", file=sys.stderr)
+        warnings.warn(f"{dataset.name} ({split}): {len(cut)} caption(s) longer than {vocab.max_tokens} "
+                      f"tokens cut to {vocab.max_tokens}, e.g. caption {n} of {image} "
+                      f"(--set max_caption_tokens=N to change)", stacklevel=2)
     return SplitData(ids, block, caps)
 
 

@@ -18,7 +18,7 @@ rows). Parquet files (``pip install 'fnemm[parquet]'``) hold the same rows as an
 from __future__ import annotations
 
 import os
-import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,8 +155,8 @@ def embed_images(checkpoint: str | Path, source: str | Path, out: str | Path, fe
                        {"id": image_ids, "path": paths}, parquet)
     if skipped:                    # a warning, not progress: --quiet keeps it
         first = next(iter(skipped.items()))
-        print(f"fnemm: warning: {len(skipped)} image(s) could not be read and are not in {files[0].name} "
-              f"(e.g. {first[0]}: {first[1]}); see skipped in {files[-1].name}", file=sys.stderr)
+        warnings.warn(f"{len(skipped)} image(s) could not be read and are not in {files[0].name} "
+                      f"(e.g. {first[0]}: {first[1]}); see skipped in {files[-1].name}", stacklevel=2)
     return Embedded("images", vectors, image_ids, files)
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from fnemm.io.progress import bar
+from fnemm.io.progress import bar, say
 
 from fnemm.joint.checkpoint import checkpoint_file, open_model
 from fnemm.joint.inputs import embed_captions, embed_images
@@ -148,7 +148,7 @@ def _write_side(out: Path, side: str, items: np.ndarray, queries: np.ndarray, tu
                 quiet: bool) -> dict:
     """Build, tune and write one side (its embeddings, and its faiss index if approximate)."""
     if not quiet:
-        print(f"index {side}: {len(items)} vectors ...", flush=True)
+        say(f"index {side}: {len(items)} vectors ...")
     index = VectorIndex.build(items, method, threshold, progress=not quiet)
     if len(queries) == 0:                 # no captions: images query their own side
         queries = items
@@ -203,7 +203,7 @@ def _build(opened, features: Path, out: Path, dataset, split: str, ids, method: 
         if (previous.get("request"), previous.get("format"), previous.get("version")) == (request, FORMAT, VERSION) \
                 and _files_intact(out, previous.get("files", {}), hashes=True) is None:
             if not quiet:
-                print(f"{out}: index up to date (same checkpoint, features and options; files intact)")
+                say(f"{out}: index up to date (same checkpoint, features and options; files intact)")
             return previous
 
     out.mkdir(parents=True, exist_ok=True)

@@ -20,9 +20,9 @@ import asyncio
 import logging
 import os
 import socket
-import sys
 import threading
 import time
+import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Optional
@@ -345,9 +345,10 @@ def serve(index: str | Path, host: str = "127.0.0.1", port: int = 8000, checkpoi
     sock = listen(host, port)
     port = sock.getsockname()[1]
     if host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"fnemm serve: warning: listening on {host}: whoever reaches port {port} can search and "
-              f"upload, with no authentication; share it behind a proxy that checks who asks",
-              file=sys.stderr, flush=True)
+        warnings.warn(f"listening on {host}: whoever reaches port {port} can search and upload, with no "
+                      f"authentication; share it behind a proxy that checks who asks", stacklevel=2)
+    # the address is what the command answers (with --port 0, the only way to learn it), not
+    # a message: printed even when --quiet silences the fnemm logger
     print(f"fnemm serve: http://{host}:{port}/ ({len(gallery)} images, {len(gallery.captions)} captions "
           f"from {index}; API docs: /docs)", flush=True)
     config = uvicorn.Config(app, log_level="warning" if quiet else "info", access_log=not quiet,

@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
+import warnings
 from torch import nn
 
 from fnemm.joint.checkpoint import checkpoint_file, load_checkpoint, resolve_device
@@ -264,8 +264,8 @@ def finetune(start: str | Path, dataset: Dataset, out_dir: str | Path, *, config
     splits, banks, skipped = _photo_splits(dataset, feats, vocab, folder, config, workers)
     if skipped:
         k, why = next(iter(skipped.items()))
-        print(f"fnemm: warning: {len(skipped)} image(s) cannot be read and are left out of fine-tuning "
-              f"(e.g. {k}: {why}); listed in run.json", file=sys.stderr)
+        warnings.warn(f"{len(skipped)} image(s) cannot be read and are left out of fine-tuning "
+                      f"(e.g. {k}: {why}); listed in run.json", stacklevel=2)
     dist, device = distributed.from_env(device)
     producer = {k: manifest[k] for k in ("preprocess", "input_size", "resize", "crop", "crops", "taps", "groups",
                                          "baseline") if k in manifest}
