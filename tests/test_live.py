@@ -108,7 +108,10 @@ def chromium() -> str | None:
 
 
 def test_page_in_headless_chromium(server, tmp_path):
-    """Type a query, see thumbnails (decoded images, with scores); upload a photo, see captions."""
+    """Type a query, see thumbnails (decoded images, with scores); upload a photo, see captions.
+    The header says in plain words what is searched; every search clears the old results
+    at once and moves the focus to the new results' heading; photo -> captions ranks the
+    photos 1, 2, 3 with their best caption's rank beside."""
     exe = chromium()
     required = os.environ.get("FNEMM_REQUIRE_BROWSER") == "1"      # .ci/run installs chromium and sets this
     if exe is None:
@@ -129,7 +132,14 @@ def test_page_in_headless_chromium(server, tmp_path):
             errors = []
             page.on("pageerror", lambda e: errors.append(str(e)))
             page.goto(url + "/")
-            page.wait_for_function("document.getElementById('info').textContent.includes('30 images')")
+            page.wait_for_function("document.getElementById('info').textContent.includes('Searching 30 photos')")
+            assert "and their 150 captions" in page.inner_text("#info") and "FNE" not in page.inner_text("#info")
+            # from now on, record what #results holds whenever a search says it has started
+            page.evaluate("""() => { window.stale = [];
+                new MutationObserver(() => {
+                    if (/searching|embedding|finding/.test(document.getElementById('status').textContent))
+                        window.stale.push(document.querySelectorAll('#results .hit').length);
+                }).observe(document.getElementById('status'), {childList: true, characterData: true, subtree: true}); }""")
             page.fill("#query", "a dog runs on the beach")
             page.fill("#k", "6")
             page.press("#query", "Enter")
@@ -141,13 +151,18 @@ def test_page_in_headless_chromium(server, tmp_path):
             cards = page.locator("#results .hit")
             assert cards.count() == 6
             assert cards.first.locator(".score").inner_text().startswith("#1")
-            assert "6 images for" in page.inner_text("#status")
+            assert "6 images for" in page.inner_text("#results-heading")
+            assert page.evaluate("document.activeElement.id") == "results-heading"
             page.screenshot(path=str(tmp_path / "text-search.png"), full_page=True)
 
             page.set_input_files("#file", str(DATA / "flickr8k" / "images" / "1000268201_693b08cb0e.jpg"))
-            page.wait_for_function("document.getElementById('status').textContent.includes('captions (of ')",
+            page.wait_for_function("document.getElementById('results-heading').textContent.includes('captions (of ')",
                                    timeout=60_000)
             assert page.locator("#results .hit .caption").count() == 6
+            heads = page.locator("#results .hit .score").all_inner_texts()
+            assert [h.split()[0] for h in heads] == [f"#{k}" for k in range(1, len(heads) + 1)], heads
+            assert all("best caption #" in h for h in heads) and "best caption #1" in heads[0]
+            assert page.evaluate("document.activeElement.id") == "results-heading"
             page.screenshot(path=str(tmp_path / "image-search.png"), full_page=True)
 
             page.fill("#query", "   ")
@@ -168,9 +183,11 @@ def test_page_in_headless_chromium(server, tmp_path):
             page.wait_for_function("document.querySelectorAll('#results .hit').length === 6")
             first = page.locator("#results .hit img").first.get_attribute("src")
             page.locator("#results .hit .similar").first.click()
-            page.wait_for_function("document.getElementById('status').textContent.includes('images like')")
+            page.wait_for_function("document.getElementById('results-heading').textContent.includes('images like')")
             assert page.locator("#results .hit img").first.get_attribute("src") == first
             assert page.input_value("#query") == ""
+            assert page.evaluate("document.activeElement.id") == "results-heading"     # not <body>
+            assert page.evaluate("window.stale") and set(page.evaluate("window.stale")) == {0}   # cleared each time
             # one card per image, every caption of it one click away
             more = page.locator("#results .hit .more").first
             n_before = page.locator("#results .hit").first.locator(".caption").count()

@@ -456,3 +456,37 @@ def test_result_urls_are_percent_encoded():
     from fnemm.search.service import with_urls
     urls = [h["url"] for h in with_urls([Hit(1, 0.5, "a#b?c d.jpg"), Hit(2, 0.4, "dir/x.jpg")])]
     assert urls == ["/images/a%23b%3Fc%20d.jpg", "/images/dir%2Fx.jpg"]
+
+
+def test_photos_without_captions_index_build_from_a_folder(built, tmp_path, capsys):
+    """`index build --images DIR`: photos with no captions, extracted on the way the way the
+    model's training store was made (its CNN and statistics), into OUT/features; each photo
+    is its own nearest neighbour, a text query finds photos, and photo -> captions says
+    there are none."""
+    out, _ = built
+    photos = tmp_path / "my photos"
+    photos.mkdir()
+    names = sorted(p.name for p in (DATA / "flickr8k" / "images").iterdir())[:6]
+    for name in names:
+        shutil.copy(DATA / "flickr8k" / "images" / name, photos / name)
+    run = str(out / "FNE-MH" / "seed-0")
+    index = tmp_path / "index"
+    assert main(["index", "build", "--checkpoint", run, "--images", str(photos), "--out", str(index), "--quiet"]) == 0
+    assert "index: " in capsys.readouterr().out
+    manifest = json.loads((index / "features" / "manifest.json").read_text())
+    trained = json.loads((out / "features" / "manifest.json").read_text())
+    assert sorted(manifest["image_ids"]) == names and manifest["cnn"] == trained["cnn"]
+    assert np.array_equal(np.load(index / "features" / "stats.npy"), np.load(out / "features" / "stats.npy"))
+    gallery = Gallery.from_index(index)
+    assert len(gallery) == 6 and gallery.captions == []
+    for name in names[:3]:
+        assert gallery.similar(str(photos / name), 1)[0].image == name
+    assert len(gallery.text("a dog runs on the beach", 3)) == 3
+    with pytest.raises(FnemmError, match="no captions"):
+        gallery.image(str(photos / names[0]), 3)
+    # moved together, they keep working: the features are found beside the index
+    shutil.move(tmp_path / "index", tmp_path / "moved")
+    assert len(Gallery.from_index(tmp_path / "moved")) == 6
+    for argv in (["--features", str(out / "features"), "--images", str(photos)], []):
+        assert main(["index", "build", "--checkpoint", run, "--out", str(tmp_path / "x"), *argv]) == 2
+        assert "--features STORE (extracted already) or --images DIR" in capsys.readouterr().err

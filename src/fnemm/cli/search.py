@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from fnemm.cli import add_common, at_least_one, read_lines
 from fnemm.io.errors import FnemmError
@@ -103,7 +104,11 @@ def add_index(sub) -> argparse.ArgumentParser:
                                     "parameters tuned to --target-recall and the recall reported.",
                         epilog=EPILOG_INDEX, formatter_class=argparse.RawDescriptionHelpFormatter)
     b.add_argument("--checkpoint", required=True, metavar="RUN", help="run folder or best.pt")
-    b.add_argument("--features", required=True, metavar="STORE", help="the gallery's feature store (or .npy + --ids)")
+    b.add_argument("--features", metavar="STORE", help="the gallery's feature store (or .npy + --ids)")
+    b.add_argument("--images", metavar="DIR",
+                   help="instead of --features: photos (a folder, or a file listing image files), extracted into "
+                        "OUT/features the way the model's training store was made (its CNN and statistics; "
+                        "resumable); no captions needed")
     b.add_argument("--ids", metavar="FILE", help="image ids of a .npy feature matrix, one per row")
     b.add_argument("--dataset", action="append", metavar="PATH",
                    help="captions of the gallery (for image -> caption search) and splits (for --split)")
@@ -127,9 +132,21 @@ def index(args) -> int:
     from fnemm.datasets import load_dataset
     from fnemm.search.index_folder import build_index, describe_index
     at_least_one("--threshold", args.threshold)
+    if bool(args.features) == bool(args.images):
+        raise FnemmError("index build needs the gallery: --features STORE (extracted already) or --images DIR "
+                         "(photos, extracted on the way), not both")
     dataset = load_dataset(args.dataset) if args.dataset else None
     tune = read_lines("--tune-queries", args.tune_queries, "sentences") if args.tune_queries else None
-    manifest = build_index(args.checkpoint, args.features, args.out, dataset=dataset, split=args.split,
+    features = args.features
+    if args.images:
+        from fnemm.search.embed import extract_like
+        features = Path(args.out) / "features"
+        skipped = extract_like(args.checkpoint, args.images, features, device=args.device, quiet=args.quiet)
+        if skipped:
+            first = next(iter(skipped.items()))
+            print(f"fnemm: warning: {len(skipped)} image(s) could not be read and are not in the index "
+                  f"(e.g. {first[0]}: {first[1]}); see skipped in {features / 'manifest.json'}", file=sys.stderr)
+    manifest = build_index(args.checkpoint, features, args.out, dataset=dataset, split=args.split,
                            ids=args.ids, method=args.method, threshold=args.threshold,
                            target_recall=args.target_recall, device=args.device, quiet=args.quiet,
                            tune_queries=tune)

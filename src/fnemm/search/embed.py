@@ -129,8 +129,6 @@ def embed_images(checkpoint: str | Path, source: str | Path, out: str | Path, fe
     """Embed images with ``checkpoint``'s image tower: the images of a feature store, or
     image files (a folder, or a list file) extracted first into ``out/features`` the way
     ``features`` (default: the store the checkpoint was trained on) was made."""
-    from fnemm.features.encode import extract_config_of
-    from fnemm.features.extraction import extract
     out = Path(out)
     kind, folder, ids = image_source(source)
     open_model(checkpoint, None, device)          # a bad checkpoint fails before an extraction
@@ -139,11 +137,8 @@ def embed_images(checkpoint: str | Path, source: str | Path, out: str | Path, fe
         if kind == "store":
             store = folder
         else:
-            reference = Path(features) if features else trained_store(checkpoint)
             store = out / "features"
-            config = extract_config_of(reference, device, batch_size=batch_size, workers=workers)
-            result = extract(folder, store, config=config, stats_from=reference, quiet=quiet, ids=ids)
-            skipped = {s["image"]: s["reason"] for s in result.manifest.get("skipped", [])}
+            skipped = extract_like(checkpoint, source, store, features, device, batch_size, workers, quiet)
         opened = open_model(checkpoint, store, device)
         feats = opened.features
         vectors = embed_image_rows(opened.model, feats.array, opened.device).cpu().numpy()
@@ -164,6 +159,23 @@ def _images_dir(store: Path, feats) -> Path | None:
     from fnemm.io.files import locate
     m = feats.manifest or {}
     return locate(store, m.get("images_dir_relative"), m.get("images_dir"))
+
+
+def extract_like(checkpoint: str | Path, source: str | Path, store: str | Path, features: str | Path | None = None,
+                 device: str = "cpu", batch_size: int = 8, workers: int = 1, quiet: bool = False) -> dict[str, str]:
+    """Extract image files (a folder, or a list file: ``image_source``) into ``store`` the
+    way ``features`` (default: the store ``checkpoint`` was trained on) was made: its CNN,
+    weights, crops, recipe, and its training statistics. Resumes like ``fnemm extract``;
+    returns {image: why} of the files that could not be read."""
+    from fnemm.features.encode import extract_config_of
+    from fnemm.features.extraction import extract
+    kind, folder, ids = image_source(source)
+    if kind == "store":
+        raise FnemmError(f"{source}: a feature store, not image files; pass it as --features")
+    reference = Path(features) if features else trained_store(checkpoint)
+    config = extract_config_of(reference, device, batch_size=batch_size, workers=workers)
+    result = extract(folder, store, config=config, stats_from=reference, quiet=quiet, ids=ids)
+    return {s["image"]: s["reason"] for s in result.manifest.get("skipped", [])}
 
 
 def trained_store(checkpoint: str | Path) -> Path:
