@@ -184,8 +184,8 @@ def test_finetune_run_export_and_features_through_extract(capsys, start, tmp_pat
 
 
 def test_resume_after_kill_at_the_first_batch_gives_the_same_weights_and_cnn_file(start, tmp_path):
-    """Killed at its very first batch, resumed from another working directory: the same
-    weights and the same cnn.pt bytes as an unbroken run (it records its start run relative
+    """Killed at its very first batch, resumed from another working directory, killed again
+    mid-epoch and resumed again: the same weights and the same cnn.pt bytes as an unbroken run (it records its start run relative
     to itself, not as the path was typed, nor absolute after a resume)."""
     run_dir, data, _ = start
     home = run_dir.parents[1]              # started as a user would: `--finetune FC7-MH/seed-0` from there
@@ -207,8 +207,12 @@ def test_resume_after_kill_at_the_first_batch_gives_the_same_weights_and_cnn_fil
     lost = subprocess.run(_cli("train", "--out", cut, "--resume", "--quiet", "--threads", "1"),
                           capture_output=True, text=True)
     assert lost.returncode == 2 and "gone" in lost.stderr
-    subprocess.run(_cli("train", "--out", cut, "--resume", "--quiet", "--threads", "1", "--features", moved),
-                   check=True, cwd=tmp_path)
+    # killed again mid-epoch (the second epoch's second batch), then resumed to the end
+    resume = _cli("train", "--out", cut, "--resume", "--quiet", "--threads", "1", "--features", moved)
+    again = subprocess.run(resume, cwd=tmp_path, env={**os.environ, "FNEMM_DIE_AT": "cut/epoch-2/batch-2"})
+    assert again.returncode == -signal.SIGKILL
+    assert torch.load(cut / "last.pt", weights_only=True)["state"]["epoch"] == 1      # the epoch is redone
+    subprocess.run(resume, check=True, cwd=tmp_path)
     a = torch.load(ref / "last.pt", weights_only=True)
     b = torch.load(cut / "last.pt", weights_only=True)
     for part in ("model", "cnn"):
