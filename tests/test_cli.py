@@ -1,6 +1,9 @@
 """The command line: a newcomer's path works, and bad input is one clear line."""
 
+import argparse
 import json
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -213,3 +216,43 @@ def test_unknown_names_get_the_close_one_suggested(capsys, tmp_path):
     assert main(["train", "--preset", "demo/FNE-MH", "--dataset", str(tmp_path / "none.json"), "--features", "x",
                  "--out", str(tmp_path / "r")]) == 2
     assert ".csv of image,caption[,split] rows" in capsys.readouterr().err
+
+
+def _suggested_commands():
+    """Every `fnemm COMMAND --option ...` the library's messages and docstrings suggest
+    (string literals and f-strings; {expressions} stand for a value)."""
+    import ast
+    import re
+    src = Path(__file__).resolve().parents[1] / "src"
+    found = set()
+    for path in src.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.JoinedStr):
+                text = "".join(v.value if isinstance(v, ast.Constant) else "X" for v in node.values)
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                text = node.value
+            else:
+                continue
+            for m in re.finditer(r"fnemm ((?:index )?[a-z]+)((?: +[^\s`;,)]+)*)", text):
+                if "--" in m.group(2) and not re.search(r"\.\.\.|[|>]", m.group(2)):
+                    found.add((path.name, m.group(1), m.group(2).strip()))
+    return sorted(found)
+
+
+def test_every_command_a_message_suggests_takes_the_options_it_is_suggested_with():
+    """Messages and help that suggest a command (`rebuild it: fnemm index build --checkpoint
+    CKPT ...`, `fnemm train --out DIR --resume`) name options that command has."""
+    from fnemm.cli import build_parser
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    suggestions = _suggested_commands()
+    assert len(suggestions) >= 10, suggestions
+    wrong = []
+    for where, command, rest in suggestions:
+        sub = commands[command.split()[0]]
+        if " " in command:                                   # index build
+            sub = next(a for a in sub._actions if isinstance(a, argparse._SubParsersAction)).choices[command.split()[1]]
+        known = {s for a in sub._actions for s in a.option_strings}
+        wrong += [f"{where}: fnemm {command} {rest}: {opt}" for opt in re.findall(r"(--[a-z][a-z0-9-]*)", rest)
+                  if opt not in known]
+    assert wrong == []
