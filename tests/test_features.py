@@ -72,3 +72,39 @@ def test_training_rows_are_read_into_one_block_chunk_by_chunk(tmp_path, monkeypa
         got = inputs.gather_rows(mapped, rows)
         assert got.dtype == np.int8 and got.tobytes() == array[rows].tobytes()
     assert inputs.gather_rows(mapped, np.zeros(0, np.int64)).shape == (0, 7)
+
+
+def test_a_split_of_a_mapped_store_is_read_when_used_with_the_same_bytes(tmp_path, synth):
+    """From a memory-mapped store a split's rows are a view read when indexed (no copy of
+    the training block in memory); every way training and validation index them gives the
+    bytes fancy indexing gives, and training on it ends with the weights of training on
+    the same rows held in memory."""
+    import numpy as np
+    import torch
+    from fnemm.joint.inputs import Rows, split_data
+    from fnemm.training.trainer import train
+    from fnemm.datasets import load_dataset
+    from fnemm.joint.inputs import build_vocab
+    from fnemm.joint.presets import get_preset
+    from fnemm.joint.config import apply_overrides
+    from test_train import SMALL
+    jsonl, npy, ids = synth
+    dataset, mapped = load_dataset(jsonl), load_features(npy, ids=ids)
+    assert isinstance(mapped.array, np.memmap) or isinstance(mapped.array.base, np.memmap)
+    vocab = build_vocab(dataset)
+    data = split_data(dataset, mapped, vocab, "train")
+    assert isinstance(data.features, Rows) and data.features.shape == (len(data), mapped.array.shape[1])
+    rows = mapped.rows_for(data.image_ids, "train")
+    whole = np.asarray(mapped.array)[rows]
+    pick = np.array([5, 0, 3, 3, len(data) - 1])
+    assert data.features[pick].tobytes() == whole[pick].tobytes()
+    assert data.features[2:9].tobytes() == whole[2:9].tobytes() and np.asarray(data.features).tobytes() == whole.tobytes()
+    assert data.head(4).features.tobytes() == whole[:4].tobytes()
+    config = apply_overrides(get_preset("flickr30k/FNE-MH"), [*SMALL, "stages.max_epochs=1"])
+    held = load_features(npy, ids=ids)
+    held.array = np.array(held.array)                      # the same rows, in memory
+    a = train(config, dataset, mapped, tmp_path / "mapped", quiet=True)
+    b = train(config, dataset, held, tmp_path / "held", quiet=True)
+    wa = torch.load(tmp_path / "mapped" / "best.pt", weights_only=True)["model"]
+    wb = torch.load(tmp_path / "held" / "best.pt", weights_only=True)["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa) and a["val"] == b["val"]

@@ -18,7 +18,7 @@ from fnemm.joint.text import Vocab, pad_batch
 class SplitData:
     """The images of one split: a feature row and encoded captions per image."""
     image_ids: list[str]
-    features: np.ndarray            # (n_images, D), in memory
+    features: np.ndarray            # (n_images, D): rows read when used (Rows) or in memory
     captions: list[list[list[int]]]  # captions[k]: token-id lists of image k
 
     def __len__(self) -> int:
@@ -62,13 +62,50 @@ def gather_rows(array: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return block
 
 
+class Rows:
+    """Some rows of a memory-mapped store, in a given order, read only when indexed: a
+    split's features without a copy of them in memory (MSCOCO's training rows are 1.9 GB
+    as int8 codes, 7.7 GB as float32). Indexing (an index array or a slice) returns the
+    rows as an array; the kernel keeps the file's pages cached, and a store replaced on
+    disk (atomically) leaves this mapping on the old file."""
+
+    def __init__(self, array: np.ndarray, rows: np.ndarray):
+        self.array, self.rows = array, np.asarray(rows, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (len(self.rows), self.array.shape[1])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.array.dtype
+
+    def __getitem__(self, key) -> np.ndarray:
+        return gather_rows(self.array, self.rows[key])
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        block = gather_rows(self.array, self.rows)
+        return block if dtype is None else block.astype(dtype)
+
+
+def split_rows(array: np.ndarray, rows: np.ndarray) -> np.ndarray | Rows:
+    """A split's feature rows: read when used (``Rows``) from a memory-mapped store, or
+    gathered into one block from an array already in memory."""
+    if isinstance(array, np.memmap) or isinstance(getattr(array, "base", None), np.memmap):
+        return Rows(array, rows)
+    return gather_rows(array, rows)
+
+
 def split_data(dataset: Dataset, features: Features, vocab: Vocab, split: str) -> SplitData:
     indices = dataset.split_indices(split)
     if not indices:
         raise FnemmError(dataset.missing.get(split) or f"dataset {dataset.name!r} has no {split!r} images; "
                                                         f"check the split lists / 'split' fields of --dataset")
     ids = [dataset.image_ids[k] for k in indices]
-    block = gather_rows(features.array, features.rows_for(ids, f"the {split} split"))
+    block = split_rows(features.array, features.rows_for(ids, f"the {split} split"))
     caps, cut = [], []
     for k in indices:
         encoded = [vocab.encode_checked(c) for c in dataset.captions[k]]
