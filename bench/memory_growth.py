@@ -20,7 +20,7 @@ Peak memory is sampled every 20 ms over the process tree from /proc (RssAnon: th
 process's own memory; RssFile: pages of mapped files, which the kernel can drop);
 CPU seconds are the children's user + system time; disk is the output's size. The
 growth exponent of each figure between the two largest sizes is log2 of their ratio
-per doubling, and the projection extrapolates the largest size by it.
+per doubling; the projections follow the straight line through those two sizes.
 
     python bench/memory_growth.py                      # N = 1000, 2000, 4000, 8000
     python bench/memory_growth.py --sizes 500,1000 --cnn efficientnet_lite0
@@ -168,7 +168,13 @@ def main() -> None:
     ap.add_argument("--crops", type=int, choices=[1, 10], default=1)
     ap.add_argument("--work", help="a folder for the stores and runs (default: a temporary one, removed)")
     ap.add_argument("--json", help="write the figures here too")
+    ap.add_argument("--redraw", metavar="JSON", help="print the table of an earlier run's --json, run nothing")
     args = ap.parse_args()
+    if args.redraw:
+        saved = json.loads(Path(args.redraw).read_text())
+        print(f"memory_growth (redrawn from {args.redraw}): {saved['cpu']}; stand-in for {saved['cnn']}")
+        report({int(n): f for n, f in saved["figures"].items()}, saved["sizes"], list(saved["stages"]))
+        return
     sizes = sorted(int(s) for s in args.sizes.split(","))
     stages = [s for s in args.stages.split(",") if s]
     if bad := [s for s in stages if s not in STAGES]:
@@ -190,9 +196,20 @@ def main() -> None:
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
+    summary = report(figures, sizes, stages)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"cpu": cpu_features(), "cnn": args.cnn, "sizes": sizes,
+                                               "figures": figures, "stages": summary}, indent=1))
+
+
+def report(figures: dict, sizes: list[int], stages: list[str]) -> dict:
+    """The table: peaks per size, growth exponents between the two largest sizes, and
+    projections by the straight line through those two points (memory and disk are a
+    fixed part plus a part per image; never below the largest measured)."""
     a, b = sizes[-2:] if len(sizes) > 1 else (sizes[0], sizes[0])
-    print(f"\n| stage | peak anon MB at {', '.join(map(str, sizes))} | exponent {a}->{b} (anon / file / cpu / disk) | "
-          + " | ".join(f"{k} ({v:,} images): anon GB, disk GB, CPU h" for k, v in TARGETS.items()) + " |")
+    print(f"\n| stage | peak anon MB at {', '.join(f'{n:,}' for n in sizes)} images | exponent {a:,} -> {b:,} "
+          f"(anon / file / cpu / disk) | " + " | ".join(f"{k} ({v:,}): anon GB, disk GB, CPU h"
+                                                        for k, v in TARGETS.items()) + " |")
     print("|---|---|---|" + "---|" * len(TARGETS))
     summary = {}
     for stage in stages:
@@ -200,19 +217,18 @@ def main() -> None:
         lo, hi = figures[a][stage], figures[b][stage]
         ex = {k: exponent(lo[k], hi[k], b / a) if b != a else float("nan")
               for k in ("anon_mb", "file_mb", "cpu_s", "disk_mb")}
-        proj = {name: {k: hi[k] * (total / b) ** ex[k] for k in ("anon_mb", "disk_mb", "cpu_s")}
-                for name, total in TARGETS.items()}
+        proj = {name: {k: max(hi[k], hi[k] + (hi[k] - lo[k]) / max(b - a, 1) * (total - b))
+                       for k in ("anon_mb", "disk_mb", "cpu_s")} for name, total in TARGETS.items()}
         summary[stage] = {"sizes": sizes, "figures": row, "exponents": ex, "projections": proj}
         peaks = " / ".join(f"{r['anon_mb']:.0f}" for r in row)
         print(f"| {stage} | {peaks} | "
               f"{ex['anon_mb']:.2f} / {ex['file_mb']:.2f} / {ex['cpu_s']:.2f} / {ex['disk_mb']:.2f} | "
               + " | ".join(f"{p['anon_mb'] / 1024:.1f}, {p['disk_mb'] / 1024:.1f}, {p['cpu_s'] / 3600:.2f}"
                            for p in proj.values()) + " |")
-    print("\n(projections: the largest size's figure times (images / largest)^exponent; the training "
-          "figures are one epoch's)")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"cpu": cpu_features(), "cnn": args.cnn, "stages": summary}, indent=1))
-
+    print("\n(projections: the straight line through the two largest sizes; the training figures are one "
+          "epoch's; a stage whose method changes with the data's size, such as --pca above as many training "
+          "images as features, is not on that line)")
+    return summary
 
 if __name__ == "__main__":
     main()
