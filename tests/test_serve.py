@@ -471,10 +471,13 @@ def test_photos_without_captions_index_build_from_a_folder(built, tmp_path, caps
     names = sorted(p.name for p in (DATA / "flickr8k" / "images").iterdir())[:6]
     for name in names:
         shutil.copy(DATA / "flickr8k" / "images" / name, photos / name)
+    (photos / "broken.jpg").write_bytes(b"not a jpeg")                 # left out, and said so
     run = str(out / "FNE-MH" / "seed-0")
     index = tmp_path / "index"
     assert main(["index", "build", "--checkpoint", run, "--images", str(photos), "--out", str(index), "--quiet"]) == 0
-    assert "index: " in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "index: " in printed.out
+    assert "fnemm: warning: 1 image(s) could not be read and are left out (e.g. broken.jpg" in printed.err
     manifest = json.loads((index / "features" / "manifest.json").read_text())
     trained = json.loads((out / "features" / "manifest.json").read_text())
     assert sorted(manifest["image_ids"]) == names and manifest["cnn"] == trained["cnn"]

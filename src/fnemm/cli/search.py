@@ -141,11 +141,7 @@ def index(args) -> int:
     if args.images:
         from fnemm.search.embed import extract_like
         features = Path(args.out) / "features"
-        skipped = extract_like(args.checkpoint, args.images, features, device=args.device, quiet=args.quiet)
-        if skipped:
-            first = next(iter(skipped.items()))
-            print(f"fnemm: warning: {len(skipped)} image(s) could not be read and are not in the index "
-                  f"(e.g. {first[0]}: {first[1]}); see skipped in {features / 'manifest.json'}", file=sys.stderr)
+        extract_like(args.checkpoint, args.images, features, device=args.device, quiet=args.quiet)
     manifest = build_index(args.checkpoint, features, args.out, dataset=dataset, split=args.split,
                            ids=args.ids, method=args.method, threshold=args.threshold,
                            target_recall=args.target_recall, device=args.device, quiet=args.quiet,

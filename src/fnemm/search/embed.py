@@ -148,10 +148,6 @@ def embed_images(checkpoint: str | Path, source: str | Path, out: str | Path, fe
         extra = {"paths": paths, "store": str(store.resolve()), "skipped": skipped}
         files = _write(out, "images", vectors, _meta("images", opened, image_ids, extra),
                        {"id": image_ids, "path": paths}, parquet)
-    if skipped:                    # a warning, not progress: --quiet keeps it
-        first = next(iter(skipped.items()))
-        warnings.warn(f"{len(skipped)} image(s) could not be read and are not in {files[0].name} "
-                      f"(e.g. {first[0]}: {first[1]}); see skipped in {files[-1].name}", stacklevel=2)
     return Embedded("images", vectors, image_ids, files)
 
 
@@ -166,7 +162,7 @@ def extract_like(checkpoint: str | Path, source: str | Path, store: str | Path, 
     """Extract image files (a folder, or a list file: ``image_source``) into ``store`` the
     way ``features`` (default: the store ``checkpoint`` was trained on) was made: its CNN,
     weights, crops, recipe, and its training statistics. Resumes like ``fnemm extract``;
-    returns {image: why} of the files that could not be read."""
+    returns {image: why} of the files that could not be read (and warns of them)."""
     from fnemm.features.encode import extract_config_of
     from fnemm.features.extraction import extract
     kind, folder, ids = image_source(source)
@@ -175,7 +171,12 @@ def extract_like(checkpoint: str | Path, source: str | Path, store: str | Path, 
     reference = Path(features) if features else trained_store(checkpoint)
     config = extract_config_of(reference, device, batch_size=batch_size, workers=workers)
     result = extract(folder, store, config=config, stats_from=reference, quiet=quiet, ids=ids)
-    return {s["image"]: s["reason"] for s in result.manifest.get("skipped", [])}
+    skipped = {s["image"]: s["reason"] for s in result.manifest.get("skipped", [])}
+    if skipped:                    # a warning, not progress: --quiet keeps it
+        first = next(iter(skipped.items()))
+        warnings.warn(f"{len(skipped)} image(s) could not be read and are left out (e.g. {first[0]}: {first[1]}); "
+                      f"listed under skipped in {Path(store) / 'manifest.json'}", stacklevel=2)
+    return skipped
 
 
 def trained_store(checkpoint: str | Path) -> Path:
