@@ -424,6 +424,20 @@ def test_every_route_answers_the_gallerys_errors_as_json(built, error, caplog):
     assert not [rec for rec in caplog.records if rec.exc_info], "a user error logged a traceback"
 
 
+def test_a_bug_is_a_500_whose_traceback_reaches_the_applications_logging(built, caplog):
+    """Not a user error: a one-line 500 to the client, and the traceback logged where an
+    application's own logging setup (the root logger: here pytest's) sees it."""
+    from fnemm.search.service import get_gallery
+    app = create_app(Gallery.from_index(built[1]["FNE-MH"], encoder=False))
+    app.dependency_overrides[get_gallery] = lambda: Raising(RuntimeError("a bug"))
+    client = TestClient(app, raise_server_exceptions=False)
+    with caplog.at_level(logging.WARNING):
+        r = client.post("/search/text", json={"query": "a dog"})
+    assert r.status_code == 500 and "Traceback" not in r.text and "a bug" not in r.text
+    logged = [rec for rec in caplog.records if rec.exc_info and rec.name == "fnemm.search.service"]
+    assert logged and "a bug" in str(logged[0].exc_info[1])
+
+
 def test_similar_images_surrogates_urls_and_no_paths_in_answers(client, built):
     gallery = Gallery.from_index(built[1]["FNE-MH"], encoder=False)
     image_id = gallery.image_ids[2]

@@ -131,7 +131,9 @@ class Lines:
 # ``warnings.warn``). It has its own handler, as a command-line tool's logger would: each
 # message a whole line on the *current* sys.stdout (or the file given), written between
 # bar redraws. Silence it, or send it elsewhere, the usual way:
-# ``logging.getLogger("fnemm").setLevel(logging.WARNING)``, or replace its handlers.
+# ``logging.getLogger("fnemm").setLevel(logging.WARNING)``, or replace its handlers. Its
+# records (and the service's, ``fnemm.search.service``) also reach the root logger, so an
+# application's own logging setup sees them.
 log = logging.getLogger("fnemm")
 
 
@@ -148,7 +150,6 @@ class _Lines(logging.Handler):
 if not any(isinstance(h, _Lines) for h in log.handlers):
     log.addHandler(_Lines())
     log.setLevel(logging.INFO)
-    log.propagate = False            # the root logger's handlers would print every line twice
 
 
 def say(text: str, file=None) -> None:
