@@ -222,6 +222,19 @@ def test_page_in_headless_chromium(server, tmp_path):
     print(json.dumps({"screenshots": str(tmp_path)}))
 
 
+def _upload_head_then_wait(sock) -> bytes:
+    """Send an upload's headers and the first part of its body, then nothing: the bytes of
+    the server's answer up to the end of its headers (waiting for the server, not a clock)."""
+    sock.sendall(b"POST /search/image HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n"
+                 b"Content-Type: multipart/form-data; boundary=b\r\n\r\n--b\r\n")
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        chunk = sock.recv(4096)
+        assert chunk, answer
+        answer += chunk
+    return answer
+
+
 def test_slow_clients_are_cut_off(server, tmp_path, monkeypatch):
     """A client that never finishes its headers has its connection closed; one whose body
     stalls gets a 408; both after the (here 1 s) deadlines, which the test waits for as
@@ -236,14 +249,7 @@ def test_slow_clients_are_cut_off(server, tmp_path, monkeypatch):
             slow.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
             assert slow.recv(1024) == b""                       # closed, no answer
         with socket.create_connection(("127.0.0.1", port), timeout=60) as stalled:
-            stalled.sendall(b"POST /search/image HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n"
-                            b"Content-Type: multipart/form-data; boundary=b\r\n\r\n--b\r\n")
-            answer = b""
-            while b"\r\n\r\n" not in answer:
-                chunk = stalled.recv(4096)
-                assert chunk, answer
-                answer += chunk
-            assert answer.startswith(b"HTTP/1.1 408")
+            assert _upload_head_then_wait(stalled).startswith(b"HTTP/1.1 408")
         # a client that sends at its pace, within the deadlines, is served
         assert httpx.post(url + "/search/text", json={"query": "a dog", "k": 2}).status_code == 200
     # a body that never stalls but never ends either: the whole-body deadline (here 0 s, so the
@@ -252,13 +258,7 @@ def test_slow_clients_are_cut_off(server, tmp_path, monkeypatch):
     with serving(index, tmp_path / "serve2.log", "--threads", "1") as url:
         port = int(url.rsplit(":", 1)[1])
         with socket.create_connection(("127.0.0.1", port), timeout=60) as trickle:
-            trickle.sendall(b"POST /search/image HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n"
-                            b"Content-Type: multipart/form-data; boundary=b\r\n\r\n--b\r\n")
-            answer = b""
-            while b"\r\n\r\n" not in answer:
-                chunk = trickle.recv(4096)
-                assert chunk, answer
-                answer += chunk
+            answer = _upload_head_then_wait(trickle)
             assert answer.startswith(b"HTTP/1.1 408")
             body = trickle.recv(4096)
             assert b"took over 0 s" in answer + body
