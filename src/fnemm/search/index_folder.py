@@ -140,7 +140,9 @@ def _mapped(files: ExitStack, path: Path, shape: tuple[int, int]) -> np.ndarray:
     """A float32 .npy of ``shape`` mapped into memory, replacing ``path`` once the stack
     closes without an error (the temporary file is removed otherwise)."""
     tmp = files.enter_context(atomic_path(path))
-    return np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+    array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+    files.callback(array.flush)      # closed in reverse: written out before the file replaces path
+    return array
 
 
 def _write_side(out: Path, side: str, items: np.ndarray, queries: np.ndarray, tuned_on: str,
@@ -225,10 +227,6 @@ def _build(opened, features: Path, out: Path, dataset, split: str, ids, method: 
         sides = {"images": _write_side(out, "images", image_emb, query_emb, image_queries, True, **common),
                  "captions": _write_side(out, "captions", caption_emb, image_emb, "the gallery's images", False,
                                          **common) if captions else None}
-        for emb in (image_emb, caption_emb):
-            if isinstance(emb, np.memmap):
-                emb.flush()
-        del image_emb, caption_emb, query_emb
     fault("index-sides")
     atomic_write_json(out / "images.ids.json", gallery)
     if captions:
