@@ -318,8 +318,9 @@ def export_records(out: str | Path, dest: str | Path) -> int:
     """Copy a study's records (no weights, no features) into ``dest``, in the same layout:
     study.json/.md/.png and each finished run's config, history, test metrics and test
     ranks (the paired statistics need them), about 0.5 MB a run at 1,000 test images (the
-    splits are not copied: the study draws them again from the dataset and its seeds). ``fnemm study ... --out DEST --report-only`` redraws the report from them
-    alone. Returns the number of runs copied."""
+    splits are not copied: the study draws them again from the dataset and its seeds).
+    ``fnemm study ... --out DEST --report-only`` redraws the report from them alone.
+    Returns the number of runs copied."""
     out, dest = Path(out), Path(dest)
     if not (out / "study.json").is_file():
         raise FnemmError(f"{out}: no study.json; run the study into it first")
