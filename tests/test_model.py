@@ -77,6 +77,23 @@ def test_embed_captions_keeps_input_order_and_batches_do_not_matter():
             torch.testing.assert_close(whole[k], alone, rtol=1e-5, atol=1e-6)
 
 
+def test_mapped_embeddings_equal_the_in_memory_ones_and_leave_no_file(tmp_path, monkeypatch):
+    """``mapped=True`` (evaluation on a CPU): the same numbers in a scratch file's pages,
+    and the file is gone from the temporary folder while the array is still in use."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr("tempfile.tempdir", None)            # re-read $TMPDIR
+    torch.manual_seed(3)
+    model = JointEmbedding(ModelConfig(word_dim=6, embed_dim=8), vocab_size=30, feature_dim=4)
+    rng = np.random.default_rng(1)
+    captions = [list(rng.integers(2, 30, size=rng.integers(1, 9))) for _ in range(23)]
+    feats = rng.normal(size=(11, 4)).astype(np.float32)
+    cap, img = embed_captions(model, captions, "cpu", batch=5, mapped=True), embed_images(model, feats, "cpu", 4, True)
+    assert list(tmp_path.iterdir()) == []
+    torch.testing.assert_close(cap, embed_captions(model, captions, "cpu", batch=5), rtol=0, atol=0)
+    torch.testing.assert_close(img, embed_images(model, feats, "cpu", 4), rtol=0, atol=0)
+    assert embed_images(model, feats[:0], "cpu", mapped=True).shape == (0, 8)
+
+
 @pytest.mark.parametrize("use_abs", [False, True])
 def test_image_encoder_is_a_bias_free_linear_map_then_l2(use_abs):
     torch.manual_seed(3)

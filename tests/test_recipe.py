@@ -6,6 +6,7 @@ import pytest
 from fnemm.features.cnn import tap_groups
 from fnemm.io.errors import FnemmError
 from fnemm.features.fne import discretise, standardise
+from fnemm.features import pca as pca_module
 from fnemm.features.pca import fit_pca, fit_pca_streamed
 from fnemm.features.recipe import Encoder, Recipe, columns, select_layers
 
@@ -149,6 +150,34 @@ def test_streamed_pca_equals_the_dense_one_up_to_sign(shape, block):
     np.testing.assert_allclose(got, comps, atol=1e-8)            # and the sign convention is the same
     with pytest.raises(FnemmError, match="at most"):
         fit_pca_streamed(lambda: iter([rows[:3]]), 6)
+
+
+@pytest.mark.parametrize("shape", [(60, 200), (400, 30)])      # fewer images than features, and more
+def test_subspace_pca_above_the_memory_bound_finds_the_dense_components(shape):
+    """Above ``exact_bytes`` the components come from subspace iteration on the covariance,
+    never formed: the dense PCA's components (up to rounding), the same on every call."""
+    rng = np.random.default_rng(3)
+    rows = rng.normal(size=shape) * np.geomspace(4, 0.05, shape[1]) + 1
+    mean, comps = fit_pca(rows, 5)
+    passes = []
+
+    def blocks():
+        passes.append(1)
+        return (rows[b:b + 16] for b in range(0, len(rows), 16))
+
+    got_mean, got = fit_pca_streamed(blocks, 5, exact_bytes=0)
+    assert len(passes) > 2                                      # the mean, then one pass an iteration
+    np.testing.assert_allclose(got_mean, mean, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(got, comps, atol=1e-5)           # the same directions and signs
+    np.testing.assert_array_equal(fit_pca_streamed(blocks, 5, exact_bytes=0)[1], got)     # seeded
+
+
+def test_subspace_pca_that_does_not_converge_says_so(monkeypatch):
+    rows = np.random.default_rng(4).normal(size=(80, 40))      # a flat spectrum: slow to converge
+    monkeypatch.setattr(pca_module, "MAX_PASSES", 2)
+    with pytest.warns(UserWarning, match="--pca 4: subspace iteration stopped after 2 passes"):
+        _, comps = fit_pca_streamed(lambda: iter([rows]), 4, exact_bytes=0, tol=1e-12)
+    np.testing.assert_allclose(comps @ comps.T, np.eye(4), atol=1e-10)      # still orthonormal
 
 
 def test_recipe_validation_and_round_trip():

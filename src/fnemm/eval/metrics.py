@@ -128,7 +128,8 @@ def duplicate_rows(x: torch.Tensor) -> list[torch.Tensor]:
     if len(x) < 2:
         return []
     g = torch.Generator(device="cpu").manual_seed(0)
-    key = (x.double() @ torch.rand(x.shape[1], generator=g, dtype=torch.float64).to(x.device)).cpu()
+    weights = torch.rand(x.shape[1], generator=g, dtype=torch.float64).to(x.device)
+    key = torch.cat([(x[s:s + PAIR_CHUNK].double() @ weights).cpu() for s in range(0, len(x), PAIR_CHUNK)])
     order = torch.argsort(key, stable=True)
     same = (key[order][1:] == key[order][:-1]).nonzero().flatten().tolist()
     groups: list[list[int]] = []

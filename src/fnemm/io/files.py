@@ -163,6 +163,21 @@ def atomic_save_npy(path: str | Path, array: np.ndarray) -> None:
         np.save(f, array, allow_pickle=False)
 
 
+def scratch_array(shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
+    """A writable array backed by a file in the temporary folder ($TMPDIR), unlinked at
+    once: its pages are the page cache's, not the process's own memory, and nothing is
+    left behind however the process ends. Put $TMPDIR on a disk, not a RAM-backed tmpfs,
+    for this to save memory."""
+    fd, name = tempfile.mkstemp(prefix="fnemm-scratch-", suffix=".bin")
+    try:
+        with os.fdopen(fd, "w+b") as f:
+            size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+            f.truncate(max(size, 1))
+            return np.memmap(f, dtype=dtype, mode="r+", shape=shape)
+    finally:
+        os.unlink(name)
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

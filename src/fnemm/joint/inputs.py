@@ -10,6 +10,7 @@ import warnings
 
 from fnemm.datasets import Dataset
 from fnemm.io.errors import FnemmError
+from fnemm.io.files import scratch_array
 from fnemm.features.store import Features
 from fnemm.joint.text import Vocab, pad_batch
 
@@ -119,21 +120,36 @@ def split_data(dataset: Dataset, features: Features, vocab: Vocab, split: str) -
     return SplitData(ids, block, caps)
 
 
+def _output(rows: int, model, device: str, mapped: bool) -> torch.Tensor:
+    """Where embeddings go: on ``device``, or (CPU only) a scratch file's mapped pages."""
+    if mapped and rows and torch.device(device).type == "cpu":
+        try:
+            return torch.from_numpy(scratch_array((rows, model.config.embed_dim)))
+        except OSError:                  # no writable temporary folder: in memory, as on a GPU
+            pass
+    return torch.empty(rows, model.config.embed_dim, device=device)
+
+
 @torch.no_grad()
-def embed_images(model, features: np.ndarray, device: str, batch: int = 1024) -> torch.Tensor:
+def embed_images(model, features: np.ndarray, device: str, batch: int = 1024, mapped: bool = False) -> torch.Tensor:
+    """Embeds image features a batch at a time; ``mapped`` keeps them in a scratch file's
+    pages (``io.files.scratch_array``) when the device is the CPU."""
     model.eval()
-    # torch.tensor copies: rows of a read-only memory-mapped store cannot be shared
-    out = [model.image(torch.tensor(np.asarray(features[s:s + batch])).to(device))
-           for s in range(0, len(features), batch)]
-    return torch.cat(out) if out else torch.zeros(0, model.config.embed_dim)
+    out = _output(len(features), model, device, mapped)
+    for s in range(0, len(features), batch):
+        # torch.tensor copies: rows of a read-only memory-mapped store cannot be shared
+        out[s:s + batch] = model.image(torch.tensor(np.asarray(features[s:s + batch])).to(device))
+    return out
 
 
 @torch.no_grad()
-def embed_captions(model, captions: list[list[int]], device: str, batch: int = 1024) -> torch.Tensor:
-    """Embeds captions in length-sorted batches (less padding), returned in input order."""
+def embed_captions(model, captions: list[list[int]], device: str, batch: int = 1024,
+                   mapped: bool = False) -> torch.Tensor:
+    """Embeds captions in length-sorted batches (less padding), returned in input order;
+    ``mapped`` as for :func:`embed_images`."""
     model.eval()
     order = sorted(range(len(captions)), key=lambda k: len(captions[k]))
-    out = torch.empty(len(captions), model.config.embed_dim, device=device)
+    out = _output(len(captions), model, device, mapped)
     for s in range(0, len(order), batch):
         idx = order[s:s + batch]
         tokens, lengths = pad_batch([captions[k] for k in idx])
