@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test demo serve serve-flickr8k bench clean flickr8k
+.PHONY: venv test demo serve serve-flickr8k serve-photos bench clean flickr8k
 
 venv: $(STAMP)
 
@@ -50,10 +50,20 @@ serve: $(STAMP)
 # After `make flickr8k` (or part of it): all 8,000 photos of the official Flickr8K split and
 # their 40,000 captions, searched with the benchmark's best model (SPLIT=test: its 1,000 test photos).
 serve-flickr8k: $(STAMP)
-	run=$$($(PY) -c "from fnemm_studies.study import best_run; r, f = best_run('$(F8K_OUT)'); print(r, f)") && \
+	run=$$($(PY) -m fnemm_studies.pick flickr8k "$(F8K_OUT)") && \
 	set -- $$run && $(VENV)/bin/fnemm index build --checkpoint $$1 --features $$2 --dataset flickr8k-224 \
 		--split $(SPLIT) --out $(F8K_OUT)/index-best-$(SPLIT) && \
 	$(VENV)/bin/fnemm serve --index $(F8K_OUT)/index-best-$(SPLIT) --port $(PORT)
+
+# Your own photos, no captions needed: `make serve-photos DIR=~/Pictures` indexes DIR (folder,
+# recursive, or a list file) with the Flickr8K benchmark's best model when F8K_OUT has one, else the
+# demo's best (MODEL_RUN=RUN for another), and serves it. Re-running reuses the finished extraction.
+serve-photos: $(STAMP)
+	@test -n "$(DIR)" || { echo "make serve-photos DIR=FOLDER: the photos to search (a folder or a list file)"; exit 2; }
+	run=$${MODEL_RUN:-$$($(PY) -m fnemm_studies.pick photos "$(F8K_OUT)")} && \
+	out=runs/photos/$$(basename "$(DIR)") && \
+	$(VENV)/bin/fnemm index build --checkpoint "$$run" --images "$(DIR)" --out "$$out" && \
+	$(VENV)/bin/fnemm serve --index "$$out" --port $(PORT)
 
 # The paper's Flickr8K benchmark (README: The paper's Flickr8K benchmark): all 8,091 photos
 # (flickr8k-224), the paper's flickr8k/ presets stopped by validation patience, 2 CNNs x 4 feature
