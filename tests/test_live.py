@@ -107,11 +107,8 @@ def chromium() -> str | None:
     return os.environ.get("FNEMM_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def test_page_in_headless_chromium(server, tmp_path):
-    """Type a query, see thumbnails (decoded images, with scores); upload a photo, see captions.
-    The header says in plain words what is searched; every search clears the old results
-    at once and moves the focus to the new results' heading; photo -> captions ranks the
-    photos 1, 2, 3 with their best caption's rank beside."""
+def _browser_or_skip():
+    """(chromium executable, playwright's sync_playwright), or the test skipped (failed in CI)."""
     exe = chromium()
     required = os.environ.get("FNEMM_REQUIRE_BROWSER") == "1"      # .ci/run installs chromium and sets this
     if exe is None:
@@ -124,6 +121,53 @@ def test_page_in_headless_chromium(server, tmp_path):
         if required:
             raise
         pytest.skip("playwright is not installed (pip install playwright)")
+    return exe, sync_playwright
+
+
+def test_page_on_photos_without_captions_in_headless_chromium(demo, tmp_path):
+    """An index of photos alone (`index build --images`, or a store without a dataset): the
+    header says photos and no captions, text finds photos, and a dropped photo finds the
+    photos like it (first itself) instead of captions there are none of."""
+    exe, sync_playwright = _browser_or_skip()
+    out, _ = demo
+    index = tmp_path / "index"
+    build_index(out / "FNE-MH" / "seed-0", out / "features", index, quiet=True)
+    with serving(index, tmp_path / "serve.log", "--threads", "1") as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=exe, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(url + "/")
+            page.wait_for_function("document.getElementById('info').textContent.includes('Searching 30 photos')")
+            assert "(no captions)" in page.inner_text("#info") and "and their" not in page.inner_text("#info")
+            page.fill("#query", "a dog runs on the beach")
+            page.fill("#k", "4")
+            page.press("#query", "Enter")
+            page.wait_for_function("""() => {
+                const imgs = [...document.querySelectorAll('#results .hit img')];
+                return imgs.length === 4 && imgs.every(i => i.complete && i.naturalWidth > 0);
+            }""", timeout=30_000)
+            assert page.evaluate("document.activeElement.id") == "results-heading"
+            found = page.locator("#results .hit img").nth(2).get_attribute("src")       # an indexed photo
+            photo = DATA / "flickr8k" / "images" / found.split("/images/")[1].split("?")[0]
+            page.set_input_files("#file", str(photo))
+            page.wait_for_function("document.getElementById('results-heading').textContent.includes('photos like')",
+                                   timeout=60_000)
+            assert page.locator("#results .hit .caption").count() == 0
+            assert page.locator("#results .hit img").first.get_attribute("src").split("?")[0].endswith(photo.name)
+            assert page.evaluate("document.activeElement.id") == "results-heading"
+            assert errors == []
+        finally:
+            browser.close()
+
+
+def test_page_in_headless_chromium(server, tmp_path):
+    """Type a query, see thumbnails (decoded images, with scores); upload a photo, see captions.
+    The header says in plain words what is searched; every search clears the old results
+    at once and moves the focus to the new results' heading; photo -> captions ranks the
+    photos 1, 2, 3 with their best caption's rank beside."""
+    exe, sync_playwright = _browser_or_skip()
     url, _ = server
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=exe, args=CHROMIUM_FLAGS)
