@@ -226,8 +226,8 @@ def report(figures: dict, sizes: list[int], stages: list[str]) -> dict:
               + " | ".join(f"{p['anon_mb'] / 1024:.1f}, {p['disk_mb'] / 1024:.1f}, {p['cpu_s'] / 3600:.2f}"
                            for p in proj.values()) + " |")
     print("\n(projections: the straight line through the two largest sizes; the training figures are one "
-          "epoch's; a stage whose method changes with the data's size, such as --pca above as many training "
-          "images as features, is not on that line)")
+          "epoch's; a stage whose method changes with the data's size, such as --pca (exact up to 256 MiB "
+          "of centred training rows, subspace iteration above), is not on that line across the change)")
     return summary
 
 if __name__ == "__main__":
