@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -124,51 +125,11 @@ def _browser_or_skip():
     return exe, sync_playwright
 
 
-def test_page_on_photos_without_captions_in_headless_chromium(demo, tmp_path):
-    """An index of photos alone (`index build --images`, or a store without a dataset): the
-    header says photos and no captions, text finds photos, and a dropped photo finds the
-    photos like it (first itself) instead of captions there are none of."""
+@contextmanager
+def _page(url: str):
+    """(page, errors): the service's page loaded in headless Chromium (skipped without one;
+    failed in CI), with the page's script errors collected in ``errors``."""
     exe, sync_playwright = _browser_or_skip()
-    out, _ = demo
-    index = tmp_path / "index"
-    build_index(out / "FNE-MH" / "seed-0", out / "features", index, quiet=True)
-    with serving(index, tmp_path / "serve.log", "--threads", "1") as url, sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=exe, args=CHROMIUM_FLAGS)
-        try:
-            page = browser.new_page(viewport={"width": 1200, "height": 900})
-            errors = []
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(url + "/")
-            page.wait_for_function("document.getElementById('info').textContent.includes('Searching 30 photos')")
-            assert "(no captions)" in page.inner_text("#info") and "and their" not in page.inner_text("#info")
-            page.fill("#query", "a dog runs on the beach")
-            page.fill("#k", "4")
-            page.press("#query", "Enter")
-            page.wait_for_function("""() => {
-                const imgs = [...document.querySelectorAll('#results .hit img')];
-                return imgs.length === 4 && imgs.every(i => i.complete && i.naturalWidth > 0);
-            }""", timeout=30_000)
-            assert page.evaluate("document.activeElement.id") == "results-heading"
-            found = page.locator("#results .hit img").nth(2).get_attribute("src")       # an indexed photo
-            photo = DATA / "flickr8k" / "images" / found.split("/images/")[1].split("?")[0]
-            page.set_input_files("#file", str(photo))
-            page.wait_for_function("document.getElementById('results-heading').textContent.includes('photos like')",
-                                   timeout=60_000)
-            assert page.locator("#results .hit .caption").count() == 0
-            assert page.locator("#results .hit img").first.get_attribute("src").split("?")[0].endswith(photo.name)
-            assert page.evaluate("document.activeElement.id") == "results-heading"
-            assert errors == []
-        finally:
-            browser.close()
-
-
-def test_page_in_headless_chromium(server, tmp_path):
-    """Type a query, see thumbnails (decoded images, with scores); upload a photo, see captions.
-    The header says in plain words what is searched; every search clears the old results
-    at once and moves the focus to the new results' heading; photo -> captions ranks the
-    photos 1, 2, 3 with their best caption's rank beside."""
-    exe, sync_playwright = _browser_or_skip()
-    url, _ = server
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=exe, args=CHROMIUM_FLAGS)
         try:
@@ -177,91 +138,129 @@ def test_page_in_headless_chromium(server, tmp_path):
             page.on("pageerror", lambda e: errors.append(str(e)))
             page.goto(url + "/")
             page.wait_for_function("document.getElementById('info').textContent.includes('Searching 30 photos')")
-            assert "and their 150 captions" in page.inner_text("#info") and "FNE" not in page.inner_text("#info")
-            # from now on, record what #results holds whenever a search says it has started
-            page.evaluate("""() => { window.stale = [];
-                new MutationObserver(() => {
-                    if (/searching|embedding|finding/.test(document.getElementById('status').textContent))
-                        window.stale.push(document.querySelectorAll('#results .hit').length);
-                }).observe(document.getElementById('status'), {childList: true, characterData: true, subtree: true}); }""")
-            page.fill("#query", "a dog runs on the beach")
-            page.fill("#k", "6")
-            page.press("#query", "Enter")
-            page.wait_for_selector("#results .hit img")
-            page.wait_for_function("""() => {
-                const imgs = [...document.querySelectorAll('#results .hit img')];
-                return imgs.length === 6 && imgs.every(i => i.complete && i.naturalWidth > 0);
-            }""", timeout=30_000)
-            cards = page.locator("#results .hit")
-            assert cards.count() == 6
-            assert cards.first.locator(".score").inner_text().startswith("#1")
-            assert "6 images for" in page.inner_text("#results-heading")
-            assert page.evaluate("document.activeElement.id") == "results-heading"
-            page.screenshot(path=str(tmp_path / "text-search.png"), full_page=True)
-
-            page.set_input_files("#file", str(DATA / "flickr8k" / "images" / "1000268201_693b08cb0e.jpg"))
-            page.wait_for_function("document.getElementById('results-heading').textContent.includes('captions (of ')",
-                                   timeout=60_000)
-            assert page.locator("#results .hit .caption").count() == 6
-            heads = page.locator("#results .hit .score").all_inner_texts()
-            assert [h.split()[0] for h in heads] == [f"#{k}" for k in range(1, len(heads) + 1)], heads
-            assert all("best caption #" in h for h in heads) and "best caption #1" in heads[0]
-            assert page.evaluate("document.activeElement.id") == "results-heading"
-            page.screenshot(path=str(tmp_path / "image-search.png"), full_page=True)
-
-            page.fill("#query", "   ")
-            page.press("#query", "Enter")
-            page.wait_for_function("document.getElementById('status').className === 'error'")
-            assert "query is empty" in page.inner_text("#status")
-            assert errors == []
-
-            # a file that is not an image: an error line, no request, no stale results or preview
-            (tmp_path / "notes.txt").write_text("not a photo")
-            page.set_input_files("#file", str(tmp_path / "notes.txt"))
-            page.wait_for_function("document.getElementById('status').textContent.includes('not an image')")
-            assert page.locator("#results .hit").count() == 0 and page.locator("#drop img").count() == 0
-
-            # "More like this" on a text hit: images like it, the image itself first (its own nearest)
-            page.fill("#query", "a dog runs on the beach")
-            page.press("#query", "Enter")
-            page.wait_for_function("document.querySelectorAll('#results .hit').length === 6")
-            first = page.locator("#results .hit img").first.get_attribute("src")
-            page.locator("#results .hit .similar").first.click()
-            page.wait_for_function("document.getElementById('results-heading').textContent.includes('images like')")
-            assert page.locator("#results .hit img").first.get_attribute("src") == first
-            assert page.input_value("#query") == ""
-            assert page.evaluate("document.activeElement.id") == "results-heading"     # not <body>
-            assert page.evaluate("window.stale") and set(page.evaluate("window.stale")) == {0}   # cleared each time
-            # one card per image, every caption of it one click away
-            more = page.locator("#results .hit .more").first
-            n_before = page.locator("#results .hit").first.locator(".caption").count()
-            more.click()
-            assert page.locator("#results .hit").first.locator(".caption").count() > n_before
-
-            # a phone-sized window: nothing wider than the screen, the controls still reachable
-            page.set_viewport_size({"width": 390, "height": 844})
-            wide = page.evaluate("""() => [...document.querySelectorAll('body *')]
-                .filter(e => e.getBoundingClientRect().right > document.documentElement.clientWidth + 1)
-                .map(e => e.tagName + '#' + e.id + '.' + e.className)""")
-            assert wide == [], wide
-            assert page.evaluate("document.documentElement.scrollWidth <= document.documentElement.clientWidth")
-            page.screenshot(path=str(tmp_path / "narrow.png"), full_page=True)
-            # every control is labelled for a screen reader
-            unlabelled = page.evaluate("""() => [...document.querySelectorAll('input:not([hidden]), button')]
-                .filter(e => !(e.labels && e.labels.length) && !e.getAttribute('aria-label') && !e.textContent.trim())
-                .map(e => e.outerHTML)""")
-            assert unlabelled == [], unlabelled
-            assert errors == []
-
-            # the API docs render from the package's own Swagger UI: no request leaves 127.0.0.1
-            outside = []
-            page.on("request", lambda r: outside.append(r.url) if not r.url.startswith(url) else None)
-            page.goto(url + "/docs")
-            page.get_by_text("/search/text", exact=True).first.wait_for(timeout=30_000)
-            page.screenshot(path=str(tmp_path / "docs.png"))
-            assert outside == [] and errors == []
+            yield page, errors
         finally:
             browser.close()
+
+
+def test_page_on_photos_without_captions_in_headless_chromium(demo, tmp_path):
+    """An index of photos alone (`index build --images`, or a store without a dataset): the
+    header says photos and no captions, text finds photos, and a dropped photo finds the
+    photos like it (first itself) instead of captions there are none of."""
+    out, _ = demo
+    index = tmp_path / "index"
+    build_index(out / "FNE-MH" / "seed-0", out / "features", index, quiet=True)
+    with serving(index, tmp_path / "serve.log", "--threads", "1") as url, _page(url) as (page, errors):
+        assert "(no captions)" in page.inner_text("#info") and "and their" not in page.inner_text("#info")
+        page.fill("#query", "a dog runs on the beach")
+        page.fill("#k", "4")
+        page.press("#query", "Enter")
+        page.wait_for_function("""() => {
+            const imgs = [...document.querySelectorAll('#results .hit img')];
+            return imgs.length === 4 && imgs.every(i => i.complete && i.naturalWidth > 0);
+        }""", timeout=30_000)
+        assert page.evaluate("document.activeElement.id") == "results-heading"
+        found = page.locator("#results .hit img").nth(2).get_attribute("src")       # an indexed photo
+        photo = DATA / "flickr8k" / "images" / found.split("/images/")[1].split("?")[0]
+        page.set_input_files("#file", str(photo))
+        page.wait_for_function("document.getElementById('results-heading').textContent.includes('photos like')",
+                               timeout=60_000)
+        assert page.locator("#results .hit .caption").count() == 0
+        assert page.locator("#results .hit img").first.get_attribute("src").split("?")[0].endswith(photo.name)
+        assert page.evaluate("document.activeElement.id") == "results-heading"
+        assert errors == []
+
+
+def test_page_in_headless_chromium(server, tmp_path):
+    """Type a query, see thumbnails (decoded images, with scores); upload a photo, see captions.
+    The header says in plain words what is searched; every search clears the old results
+    at once and moves the focus to the new results' heading; photo -> captions ranks the
+    photos 1, 2, 3 with their best caption's rank beside."""
+    url, _ = server
+    with _page(url) as (page, errors):
+        assert "and their 150 captions" in page.inner_text("#info") and "FNE" not in page.inner_text("#info")
+        # from now on, record what #results holds whenever a search says it has started
+        page.evaluate("""() => { window.stale = [];
+            new MutationObserver(() => {
+                if (/searching|embedding|finding/.test(document.getElementById('status').textContent))
+                    window.stale.push(document.querySelectorAll('#results .hit').length);
+            }).observe(document.getElementById('status'), {childList: true, characterData: true, subtree: true}); }""")
+        page.fill("#query", "a dog runs on the beach")
+        page.fill("#k", "6")
+        page.press("#query", "Enter")
+        page.wait_for_selector("#results .hit img")
+        page.wait_for_function("""() => {
+            const imgs = [...document.querySelectorAll('#results .hit img')];
+            return imgs.length === 6 && imgs.every(i => i.complete && i.naturalWidth > 0);
+        }""", timeout=30_000)
+        cards = page.locator("#results .hit")
+        assert cards.count() == 6
+        assert cards.first.locator(".score").inner_text().startswith("#1")
+        assert "6 images for" in page.inner_text("#results-heading")
+        assert page.evaluate("document.activeElement.id") == "results-heading"
+        page.screenshot(path=str(tmp_path / "text-search.png"), full_page=True)
+
+        page.set_input_files("#file", str(DATA / "flickr8k" / "images" / "1000268201_693b08cb0e.jpg"))
+        page.wait_for_function("document.getElementById('results-heading').textContent.includes('captions (of ')",
+                               timeout=60_000)
+        assert page.locator("#results .hit .caption").count() == 6
+        heads = page.locator("#results .hit .score").all_inner_texts()
+        assert [h.split()[0] for h in heads] == [f"#{k}" for k in range(1, len(heads) + 1)], heads
+        assert all("best caption #" in h for h in heads) and "best caption #1" in heads[0]
+        assert page.evaluate("document.activeElement.id") == "results-heading"
+        page.screenshot(path=str(tmp_path / "image-search.png"), full_page=True)
+
+        page.fill("#query", "   ")
+        page.press("#query", "Enter")
+        page.wait_for_function("document.getElementById('status').className === 'error'")
+        assert "query is empty" in page.inner_text("#status")
+        assert errors == []
+
+        # a file that is not an image: an error line, no request, no stale results or preview
+        (tmp_path / "notes.txt").write_text("not a photo")
+        page.set_input_files("#file", str(tmp_path / "notes.txt"))
+        page.wait_for_function("document.getElementById('status').textContent.includes('not an image')")
+        assert page.locator("#results .hit").count() == 0 and page.locator("#drop img").count() == 0
+
+        # "More like this" on a text hit: images like it, the image itself first (its own nearest)
+        page.fill("#query", "a dog runs on the beach")
+        page.press("#query", "Enter")
+        page.wait_for_function("document.querySelectorAll('#results .hit').length === 6")
+        first = page.locator("#results .hit img").first.get_attribute("src")
+        page.locator("#results .hit .similar").first.click()
+        page.wait_for_function("document.getElementById('results-heading').textContent.includes('images like')")
+        assert page.locator("#results .hit img").first.get_attribute("src") == first
+        assert page.input_value("#query") == ""
+        assert page.evaluate("document.activeElement.id") == "results-heading"     # not <body>
+        assert page.evaluate("window.stale") and set(page.evaluate("window.stale")) == {0}   # cleared each time
+        # one card per image, every caption of it one click away
+        more = page.locator("#results .hit .more").first
+        n_before = page.locator("#results .hit").first.locator(".caption").count()
+        more.click()
+        assert page.locator("#results .hit").first.locator(".caption").count() > n_before
+
+        # a phone-sized window: nothing wider than the screen, the controls still reachable
+        page.set_viewport_size({"width": 390, "height": 844})
+        wide = page.evaluate("""() => [...document.querySelectorAll('body *')]
+            .filter(e => e.getBoundingClientRect().right > document.documentElement.clientWidth + 1)
+            .map(e => e.tagName + '#' + e.id + '.' + e.className)""")
+        assert wide == [], wide
+        assert page.evaluate("document.documentElement.scrollWidth <= document.documentElement.clientWidth")
+        page.screenshot(path=str(tmp_path / "narrow.png"), full_page=True)
+        # every control is labelled for a screen reader
+        unlabelled = page.evaluate("""() => [...document.querySelectorAll('input:not([hidden]), button')]
+            .filter(e => !(e.labels && e.labels.length) && !e.getAttribute('aria-label') && !e.textContent.trim())
+            .map(e => e.outerHTML)""")
+        assert unlabelled == [], unlabelled
+        assert errors == []
+
+        # the API docs render from the package's own Swagger UI: no request leaves 127.0.0.1
+        outside = []
+        page.on("request", lambda r: outside.append(r.url) if not r.url.startswith(url) else None)
+        page.goto(url + "/docs")
+        page.get_by_text("/search/text", exact=True).first.wait_for(timeout=30_000)
+        page.screenshot(path=str(tmp_path / "docs.png"))
+        assert outside == [] and errors == []
     assert (tmp_path / "text-search.png").stat().st_size > 10_000
     print(json.dumps({"screenshots": str(tmp_path)}))
 
