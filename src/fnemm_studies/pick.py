@@ -17,7 +17,10 @@ def main(argv: list[str]) -> int:
         print("usage: python -m fnemm_studies.pick {flickr8k,photos} BENCHMARK_OUT", file=sys.stderr)
         return 2
     try:
-        print(*best_run(argv[1])) if argv[0] == "flickr8k" else print(photo_model(argv[1]))
+        if argv[0] == "flickr8k":
+            print(*best_run(argv[1]))
+        else:
+            print(photo_model(argv[1]))
     except FnemmError as e:
         print(f"fnemm: error: {e}", file=sys.stderr)
         return 2
