@@ -38,14 +38,14 @@ from fnemm.features.cnn import build_cnn
 from fnemm.features.cnn import finetuned as cnn_file
 from fnemm.training.trunk import Trunk
 from fnemm.joint.config import FinetuneConfig, TrainConfig, validate
-from fnemm.joint.inputs import SplitData, embed_captions, split_data
+from fnemm.joint.inputs import SplitData, split_data
 from fnemm.datasets import Dataset
 from fnemm.io.errors import FnemmError
 from fnemm.features.images import resolve_paths
 from fnemm.features.store import load_features
 from fnemm.io.files import atomic_write_bytes, load_torch_data, locate, read_json, relative_to
 from fnemm.features.fne import RESIZE
-from fnemm.eval.metrics import evaluate_embeddings
+from fnemm.io.locks import folder_lock
 from fnemm.io.progress import say
 from fnemm.training.trainer import Trainer
 
@@ -63,40 +63,34 @@ class FineTuneModel(nn.Module):
         return self.joint(features.float(), tokens, lengths)
 
 
-# --- the trainer ------------------------------------------------------------------------
+# --- the image side -------------------------------------------------------------------
 
-class FineTuner(Trainer):
-    """A Trainer whose image side is a CNN reading photos (see the module's docstring)."""
+class Photos:
+    """The image side of a fine-tuning run (a trainer's ``images``; see
+    fnemm.training.trainer.FeatureRows for what one answers): the photos through the
+    CNN's trunk, its trained blocks at ``cnn_lr_scale`` x the stage's lr, saved in every
+    checkpoint, and exported as cnn.pt beside each best.pt."""
 
-    def __init__(self, config: TrainConfig, train: SplitData, val: SplitData, vocab, out_dir: Path,
-                 trunk: Trunk, banks: dict[str, ImageBank], start: dict, device: str = "cpu",
-                 quiet: bool = False, run_info: dict | None = None, checkpoint_every: float = 120.0,
-                 dist=None, export: dict | None = None):
-        self.trunk, self.banks, self.export, self.start = trunk, banks, export or {}, start
-        self.n_crops = int(self.export.get("crops", 10))
-        super().__init__(config, train, val, vocab, out_dir, device, quiet, run_info, checkpoint_every, dist)
+    def __init__(self, trunk: Trunk, banks: dict[str, ImageBank], start_model: dict, config: TrainConfig,
+                 device: str, export: dict):
+        self.trunk, self.banks, self.start_model, self.export = trunk, banks, start_model, export
+        self.finetune, self.seed, self.device = config.finetune, config.seed, device
+        self.lr_scale = config.finetune.cnn_lr_scale
+        self.n_crops = int(export.get("crops", 10))
 
-    def _build_net(self) -> nn.Module:
-        self.model.load_state_dict(self.start["model"])      # the converged frozen-feature run
+    def wrap(self, model: nn.Module) -> nn.Module:
+        model.load_state_dict(self.start_model)      # the converged frozen-feature run
         self.trunk.to(self.device)
-        return self._distribute(FineTuneModel(self.trunk, self.model, self.config.finetune.amp).to(self.device))
+        return FineTuneModel(self.trunk, model, self.finetune.amp).to(self.device)
 
-    def _new_optimizer(self) -> torch.optim.Optimizer:
-        head = super()._new_optimizer()
-        stage = min(self.state.stage, len(self.config.stages) - 1)
-        lr = self.config.stages[stage].lr * self.config.finetune.cnn_lr_scale
-        head.add_param_group({"params": self.trunk.trained_parameters(), "lr": lr, "weight_decay": 0.0})
-        return head
+    def parameters(self) -> list:
+        return self.trunk.trained_parameters()
 
-    def _parameters(self):
-        return [*self.model.parameters(), *self.trunk.trained_parameters()]
-
-    def _batch_images(self, idx: np.ndarray) -> torch.Tensor:
+    def batch(self, idx: np.ndarray, epoch: int) -> torch.Tensor:
         # each image's crop a function of (seed, epoch, image) alone: a resumed run, and every
         # process of a DDP run (which draws only its share), see the single run's crops
-        scale = (self.config.finetune.crop_scale, 1.0)
-        boxes = [random_resized_crop(np.random.default_rng((self.config.seed, self.state.epoch, int(k))), RESIZE, scale)
-                 for k in idx]
+        scale = (self.finetune.crop_scale, 1.0)
+        boxes = [random_resized_crop(np.random.default_rng((self.seed, epoch, int(k))), RESIZE, scale) for k in idx]
         return torch.from_numpy(self.banks["train"].augmented(idx, boxes)).to(self.device)
 
     def val_features(self) -> np.ndarray:
@@ -105,18 +99,15 @@ class FineTuner(Trainer):
                                                    self.n_crops, self.device)
                                for s in range(0, len(bank), per)])
 
-    def _validate(self) -> dict:
-        captions, owner = self.val_data.eval_captions(self.config.eval_captions)
+    def embed_val(self, model: nn.Module) -> torch.Tensor:
         with torch.no_grad():
-            self.model.eval()
-            img = self.model.image(torch.from_numpy(self.val_features()).to(self.device))
-        cap = embed_captions(self.model, captions, self.device)
-        return evaluate_embeddings(img, cap, owner, self.config.model.similarity)
+            model.eval()
+            return model.image(torch.from_numpy(self.val_features()).to(self.device))
 
-    def _payload(self) -> dict:
-        return {**super()._payload(), "cnn": self.trunk.trained_state()}
+    def state(self) -> dict:
+        return {"cnn": self.trunk.trained_state()}
 
-    def _restore_more(self, ckpt: dict) -> None:
+    def load_state(self, ckpt: dict) -> None:
         self.trunk.load_trained_state(ckpt["cnn"])
 
     # best.pt and cnn.pt: cnn.pt first, then best.pt naming its sha256 (a kill in between
@@ -126,22 +117,18 @@ class FineTuner(Trainer):
                                  self.trunk.preprocess.to_dict(),
                                  {"epoch": epoch, "blocks": self.trunk.blocks, "from": self.export.get("from")})
 
-    def _best_payload(self) -> dict:
-        data = self._cnn_bytes(self.state.epoch)
-        if self.main:
-            atomic_write_bytes(self.out / "cnn.pt", data)
-        payload = self._payload()
+    def best(self, payload: dict, epoch: int, out: Path) -> dict:
+        data = self._cnn_bytes(epoch)
+        atomic_write_bytes(out / "cnn.pt", data)
         sha = hashlib.sha256(data).hexdigest()
-        producer = {**payload["features"].get("producer", {}), "weights": str((self.out / "cnn.pt").resolve()),
+        producer = {**payload["features"].get("producer", {}), "weights": str((out / "cnn.pt").resolve()),
                     "weights_sha256": sha, "weights_format": "fnemm-cnn"}
-        payload["features"] = {**payload["features"], "producer": producer}
-        payload["cnn_sha256"] = sha
-        return payload
+        return {**payload, "features": {**payload["features"], "producer": producer}, "cnn_sha256": sha}
 
-    def sync_export(self) -> str:
+    def sync_export(self, out: Path) -> str:
         """Make cnn.pt the CNN of best.pt (after a kill between the two writes); its sha256."""
-        best = load_torch_data(self.out / "best.pt", "resume the run to write it again")
-        path = self.out / "cnn.pt"
+        best = load_torch_data(out / "best.pt", "resume the run to write it again")
+        path = out / "cnn.pt"
         if path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == best["cnn_sha256"]:
             return best["cnn_sha256"]
         current = self.trunk.trained_state()
@@ -152,12 +139,6 @@ class FineTuner(Trainer):
             raise FnemmError(f"{path}: cannot be re-created as best.pt recorded it; fine-tune again in a new --out")
         atomic_write_bytes(path, data)
         return best["cnn_sha256"]
-
-    def _fit(self, resume: bool) -> dict:
-        summary = super()._fit(resume)
-        if self.main:
-            summary["cnn_sha256"] = self.sync_export()
-        return summary
 
 
 # --- the entry point ----------------------------------------------------------------------
@@ -284,14 +265,19 @@ def finetune(start: str | Path, dataset: Dataset, out_dir: str | Path, *, config
                 start_file.read_bytes()).hexdigest(), "cnn": name, "images_dir": str(folder.resolve()),
                          "skipped": skipped, "trained_modules": trunk.trained_modules},
             **{k: v for k, v in (run_info or {}).items() if k not in ("features", "finetune")}}
-    trainer = FineTuner(config, splits["train"], splits["val"], vocab, Path(out_dir), trunk, banks, ckpt, device,
-                        quiet, info, checkpoint_every, dist,
-                        # the start run as seen from this run's folder: the same bytes in cnn.pt whether the
-                        # run was started or resumed, from any working directory
-                        export={"cnn": name, "crops": int(manifest.get("crops", 10)),
-                                "from": relative_to(start_file, out_dir)})
-    summary = trainer.fit(resume=resume)
-    if not quiet and (dist is None or dist.main):
+    # the start run as seen from this run's folder: the same bytes in cnn.pt whether the run
+    # was started or resumed, from any working directory
+    photos = Photos(trunk, banks, ckpt["model"], config, device,
+                    export={"cnn": name, "crops": int(manifest.get("crops", 10)),
+                            "from": relative_to(start_file, out_dir)})
+    trainer = Trainer(config, splits["train"], splits["val"], vocab, Path(out_dir), device, quiet, info,
+                      checkpoint_every, dist, images=photos)
+    main = dist is None or dist.main
+    with folder_lock(Path(out_dir), "a training run") if main else contextlib.nullcontext():
+        summary = trainer.fit(resume=resume)
+        if main:
+            summary["cnn_sha256"] = photos.sync_export(Path(out_dir))
+    if not quiet and main:
         say(f"fine-tuned CNN: {Path(out_dir) / 'cnn.pt'} (sha256 {summary.get('cnn_sha256', '')[:12]}...)")
     return summary
 

@@ -37,7 +37,8 @@ from fnemm.joint.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from fnemm.joint.checkpoint import resolve_device
 from fnemm.training import distributed
 from fnemm.joint.config import TrainConfig, validate
-from fnemm.joint.inputs import SplitData, build_vocab, embed_captions, embed_images, split_data
+from fnemm.joint.inputs import SplitData, build_vocab, embed_captions, split_data
+from fnemm.training.image_side import FeatureRows
 from fnemm.datasets import Dataset
 from fnemm.training.distributed import Dist
 from fnemm.training.optim import adam, clip_gradients
@@ -50,14 +51,6 @@ from fnemm.io.files import atomic_torch_save, atomic_write_json, atomic_write_te
 from fnemm.joint.losses import contrastive_loss
 from fnemm.joint.model import JointEmbedding
 from fnemm.joint.text import Vocab, pad_batch
-
-def validation_metrics(model: JointEmbedding, data: SplitData, per_image: int, device: str,
-                       folds: int = 1) -> dict[str, float]:
-    captions, owner = data.eval_captions(per_image)
-    img = embed_images(model, data.features, device)
-    cap = embed_captions(model, captions, device)
-    return evaluate_embeddings(img, cap, owner, model.config.similarity, folds=folds)
-
 
 @dataclass
 class TrainState:
@@ -76,7 +69,7 @@ class TrainState:
 class Trainer:
     def __init__(self, config: TrainConfig, train: SplitData, val: SplitData, vocab: Vocab,
                  out_dir: Path, device: str = "cpu", quiet: bool = False, run_info: dict | None = None,
-                 checkpoint_every: float = 120.0, dist: Dist | None = None):
+                 checkpoint_every: float = 120.0, dist: Dist | None = None, images=None):
         validate(config)
         self.config, self.train_data, self.val_data, self.vocab = config, train, val, vocab
         self.out = Path(out_dir)
@@ -92,7 +85,9 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.rng = np.random.default_rng(config.seed)
         self.model = JointEmbedding(config.model, len(vocab), train.features.shape[1]).to(self.device)
-        self.net = self._build_net()
+        # where the images come from: feature rows, or (fine-tuning) a CNN reading photos
+        self.images = images if images is not None else FeatureRows(train, val, self.device)
+        self.net = self._distribute(self.images.wrap(self.model))
         self.state = TrainState()
         self.optimizer = self._new_optimizer()
 
@@ -105,43 +100,32 @@ class Trainer:
             image = set(map(id, self.model.image.parameters()))
             groups = [{"params": [p for p in self.model.parameters() if id(p) not in image], "weight_decay": 0.0},
                       {"params": list(self.model.image.parameters()), "weight_decay": decay}]
-            return adam(torch.optim.AdamW, groups, lr)
-        return adam(torch.optim.Adam, self.model.parameters(), lr)
+            optimizer = adam(torch.optim.AdamW, groups, lr)
+        else:
+            optimizer = adam(torch.optim.Adam, self.model.parameters(), lr)
+        extra = self.images.parameters()
+        if extra:                 # the image side's own (a fine-tuned CNN's blocks)
+            optimizer.add_param_group({"params": extra, "lr": lr * self.images.lr_scale, "weight_decay": 0.0})
+        return optimizer
 
     def _payload(self) -> dict:
         return {"format": CHECKPOINT_FORMAT, "version": 1, "config": self.config.to_dict(),
                 "vocab": self.vocab.itos[2:], "feature_dim": self.model.feature_dim,
                 "features": self.run_info.get("features", {}), "preset": self.run_info.get("preset"),
-                "model": self.model.state_dict()}
-
-    # --- what a subclass (fnemm.training.finetune) changes --------------------------------
-    def _build_net(self) -> torch.nn.Module:
-        """What a batch goes through: the model, or DDP around it (several processes)."""
-        return self._distribute(self.model)
+                "model": self.model.state_dict(), **self.images.state()}
 
     def _distribute(self, module: torch.nn.Module) -> torch.nn.Module:
+        """What a batch goes through: ``module``, or DDP around it (several processes)."""
         if self.dist is None:
             return module
         from torch.nn.parallel import DistributedDataParallel
         return DistributedDataParallel(module, device_ids=[self.device] if self.device != "cpu" else None)
 
-    def _parameters(self):
-        """Every trained parameter (gradient clipping)."""
-        return self.model.parameters()
-
-    def _batch_images(self, idx: np.ndarray) -> torch.Tensor:
-        """The image side of a batch: the training images' feature rows."""
-        return torch.from_numpy(self.train_data.features[idx]).to(self.device)
-
     def _validate(self) -> dict:
-        return validation_metrics(self.model, self.val_data, self.config.eval_captions, self.device)
-
-    def _restore_more(self, ckpt: dict) -> None:
-        """What a subclass keeps in last.pt besides the model (called before the optimiser loads)."""
-
-    def _best_payload(self) -> dict:
-        """best.pt's contents (a subclass writes what belongs with it first)."""
-        return self._payload()
+        captions, owner = self.val_data.eval_captions(self.config.eval_captions)
+        img = self.images.embed_val(self.model)
+        cap = embed_captions(self.model, captions, self.device)
+        return evaluate_embeddings(img, cap, owner, self.config.model.similarity)
 
     def _forward_loss(self, images, tokens, lengths, parts, world: int, stage) -> torch.Tensor:
         img, cap = self.net(images, tokens.to(self.device), lengths)
@@ -184,7 +168,7 @@ class Trainer:
         try:
             self.model.load_state_dict(ckpt["model"])
             self.state = TrainState(**ckpt["state"])
-            self._restore_more(ckpt)
+            self.images.load_state(ckpt)
         except (KeyError, TypeError, RuntimeError) as e:
             raise FnemmError(f"{self.out / 'last.pt'}: damaged or from another fnemm ({type(e).__name__}); "
                              f"start the run again in a new --out") from None
@@ -242,13 +226,13 @@ class Trainer:
             if self.dist is not None:         # this process's share of the (global) batch
                 parts = distributed.shares(len(idx), world)
                 idx, pick = idx[parts[self.dist.rank]], pick[parts[self.dist.rank]]
-            images = self._batch_images(idx)
+            images = self.images.batch(idx, self.state.epoch)
             tokens, lengths = pad_batch([data.captions[k][p] for k, p in zip(idx, pick)])
             loss = self._forward_loss(images, tokens, lengths, parts if self.dist is not None else None,
                                       world, stage)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            clip_gradients(self._parameters(), self.config.grad_clip, self.config.grad_clip_mode)
+            clip_gradients([*self.model.parameters(), *self.images.parameters()], self.config.grad_clip, self.config.grad_clip_mode)
             self.optimizer.step()
             total += loss.item() / world
             batches += 1
@@ -268,7 +252,7 @@ class Trainer:
                 distributed.barrier()          # the first process has written it
             best = load_torch_data(self.out / "best.pt", "resume the run to write it again")
             self.model.load_state_dict(best["model"])
-            self._restore_more(best)
+            self.images.load_state(best)
             self.optimizer = self._new_optimizer()
         else:
             st.done = True
@@ -310,7 +294,8 @@ class Trainer:
                 st.best_rsum, st.best_epoch = val["rsum"], st.epoch
                 if self.main:
                     atomic_torch_save(self.out / "best.pt", record=True,
-                                      obj={**self._best_payload(), "epoch": st.epoch, "stage": st.stage + 1, "val": val})
+                                      obj={**self.images.best(self._payload(), st.epoch, self.out), "epoch": st.epoch,
+                                           "stage": st.stage + 1, "val": val})
             st.history.append({"epoch": st.epoch, "stage": st.stage + 1, "stage_epoch": st.stage_epoch,
                                "lr": self.config.stages[st.stage].lr, "loss": loss, "val": val,
                                "best": improved, "time_s": round(time.perf_counter() - t0, 3)})
