@@ -46,11 +46,16 @@ class SameConv2d(nn.Conv2d):
     """A convolution padded as TensorFlow's 'SAME': output size ceil(input / stride)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pads = []
-        for size, k, s in zip(reversed(x.shape[-2:]), reversed(self.kernel_size), reversed(self.stride)):
+        # the symmetric part of the padding inside the convolution (no padded copy of the
+        # input: the same numbers, faster), the extra end pixel, if any, by F.pad
+        inside, extra = [], []
+        for size, k, s in zip(x.shape[-2:], self.kernel_size, self.stride):
             total = max((math.ceil(size / s) - 1) * s + k - size, 0)
-            pads += [total // 2, total - total // 2]
-        return super().forward(F.pad(x, pads) if any(pads) else x)
+            inside.append(total // 2)
+            extra.append(total - 2 * (total // 2))
+        if any(extra):
+            x = F.pad(x, (0, extra[1], 0, extra[0]))
+        return F.conv2d(x, self.weight, self.bias, self.stride, tuple(inside), self.dilation, self.groups)
 
 
 class MBConv(nn.Module):
