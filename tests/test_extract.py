@@ -195,6 +195,26 @@ def test_piped_extraction_prints_progress_lines_with_a_total(images, tmp_path):
     assert quiet.returncode == 0 and "extract: " not in quiet.stdout
 
 
+def test_quiet_holds_for_everything_a_call_runs(images, tmp_path, capsys, monkeypatch):
+    """quiet=True at the entry (extract) silences what it calls (the forward pass's and the
+    assembly's progress lines, its messages), and nothing after it returns."""
+    from fnemm.io import progress
+    monkeypatch.setenv("FNEMM_PROGRESS_EVERY", "0")          # a line every tenth: no clock needed
+    monkeypatch.setattr(progress, "lines_on", lambda: True)  # as if stdout were a log
+    folder, data = images
+    extract(folder, tmp_path / "q", load_dataset(data), TINY, quiet=True)
+    assert capsys.readouterr().out == "" and not progress.is_quiet()
+    extract(folder, tmp_path / "loud", load_dataset(data), TINY)
+    assert "extract: 13/13 img (100%)" in capsys.readouterr().out
+    extract(folder, tmp_path / "q", load_dataset(data), TINY)            # complete: reused, and says so
+    assert "reusing it" in capsys.readouterr().out
+    with progress.quieted():
+        with progress.quieted(False):            # an inner block does not undo an outer quiet
+            progress.say("hidden")
+    progress.say("shown")
+    assert capsys.readouterr().out == "shown\n"
+
+
 @pytest.mark.parametrize("point", ["assemble-stats", "assemble-arrays"])
 def test_an_interrupted_reassembly_is_never_reused(images, tmp_path, point):
     """Killed while re-standardising with other thresholds, the store must not be taken

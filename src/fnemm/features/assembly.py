@@ -17,7 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-from fnemm.io.progress import bar
+from fnemm.io.progress import bar, quieted
 
 from fnemm.features.cnn import TappedCNN, tap_groups
 from fnemm.io.errors import FnemmError
@@ -36,30 +36,29 @@ def block_rows(width: int) -> int:
     return max(16, BLOCK_BYTES // (8 * max(width, 1)))
 
 
-def _blocks(n: int, width: int, what: str, quiet: bool):
+def _blocks(n: int, width: int, what: str):
     """Block starts over n rows, with a progress bar when there is more than one block."""
     step = block_rows(width)
-    return bar(range(0, n, step), desc=what, unit="block", quiet=quiet or n <= step), step
+    return bar(range(0, n, step), desc=what, unit="block", quiet=n <= step), step
 
 
-def train_statistics(raw: np.ndarray, rows: np.ndarray, quiet: bool = True) -> RunningStats:
+def train_statistics(raw: np.ndarray, rows: np.ndarray) -> RunningStats:
     """Mean/std over ``rows`` of ``raw`` (sorted row numbers), streamed in blocks."""
     stats = RunningStats()
-    starts, step = _blocks(len(rows), raw.shape[1], "statistics", quiet)
+    starts, step = _blocks(len(rows), raw.shape[1], "statistics")
     for b in starts:
         stats.update(raw[rows[b:b + step]])
     return stats
 
 
-def _write_arrays(folder: Path, n: int, columns: dict[str, tuple[type, int]], fill, quiet: bool,
-                  width: int) -> None:
+def _write_arrays(folder: Path, n: int, columns: dict[str, tuple[type, int]], fill, width: int) -> None:
     """``folder/NAME.npy`` for each of ``columns`` {name: (dtype, width)}, n rows written block
     by block from ``fill(rows) -> {name: block}`` in one pass (blocks of the raw ``width``),
     each renamed into place at the end."""
     tmps = {name: folder / f".{name}.npy.tmp" for name in columns}
     arrays = {name: np.lib.format.open_memmap(tmps[name], mode="w+", dtype=dtype, shape=(n, width))
               for name, (dtype, width) in columns.items()}
-    starts, step = _blocks(n, width, "+".join(columns), quiet)
+    starts, step = _blocks(n, width, "+".join(columns))
     for b in starts:
         for name, block in fill(slice(b, b + step)).items():
             arrays[name][b:b + step] = block
@@ -182,8 +181,7 @@ PRODUCER_FIELDS = ("cnn", "weights", "weights_sha256", "weights_format", "quant"
 
 
 def assemble(out: Path, producer: dict, state: dict, recipe: Recipe, train_ids: set[str] | None = None,
-             stats_from: Path | None = None, raw_dir: Path | None = None, info: dict | None = None,
-             quiet: bool = True) -> dict:
+             stats_from: Path | None = None, raw_dir: Path | None = None, info: dict | None = None) -> dict:
     """Statistics, the recipe's ``fne.npy``, the baseline ``fc7.npy`` and the manifest of the
     store ``out``, from the raw activations in ``raw_dir`` (default ``out``) of the images
     ``state['image_ids']``. Statistics come from the rows of ``train_ids``, or from the
@@ -209,7 +207,7 @@ def assemble(out: Path, producer: dict, state: dict, recipe: Recipe, train_ids: 
         if len(rows) == 0:
             raise FnemmError(f"{out}: none of the extracted images is in the training split, so there are "
                              f"no statistics to standardise with; check --dataset, or pass --stats STORE")
-        stats = train_statistics(raw, rows, quiet)
+        stats = train_statistics(raw, rows)
         mean, std = stats.mean, stats.std
         stats_info = {"file": "stats.npy", "split": "train", "images": int(stats.count)}
     encoder = Encoder.build(recipe, mean, std, producer["taps"], producer["groups"], producer["baseline"]["tap"],
@@ -240,7 +238,7 @@ def assemble(out: Path, producer: dict, state: dict, recipe: Recipe, train_ids: 
         return block
 
     width = encoder.baseline.stop - encoder.baseline.start
-    _write_arrays(out, len(ids), {"fne": (recipe.dtype, encoder.width), "fc7": (np.float32, width)}, fill, quiet,
+    _write_arrays(out, len(ids), {"fne": (recipe.dtype, encoder.width), "fc7": (np.float32, width)}, fill,
                   raw.shape[1])
     fault("assemble-arrays")
     if counts.sum():
@@ -278,7 +276,8 @@ def derive_store(base: str | Path, out: str | Path, train_ids: set[str], recipe:
     info = {**wanted, **{k: manifest[k] for k in ("dataset", "images_dir", "image_ids_sha256") if k in manifest}}
     if images := locate(base, manifest.get("images_dir_relative"), manifest.get("images_dir")):
         info["images_dir_relative"] = relative_to(images, out)
-    return assemble(out, producer, state, recipe, train_ids=train_ids, raw_dir=base, info=info, quiet=quiet)
+    with quieted(quiet):
+        return assemble(out, producer, state, recipe, train_ids=train_ids, raw_dir=base, info=info)
 
 
 def ids_sha(ids) -> str | None:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from fnemm.io.progress import bar as progress_bar, say
+from fnemm.io.progress import bar as progress_bar, quieted, say
 
 from fnemm.features.assembly import assemble, damaged_files, ids_sha, producer_of
 from fnemm.features.store import FORMAT
@@ -62,7 +62,7 @@ def _identity(cnn: TappedCNN, config: ExtractConfig, ids: list[str]) -> dict:
 
 
 def _run_chunks(cnn: TappedCNN, paths: list[Path | None], ids: list[str], config: ExtractConfig,
-                partial: Path, quiet: bool) -> None:
+                partial: Path) -> None:
     n, size = len(ids), config.chunk_size
     chunks = [(c, range(c * size, min((c + 1) * size, n))) for c in range((n + size - 1) // size)]
     todo = [(c, r) for c, r in chunks if not (partial / f"chunk-{c:05d}.json").exists()]
@@ -77,7 +77,7 @@ def _run_chunks(cnn: TappedCNN, paths: list[Path | None], ids: list[str], config
     kept: list[str] = []
     skipped: dict[str, str] = {}
     converted: dict[str, str] = {}
-    bar = progress_bar(total=n, initial=done_images, unit="img", desc="extract", quiet=quiet, smoothing=0.1)
+    bar = progress_bar(total=n, initial=done_images, unit="img", desc="extract", smoothing=0.1)
     with bar:
         for batch in loader:
             good = [(k, c) for k, c, why, _ in batch if why is None]
@@ -250,8 +250,8 @@ def _which_images(images: Path, dataset: Dataset | None, ids: list[str] | None, 
     return ids, train_ids, {}
 
 
-def _forward(cnn: TappedCNN, images: Path, ids: list[str], config: ExtractConfig, out: Path, identity: dict,
-             quiet: bool) -> dict:
+def _forward(cnn: TappedCNN, images: Path, ids: list[str], config: ExtractConfig, out: Path,
+             identity: dict) -> dict:
     """The forward pass (resuming its committed chunks), joined into raw.npy: the state to assemble."""
     partial = out / ".partial"
     (out / "manifest.json").unlink(missing_ok=True)    # it vouches for nothing any more
@@ -261,10 +261,10 @@ def _forward(cnn: TappedCNN, images: Path, ids: list[str], config: ExtractConfig
     n_chunks = (len(ids) + config.chunk_size - 1) // config.chunk_size
     if config.ray is not None:     # the same chunks, on a Ray cluster (fnemm.features.ray)
         from fnemm.features.ray import run_chunks_ray
-        run_chunks_ray(config, resolve_paths(images, ids), ids, partial, cnn.dim, quiet,
+        run_chunks_ray(config, resolve_paths(images, ids), ids, partial, cnn.dim,
                        lambda *a: _commit(partial, cnn.dim, *a))
     else:
-        _run_chunks(cnn, resolve_paths(images, ids), ids, config, partial, quiet)
+        _run_chunks(cnn, resolve_paths(images, ids), ids, config, partial)
     return _join_chunks(partial, n_chunks, cnn.dim, out)
 
 
@@ -278,8 +278,14 @@ def extract(images: str | Path, out: str | Path, dataset: Dataset | None = None,
     Statistics come from the dataset's training split, else from the images named in
     ``train_list``, else from another store (``stats_from``). Without a dataset, ``ids``
     (paths relative to ``images``) chooses the images instead of all of them. A complete store is reused
-    when its files are intact: sizes are checked, and with ``verify`` their sha256."""
-    images, out = Path(images), Path(out)
+    when its files are intact: sizes are checked, and with ``verify`` their sha256.
+    ``quiet``: no progress and no messages (warnings still)."""
+    with quieted(quiet):
+        return _extract(Path(images), Path(out), dataset, config, stats_from, train_list, verify, ids)
+
+
+def _extract(images: Path, out: Path, dataset: Dataset | None, config: ExtractConfig, stats_from, train_list,
+             verify: bool, ids: list[str] | None) -> ExtractResult:
     _check(config)
     ids, train_ids, info = _which_images(images, dataset, ids, train_list, stats_from)
     keep_freed_memory()
@@ -301,8 +307,7 @@ def extract(images: str | Path, out: str | Path, dataset: Dataset | None = None,
     with folder_lock(out, "a feature store"):
         todo = plan(out, identity, assembly, verify)
         if todo.action == "reuse":
-            if not quiet:
-                say(f"{out}: complete ({len(todo.manifest['image_ids'])} images); reusing it")
+            say(f"{out}: complete ({len(todo.manifest['image_ids'])} images); reusing it")
             m = todo.manifest
             return ExtractResult(out, m, len(m["image_ids"]), len(m["skipped"]), True)
         partial = out / ".partial"
@@ -313,17 +318,16 @@ def extract(images: str | Path, out: str | Path, dataset: Dataset | None = None,
             atomic_write_json(partial / "job.json", identity)
             atomic_write_json(partial / "raw.json", todo.state)
             (out / "manifest.json").unlink()
-            if not quiet:
-                say(f"{out}: {todo.reason}; re-assembling from raw.npy (no forward pass)")
+            say(f"{out}: {todo.reason}; re-assembling from raw.npy (no forward pass)")
         state = todo.state
         if todo.action == "forward":
-            if todo.reason and not quiet:
+            if todo.reason:
                 say(f"{out}: {todo.reason}")
-            state = _forward(cnn, images, ids, config, out, identity, quiet)
+            state = _forward(cnn, images, ids, config, out, identity)
         if not state["image_ids"]:
             raise FnemmError(f"{images}: none of the {len(ids)} images could be read "
                              f"(e.g. {next(iter(state['skipped'].items()))}); check --images")
         manifest = assemble(out, producer_of(cnn, config.crops), state, config.recipe, train_ids,
-                            Path(stats_from) if stats_from else None, info=info, quiet=quiet)
+                            Path(stats_from) if stats_from else None, info=info)
         shutil.rmtree(partial)
         return ExtractResult(out, manifest, len(state["image_ids"]), len(state["skipped"]))

@@ -107,7 +107,7 @@ def connect(address: str | None):
     return ray
 
 
-def run_chunks_ray(config, paths: list[Path | None], ids: list[str], partial: Path, dim: int, quiet: bool,
+def run_chunks_ray(config, paths: list[Path | None], ids: list[str], partial: Path, dim: int,
                    commit) -> None:
     """The missing chunks of ``partial`` on Ray; ``commit(chunk, rows, kept, skipped, converted)``
     writes each one (extraction's own writer)."""
@@ -148,7 +148,7 @@ def run_chunks_ray(config, paths: list[Path | None], ids: list[str], partial: Pa
                                                           "precision": config.precision})
     waiting: dict[int, dict[int, tuple[np.ndarray, dict]]] = {c: {} for c in todo}
     done_images = n - sum(len(chunks[c]) for c in todo)
-    bar = progress_bar(total=n, initial=done_images, unit="img", desc="extract (ray)", quiet=quiet, smoothing=0.1)
+    bar = progress_bar(total=n, initial=done_images, unit="img", desc="extract (ray)", smoothing=0.1)
     with bar:
         for row in ds.iter_rows():
             c, b = int(row["chunk"]), int(row["batch"])

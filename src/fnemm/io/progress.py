@@ -12,6 +12,8 @@ tenth, however quick). Lines that are not progress go through :func:`say` (the
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import os
 import sys
@@ -39,10 +41,32 @@ def lines_on() -> bool:
     return os.environ.get(ENV, "auto") != "off" and not sys.stdout.isatty()
 
 
+# A function's ``quiet=True`` holds for everything it calls, in this thread (and the
+# tasks it starts): set once at the edge, not passed down every signature.
+_QUIET = contextvars.ContextVar("fnemm_quiet", default=False)
+
+
+@contextlib.contextmanager
+def quieted(on: bool = True):
+    """Within the block: no bars, no progress lines and no :func:`say` lines, when ``on``
+    (a quiet block inside stays quiet; ``on=False`` changes nothing)."""
+    token = _QUIET.set(_QUIET.get() or bool(on))
+    try:
+        yield
+    finally:
+        _QUIET.reset(token)
+
+
+def is_quiet() -> bool:
+    """Whether the code running now was asked to be quiet (:func:`quieted`)."""
+    return _QUIET.get()
+
+
 def bar(iterable=None, quiet: bool = False, every: float | None = None, **kwargs):
     """A tqdm bar drawn when bars are on, and whole lines written to stdout when it is a
-    log; neither when ``quiet``. Takes tqdm's arguments (total, initial, desc, unit...);
-    ``every``: seconds between log lines, when not the default."""
+    log; neither when ``quiet`` or inside :func:`quieted`. Takes tqdm's arguments (total,
+    initial, desc, unit...); ``every``: seconds between log lines, when not the default."""
+    quiet = quiet or is_quiet()
     drawn = tqdm(iterable, disable=quiet or not bars_on(), **kwargs)
     if quiet or not lines_on():
         return drawn
@@ -154,5 +178,6 @@ if not any(isinstance(h, _Lines) for h in log.handlers):
 
 def say(text: str, file=None) -> None:
     """A whole line through the ``fnemm`` logger (on stdout, or ``file``), between bar
-    redraws when one is drawn."""
-    log.info(text, extra={"file": file})
+    redraws when one is drawn; nothing inside :func:`quieted`."""
+    if not is_quiet():
+        log.info(text, extra={"file": file})

@@ -29,6 +29,7 @@ from fnemm.datasets import Dataset
 from fnemm.features.fne import as_seen
 from fnemm.io.errors import Conflict, FnemmError, NoMatch, NotFound
 from fnemm.io.files import locate
+from fnemm.io.progress import quieted
 from fnemm.search.index_folder import embed_gallery, select_gallery
 from fnemm.search.vector_index import VectorIndex
 
@@ -90,7 +91,8 @@ class Gallery:
         opened = open_model(checkpoint, features, device, ids)
         store = opened.features
         image_ids, captions = select_gallery(store, dataset, split)
-        images, texts = embed_gallery(opened, store, image_ids, captions)   # the store read block by block
+        with quieted():             # a search's set-up, not a job: no progress lines
+            images, texts = embed_gallery(opened, store, image_ids, captions)   # the store read block by block
         caption_index = VectorIndex.build(texts, "exact") if captions else None
         images_dir = locate(features, store.manifest.get("images_dir_relative"), store.manifest.get("images_dir")) \
             if Path(features).is_dir() else None

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from fnemm.io.progress import bar, say
+from fnemm.io.progress import bar, is_quiet, quieted, say
 
 from fnemm.joint.checkpoint import checkpoint_file, open_model
 from fnemm.joint.inputs import embed_captions, embed_images
@@ -118,7 +118,7 @@ def _relative_paths(out: Path, checkpoint: Path, features: Path, store) -> dict:
             **({"images_dir_relative": relative_to(images, out)} if images else {})}
 
 
-def embed_gallery(opened, store, gallery: list[str], captions: list[tuple[str, str]], quiet: bool = True,
+def embed_gallery(opened, store, gallery: list[str], captions: list[tuple[str, str]],
                   images: np.ndarray | None = None, texts: np.ndarray | None = None):
     """(image embeddings, caption embeddings) of a gallery, ``BLOCK`` rows at a time: the
     store's rows are read a block at a time (never the whole gallery's features at once),
@@ -127,10 +127,10 @@ def embed_gallery(opened, store, gallery: list[str], captions: list[tuple[str, s
     rows = store.rows_for(gallery, "the gallery")
     images = np.empty((len(gallery), dim), np.float32) if images is None else images
     texts = np.empty((len(captions), dim), np.float32) if texts is None else texts
-    for s in bar(range(0, len(rows), BLOCK), desc="embed images", unit="block", quiet=quiet or len(rows) <= BLOCK):
+    for s in bar(range(0, len(rows), BLOCK), desc="embed images", unit="block", quiet=len(rows) <= BLOCK):
         images[s:s + BLOCK] = embed_images(model, np.asarray(store.array[rows[s:s + BLOCK]]), device).cpu().numpy()
     for s in bar(range(0, len(captions), BLOCK), desc="embed captions", unit="block",
-                 quiet=quiet or len(captions) <= BLOCK):
+                 quiet=len(captions) <= BLOCK):
         tokens = [vocab.encode(c) for _, c in captions[s:s + BLOCK]]
         texts[s:s + BLOCK] = embed_captions(model, tokens, device).cpu().numpy()
     return images, texts
@@ -146,12 +146,10 @@ def _mapped(files: ExitStack, path: Path, shape: tuple[int, int]) -> np.ndarray:
 
 
 def _write_side(out: Path, side: str, items: np.ndarray, queries: np.ndarray, tuned_on: str,
-                query_is_caption: bool, similarity: str, method: str, threshold: int, target: float,
-                quiet: bool) -> dict:
+                query_is_caption: bool, similarity: str, method: str, threshold: int, target: float) -> dict:
     """Build, tune and write one side (its embeddings, and its faiss index if approximate)."""
-    if not quiet:
-        say(f"index {side}: {len(items)} vectors ...")
-    index = VectorIndex.build(items, method, threshold, progress=not quiet)
+    say(f"index {side}: {len(items)} vectors ...")
+    index = VectorIndex.build(items, method, threshold, progress=not is_quiet())
     if len(queries) == 0:                 # no captions: images query their own side
         queries = items
         tuned_on = "the images themselves (no captions: --tune-queries FILE is closer to text)"
@@ -186,13 +184,12 @@ def build_index(checkpoint: str | Path, features: str | Path, out: str | Path, *
         raise FnemmError(f"{checkpoint_file(checkpoint).parent}: still being trained ({writer}); its best.pt may "
                          f"change: index it once the training ends")
     opened = open_model(checkpoint, features, device, ids)
-    with folder_lock(out, "an index"):
-        return _build(opened, features, out, dataset, split, ids, method, threshold, target_recall, quiet,
-                      tune_queries, t0)
+    with folder_lock(out, "an index"), quieted(quiet):
+        return _build(opened, features, out, dataset, split, ids, method, threshold, target_recall, tune_queries, t0)
 
 
 def _build(opened, features: Path, out: Path, dataset, split: str, ids, method: str, threshold: int,
-           target_recall: float, quiet: bool, tune_queries: list[str] | None, t0: float) -> dict:
+           target_recall: float, tune_queries: list[str] | None, t0: float) -> dict:
     store = opened.features
     gallery, captions = select_gallery(store, dataset, split)
     request = _request(opened, features, store, dataset, split, ids, method, threshold, target_recall, tune_queries)
@@ -204,8 +201,7 @@ def _build(opened, features: Path, out: Path, dataset, split: str, ids, method: 
             previous = {}
         if (previous.get("request"), previous.get("format"), previous.get("version")) == (request, FORMAT, VERSION) \
                 and _files_intact(out, previous.get("files", {}), hashes=True) is None:
-            if not quiet:
-                say(f"{out}: index up to date (same checkpoint, features and options; files intact)")
+            say(f"{out}: index up to date (same checkpoint, features and options; files intact)")
             return previous
 
     out.mkdir(parents=True, exist_ok=True)
@@ -215,7 +211,7 @@ def _build(opened, features: Path, out: Path, dataset, split: str, ids, method: 
         image_emb = _mapped(files, out / "images.npy", (len(gallery), dim))
         caption_emb = _mapped(files, out / "captions.npy", (len(captions), dim)) if captions else \
             np.empty((0, dim), np.float32)
-        embed_gallery(opened, store, gallery, captions, quiet, image_emb, caption_emb)
+        embed_gallery(opened, store, gallery, captions, image_emb, caption_emb)
         query_emb, image_queries = caption_emb, "the dataset's captions"
         if tune_queries:
             image_queries = "--tune-queries"
@@ -223,7 +219,7 @@ def _build(opened, features: Path, out: Path, dataset, split: str, ids, method: 
             query_emb = embed_captions(opened.model, [opened.vocab.encode(q) for q in picked],
                                        opened.device).cpu().numpy()
         common = {"similarity": opened.similarity_kind, "method": method, "threshold": threshold,
-                  "target": target_recall, "quiet": quiet}
+                  "target": target_recall}
         sides = {"images": _write_side(out, "images", image_emb, query_emb, image_queries, True, **common),
                  "captions": _write_side(out, "captions", caption_emb, image_emb, "the gallery's images", False,
                                          **common) if captions else None}
