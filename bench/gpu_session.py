@@ -16,6 +16,8 @@ decoding, forward pass and assembly; images/s = photos / wall seconds):
   for --ft-epochs epochs, seconds per epoch from its metrics (validation included);
 - what crashed on GPUs (issue 23): torchrun training through NCCL past epoch 1, and a
   run killed after epoch 1 resumed on the GPU to an unbroken run's weights;
+- concurrent photo uploads (issue 26): bench/upload_speed.py, shared forward passes
+  (the service's GPU default) against one pass each;
 - the paper's Flickr8K benchmark (issue 22): extraction of the kit's images-224 photos
   with MobileNetV2 and EfficientNet-Lite0, and bench/train_speed.py's step of
   flickr8k/FNE-MH at 17,056 and 21,008 features and flickr8k/FC7-MH at 1,280.
@@ -136,6 +138,12 @@ def main() -> None:
                     f"on {info['n_val']} x 10 crops): {info['n_train'] / per:.1f} training photos/s incl. "
                     f"validation; val rsum {run['val_rsum']}")
         _ddp_and_resume(fnemm, say, summary, base, dataset, work, args.device, new_env)
+        # concurrent uploads: shared forward passes against one each (the service's GPU default)
+        cmd = [sys.executable, str(ROOT / "bench" / "upload_speed.py"), "--store", str(base), "--photos", str(images),
+               "--device", args.device, "--requests", "48", "--clients", "16"]
+        done = subprocess.run(cmd, env=new_env, capture_output=True, text=True)
+        summary["runs"]["upload-speed"] = {"rc": done.returncode, "out": (done.stdout + done.stderr)[-900:]}
+        say("upload_speed:\n  " + "\n  ".join((done.stdout + done.stderr).strip().splitlines()[-6:]))
     _flickr8k_224(fnemm, say, summary, data, work, args, new_env)
     say("done")
 

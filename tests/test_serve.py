@@ -276,6 +276,71 @@ def test_image_search_endpoint(client, built):
     assert png.status_code == 200 and len(png.json()["results"]) == 10
 
 
+def _at_once(encoder, files):
+    """encoder.encode of each file in a thread of its own, all queued before the first
+    forward pass starts (the test holds the CNN's turn until every thread waits)."""
+    import threading
+    import time
+    results, errors = [None] * len(files), [None] * len(files)
+
+    def one(k):
+        try:
+            results[k] = encoder.encode(files[k])
+        except Exception as e:  # noqa: BLE001 - handed to the test
+            errors[k] = e
+    threads = [threading.Thread(target=one, args=(k,)) for k in range(len(files))]
+    with encoder._lock:
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 120
+        while len(encoder._waiting) < len(files):       # a condition, not a guess at timing
+            assert time.monotonic() < deadline, "the threads never queued"
+            time.sleep(0.001)
+    for t in threads:
+        t.join()
+    return results, errors
+
+
+def test_images_encoded_at_once_share_a_forward_pass(built):
+    """Concurrent uploads go through the CNN together, each row as it is alone; an error
+    in a shared pass reaches every image of it."""
+    from fnemm.features import encode
+    out, _ = built
+    encoder = encode.StoreEncoder(out / "features")
+    assert encoder.batch_size == 1                    # on a CPU: one pass each (see StoreEncoder)
+    encoder.batch_size = 3                            # as on a GPU, smaller
+    files = sorted((DATA / "flickr8k" / "images").glob("*.jpg"))[:5]
+    alone = [encoder.encode(f) for f in files]
+    passes = []
+    forward = encoder._forward
+    encoder._forward = lambda batch: (passes.append(len(batch)), forward(batch))
+    together, errors = _at_once(encoder, files)
+    assert errors == [None] * len(files)
+    assert passes == [3, 2]                           # every waiting image, a batch at a time
+    for a, b in zip(alone, together):
+        # the same features up to the rounding that batch-mates already move a store's rows by
+        # (int8-grid steps flipped by float sums in another order): cosine above 0.999
+        for name in ("raw", "fne", "fc7"):
+            x, y = a[name].astype(np.float64).ravel(), b[name].astype(np.float64).ravel()
+            cos = x @ y / np.sqrt((x @ x) * (y @ y))
+            assert cos > 0.999, (name, cos)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory in the CNN")
+    encoder._forward, encode.forward_images = forward, broken
+    try:
+        _, errors = _at_once(encoder, files[:3])
+    finally:
+        encode.forward_images = forward_images_of(encode)
+    assert [str(e) for e in errors] == ["out of memory in the CNN"] * 3
+    assert encoder._waiting == [] and encoder.encode(files[0])["fne"].shape == alone[0]["fne"].shape
+
+
+def forward_images_of(module):
+    from fnemm.features.images import forward_images
+    return forward_images
+
+
 def big_dimensions_png(width: int = 8000, height: int = 8000) -> bytes:
     """A PNG that declares width x height: a real one, or (too big to make) a 1x1 PNG
     whose header says so, its checksum fixed."""
