@@ -25,6 +25,7 @@ from fnemm.io.faults import fault
 from fnemm.features.store import FORMAT, RAW_KEYS, write_manifest
 from fnemm.io.files import atomic_save_npy, cached_sha256, check_sha256, locate, read_json, relative_to, sha256_file
 from fnemm.features.fne import CROP, RESIZE, THRESHOLDS, RunningStats
+from fnemm.features.images import return_freed_memory
 from fnemm.features.pca import fit_pca_streamed
 from fnemm.features.recipe import Encoder, Recipe, select_layers
 
@@ -213,6 +214,7 @@ def assemble(out: Path, producer: dict, state: dict, recipe: Recipe, train_ids: 
     encoder = Encoder.build(recipe, mean, std, producer["taps"], producer["groups"], producer["baseline"]["tap"],
                             pca)
     if recipe.pca and pca is None:
+        return_freed_memory()               # passes over stored rows: no heap growing with the blocks
         step = block_rows(raw.shape[1])
         encoder.pca = fit_pca_streamed(lambda: (encoder.features(raw[rows[b:b + step]])
                                                 for b in range(0, len(rows), step)), recipe.pca)

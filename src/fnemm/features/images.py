@@ -86,6 +86,22 @@ def keep_freed_memory() -> None:
         pass                                # not glibc: nothing to tune
 
 
+def return_freed_memory() -> None:
+    """The opposite of :func:`keep_freed_memory`, for passes that stream stored rows (no
+    forward pass to keep fast): blocks of 4 MiB and more go back to the OS when freed,
+    instead of glibc's dynamic thresholds keeping more of each block's temporaries in its
+    heap as the blocks go by (--pca with EfficientNet-Lite0's layout: 1,051 -> 1,155 MB
+    from 4,000 to 8,000 images with glibc's defaults, 1,024 -> 1,071 MB with these; numpy's
+    live arrays 530 -> 550 MB either way)."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 4 << 20)           # M_MMAP_THRESHOLD: fixed, not raised by each free
+        libc.mallopt(-1, 4 << 20)           # M_TRIM_THRESHOLD: give the heap's top back
+    except (OSError, AttributeError):
+        pass                                # not glibc: nothing to tune
+
+
 def _worker_init(parent: int, _):
     """A decoding process: one thread, and it dies with the job (as kill -9 would kill
     the job's main process alone, its workers would sleep on forever, holding memory)."""
