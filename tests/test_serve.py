@@ -280,8 +280,14 @@ def _at_once(encoder, files):
     """encoder.encode of each file in a thread of its own, all queued before the first
     forward pass starts (the test holds the CNN's turn until every thread waits)."""
     import threading
-    import time
     results, errors = [None] * len(files), [None] * len(files)
+    queued = threading.Semaphore(0)
+
+    class Queue(list):                 # the encoder's waiting list, telling the test of each image
+        def append(self, item):
+            super().append(item)
+            queued.release()
+    encoder._waiting = Queue()
 
     def one(k):
         try:
@@ -292,16 +298,14 @@ def _at_once(encoder, files):
     with encoder._lock:
         for t in threads:
             t.start()
-        deadline = time.monotonic() + 120
-        while len(encoder._waiting) < len(files):       # a condition, not a guess at timing
-            assert time.monotonic() < deadline, "the threads never queued"
-            time.sleep(0.001)
+        for _ in files:                                  # every thread has queued its image
+            assert queued.acquire(timeout=300), "a thread never queued its image"
     for t in threads:
         t.join()
     return results, errors
 
 
-def test_images_encoded_at_once_share_a_forward_pass(built):
+def test_images_encoded_at_once_share_a_forward_pass(built, monkeypatch):
     """Concurrent uploads go through the CNN together, each row as it is alone; an error
     in a shared pass reaches every image of it."""
     from fnemm.features import encode
@@ -327,18 +331,12 @@ def test_images_encoded_at_once_share_a_forward_pass(built):
 
     def broken(*args, **kwargs):
         raise RuntimeError("out of memory in the CNN")
-    encoder._forward, encode.forward_images = forward, broken
-    try:
+    encoder._forward = forward
+    with monkeypatch.context() as patch:
+        patch.setattr(encode, "forward_images", broken)
         _, errors = _at_once(encoder, files[:3])
-    finally:
-        encode.forward_images = forward_images_of(encode)
     assert [str(e) for e in errors] == ["out of memory in the CNN"] * 3
     assert encoder._waiting == [] and encoder.encode(files[0])["fne"].shape == alone[0]["fne"].shape
-
-
-def forward_images_of(module):
-    from fnemm.features.images import forward_images
-    return forward_images
 
 
 def big_dimensions_png(width: int = 8000, height: int = 8000) -> bytes:
