@@ -77,13 +77,7 @@ def keep_freed_memory() -> None:
     """Ask glibc to keep freed blocks for reuse instead of returning every large
     activation map to the OS: otherwise each forward pass page-faults its maps in
     anew (measured: 11 s of 53 s in the kernel, ~2x fewer crops/s for MobileNetV2)."""
-    try:
-        import ctypes
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 30)           # M_MMAP_THRESHOLD: heap, not mmap, below 1 GiB
-        libc.mallopt(-1, (1 << 31) - 1)     # M_TRIM_THRESHOLD: do not trim the heap back
-    except (OSError, AttributeError):
-        pass                                # not glibc: nothing to tune
+    _malloc_thresholds(mmap=1 << 30, trim=(1 << 31) - 1)    # heap below 1 GiB, never trimmed back
 
 
 def return_freed_memory() -> None:
@@ -93,11 +87,18 @@ def return_freed_memory() -> None:
     heap as the blocks go by (--pca with EfficientNet-Lite0's layout: 1,051 -> 1,155 MB
     from 4,000 to 8,000 images with glibc's defaults, 1,024 -> 1,071 MB with these; numpy's
     live arrays 530 -> 550 MB either way)."""
+    _malloc_thresholds(mmap=4 << 20, trim=4 << 20)          # fixed, not raised by each free
+
+
+def _malloc_thresholds(mmap: int, trim: int) -> None:
+    """glibc's M_MMAP_THRESHOLD (blocks at least this big are mapped, and unmapped when
+    freed) and M_TRIM_THRESHOLD (free heap top kept up to this); setting them ends glibc's
+    dynamic adjustment of both."""
     try:
         import ctypes
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 4 << 20)           # M_MMAP_THRESHOLD: fixed, not raised by each free
-        libc.mallopt(-1, 4 << 20)           # M_TRIM_THRESHOLD: give the heap's top back
+        libc.mallopt(-3, mmap)              # M_MMAP_THRESHOLD
+        libc.mallopt(-1, trim)              # M_TRIM_THRESHOLD
     except (OSError, AttributeError):
         pass                                # not glibc: nothing to tune
 
