@@ -24,15 +24,11 @@ from pathlib import Path
 
 import torch
 
+from eval_speed import cpu_features        # bench/ is this script's folder, on sys.path
 from fnemm.features.encode import StoreEncoder
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = ROOT.parent / "shared" / "data" / "flickr8k" / "images"
-
-
-def cpu_features() -> str:
-    flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
-    return ", ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags) or "none of avx2/avx512/amx"
 
 
 def load(encoder: StoreEncoder, files: list[Path], clients: int) -> tuple[float, list[float]]:

@@ -67,7 +67,7 @@ class FineTuneModel(nn.Module):
 
 class Photos:
     """The image side of a fine-tuning run (a trainer's ``images``; see
-    fnemm.training.trainer.FeatureRows for what one answers): the photos through the
+    fnemm.training.image_side.FeatureRows for what one answers): the photos through the
     CNN's trunk, its trained blocks at ``cnn_lr_scale`` x the stage's lr, saved in every
     checkpoint, and exported as cnn.pt beside each best.pt."""
 
