@@ -50,7 +50,8 @@ def add_train(sub) -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=None, metavar="N",
                    help="train N runs with seeds seed..seed+N-1 into OUT/seed-K/ (report aggregates them)")
     p.add_argument("--checkpoint-every", type=float, default=120.0, metavar="SECONDS",
-                   help="write last.pt (for --resume) at most this often; 0 = every epoch (default 120)")
+                   help="write last.pt (for --resume) and the best model so far (best.pt) at most this often, "
+                        "and when a stage ends; 0 = every epoch (default 120)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="override any config value (repeatable)")
     p.add_argument("--epochs", type=int, help="max epochs of every stage")

@@ -52,6 +52,18 @@ from fnemm.joint.losses import contrastive_loss
 from fnemm.joint.model import JointEmbedding
 from fnemm.joint.text import Vocab, pad_batch
 
+
+def _copied(obj):
+    """``obj`` with every tensor in it (nested dicts, lists, tuples) copied."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _copied(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_copied(v) for v in obj)
+    return obj
+
+
 @dataclass
 class TrainState:
     """Counters that, with the model, Adam and the RNGs, define where a run is."""
@@ -82,6 +94,9 @@ class Trainer:
         # most this often, in seconds; 0 writes it after every epoch.
         self.checkpoint_every = checkpoint_every
         self._saved_at = -math.inf
+        # best.pt's next contents: written just before last.pt and when a stage ends, not at
+        # every improvement (writing it was a fifth of a demo epoch)
+        self._unwritten_best: dict | None = None
         torch.manual_seed(config.seed)
         self.rng = np.random.default_rng(config.seed)
         self.model = JointEmbedding(config.model, len(vocab), train.features.shape[1]).to(self.device)
@@ -140,9 +155,24 @@ class Trainer:
         lines = "".join(json.dumps(h) + "\n" for h in self.state.history)
         atomic_write_text(self.out / "metrics.jsonl", lines)
 
+    def _keep_best(self, val: dict) -> None:
+        """The model as it is now, to be best.pt (written by :meth:`_write_best`)."""
+        st = self.state
+        payload = _copied(self._payload())        # training goes on changing the live tensors
+        self._unwritten_best = {**self.images.best(payload, st.epoch, self.out), "epoch": st.epoch,
+                                "stage": st.stage + 1, "val": val}
+
+    def _write_best(self) -> None:
+        if self.main and self._unwritten_best is not None:
+            atomic_torch_save(self.out / "best.pt", record=True, obj=self._unwritten_best)
+            self._unwritten_best = None
+
     def _save_last(self) -> None:
         if not self.main:
             return
+        # best.pt first: a run killed between the two writes resumes from the older
+        # last.pt and replays the epochs since, writing the same best.pt again
+        self._write_best()
         self._saved_at = time.monotonic()
         atomic_torch_save(self.out / "last.pt", record=True, obj={
             **self._payload(),
@@ -248,6 +278,7 @@ class Trainer:
         st.stage_epoch, st.stale, st.stage_best_rsum = 0, 0, -math.inf
         if st.stage < len(self.config.stages):
             # Curriculum: the next stage starts from the best model so far.
+            self._write_best()
             if self.dist is not None:
                 distributed.barrier()          # the first process has written it
             best = load_torch_data(self.out / "best.pt", "resume the run to write it again")
@@ -293,9 +324,7 @@ class Trainer:
             if improved:
                 st.best_rsum, st.best_epoch = val["rsum"], st.epoch
                 if self.main:
-                    atomic_torch_save(self.out / "best.pt", record=True,
-                                      obj={**self.images.best(self._payload(), st.epoch, self.out), "epoch": st.epoch,
-                                           "stage": st.stage + 1, "val": val})
+                    self._keep_best(val)
             st.history.append({"epoch": st.epoch, "stage": st.stage + 1, "stage_epoch": st.stage_epoch,
                                "lr": self.config.stages[st.stage].lr, "loss": loss, "val": val,
                                "best": improved, "time_s": round(time.perf_counter() - t0, 3)})
