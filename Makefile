@@ -13,15 +13,26 @@ venv: $(STAMP)
 # would fetch a multi-GB CUDA build. Re-runs only when pyproject.toml changes.
 # What the demo, the service and the benchmark use; `make test` adds the [dev] tools
 # (pytest, Ray, Playwright, the reference runtimes: the demo needs none of them).
+# pip byte-compiles every file it installs (torch's thousands), which was a third of the venv's
+# time; --no-compile, then one process imports what the commands use with bytecode writing on
+# (even where PYTHONDONTWRITEBYTECODE is set), so only that is compiled, once.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[serve,report,efficientnet]'
+	$(PY) -m pip install -q --no-compile torch==2.13.0 -e '.[serve,report,efficientnet]'
+	$(call compile_imports,$(WARM))
 	touch $(STAMP)
+
+WARM      := fnemm_studies.demo fnemm_studies.study fnemm.cli.runs fnemm.cli.search fnemm.cli.features \
+             fnemm.cli.studies fnemm.search.service fnemm.features.cnn.tflite tflite torch._dynamo matplotlib.pyplot \
+             matplotlib.backends.backend_agg PIL.features PIL.JpegImagePlugin PIL.PngImagePlugin PIL.BmpImagePlugin \
+             PIL.GifImagePlugin PIL.PpmImagePlugin torch.utils.serialization torch.profiler._cupti_monitor
+WARM_DEV  := torch.distributed torch.nn.parallel torch.multiprocessing torch.testing torch.profiler
+compile_imports = env -u PYTHONDONTWRITEBYTECODE $(PY) -c 'import importlib, sys; [importlib.import_module(m) for m in sys.argv[1:]]' $(1)
 
 $(DEV): $(STAMP)
 	$(PY) -m pip install -q -e '.[dev]'
+	$(call compile_imports,$(WARM_DEV))
 	touch $(DEV)
 
 # TEST_JOBS pytest processes, a test file each at a time (its module fixtures stay in one
