@@ -1,7 +1,9 @@
 """Checkpoints are data: every .pt fnemm reads is loaded with weights_only=True, so a
 run folder someone shares cannot run code on the machine that opens it; and a resume
-restores the random state on the CPU whatever the device (a GPU resume crashed on it)."""
+restores the random state on the CPU whatever the device (a GPU resume crashed on it);
+a checkpoint of another run is refused by the run's id."""
 
+import json
 import os
 import pickle
 import subprocess
@@ -137,3 +139,29 @@ def test_fresh_evaluation_reads_the_file_it_was_given_and_the_protocol_it_was_ma
     other = evaluate_runs(folder, dataset, feats, "test", protocol="all,5fold", output=target, fresh=True)
     assert set(next(iter(other.values()))) == {"all", "5fold"}          # another protocol: measured
     assert next(iter(other.values()))["all"]["rsum"] == next(iter(first.values()))["all"]["rsum"]
+
+
+def test_checkpoints_of_another_run_are_refused_by_the_run_id(run, tmp_path, capsys):
+    """A run's checkpoints carry the random id its run.json holds. A folder whose run.json
+    names another run (a best.pt/last.pt copied in from a twin run, their checksums.json
+    with them, so every hash agrees) is refused by resume and by evaluate, naming the file."""
+    out, jsonl, npy, ids = run
+    folder = tmp_path / "twin"
+    subprocess.run(["cp", "-r", str(out), str(folder)], check=True)
+    info = json.loads((folder / "run.json").read_text())
+    ours = torch.load(folder / "best.pt", weights_only=True)["run_id"]
+    assert info["run_id"] == ours and len(ours) == 32
+    assert main(["evaluate", "--checkpoint", str(folder), "--dataset", str(jsonl), "--features", str(npy),
+                 "--ids", str(ids), "--output", str(tmp_path / "m.json")]) == 0
+    capsys.readouterr()
+    (folder / "run.json").write_text(json.dumps({**info, "run_id": "0" * 32}))
+    assert main(["train", "--out", str(folder), "--resume", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fnemm: error: ") and "last.pt: from another run" in err, err
+    assert main(["evaluate", "--checkpoint", str(folder), "--dataset", str(jsonl), "--features", str(npy),
+                 "--ids", str(ids), "--output", str(tmp_path / "m.json")]) == 2
+    assert "best.pt: from another run" in capsys.readouterr().err
+    del info["run_id"]                      # a run from before ids: nothing to compare, it reads
+    (folder / "run.json").write_text(json.dumps(info))
+    assert main(["evaluate", "--checkpoint", str(folder), "--dataset", str(jsonl), "--features", str(npy),
+                 "--ids", str(ids), "--output", str(tmp_path / "m.json")]) == 0

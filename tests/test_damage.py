@@ -40,6 +40,9 @@ def damage(path: Path, how: str) -> None:
         path.write_bytes(data[: n // 2] + bytes((b + 1) % 256 for b in data[n // 2:n // 2 + 16]) + data[n // 2 + 16:])
     elif how == "swapped":                   # the twin world's file of the same name
         shutil.copyfile(TWIN[0] / path.relative_to(path.parents[1]), path)
+    elif how == "swapped-with-its-record":   # the twin run's checkpoint with the checksums.json naming it
+        shutil.copyfile(TWIN[0] / path.relative_to(path.parents[1]), path)
+        shutil.copyfile(TWIN[0] / path.parent.name / "checksums.json", path.parent / "checksums.json")
     elif how == "not-utf8":
         path.write_bytes(b"\xff\xfe" + data[2:])
     elif how == "wrong-type":
@@ -140,7 +143,10 @@ FIELDS = [("run/metrics-test.json", "key-removed"), ("run/metrics-test.json", "v
 # same-shape damage to a binary file: garbled in the middle, or the same file swapped in
 # from a twin world (other images, the same shapes): only its content says it is not this one's
 SAME_SHAPE = [(f, how) for f in READERS if kinds(f) == BINARY for how in ("middle-garbled", "swapped")]
-CASES = [(f, how) for f in READERS for how in kinds(f)] + FIELDS + SAME_SHAPE
+# a checkpoint swapped in with its record, so every hash agrees: the run's id (run.json) says it
+# is another run's (the twin's last.pt is refused earlier, for its other vocabulary)
+WITH_RECORD = [("run/best.pt", "swapped-with-its-record"), ("run/last.pt", "swapped-with-its-record")]
+CASES = [(f, how) for f in READERS for how in kinds(f)] + FIELDS + SAME_SHAPE + WITH_RECORD
 
 
 TWIN: list[Path] = []          # the twin world's root, once built

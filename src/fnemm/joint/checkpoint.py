@@ -23,7 +23,7 @@ import torch
 
 from fnemm.joint.config import TrainConfig
 from fnemm.io.errors import FnemmError
-from fnemm.io.files import load_torch_data
+from fnemm.io.files import load_torch_data, read_json
 from fnemm.features.store import FEATURE_KEYS, Features, load_features
 from fnemm.joint.model import JointEmbedding
 from fnemm.joint.text import Vocab
@@ -58,7 +58,20 @@ def read_checkpoint(path: str | Path) -> dict:
     needed = ("config", "vocab", "feature_dim", "model")
     if ckpt.get("format") != FORMAT or any(k not in ckpt for k in needed):
         raise FnemmError(f"{path}: not an fnemm checkpoint")
+    check_run_id(path, ckpt)
     return ckpt
+
+
+def check_run_id(path: Path, ckpt: dict) -> None:
+    """In a run folder, the checkpoint must be that run's: the id in its run.json (runs
+    made before ids, and a checkpoint copied on its own, have none to compare)."""
+    run_json = path.parent / "run.json"
+    if ckpt.get("run_id") is None or not run_json.is_file():
+        return
+    theirs = read_json(run_json, "the run folder is damaged; re-train the run").get("run_id")
+    if theirs is not None and theirs != ckpt["run_id"]:
+        raise FnemmError(f"{path}: from another run (run id {ckpt['run_id'][:8]}…, but {run_json} says "
+                         f"{str(theirs)[:8]}…); copy a run's folder whole, or train it again")
 
 
 def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[JointEmbedding, Vocab, TrainConfig, dict]:

@@ -11,10 +11,12 @@ set, ``patience`` epochs without a better rsum; the next stage (curriculum: sum
 Run folder::
 
     config.json     the fully resolved TrainConfig
-    run.json        data paths, feature info, vocabulary size
+    run.json        data paths, feature info, vocabulary size, the run's random id
+                    (every checkpoint carries it: one from another run is refused)
     best.pt         best model so far (what evaluate/search load)
     last.pt         everything needed to resume (model, Adam, RNG, counters); written
-                    at most every ``checkpoint_every`` seconds, at stage ends and at the end
+                    at most every ``checkpoint_every`` seconds, at stage ends and at the
+                    end, each time just after best.pt
     metrics.jsonl   one line per epoch: loss, validation metrics, time
 """
 
@@ -24,6 +26,7 @@ import contextlib
 import json
 import math
 import time
+import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +37,7 @@ from fnemm.io.progress import bar as progress_bar
 from fnemm.io.progress import say
 
 from fnemm.joint.checkpoint import FORMAT as CHECKPOINT_FORMAT
-from fnemm.joint.checkpoint import resolve_device
+from fnemm.joint.checkpoint import check_run_id, resolve_device
 from fnemm.training import distributed
 from fnemm.joint.config import TrainConfig, validate
 from fnemm.joint.inputs import SplitData, build_vocab, embed_captions, split_data
@@ -90,6 +93,9 @@ class Trainer:
         self.main = dist is None or dist.main  # the one process that validates and writes
         self.quiet = quiet or not self.main
         self.run_info = run_info or {}
+        # a random id, in run.json and in every checkpoint of the run: a best.pt swapped in
+        # from another run (with its checksums.json) is refused (fnemm.joint.checkpoint)
+        self.run_id: str | None = None
         # last.pt (model + Adam, hundreds of MB for the paper's sizes) is written at
         # most this often, in seconds; 0 writes it after every epoch.
         self.checkpoint_every = checkpoint_every
@@ -127,7 +133,7 @@ class Trainer:
         return {"format": CHECKPOINT_FORMAT, "version": 1, "config": self.config.to_dict(),
                 "vocab": self.vocab.itos[2:], "feature_dim": self.model.feature_dim,
                 "features": self.run_info.get("features", {}), "preset": self.run_info.get("preset"),
-                "model": self.model.state_dict(), **self.images.state()}
+                "model": self.model.state_dict(), "run_id": self.run_id, **self.images.state()}
 
     def _distribute(self, module: torch.nn.Module) -> torch.nn.Module:
         """What a batch goes through: ``module``, or DDP around it (several processes)."""
@@ -199,6 +205,7 @@ class Trainer:
             self.model.load_state_dict(ckpt["model"])
             self.state = TrainState(**ckpt["state"])
             self.images.load_state(ckpt)
+            self.run_id = ckpt.get("run_id")          # None: a run from before ids
         except (KeyError, TypeError, RuntimeError) as e:
             raise FnemmError(f"{self.out / 'last.pt'}: damaged or from another fnemm ({type(e).__name__}); "
                              f"start the run again in a new --out") from None
@@ -220,7 +227,9 @@ class Trainer:
                                  f"or choose another --out")
             # on the CPU: the RNG states must stay there (torch.set_rng_state takes a CPU tensor);
             # the model and Adam's state are copied to the device as they load
-            self._restore(load_torch_data(last, "start the run again in a new --out"))
+            ckpt = load_torch_data(last, "start the run again in a new --out")
+            check_run_id(last, ckpt)
+            self._restore(ckpt)
             self._write_metrics()       # metrics.jsonl as last.pt knows it (repairs a damaged one)
             saved = self.out / "config.json"
             if self.main and (not saved.is_file() or saved.read_bytes() != (self.config.to_json() + "\n").encode()):
@@ -228,10 +237,11 @@ class Trainer:
                 atomic_write_text(self.out / "config.json", self.config.to_json() + "\n")
             return
         if self.main:
+            self.run_id = uuid.uuid4().hex
             self.out.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.out / "config.json", self.config.to_json() + "\n")
             atomic_write_json(self.out / "run.json", {**self.run_info, "vocab_size": len(self.vocab),
-                                                      "feature_dim": self.model.feature_dim})
+                                                      "feature_dim": self.model.feature_dim, "run_id": self.run_id})
         self._save_last()
 
     # --- one epoch -------------------------------------------------------------
