@@ -243,3 +243,8 @@ def format_metrics(m: dict[str, float]) -> str:
     def side(d: str) -> str:
         return " ".join(f"{m[f'{d}_r{k}']:.1f}" for k in RECALL_KS) + f" medr {m[f'{d}_medr']:.0f}"
     return f"i2t {side('i2t')} | t2i {side('t2i')} | rsum {m['rsum']:.1f}"
+
+
+def at_chance(summary: dict, chance: tuple[float, float]) -> bool:
+    """Whether a run's best validation rsum is within 2 std of chance's."""
+    return summary.get("val") is not None and summary["val"]["rsum"] <= chance[0] + 2 * chance[1]

@@ -42,6 +42,17 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def tensors_copied(obj):
+    """``obj`` with every tensor in it (nested dicts, lists, tuples) copied."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: tensors_copied(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(tensors_copied(v) for v in obj)
+    return obj
+
+
 def checkpoint_file(path: str | Path) -> Path:
     """``path`` itself, or the ``best.pt`` of a run folder."""
     path = Path(path)

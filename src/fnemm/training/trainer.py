@@ -37,7 +37,7 @@ from fnemm.io.progress import bar as progress_bar
 from fnemm.io.progress import say
 
 from fnemm.joint.checkpoint import FORMAT as CHECKPOINT_FORMAT
-from fnemm.joint.checkpoint import check_run_id, resolve_device
+from fnemm.joint.checkpoint import check_run_id, resolve_device, tensors_copied
 from fnemm.training import distributed
 from fnemm.joint.config import TrainConfig, validate
 from fnemm.joint.inputs import SplitData, build_vocab, embed_captions, split_data
@@ -48,23 +48,12 @@ from fnemm.training.optim import adam, clip_gradients
 from fnemm.io.errors import FnemmError
 from fnemm.io.faults import fault
 from fnemm.io.locks import folder_lock
-from fnemm.eval.metrics import evaluate_embeddings, format_metrics
+from fnemm.eval.metrics import at_chance, chance_rsum, evaluate_embeddings, format_metrics
 from fnemm.features.store import Features
 from fnemm.io.files import atomic_torch_save, atomic_write_json, atomic_write_text, load_torch_data
 from fnemm.joint.losses import contrastive_loss
 from fnemm.joint.model import JointEmbedding
 from fnemm.joint.text import Vocab, pad_batch
-
-
-def _copied(obj):
-    """``obj`` with every tensor in it (nested dicts, lists, tuples) copied."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().clone()
-    if isinstance(obj, dict):
-        return {k: _copied(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_copied(v) for v in obj)
-    return obj
 
 
 @dataclass
@@ -164,7 +153,7 @@ class Trainer:
     def _keep_best(self, val: dict) -> None:
         """The model as it is now, to be best.pt (written by :meth:`_write_best`)."""
         st = self.state
-        payload = _copied(self._payload())        # training goes on changing the live tensors
+        payload = tensors_copied(self._payload())        # training goes on changing the live tensors
         self._unwritten_best = {**self.images.best(payload, st.epoch, self.out), "epoch": st.epoch,
                                 "stage": st.stage + 1, "val": val}
 
@@ -379,7 +368,6 @@ def train(config: TrainConfig, dataset: Dataset, features: Features, out_dir: st
     val_split = split_data(dataset, features, vocab, "val")
     if config.val_images and len(val_split) > config.val_images:      # MSCOCO: select on the first 1K
         val_split = val_split.head(config.val_images)
-    from fnemm.eval.metrics import chance_rsum
     chance = chance_rsum(len(val_split), config.eval_captions) if len(val_split) >= 2 else (0.0, 0.0)
     if not quiet and (dist is None or dist.main):
         from fnemm.eval.protocols import warn_small
@@ -402,8 +390,3 @@ def train(config: TrainConfig, dataset: Dataset, features: Features, out_dir: st
                       f"validation images can tell (too few training images, or a learning rate that does not "
                       f"start: see README, Fidelity)", stacklevel=2)
     return summary
-
-
-def at_chance(summary: dict, chance: tuple[float, float]) -> bool:
-    """Whether a run's best validation rsum is within 2 std of chance's."""
-    return summary.get("val") is not None and summary["val"]["rsum"] <= chance[0] + 2 * chance[1]
