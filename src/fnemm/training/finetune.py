@@ -110,8 +110,9 @@ class Photos:
     def load_state(self, ckpt: dict) -> None:
         self.trunk.load_trained_state(ckpt["cnn"])
 
-    # best.pt and cnn.pt: cnn.pt first, then best.pt naming its sha256 (a kill in between
-    # leaves a cnn.pt newer than best.pt, which sync_export re-creates from best.pt)
+    # best.pt and cnn.pt: cnn.pt is written at each improvement, best.pt naming its sha256
+    # later (with last.pt, at a stage's end), so within a run cnn.pt can be newer than
+    # best.pt; after fit, sync_export re-creates it from best.pt when it is
     def _cnn_bytes(self, epoch: int) -> bytes:
         return cnn_file.to_bytes(self.export["cnn"], self.trunk.net.state_dict(), self.trunk.info,
                                  self.trunk.preprocess.to_dict(),
