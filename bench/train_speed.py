@@ -5,7 +5,9 @@ backward, gradient clipping, Adam. Measured on batches shaped like Flickr8K (int
 FNE codes of --feature-dim features, the real caption lengths and vocabulary size when
 ../shared/data/flickr8k is present); then each part alone in the same process (the
 text side, the image map, the update), as a share of the whole step, and the projected
-time of one Flickr8K epoch (6,000 pairs).
+time of one Flickr8K epoch (6,000 pairs). On a CPU, also the text side through nn.GRU's
+packed path (the reference) against fnemm's training path (gru_last_states, the same
+floats): their ratio, measured alternately in this process.
 
     .venv/bin/python bench/train_speed.py [--preset flickr8k/FNE-MH] [--feature-dim 17056] [--steps 10]
 """
@@ -23,8 +25,11 @@ from fnemm.joint.presets import get_preset
 from fnemm.joint.inputs import build_vocab
 from fnemm.datasets import load_dataset
 from fnemm.joint.losses import contrastive_loss
-from fnemm.joint.model import JointEmbedding
+from fnemm.joint.model import JointEmbedding, gru_last_states
 from fnemm.joint.text import pad_batch
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from eval_speed import cpu_features        # bench/ is this script's folder, on sys.path
 
 F8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k"
 
@@ -110,18 +115,35 @@ def main() -> None:
             fn(k)
         return (time.perf_counter() - t0) / args.steps
 
+    def gru_reference(k):              # the same text side through nn.GRU's packed path
+        tokens, lengths = batches[k]
+        x = model.text.embed(tokens.to(args.device))
+        packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        model.text.rnn(packed)[1][0].sum().backward()
+        sync(args.device)
+
+    def gru_ours(k):                   # fnemm's training path (what text_side runs on a CPU)
+        tokens, lengths = batches[k]
+        gru_last_states(model.text.rnn, model.text.embed(tokens.to(args.device)), lengths).sum().backward()
+        sync(args.device)
+
     step_s = timed(full_step)
     parts = {"text side (embeddings + GRU), fwd+bwd": timed(text_side),
              "image map, fwd+bwd": timed(image_side), "clipping + Adam": timed(update)}
     pairs_s = bs / step_s
     print(f"{args.preset}: embed {cfg.model.embed_dim}, word {cfg.model.word_dim}, vocab {vocab_size}, "
           f"features {args.feature_dim} ({'float32' if args.float_features else 'int8 codes'}), batch {bs}, "
-          f"{source}, device {args.device}, torch threads {torch.get_num_threads()}")
+          f"{source}, device {args.device}, torch threads {torch.get_num_threads()}; CPU: {cpu_features()}")
     print(f"training step: {pairs_s:8.1f} pairs/s  ({1000 * step_s:.0f} ms per batch of {bs})")
     for name, dt in parts.items():
         print(f"  {name:<40} {1000 * dt:7.0f} ms  {100 * dt / step_s:5.1f} % of a step")
     print(f"  (the hinge loss and the rest: {100 * (1 - sum(parts.values()) / step_s):.1f} %)")
     print(f"projected: {6000 / pairs_s:.0f} s per Flickr8K epoch (6,000 pairs, without validation)")
+    if args.device == "cpu" and not cfg.model.layer_norm:
+        rounds = [(timed(gru_reference), timed(gru_ours)) for _ in range(3)]     # alternately
+        ref, ours = min(r for r, _ in rounds), min(o for _, o in rounds)
+        print(f"text GRU fwd+bwd: nn.GRU packed {1000 * ref:.0f} ms, gru_last_states {1000 * ours:.0f} ms "
+              f"(best of 3 each): {ref / ours:.2f}x")
 
 
 if __name__ == "__main__":
