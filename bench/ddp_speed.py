@@ -18,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import cpu_features        # bench/ is this script's folder, on sys.path
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
@@ -49,6 +51,7 @@ def main() -> None:
         rsum = [json.loads((tmp / r / "metrics.jsonl").read_text().splitlines()[-1])["val"]["rsum"]
                 for r in ("one", "many")]
     pairs = int(args.images * 0.7) * args.epochs
+    print(f"CPU: {cpu_features()}")
     print(f"{args.images} images ({pairs} training pairs over {args.epochs} epochs), {args.dim}-d features, "
           f"flickr8k/FNE-MH, {args.threads} thread(s) per process, {args.device}")
     print(f"1 process        : {single:7.1f} s  ({pairs / single:7.0f} pairs/s, incl. start-up and validation)")

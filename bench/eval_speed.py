@@ -17,7 +17,6 @@ against torch's elementwise tiles, same ranks up to float32 ties.
 from __future__ import annotations
 
 import argparse
-import platform
 import resource
 import time
 
@@ -27,16 +26,7 @@ import torch
 from fnemm.eval import kernels
 from fnemm.eval.metrics import evaluate_embeddings, ranks, score_tile
 from fnemm.joint.losses import order_scores
-
-
-def cpu_features() -> str:
-    """What the CPU offers for this kind of work (the ratios depend on it)."""
-    try:
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
-    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
-    return " ".join(f for f in wanted if f in flags) or "no AVX2"
+from machine import cpu_features        # bench/ is this script's folder, on sys.path
 
 
 def reference_loop(images: np.ndarray, captions: np.ndarray) -> dict[str, float]:

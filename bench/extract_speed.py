@@ -22,6 +22,7 @@ from fnemm.features.cnn import build_cnn
 from fnemm.features.cnn.mobilenet_v2 import default_weights
 from fnemm.features.images import forward_images, keep_freed_memory
 from fnemm.features.fne import crops, discretise, resized, standardise
+from machine import cpu_features        # bench/ is this script's folder, on sys.path
 
 IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k" / "images"
 
@@ -101,7 +102,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     keep_freed_memory()
     gflops = matmul_gflops(args.seconds)
-    print(f"fp32 matmul 4096^3: {gflops:.0f} GFLOP/s ({args.threads} threads)")
+    print(f"CPU: {cpu_features()}; fp32 matmul 4096^3: {gflops:.0f} GFLOP/s ({args.threads} threads)")
 
     pixels = real_crops(4)                     # 4 images x 10 crops (the bare forward's input)
     images = real_images(4)                    # the same 4 images as forward_images takes them

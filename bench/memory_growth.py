@@ -32,7 +32,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -42,19 +41,11 @@ import threading
 import time
 from pathlib import Path
 
+from machine import cpu_features        # bench/ is this script's folder, on sys.path
+
 HERE = Path(__file__).resolve().parent
 STAGES = ("extract", "extract-pca", "extract-f32", "train", "train-f32", "evaluate", "index")
 TARGETS = {"Flickr30K": 31_783, "MSCOCO + restval": 123_287}     # all images of each
-
-
-def cpu_features() -> str:
-    flags = ""
-    try:
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags"))
-    except (OSError, StopIteration):
-        pass
-    have = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in flags]
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {' '.join(have) or 'no AVX2'}"
 
 
 def _tree(pid: int) -> list[int]:

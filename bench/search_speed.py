@@ -34,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import synthetic  # noqa: E402  (the project's synthetic dataset)
 from liveserver import serving  # noqa: E402
+from machine import cpu_features  # noqa: E402  (bench/, this script's folder)
 
 from fnemm.joint.config import ModelConfig, StageConfig, TrainConfig  # noqa: E402
 from fnemm.datasets import load_dataset  # noqa: E402
@@ -183,7 +184,7 @@ def main() -> None:
     methods = [m for m in args.methods.split(",") if m]
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="fnemm-search-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    print(f"torch threads {torch.get_num_threads()}; work dir {work}")
+    print(f"CPU: {cpu_features()}; torch threads {torch.get_num_threads()}; work dir {work}")
     run = train_model(work)
     queries = synthetic.captions(args.queries)
     rows = []

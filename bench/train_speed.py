@@ -29,7 +29,7 @@ from fnemm.joint.model import JointEmbedding, gru_last_states
 from fnemm.joint.text import pad_batch
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from eval_speed import cpu_features        # bench/ is this script's folder, on sys.path
+from machine import cpu_features        # bench/ is this script's folder, on sys.path
 
 F8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k"
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from eval_speed import cpu_features        # bench/ is this script's folder, on sys.path
+from machine import cpu_features        # bench/ is this script's folder, on sys.path
 from fnemm.features.encode import StoreEncoder
 
 ROOT = Path(__file__).resolve().parents[1]
