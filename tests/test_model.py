@@ -134,15 +134,19 @@ def test_gru_last_states_matches_the_packed_nn_gru_with_gradients(dtype, tol):
         torch.testing.assert_close(ours, ref, rtol=tol, atol=tol)
 
 
-def test_text_encoder_trains_through_gru_last_states_and_embeds_as_before():
+def test_text_encoder_trains_through_gru_last_states_and_embeds_as_before(monkeypatch):
     """With gradients on a CPU the text encoder takes gru_last_states; without, nn.GRU:
     the same embedding either way."""
+    from fnemm.joint import model as model_module
+    calls = []
+    monkeypatch.setattr(model_module, "gru_last_states", lambda *a: calls.append(1) or gru_last_states(*a))
     torch.manual_seed(0)
     text = TextEncoder(20, 6, 8)
     tokens = torch.randint(2, 20, (4, 5))
     lengths = torch.tensor([5, 2, 5, 3])
     trained = text(tokens, lengths)
-    assert trained.requires_grad
+    assert trained.requires_grad and len(calls) == 1
     with torch.no_grad():
         inferred = text(tokens, lengths)
+    assert len(calls) == 1                         # inference: nn.GRU's own path
     torch.testing.assert_close(trained.detach(), inferred, rtol=1e-6, atol=1e-7)
