@@ -186,7 +186,7 @@ class Gallery:
         (unless ``files`` is False: a string from a client is only ever an id) a file."""
         from fnemm.features.encode import decode_upload
         if isinstance(image, str) and image in self._row:
-            return np.asarray(self.images.vectors[self._row[image]], np.float32)[None]
+            return np.array(self.images.vectors[self._row[image]], np.float32)[None]       # a copy: writable
         if isinstance(image, (bytes, bytearray)):
             image = decode_upload(bytes(image))
         elif not isinstance(image, Image.Image) and (not files or not Path(image).is_file()):
