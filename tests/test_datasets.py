@@ -176,6 +176,31 @@ def test_flickr8k_224_is_the_papers_whole_benchmark():
     assert load_dataset(f"flickr8k-224={SHARED_F8K}").image_ids == ds.image_ids
 
 
+@pytest.mark.skipif(not (SHARED_F8K / "images-224").is_dir(), reason="bundled Flickr8K images-224 not present")
+def test_flickr8k_224_all_adds_the_releases_unlisted_photos_as_restval():
+    """The whole release for a search gallery: 8,091 photos and 40,455 captions; the 91
+    photos no official list names are restval, so training and testing are unchanged."""
+    ds, listed = load_dataset("flickr8k-224-all"), load_dataset("flickr8k-224")
+    assert ds.counts() == {"train": 6000, "val": 1000, "test": 1000, "restval": 91}
+    assert len(ds.image_ids) == 8091 and sum(len(c) for c in ds.captions) == 40455
+    assert set(ds.image_ids) == {p.name for p in ds.images.iterdir()}       # every photo of the folder
+    assert ds.image_ids[:8000] == listed.image_ids and ds.captions[:8000] == listed.captions
+    for split in ("train", "val", "test"):
+        assert [ds.image_ids[k] for k in ds.split_indices(split)] == \
+               [listed.image_ids[k] for k in listed.split_indices(split)]
+    assert ds.with_restval().counts()["train"] == 6091
+
+
+def test_unlisted_images_are_kept_as_restval_only_when_asked(tmp_path):
+    from fnemm.datasets.formats import load_flickr_raw
+    folder = write_flickr(tmp_path / "f8k", _tokens(["a.jpg", "b.jpg", "c.jpg", "stray.jpg"]),
+                          ["a.jpg"], ["b.jpg"], ["c.jpg"])
+    assert load_flickr_raw(folder).image_ids == ["a.jpg", "b.jpg", "c.jpg"]
+    ds = load_flickr_raw(folder, unlisted=True)
+    assert ds.image_ids == ["a.jpg", "b.jpg", "c.jpg", "stray.jpg"] and ds.splits[-1] == "restval"
+    assert ds.counts() == {"train": 1, "val": 1, "test": 1, "restval": 1}
+
+
 def test_flickr8k_224_refuses_a_folder_missing_images(tmp_path):
     """A copy with one photo missing is not the benchmark: one line naming it, not a subset."""
     from fnemm.datasets import Dataset

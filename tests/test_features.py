@@ -108,3 +108,28 @@ def test_a_split_of_a_mapped_store_is_read_when_used_with_the_same_bytes(tmp_pat
     wa = torch.load(tmp_path / "mapped" / "best.pt", weights_only=True)["model"]
     wb = torch.load(tmp_path / "held" / "best.pt", weights_only=True)["model"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa) and a["val"] == b["val"]
+
+
+def test_stacked_stores_read_as_the_concatenation_of_their_rows(tmp_path):
+    """One gallery over several stores: every read of rows equals the same read of the
+    concatenated arrays (the brute-force reference), and the stores must agree."""
+    from fnemm.features.store import Features, StackedRows, stack_features
+    rng = np.random.default_rng(0)
+    parts = [rng.integers(-1, 2, (n, 7)).astype(np.int8) for n in (5, 1, 4)]
+    whole = np.concatenate(parts)
+    stacked = StackedRows(parts)
+    assert stacked.shape == whole.shape and len(stacked) == 10 and stacked.dtype == np.int8
+    for rows in ([], [0], [9, 0, 5, 5, 4, 6], rng.integers(0, 10, 50), np.arange(10)[::-1]):
+        assert np.array_equal(stacked[np.asarray(rows, np.int64)], whole[np.asarray(rows, np.int64)])
+    assert np.array_equal(stacked[2:8], whole[2:8])
+    feats = [Features([f"s{k}-{r}" for r in range(len(p))], p, f"store{k}", "fne") for k, p in enumerate(parts)]
+    one = stack_features(*feats)
+    assert one.ids == [i for f in feats for i in f.ids] and one.source == "store0"
+    assert np.array_equal(one.array[one.rows_for(["s2-3", "s0-0", "s1-0"])], whole[[9, 0, 5]])
+    assert stack_features(feats[0]) is feats[0]
+    with pytest.raises(FnemmError, match="image 's0-1' is in store0 too"):
+        stack_features(feats[0], Features(["s0-1"], parts[1], "dup", "fne"))
+    with pytest.raises(FnemmError, match="fne features of 3 dimensions"):
+        stack_features(feats[0], Features(["x"], np.zeros((1, 3), np.int8), "narrow", "fne"))
+    with pytest.raises(FnemmError, match=r"\(float32\)"):
+        stack_features(feats[0], Features(["x"], np.zeros((1, 7), np.float32), "float", "fne"))

@@ -569,6 +569,50 @@ def test_photos_without_captions_index_build_from_a_folder(built, tmp_path, caps
     # moved together, they keep working: the features are found beside the index
     shutil.move(tmp_path / "index", tmp_path / "moved")
     assert len(Gallery.from_index(tmp_path / "moved")) == 6
-    for argv in (["--features", str(out / "features"), "--images", str(photos)], []):
+    for argv, message in ((["--features", str(out / "features"), "--images", str(photos)],
+                           "must be in its images folder"),            # not where the service finds photos
+                          ([], "--features STORE (extracted already), --images DIR")):
         assert main(["index", "build", "--checkpoint", run, "--out", str(tmp_path / "x"), *argv]) == 2
-        assert "--features STORE (extracted already) or --images DIR" in capsys.readouterr().err
+        assert message in capsys.readouterr().err
+
+
+def test_photos_a_store_lacks_join_its_gallery(built, tmp_path, capsys):
+    """`index build --features STORE --images LIST`: the listed photos the store lacks are
+    extracted the model's way and join the gallery with their captions; every embedding
+    equals the one an index of the store alone, or of those photos alone, gives."""
+    out, folders = built
+    run, store = str(out / "FNE-MH" / "seed-0"), out / "features"
+    held = json.loads((store / "manifest.json").read_text())["image_ids"]
+    dataset = load_dataset(SPEC)
+    new = [i for i in dataset.image_ids if i not in held][:2]
+    listing = tmp_path / "photos.txt"
+    listing.write_text("".join(f"{DATA / 'flickr8k' / 'images' / i}\n" for i in [held[0], *new, held[3]]))
+    index = tmp_path / "index"
+    argv = ["index", "build", "--checkpoint", run, "--features", str(store), "--images", str(listing),
+            "--dataset", SPEC, "--out", str(index)]
+    assert main([*argv, "--quiet"]) == 0
+    assert json.loads((index / "features" / "manifest.json").read_text())["image_ids"] == new
+    gallery, alone = Gallery.from_index(index), Gallery.from_index(folders["FNE-MH"])
+    assert gallery.image_ids == held + new and len(alone) == len(held)
+    # (equal up to float32 rounding: rows embedded in batches of other sizes)
+    np.testing.assert_allclose(gallery.images.vectors[:len(held)], alone.images.vectors, rtol=0, atol=1e-6)
+    only_new = tmp_path / "new.txt"
+    only_new.write_text("".join(f"{DATA / 'flickr8k' / 'images' / i}\n" for i in new))
+    assert main(["index", "build", "--checkpoint", run, "--images", str(only_new), "--out", str(tmp_path / "new"),
+                 "--quiet"]) == 0
+    reference = Gallery.from_index(tmp_path / "new")
+    np.testing.assert_allclose(gallery.images.vectors[len(held):],
+                               np.asarray(reference.images.vectors)[[reference.image_ids.index(i) for i in new]],
+                               rtol=0, atol=1e-6)
+    want = sum(len(c) for i, c in zip(dataset.image_ids, dataset.captions) if i in set(held + new))
+    assert len(gallery.captions) == want and {i for i, _ in gallery.captions} == set(held + new)
+    assert gallery.text(dataset.captions[dataset.image_ids.index(new[0])][0], len(gallery))      # searchable
+    capsys.readouterr()
+    assert main(argv) == 0 and "index up to date" in capsys.readouterr().out    # the same command: kept
+    # the photos are in the store already: nothing extracted, the store's gallery alone
+    held_only = tmp_path / "held.txt"
+    held_only.write_text(f"{DATA / 'flickr8k' / 'images' / held[1]}\n")
+    assert main(["index", "build", "--checkpoint", run, "--features", str(store), "--images", str(held_only),
+                 "--out", str(tmp_path / "same"), "--quiet"]) == 0
+    assert Gallery.from_index(tmp_path / "same").image_ids == held
+    assert not (tmp_path / "same" / "features").exists()

@@ -23,7 +23,8 @@ examples:
 COCO captions_*.json files (repeat --dataset; prefix SPLIT= when the name does not
 say it), a .jsonl of {"image", "captions", "split"} lines, a .csv of
 image,caption[,split] rows (one row per caption; without splits they are drawn
-80/10/10), or a bundled benchmark: flickr8k-1k, flickr8k-224 (the paper's Flickr8K).
+80/10/10), or a bundled benchmark: flickr8k-1k, flickr8k-224 (the paper's Flickr8K),
+flickr8k-224-all (and the release's 91 photos in no official list, as restval).
 --features takes a feature store folder (from `fnemm extract`) or a plain .npy
 matrix (rows = images) with --ids FILE (one image id per row).
 Any preset value can be changed with --set KEY=VALUE (see `fnemm presets --show NAME`

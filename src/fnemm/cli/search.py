@@ -106,9 +106,10 @@ def add_index(sub) -> argparse.ArgumentParser:
     b.add_argument("--checkpoint", required=True, metavar="RUN", help="run folder or best.pt")
     b.add_argument("--features", metavar="STORE", help="the gallery's feature store (or .npy + --ids)")
     b.add_argument("--images", metavar="DIR",
-                   help="instead of --features: photos (a folder, or a file listing image files), extracted into "
-                        "OUT/features the way the model's training store was made (its CNN and statistics; "
-                        "resumable); no captions needed")
+                   help="photos (a folder, or a file listing image files), extracted into OUT/features the way "
+                        "the model's training store was made (its CNN and statistics; resumable); no captions "
+                        "needed. With --features: the photos of the store's images folder that the store lacks "
+                        "join its gallery")
     b.add_argument("--ids", metavar="FILE", help="image ids of a .npy feature matrix, one per row")
     b.add_argument("--dataset", action="append", metavar="PATH",
                    help="captions of the gallery (for image -> caption search) and splits (for --split)")
@@ -132,20 +133,27 @@ def index(args) -> int:
     from fnemm.datasets import load_dataset
     from fnemm.search.index_folder import build_index, describe_index
     at_least_one("--threshold", args.threshold)
-    if bool(args.features) == bool(args.images):
-        raise FnemmError("index build needs the gallery: --features STORE (extracted already) or --images DIR "
-                         "(photos, extracted on the way), not both")
+    if not (args.features or args.images):
+        raise FnemmError("index build needs the gallery: --features STORE (extracted already), --images DIR "
+                         "(photos, extracted on the way), or both (the store and the photos it lacks)")
+    if args.images and args.ids:
+        raise FnemmError("--ids names the rows of a .npy given as --features; photos from --images join a store")
     dataset = load_dataset(args.dataset) if args.dataset else None
     tune = read_lines("--tune-queries", args.tune_queries, "sentences") if args.tune_queries else None
-    features = args.features
-    if args.images:
+    features, extra = args.features, []
+    if args.images and args.features:
+        from fnemm.search.embed import extract_missing
+        made = extract_missing(args.checkpoint, args.features, args.images, Path(args.out) / "features",
+                               device=args.device, quiet=args.quiet)
+        extra = [made] if made else []
+    elif args.images:
         from fnemm.search.embed import extract_like
         features = Path(args.out) / "features"
         extract_like(args.checkpoint, args.images, features, device=args.device, quiet=args.quiet)
     manifest = build_index(args.checkpoint, features, args.out, dataset=dataset, split=args.split,
                            ids=args.ids, method=args.method, threshold=args.threshold,
                            target_recall=args.target_recall, device=args.device, quiet=args.quiet,
-                           tune_queries=tune)
+                           tune_queries=tune, extra=extra)
     print(describe_index(manifest))
     print(f"index: {args.out} (built in {manifest['build_seconds']} s); serve it with: fnemm serve --index {args.out}")
     return 0

@@ -17,6 +17,9 @@ Loaders (``load_dataset`` picks one from the path):
 - ``flickr8k-224`` (or ``flickr8k-224=FOLDER``): the paper's own benchmark, all of
   Flickr8K (6,000 / 1,000 / 1,000 images, 5 captions each), photos from the bundled
   ``images-224/`` (224x224, squashed); every image of the lists must be there.
+- ``flickr8k-224-all``: the same and the 91 photos of the release that no official list
+  names (8,091 photos, 40,455 captions), those as split ``restval``: a whole-release
+  search gallery; training and testing see the same 6,000 / 1,000 / 1,000 images.
 
 Image ids are file names (e.g. ``1000268201_693b08cb0e.jpg``): the same ids a
 feature store carries.
@@ -41,10 +44,12 @@ __all__ = ["SPLITS", "Dataset", "NAMED", "auto_splits", "load_dataset", "read_to
 
 # --- dispatch --------------------------------------------------------------
 
-def _bundled_flickr8k(name: str, images: str, folder: Path | None, complete: bool) -> Dataset:
+def _bundled_flickr8k(name: str, images: str, folder: Path | None, complete: bool,
+                      unlisted: bool = False) -> Dataset:
     """The official Flickr8K captions and splits of ``folder`` (default: the bundled
     ../shared/data/flickr8k, or $FNEMM_DATA/flickr8k) for the photos in ``folder/images``;
-    ``complete``: every image of the official lists must be there."""
+    ``complete``: every image of the official lists must be there; ``unlisted``: the
+    photos there that no list names too, as split ``restval``."""
     from fnemm.io.paths import find_data
     folder = folder or find_data("flickr8k")
     photos = folder / images if folder is not None else None
@@ -52,14 +57,15 @@ def _bundled_flickr8k(name: str, images: str, folder: Path | None, complete: boo
         where = folder or "$FNEMM_DATA/flickr8k or ../shared/data/flickr8k"
         raise FnemmError(f"{where}: {name} needs the Flickr8K folder with {images}/ beside the "
                          f"token file; pass --dataset {name}=FOLDER")
-    full = load_flickr_raw(folder, name)
+    full = load_flickr_raw(folder, name, unlisted=unlisted)
     present = {p.name for p in photos.iterdir()}
     keep = [k for k, image in enumerate(full.image_ids) if image in present]
     if not keep:
         raise FnemmError(f"{photos}: none of its files is a Flickr8K image of the official splits")
-    if complete and len(keep) < len(full.image_ids):
-        absent = [i for i in full.image_ids if i not in present]
-        raise FnemmError(f"{photos}: {len(absent)} of the {len(full.image_ids)} images of the official "
+    listed = [i for i, s in zip(full.image_ids, full.splits) if s != "restval"]
+    if complete and any(i not in present for i in listed):
+        absent = [i for i in listed if i not in present]
+        raise FnemmError(f"{photos}: {len(absent)} of the {len(listed)} images of the official "
                          f"splits are missing (e.g. {absent[0]}); {name} is the whole benchmark: put them "
                          f"there, or use --dataset {folder} with --images for a part")
     data = full.subset(keep)
@@ -78,7 +84,13 @@ def load_flickr8k_224(folder: Path | None = None) -> Dataset:
     return _bundled_flickr8k("flickr8k-224", "images-224", folder, complete=True)
 
 
-NAMED = {"flickr8k-1k": load_flickr8k_1k, "flickr8k-224": load_flickr8k_224}
+def load_flickr8k_224_all(folder: Path | None = None) -> Dataset:
+    """``flickr8k-224`` and the release's photos that no official list names (split
+    ``restval``): all 8,091 photos of ``folder/images-224`` and their captions."""
+    return _bundled_flickr8k("flickr8k-224-all", "images-224", folder, complete=True, unlisted=True)
+
+
+NAMED = {"flickr8k-1k": load_flickr8k_1k, "flickr8k-224": load_flickr8k_224, "flickr8k-224-all": load_flickr8k_224_all}
 # what --dataset takes, for every help and error that lists it
 FORMATS = ("a Flickr folder (token file + split lists), Karpathy's dataset_*.json, COCO captions_*.json files, "
            "a .jsonl of {\"image\", \"captions\", \"split\"} lines, a .csv of image,caption[,split] rows, or a "

@@ -62,11 +62,12 @@ def text_lines(path: Path) -> list[str]:
                          f"save the file as UTF-8") from None
 
 
-def load_flickr_raw(folder: Path, name: str | None = None) -> Dataset:
+def load_flickr_raw(folder: Path, name: str | None = None, unlisted: bool = False) -> Dataset:
     """A Flickr release folder: ``*.token.txt`` (or ``*.token``) and the split
     lists ``*trainImages.txt``, ``*devImages.txt``, ``*testImages.txt``.
-    Images listed in no split are left out (Flickr8K's token file has one such
-    stray entry, ``2258277193_586949ec62.jpg.1``)."""
+    Images listed in no split are left out, or with ``unlisted`` kept after the listed
+    ones as split ``restval`` (like MSCOCO's: trained on only when asked); Flickr8K has
+    91 such photos, and its token file one stray entry, ``2258277193_586949ec62.jpg.1``."""
     tokens = sorted(folder.glob("*.token.txt")) or sorted(folder.glob("*.token"))
     if not tokens:
         raise FnemmError(f"{folder}: no '*.token.txt' caption file here; point --dataset at the "
@@ -86,6 +87,10 @@ def load_flickr_raw(folder: Path, name: str | None = None) -> Dataset:
                 raise FnemmError(f"{files[0]}: image {image} has no caption in {tokens[0]}")
             split[image] = key
             order.append(image)
+    if unlisted:
+        rest = [image for image in caps if image not in split]
+        split.update(dict.fromkeys(rest, "restval"))
+        order += rest
     if name is None:
         name = "flickr30k" if "30k" in tokens[0].name.lower() else "flickr8k"
     return _build(name, order, caps, split, tokens[0])

@@ -60,6 +60,54 @@ class Features:
         return np.array([index[i] for i in image_ids], dtype=np.int64)
 
 
+class StackedRows:
+    """The rows of several (N_k, D) arrays of one dtype as one (sum N_k, D) array, for
+    reads of whole rows by index (``a[rows]``): no array is copied or loaded whole."""
+
+    def __init__(self, arrays: list[np.ndarray]):
+        self.arrays = arrays
+        self.starts = np.cumsum([0] + [len(a) for a in arrays])
+        self.shape = (int(self.starts[-1]), int(arrays[0].shape[1]))
+        self.dtype = arrays[0].dtype
+        self.ndim = 2
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows) -> np.ndarray:
+        rows = np.arange(self.shape[0])[rows] if isinstance(rows, slice) else np.asarray(rows, np.int64)
+        if rows.ndim != 1:
+            raise TypeError("StackedRows reads a 1-D list of row indices or a slice")
+        out = np.empty((len(rows), self.shape[1]), self.dtype)
+        which = np.searchsorted(self.starts, rows, side="right") - 1
+        for k, array in enumerate(self.arrays):
+            mine = which == k
+            if mine.any():
+                out[mine] = array[rows[mine] - self.starts[k]]
+        return out
+
+
+def stack_features(first: Features, *more: Features) -> Features:
+    """One gallery of several stores' images (``first``'s manifest and kind: the others
+    must hold other images, with features of the same kind, width and dtype)."""
+    ids, seen = list(first.ids), set(first.ids)
+    for f in more:
+        if (f.kind, f.dim, f.array.dtype) != (first.kind, first.dim, first.array.dtype):
+            raise FnemmError(f"{f.source}: {f.kind} features of {f.dim} dimensions ({f.array.dtype}), but "
+                             f"{first.source} holds {first.kind} ones of {first.dim} ({first.array.dtype}); "
+                             f"extract them the same way")
+        twice = next((i for i in f.ids if i in seen), None)
+        if twice is not None:
+            raise FnemmError(f"{f.source}: image {twice!r} is in {first.source} too; a gallery holds each image once")
+        ids += f.ids
+        seen.update(f.ids)
+    if not more:
+        return first
+    skipped = {k: v for f in (first, *more) for k, v in f.skipped.items() if k not in seen}
+    return Features(ids, StackedRows([first.array, *(f.array for f in more)]), first.source, first.kind,
+                    skipped, first.manifest)
+
+
 def _check_array(array: np.ndarray, n_ids: int, path: Path) -> None:
     if array.ndim != 2:
         raise FnemmError(f"{path}: expected a 2-D (images x features) array, got shape {array.shape}")

@@ -31,6 +31,7 @@ from fnemm.joint.inputs import embed_images as embed_image_rows
 from fnemm.io.errors import FnemmError
 from fnemm.io.files import atomic_path, atomic_save_npy, atomic_write_json, sha256_file
 from fnemm.io.locks import folder_lock
+from fnemm.io.progress import say
 
 FORMAT = "fnemm-embeddings"
 COMPARE = {"cosine": "rows are unit vectors: a text row scores an image row by their dot product",
@@ -151,6 +152,12 @@ def embed_images(checkpoint: str | Path, source: str | Path, out: str | Path, fe
     return Embedded("images", vectors, image_ids, files)
 
 
+def _same_folder(folder: Path, images_dir: Path) -> bool:
+    """``folder`` is ``images_dir`` or below it."""
+    folder, images_dir = folder.resolve(), images_dir.resolve()
+    return folder == images_dir or images_dir in folder.parents
+
+
 def _images_dir(store: Path, feats) -> Path | None:
     from fnemm.io.files import locate
     m = feats.manifest or {}
@@ -158,16 +165,19 @@ def _images_dir(store: Path, feats) -> Path | None:
 
 
 def extract_like(checkpoint: str | Path, source: str | Path, store: str | Path, features: str | Path | None = None,
-                 device: str = "cpu", batch_size: int = 8, workers: int = 1, quiet: bool = False) -> dict[str, str]:
-    """Extract image files (a folder, or a list file: ``image_source``) into ``store`` the
-    way ``features`` (default: the store ``checkpoint`` was trained on) was made: its CNN,
-    weights, crops, recipe, and its training statistics. Resumes like ``fnemm extract``;
-    returns {image: why} of the files that could not be read (and warns of them)."""
+                 device: str = "cpu", batch_size: int = 8, workers: int = 1, quiet: bool = False,
+                 only: list[str] | None = None) -> dict[str, str]:
+    """Extract image files (a folder, or a list file: ``image_source``; ``only``: these of
+    its paths) into ``store`` the way ``features`` (default: the store ``checkpoint`` was
+    trained on) was made: its CNN, weights, crops, recipe, and its training statistics.
+    Resumes like ``fnemm extract``; returns {image: why} of the files that could not be
+    read (and warns of them)."""
     from fnemm.features.encode import extract_config_of
     from fnemm.features.extraction import extract
     kind, folder, ids = image_source(source)
     if kind == "store":
         raise FnemmError(f"{source}: a feature store, not image files; pass it as --features")
+    ids = only if only is not None else ids
     reference = Path(features) if features else trained_store(checkpoint)
     config = extract_config_of(reference, device, batch_size=batch_size, workers=workers)
     result = extract(folder, store, config=config, stats_from=reference, quiet=quiet, ids=ids)
@@ -177,6 +187,34 @@ def extract_like(checkpoint: str | Path, source: str | Path, store: str | Path, 
         warnings.warn(f"{len(skipped)} image(s) could not be read and are left out (e.g. {first[0]}: {first[1]}); "
                       f"listed under skipped in {Path(store) / 'manifest.json'}", stacklevel=2)
     return skipped
+
+
+def extract_missing(checkpoint: str | Path, features: str | Path, source: str | Path, store: str | Path,
+                    device: str = "cpu", batch_size: int = 8, workers: int = 1, quiet: bool = False) -> Path | None:
+    """The photos of ``source`` (a folder or a list file) that the store ``features`` does
+    not hold, under their path or their file name, extracted into ``store`` the way
+    ``features`` was made (its CNN, recipe and statistics): ``store``, or None when
+    ``features`` holds every photo."""
+    from fnemm.features.images import list_images
+    kind, folder, ids = image_source(source)
+    if kind == "store":
+        raise FnemmError(f"{source}: a feature store, not image files; give the photos' folder or a list of them")
+    held_features = open_model(checkpoint, features, device).features
+    shown_from = _images_dir(Path(features), held_features)
+    if shown_from is None or not _same_folder(folder, shown_from):
+        raise FnemmError(f"{source}: the photos that join the gallery of {features} must be in its images folder "
+                         f"({shown_from or 'unknown'}), where a search finds the photos it shows; copy them there, "
+                         f"or index them alone (--images without --features)")
+    held = set(held_features.ids)
+    files = ids if ids is not None else list_images(folder)
+    missing = [f for f in files if f not in held and Path(f).name not in held]
+    if not missing:
+        return None
+    if not quiet:
+        say(f"{source}: {len(missing)} of its {len(files)} photos are not in {features}; extracting them into "
+            f"{store}")
+    extract_like(checkpoint, source, store, features, device, batch_size, workers, quiet, only=missing)
+    return Path(store)
 
 
 def trained_store(checkpoint: str | Path) -> Path:

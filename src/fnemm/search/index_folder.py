@@ -35,7 +35,7 @@ from fnemm.io.faults import fault
 from fnemm.search.vector_index import EXACT_UP_TO, METHODS, TUNE_QUERIES, VectorIndex, sample, tune_side
 from fnemm.io.locks import folder_lock
 from fnemm.datasets import Dataset
-from fnemm.features.store import Features
+from fnemm.features.store import Features, load_features, stack_features
 
 FORMAT = "fnemm-index"
 VERSION = 3            # 3: exact sides search exhaustively (order too), ids as JSON, file hashes
@@ -88,16 +88,21 @@ def _files_intact(folder: Path, files: dict, hashes: bool) -> str | None:
     return None
 
 
-def _request(opened, features: Path, store, dataset, split: str, ids, method: str, threshold: int,
-             target_recall: float, tune_queries: list[str] | None) -> dict:
-    """Everything the index depends on: the same request later means the same index. The
-    store's manifest hash covers its arrays' sha256; the array read is checked against it."""
+def _verify_store(features: Path, store) -> None:
+    """The array a store's rows are read from hashes as its manifest says."""
     entry = (store.manifest.get("arrays") or {}).get(store.kind)
     if entry:
         from fnemm.features.store import verify_array
         if (wrong := verify_array(features, entry, hashes=True)) is not None:
             raise FnemmError(f"{features / entry['file']}: damaged ({wrong}); re-run `fnemm extract` "
                              f"into {features} (the same command repairs it)")
+
+
+def _request(opened, features: Path, store, dataset, split: str, ids, method: str, threshold: int,
+             target_recall: float, tune_queries: list[str] | None) -> dict:
+    """Everything the index depends on: the same request later means the same index. The
+    store's manifest hash covers its arrays' sha256; the array read is checked against it."""
+    _verify_store(features, store)
     return {
         "checkpoint": {"path": str(opened.path.resolve()), "sha256": sha256_file(opened.path)},
         "features": {"path": str(features.resolve()), "kind": store.kind,
@@ -165,10 +170,13 @@ def _write_side(out: Path, side: str, items: np.ndarray, queries: np.ndarray, tu
 def build_index(checkpoint: str | Path, features: str | Path, out: str | Path, *, dataset=None,
                 split: str | None = None, ids: str | Path | None = None, method: str = "auto",
                 threshold: int = EXACT_UP_TO, target_recall: float = 0.95, device: str = "cpu",
-                quiet: bool = False, tune_queries: list[str] | None = None) -> dict:
+                quiet: bool = False, tune_queries: list[str] | None = None,
+                extra: list[str | Path] | None = None) -> dict:
     """Embed a gallery with a trained checkpoint into an index folder ``out``; returns its
     manifest. An index already built from the same inputs and options, whose files are
-    intact, is kept as is.
+    intact, is kept as is. ``extra``: stores of more images, made the way ``features``
+    was (``embed.extract_missing``), that join the gallery; ``features`` stays the store
+    whose CNN and statistics new photos go through at search time.
 
     The image side is tuned on sample caption queries: ``tune_queries`` (sentences,
     e.g. what users search for), else the dataset's captions, else (no captions) the
@@ -184,15 +192,34 @@ def build_index(checkpoint: str | Path, features: str | Path, out: str | Path, *
         raise FnemmError(f"{checkpoint_file(checkpoint).parent}: still being trained ({writer}); its best.pt may "
                          f"change: index it once the training ends")
     opened = open_model(checkpoint, features, device, ids)
+    more = [Path(e) for e in extra or []]
     with folder_lock(out, "an index"), quieted(quiet):
-        return _build(opened, features, out, dataset, split, ids, method, threshold, target_recall, tune_queries, t0)
+        return _build(opened, features, out, dataset, split, ids, method, threshold, target_recall, tune_queries, t0,
+                      more)
+
+
+def _extra_stores(opened, more: list[Path]) -> tuple[list, list[dict]]:
+    """The extra stores' features, checked against the model like the gallery's store,
+    and what the request records of them (their manifests' hashes cover their arrays)."""
+    from fnemm.joint.checkpoint import check_features
+    loaded = []
+    for e in more:
+        f = load_features(e, opened.config.features)
+        check_features(opened.checkpoint, f, opened.path)
+        _verify_store(e, f)
+        loaded.append(f)
+    return loaded, [{"path": str(e.resolve()), "sha256": sha256_file(store_file(e))} for e in more]
 
 
 def _build(opened, features: Path, out: Path, dataset, split: str, ids, method: str, threshold: int,
-           target_recall: float, tune_queries: list[str] | None, t0: float) -> dict:
-    store = opened.features
+           target_recall: float, tune_queries: list[str] | None, t0: float, more: list[Path]) -> dict:
+    loaded, recorded = _extra_stores(opened, more)
+    store = stack_features(opened.features, *loaded)
     gallery, captions = select_gallery(store, dataset, split)
-    request = _request(opened, features, store, dataset, split, ids, method, threshold, target_recall, tune_queries)
+    request = _request(opened, features, opened.features, dataset, split, ids, method, threshold, target_recall,
+                       tune_queries)
+    if recorded:
+        request["features"]["extra"] = recorded
     old = out / "manifest.json"
     if old.exists():
         try:
