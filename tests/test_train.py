@@ -213,3 +213,33 @@ def test_curriculum_full_policy_runs_stage_one_to_its_end_and_continues_from_its
     best1 = max(h["val"]["rsum"] for h in hist[:6])
     # stage 2 starts from stage 1's best weights: its first epoch is near that best, not the last epoch
     assert hist[6]["val"]["rsum"] >= best1 - 30
+
+
+@pytest.mark.parametrize("losses,rsums,epochs,best", [
+    # on the plateau (12.8 for max of hinges, margin 0.2, batch 32; >= 0.9 of it) for 6
+    # epochs, rsum creeping, then learning: patience 2 counts from the first epoch off it
+    ([12.7, 12.6, 12.5, 12.4, 12.3, 12.2, 5, 4, 3, 3, 3, 3], [10, 9, 9, 9, 9, 9, 30, 29, 29, 29, 29, 29], 9, 7),
+    # off the plateau from the start: the same patience stops after epoch 3
+    ([11, 10, 9, 8, 7, 6, 5, 4, 3, 3, 3, 3], [10, 9, 9, 9, 9, 9, 30, 29, 29, 29, 29, 29], 3, 1),
+    # never leaves it: max_epochs ends the stage
+    ([12.7] * 12, [10] + [9] * 11, 12, 1),
+])
+def test_patience_does_not_count_epochs_on_the_plateau(synth, tmp_path, monkeypatch, losses, rsums, epochs, best):
+    """A max-of-hinges run can sit near the loss of equal scores for tens of epochs before
+    it learns; stopping it there keeps a model that never started (the benchmark's runs
+    sat there 25-75 epochs). The trainer's own epochs and validations run; only the loss
+    and rsum they report are scripted."""
+    from fnemm.joint.losses import PLATEAU_SHARE, plateau_loss
+    from fnemm.training.trainer import Trainer
+    assert plateau_loss("max", 0.2, 32) == pytest.approx(12.8) and PLATEAU_SHARE * 12.8 < 12.2
+    assert plateau_loss("sum", 0.2, 32) == pytest.approx(12.8 * 31)
+    scripted_loss, scripted_rsum = iter(losses), iter(rsums)
+    real_epoch, real_validate = Trainer._epoch, Trainer._validate
+    monkeypatch.setattr(Trainer, "_epoch", lambda self: (real_epoch(self), next(scripted_loss))[1])
+    monkeypatch.setattr(Trainer, "_validate", lambda self: {**real_validate(self), "rsum": next(scripted_rsum)})
+    jsonl, npy, ids = synth
+    cfg = small_config(patience=2, max_epochs=12)
+    summary = train(cfg, load_dataset(jsonl), load_features(npy, ids=ids), tmp_path / "run", quiet=True)
+    assert (summary["epochs"], summary["best_epoch"]) == (epochs, best)
+    from fnemm.training.folders import training_summary        # what the study's report counts
+    assert training_summary(tmp_path / "run")["plateau_epochs"] == sum(x >= 11.52 for x in losses[:epochs])

@@ -59,14 +59,16 @@ def recalls(results: list[dict], cnn: str, size: int, paper: dict | None = None)
 
 
 def training(results: list[dict], cnn: str, size: int) -> str:
-    """How the runs trained: epochs per seed (and per stage), the best epoch, hours."""
-    lines = ["| variant | epochs (per run) | epochs per stage | best epoch | hours (all runs) |",
-             "|---|---|---|---|---:|"]
+    """How the runs trained: epochs per seed (and per stage), those on the loss plateau, the
+    best epoch, hours."""
+    lines = ["| variant | epochs (per run) | epochs per stage | on the loss plateau | best epoch | hours (all runs) |",
+             "|---|---|---|---|---|---:|"]
     for e in results:
         if e["cnn"] == cnn and e["train_images"] == size and "training" in e:
             t = e["training"]
+            plateau = ", ".join("?" if p is None else str(p) for p in t.get("plateau_epochs") or [])
             lines.append(f"| {e['variant']} | {', '.join(map(str, t['epochs']))} | "
-                         f"{'; '.join('+'.join(map(str, x)) for x in t['stage_epochs'])} | "
+                         f"{'; '.join('+'.join(map(str, x)) for x in t['stage_epochs'])} | {plateau or '?'} | "
                          f"{', '.join(map(str, t['best_epoch']))} | {t['hours']:.1f} |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
@@ -213,7 +215,9 @@ def write_report(out: Path, summary: dict, grid, dataset, about: dict[str, str],
         parts += [f"- {s}" for s in reading(results, cnn, full)]
         parts.append(f"\nRecalls ({full} training images):\n\n{recalls(results, cnn, full, paper_rows)}\n")
         if t := training(results, cnn, full):
-            parts.append(f"How the runs trained:\n\n{t}\n")
+            from fnemm.joint.losses import PLATEAU_SHARE
+            parts.append(f"How the runs trained (on the loss plateau: epochs whose mean loss was at least "
+                         f"{PLATEAU_SHARE:.0%} of that of equal scores, which patience does not count):\n\n{t}\n")
         if c := curve(results, cnn):
             parts.append(f"\n### Learning curve\n\n{c}\n")
             parts += [f"- {line}" for line in trend_lines(summary.get("trends", []), cnn)]

@@ -58,7 +58,8 @@ def add_train(sub) -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="max epochs of every stage")
     p.add_argument("--lr", type=float, help="learning rate of every stage")
     p.add_argument("--margin", type=float, help="hinge margin of every stage")
-    p.add_argument("--patience", type=int, help="early stop: epochs without a better val rsum")
+    p.add_argument("--patience", type=int, help="early stop: epochs without a better val rsum (epochs whose loss "
+                                                "is still on the plateau of equal scores do not count)")
     p.add_argument("--embed-dim", type=int, help="joint embedding size")
     p.add_argument("--word-dim", type=int, help="word embedding size")
     p.add_argument("--batch-size", type=int, help="pairs per batch (default 128)")

@@ -95,8 +95,9 @@ def add_study(sub) -> argparse.ArgumentParser:
                    help="the pipeline every variant trains: FAMILY/FNE-MH, the baseline FAMILY/FC7-MH; demo "
                         "(default: Table 1 scaled to a few thousand images) or the paper's flickr8k, flickr30k, coco")
     p.add_argument("--patience", type=int, metavar="N",
-                   help="end every training stage after N epochs without a better validation rsum (the paper's "
-                        "presets run their full epochs otherwise: days on a CPU)")
+                   help="end every training stage after N epochs without a better validation rsum, not counting "
+                        "epochs on the loss plateau where max-of-hinges runs start (the paper's presets run their "
+                        "full epochs otherwise: days on a CPU)")
     p.add_argument("--epochs", type=int, help="cap every run's epochs")
     p.add_argument("--max-images", type=int, help="use about this many images of the dataset")
     p.add_argument("--crops", type=int, choices=[1, 10], help="crops per image (default 10)")

@@ -10,6 +10,7 @@ import torch
 
 SIMILARITIES = ("cosine", "order")
 REDUCTIONS = ("sum", "max")
+PLATEAU_SHARE = 0.9        # an epoch whose mean batch loss is above this share of plateau_loss is on the plateau
 
 
 def cosine_scores(images: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
@@ -85,6 +86,15 @@ def hinge_loss(score_matrix: torch.Tensor, margin: float, reduction: str,
     if reduction == "max":
         return cost_caption.max(dim=1).values.sum() + cost_image.max(dim=0).values.sum()
     return cost_caption.sum() + cost_image.sum()
+
+
+def plateau_loss(reduction: str, margin: float, batch: int) -> float:
+    """The batch loss when every pair scores alike (all embeddings equal: each hinge is the
+    margin). Max-of-hinges training starts just under it and can stay there for tens of
+    epochs while no pair beats its hardest negative, validation rsum creeping meanwhile."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"unknown reduction {reduction!r}; expected one of {REDUCTIONS}")
+    return 2 * margin * batch * (1 if reduction == "max" else batch - 1)
 
 
 def contrastive_loss(

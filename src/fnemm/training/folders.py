@@ -138,7 +138,8 @@ def val_curve(run: Path) -> list[float]:
 
 def training_summary(run: Path) -> dict:
     """How a run trained: epochs, the best epoch (by validation rsum), the seconds its
-    epochs took (training and validation) and the epochs each stage ran."""
+    epochs took (training and validation), the epochs each stage ran and how many of
+    them were on the loss plateau (None without its config.json)."""
     history = epoch_history(run)
     best = max(history, key=lambda r: float(r["val"]["rsum"]), default=None)
     stages: dict[int, int] = {}
@@ -147,7 +148,21 @@ def training_summary(run: Path) -> dict:
     return {"epochs": len(history), "best_epoch": int(best["epoch"]) if best else 0,
             "best_val_rsum": float(best["val"]["rsum"]) if best else None,
             "seconds": float(sum(float(r.get("time_s", 0.0)) for r in history)),
-            "stage_epochs": [stages[k] for k in sorted(stages)]}
+            "stage_epochs": [stages[k] for k in sorted(stages)],
+            "plateau_epochs": plateau_epochs(run, history)}
+
+
+def plateau_epochs(run: Path, history: list[dict]) -> int | None:
+    """Epochs whose loss was on the plateau of equal scores (``losses.PLATEAU_SHARE``)."""
+    from fnemm.joint.losses import PLATEAU_SHARE, plateau_loss
+    if not (run / "config.json").is_file():
+        return None
+    config = saved_config(run)
+    on = 0
+    for rec in history:
+        stage = config.stages[min(int(rec.get("stage", 1)), len(config.stages)) - 1]
+        on += float(rec["loss"]) >= PLATEAU_SHARE * plateau_loss(stage.loss, stage.margin, config.batch_size)
+    return on
 
 
 def saved_config(run: Path) -> TrainConfig:
