@@ -259,3 +259,28 @@ def test_the_flickr8k_benchmark_command_on_a_few_images(tmp_path, capsys):
     assert again["results"] == json.loads((out / "study.json").read_text())["results"]
     assert main(["study", "--out", str(records), "--export", str(tmp_path / "x")]) == 2
     assert "give it with --report-only" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not (DATA / "flickr8k" / "images-224").is_dir(), reason="bundled Flickr8K images-224 not present")
+def test_the_committed_benchmark_records_redraw_the_committed_report(tmp_path, capsys):
+    """README: the records under results/flickr8k-224 (no weights) are in the repository and
+    redraw its study.md and study.json exactly (they were once ignored by git, silently)."""
+    import shutil
+    from pathlib import Path
+    committed = Path(__file__).resolve().parents[1] / "results" / "flickr8k-224"
+    tracked = subprocess.run(["git", "ls-files", "--", "results/flickr8k-224/runs"], cwd=committed.parents[1],
+                             capture_output=True, text=True)
+    if tracked.returncode == 0:             # a git checkout (not an sdist): the records are tracked files
+        assert len([f for f in tracked.stdout.splitlines() if f.endswith("metrics-test.json")]) == \
+               len(list((committed / "runs").rglob("metrics-test.json"))) > 0
+    out = tmp_path / "records"
+    shutil.copytree(committed, out)
+    grid = json.loads((committed / "study.json").read_text())["grid"]
+    assert main(["study", "--dataset", "flickr8k-224", "--presets", grid["presets"], "--patience",
+                 str(grid["patience"]), "--splits", str(grid["splits"]), "--seeds", str(grid["seeds"]),
+                 "--cnns", ",".join(grid["cnns"]), "--variants", ",".join(grid["variants"]),
+                 "--train-sizes", ",".join(map(str, grid["train_sizes"])),
+                 "--curve-variants", ",".join(grid["curve_variants"]), "--curve-cnns", ",".join(grid["curve_cnns"]),
+                 "--curve-seeds", str(grid["curve_seeds"]), "--out", str(out), "--report-only", "--quiet"]) == 0
+    assert (out / "study.md").read_text() == (committed / "study.md").read_text()
+    assert json.loads((out / "study.json").read_text()) == json.loads((committed / "study.json").read_text())
