@@ -97,6 +97,12 @@ def plateau_loss(reduction: str, margin: float, batch: int) -> float:
     return 2 * margin * batch * (1 if reduction == "max" else batch - 1)
 
 
+def on_plateau(loss: float, reduction: str, margin: float, batch: int) -> bool:
+    """An epoch's mean batch ``loss`` is on the plateau: at least ``PLATEAU_SHARE`` of
+    :func:`plateau_loss` (what patience does not count, and what reports count)."""
+    return loss >= PLATEAU_SHARE * plateau_loss(reduction, margin, batch)
+
+
 def contrastive_loss(
     images: torch.Tensor,
     captions: torch.Tensor,

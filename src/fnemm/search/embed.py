@@ -152,12 +152,6 @@ def embed_images(checkpoint: str | Path, source: str | Path, out: str | Path, fe
     return Embedded("images", vectors, image_ids, files)
 
 
-def _same_folder(folder: Path, images_dir: Path) -> bool:
-    """``folder`` is ``images_dir`` or below it."""
-    folder, images_dir = folder.resolve(), images_dir.resolve()
-    return folder == images_dir or images_dir in folder.parents
-
-
 def _images_dir(store: Path, feats) -> Path | None:
     from fnemm.io.files import locate
     m = feats.manifest or {}
@@ -201,7 +195,7 @@ def extract_missing(checkpoint: str | Path, features: str | Path, source: str | 
         raise FnemmError(f"{source}: a feature store, not image files; give the photos' folder or a list of them")
     held_features = open_model(checkpoint, features, device).features
     shown_from = _images_dir(Path(features), held_features)
-    if shown_from is None or not _same_folder(folder, shown_from):
+    if shown_from is None or not folder.resolve().is_relative_to(shown_from.resolve()):
         raise FnemmError(f"{source}: the photos that join the gallery of {features} must be in its images folder "
                          f"({shown_from or 'unknown'}), where a search finds the photos it shows; copy them there, "
                          f"or index them alone (--images without --features)")

@@ -154,14 +154,14 @@ def training_summary(run: Path) -> dict:
 
 def plateau_epochs(run: Path, history: list[dict]) -> int | None:
     """Epochs whose loss was on the plateau of equal scores (``losses.PLATEAU_SHARE``)."""
-    from fnemm.joint.losses import PLATEAU_SHARE, plateau_loss
+    from fnemm.joint.losses import on_plateau
     if not (run / "config.json").is_file():
         return None
     config = saved_config(run)
     on = 0
     for rec in history:
         stage = config.stages[min(int(rec.get("stage", 1)), len(config.stages)) - 1]
-        on += float(rec["loss"]) >= PLATEAU_SHARE * plateau_loss(stage.loss, stage.margin, config.batch_size)
+        on += on_plateau(float(rec["loss"]), stage.loss, stage.margin, config.batch_size)
     return on
 
 

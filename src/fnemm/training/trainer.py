@@ -7,7 +7,7 @@ After each epoch the model is scored on the validation split (rsum); the best
 epoch so far is kept in ``best.pt``. A stage ends after ``max_epochs`` or, if
 set, ``patience`` epochs without a better rsum; the next stage (curriculum: sum
 -> max of hinges) starts from the best weights with a fresh Adam at its own lr.
-Patience counts no epoch on the plateau (loss >= ``losses.PLATEAU_SHARE`` x ``plateau_loss``),
+Patience counts no epoch on the plateau (``losses.on_plateau``: loss >= ``PLATEAU_SHARE`` x ``plateau_loss``),
 where max-of-hinges runs can sit 25-75 epochs before they learn.
 
 Run folder::
@@ -53,7 +53,7 @@ from fnemm.io.locks import folder_lock
 from fnemm.eval.metrics import at_chance, chance_rsum, evaluate_embeddings, format_metrics
 from fnemm.features.store import Features
 from fnemm.io.files import atomic_torch_save, atomic_write_json, atomic_write_text, load_torch_data
-from fnemm.joint.losses import PLATEAU_SHARE, contrastive_loss, plateau_loss
+from fnemm.joint.losses import contrastive_loss, on_plateau
 from fnemm.joint.model import JointEmbedding
 from fnemm.joint.text import Vocab, pad_batch
 
@@ -324,7 +324,7 @@ class Trainer:
             else:
                 st.stale += 1
             stage = self.config.stages[st.stage]
-            if loss >= PLATEAU_SHARE * plateau_loss(stage.loss, stage.margin, self.config.batch_size):
+            if on_plateau(loss, stage.loss, stage.margin, self.config.batch_size):
                 st.stale = 0                  # still on the plateau: patience has not started
             if improved:
                 st.best_rsum, st.best_epoch = val["rsum"], st.epoch
