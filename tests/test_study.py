@@ -272,7 +272,8 @@ def test_the_committed_benchmark_records_redraw_the_committed_report(tmp_path, c
                              capture_output=True, text=True)
     if tracked.returncode == 0:             # a git checkout (not an sdist): the records are tracked files
         assert len([f for f in tracked.stdout.splitlines() if f.endswith("metrics-test.json")]) == \
-               len(list((committed / "runs").rglob("metrics-test.json"))) > 0
+               len(list((committed / "runs").rglob("metrics-test.json"))) > 0, \
+               "results/flickr8k-224/runs holds records git does not track: `git add results` after an export"
     out = tmp_path / "records"
     shutil.copytree(committed, out)
     grid = json.loads((committed / "study.json").read_text())["grid"]
