@@ -122,6 +122,9 @@ def test_stacked_stores_read_as_the_concatenation_of_their_rows(tmp_path):
     for rows in ([], [0], [9, 0, 5, 5, 4, 6], rng.integers(0, 10, 50), np.arange(10)[::-1]):
         assert np.array_equal(stacked[np.asarray(rows, np.int64)], whole[np.asarray(rows, np.int64)])
     assert np.array_equal(stacked[2:8], whole[2:8])
+    for bad in ([10], [-1], [3, 11]):
+        with pytest.raises(IndexError):
+            stacked[np.asarray(bad)]
     feats = [Features([f"s{k}-{r}" for r in range(len(p))], p, f"store{k}", "fne") for k, p in enumerate(parts)]
     one = stack_features(*feats)
     assert one.ids == [i for f in feats for i in f.ids] and one.source == "store0"

@@ -78,6 +78,8 @@ class StackedRows:
         rows = np.arange(self.shape[0])[rows] if isinstance(rows, slice) else np.asarray(rows, np.int64)
         if rows.ndim != 1:
             raise TypeError("StackedRows reads a 1-D list of row indices or a slice")
+        if len(rows) and (rows.min() < 0 or rows.max() >= self.shape[0]):
+            raise IndexError(f"rows out of range for {self.shape[0]} rows")     # never uninitialised rows
         out = np.empty((len(rows), self.shape[1]), self.dtype)
         which = np.searchsorted(self.starts, rows, side="right") - 1
         for k, array in enumerate(self.arrays):
