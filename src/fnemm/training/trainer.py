@@ -58,7 +58,6 @@ from fnemm.joint.model import JointEmbedding
 from fnemm.joint.text import Vocab, pad_batch
 
 
-
 @dataclass
 class TrainState:
     """Counters that, with the model, Adam and the RNGs, define where a run is."""
