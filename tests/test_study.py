@@ -106,6 +106,24 @@ def test_learning_curve_trend_against_a_hand_computed_slope():
     assert f"close near {800 * 2 ** (19.85 / np.mean(slopes)):,.0f} training images" in line    # ~3,134
 
 
+def test_curve_table_lists_the_curve_variants_once_any_size_has_them():
+    """The columns are the variants run below the full size, whichever size has them so
+    far (a partial curve shows every variant it has); one run shows no spread."""
+    from fnemm_studies.study_report import curve
+
+    def entry(size, variant, rsum, runs=1, std=0.0):
+        return {"cnn": "c", "train_images": size, "variant": variant, "rsum_mean": rsum, "runs": runs,
+                "rsum_std": std}
+    results = [entry(6000, v, 260.0 + k) for k, v in enumerate(("baseline", "fne", "late", "fne+baseline"))]
+    results += [entry(4000, "baseline", 231.2), entry(2000, "late", 200.0, runs=2, std=3.25)]
+    lines = curve(results, "c").splitlines()
+    assert lines[0] == "| training images | baseline | late | FNE - baseline |"
+    assert lines[2] == "| 2000 | – | 200.0 ± 3.2 | – |"
+    assert lines[3] == "| 4000 | 231.2 (1 run) | – | – |"
+    assert lines[4].startswith("| 6000 | 260.0 (1 run) | 262.0 (1 run) |")
+    assert curve(results[:4], "c") == ""
+
+
 def _toy_study(tmp_path, **grid):
     from fnemm.datasets import Dataset
     from fnemm_studies.study import Grid, Study

@@ -110,17 +110,25 @@ def reading(results: list[dict], cnn: str, size: int) -> list[str]:
     return out
 
 
+def _mean_cell(e: dict) -> str:
+    """Mean ± std over the runs; one run has no spread to show."""
+    if e["runs"] > 1:
+        return f"{e['rsum_mean']:.1f} ± {e['rsum_std']:.1f}"
+    return f"{e['rsum_mean']:.1f} (1 run)"
+
+
 def curve(results: list[dict], cnn: str) -> str:
     """The learning curve as a table: rsum per training size for the curve's variants."""
     sizes = sorted({e["train_images"] for e in results if e["cnn"] == cnn})
     if len(sizes) < 2:
         return ""
-    names = sorted({e["variant"] for e in results if e["cnn"] == cnn and e["train_images"] == sizes[0]})
+    # the curve's variants: those run below the full size (the full size runs every variant)
+    names = sorted({e["variant"] for e in results if e["cnn"] == cnn and e["train_images"] < sizes[-1]})
     lines = ["| training images | " + " | ".join(names) + " | FNE - baseline |",
              "|---:|" + "---:|" * (len(names) + 1)]
     for size in sizes:
         by = {e["variant"]: e for e in results if e["cnn"] == cnn and e["train_images"] == size}
-        cells = [f"{by[n]['rsum_mean']:.1f} ± {by[n]['rsum_std']:.1f}" if n in by else "–" for n in names]
+        cells = [_mean_cell(by[n]) if n in by else "–" for n in names]
         diff = _cmp(by["fne"], "baseline") if "fne" in by else None
         lines.append(f"| {size} | " + " | ".join(cells) + f" | {_cell(diff)} |")
     return "\n".join(lines)
