@@ -124,6 +124,26 @@ def test_curve_table_lists_the_curve_variants_once_any_size_has_them():
     assert curve(results[:4], "c") == ""
 
 
+def test_training_table_reports_the_median_epoch_and_pairs_per_second(tmp_path):
+    """The median epoch's seconds of a run's history (training and validation) and the
+    training pairs a second it makes (one pair per training image an epoch)."""
+    from fnemm.training.folders import training_summary
+    from fnemm_studies.study_report import training
+    run = tmp_path / "run"
+    run.mkdir()
+    times = [10.0, 30.0, 20.0, 100.0]
+    run.joinpath("metrics.jsonl").write_text("".join(
+        json.dumps({"epoch": k + 1, "stage": 1, "loss": 1.0, "val": {"rsum": 10.0 + k}, "time_s": t}) + "\n"
+        for k, t in enumerate(times)))
+    t = training_summary(run)
+    assert t["median_epoch_s"] == 25.0 and t["seconds"] == 160.0 and t["best_epoch"] == 4
+    entry = {"cnn": "c", "train_images": 6000, "variant": "fne",
+             "training": {"epochs": [4, 4], "best_epoch": [4, 4], "stage_epochs": [[4], [4]],
+                          "plateau_epochs": [None, 1], "median_epoch_s": [25.0, 60.0], "hours": 0.1}}
+    row = training([entry], "c", 6000).splitlines()[2]
+    assert row == "| fne | 4, 4 | 4; 4 | ?, 1 | 4, 4 | 25, 60 | 240, 100 | 0.1 |"
+
+
 def _toy_study(tmp_path, **grid):
     from fnemm.datasets import Dataset
     from fnemm_studies.study import Grid, Study

@@ -60,16 +60,20 @@ def recalls(results: list[dict], cnn: str, size: int, paper: dict | None = None)
 
 def training(results: list[dict], cnn: str, size: int) -> str:
     """How the runs trained: epochs per seed (and per stage), those on the loss plateau, the
-    best epoch, hours."""
-    lines = ["| variant | epochs (per run) | epochs per stage | on the loss plateau | best epoch | hours (all runs) |",
-             "|---|---|---|---|---|---:|"]
+    best epoch, the median epoch's seconds and the training pairs it went through a second
+    (one pair per training image an epoch; its validation included), hours."""
+    lines = ["| variant | epochs (per run) | epochs per stage | on the loss plateau | best epoch | "
+             "s per epoch (median) | pairs/s | hours (all runs) |",
+             "|---|---|---|---|---|---|---|---:|"]
     for e in results:
         if e["cnn"] == cnn and e["train_images"] == size and "training" in e:
             t = e["training"]
             plateau = ", ".join("?" if p is None else str(p) for p in t.get("plateau_epochs") or [])
+            secs = [s for s in t.get("median_epoch_s") or [] if s]
             lines.append(f"| {e['variant']} | {', '.join(map(str, t['epochs']))} | "
                          f"{'; '.join('+'.join(map(str, x)) for x in t['stage_epochs'])} | {plateau or '?'} | "
-                         f"{', '.join(map(str, t['best_epoch']))} | {t['hours']:.1f} |")
+                         f"{', '.join(map(str, t['best_epoch']))} | {', '.join(f'{s:.0f}' for s in secs) or '?'} | "
+                         f"{', '.join(f'{size / s:.0f}' for s in secs) or '?'} | {t['hours']:.1f} |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
 

@@ -13,6 +13,7 @@ evaluates runs is in fnemm.training.runs."""
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 from fnemm.datasets import Dataset, load_dataset
@@ -138,8 +139,8 @@ def val_curve(run: Path) -> list[float]:
 
 def training_summary(run: Path) -> dict:
     """How a run trained: epochs, the best epoch (by validation rsum), the seconds its
-    epochs took (training and validation), the epochs each stage ran and how many of
-    them were on the loss plateau (None without its config.json)."""
+    epochs took (training and validation; in all and the median epoch), the epochs each
+    stage ran and how many of them were on the loss plateau (None without its config.json)."""
     history = epoch_history(run)
     best = max(history, key=lambda r: float(r["val"]["rsum"]), default=None)
     stages: dict[int, int] = {}
@@ -148,6 +149,8 @@ def training_summary(run: Path) -> dict:
     return {"epochs": len(history), "best_epoch": int(best["epoch"]) if best else 0,
             "best_val_rsum": float(best["val"]["rsum"]) if best else None,
             "seconds": float(sum(float(r.get("time_s", 0.0)) for r in history)),
+            "median_epoch_s": float(statistics.median(times)) if (times := [float(r["time_s"]) for r in history
+                                                                             if "time_s" in r]) else None,
             "stage_epochs": [stages[k] for k in sorted(stages)],
             "plateau_epochs": plateau_epochs(run, history)}
 
