@@ -144,6 +144,21 @@ def test_training_table_reports_the_median_epoch_and_pairs_per_second(tmp_path):
     assert row == "| fne | 4, 4 | 4; 4 | ?, 1 | 4, 4 | 25, 60 | 240, 100 | 0.1 |"
 
 
+def test_report_names_the_runs_that_ended_still_on_the_loss_plateau():
+    """A run whose last epoch was on the plateau hit its epoch limit before it may have
+    started learning: the report names it, at any training size; none such, no warning."""
+    from fnemm_studies.study_report import unstarted
+
+    def entry(size, variant, ended):
+        return {"cnn": "c", "train_images": size, "variant": variant, "training": {"ended_on_plateau": ended}}
+    results = [entry(6000, "fne", [False, False]), entry(1000, "baseline", [True, False]),
+               entry(1000, "fne", [None]), {"cnn": "c", "train_images": 2000, "variant": "x"},
+               entry(1000, "late", [True]), entry(1000, "other-cnn", [True]) | {"cnn": "d"}]
+    warning = unstarted(results, "c")
+    assert warning.endswith(": baseline at 1000 images (1 of 2 runs); late at 1000 images (1 of 1 runs).")
+    assert unstarted(results[:1], "c") == "" and unstarted(results, "e") == ""
+
+
 def _toy_study(tmp_path, **grid):
     from fnemm.datasets import Dataset
     from fnemm_studies.study import Grid, Study

@@ -242,4 +242,6 @@ def test_patience_does_not_count_epochs_on_the_plateau(synth, tmp_path, monkeypa
     summary = train(cfg, load_dataset(jsonl), load_features(npy, ids=ids), tmp_path / "run", quiet=True)
     assert (summary["epochs"], summary["best_epoch"]) == (epochs, best)
     from fnemm.training.folders import training_summary        # what the study's report counts
-    assert training_summary(tmp_path / "run")["plateau_epochs"] == sum(x >= 11.52 for x in losses[:epochs])
+    counted = training_summary(tmp_path / "run")
+    assert counted["plateau_epochs"] == sum(x >= 11.52 for x in losses[:epochs])
+    assert counted["ended_on_plateau"] is (losses[epochs - 1] >= 11.52) is (epochs == 12)   # only the run that never left

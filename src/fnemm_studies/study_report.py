@@ -77,6 +77,21 @@ def training(results: list[dict], cnn: str, size: int) -> str:
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
+def unstarted(results: list[dict], cnn: str) -> str:
+    """A warning naming the runs (any training size) whose last epoch was still on the loss
+    plateau: they ended at their epoch limit before they may have started learning, so
+    their rsum measures the limit, not the features or the training set."""
+    cells = []
+    for e in results:
+        ended = (e.get("training") or {}).get("ended_on_plateau") or []
+        if e["cnn"] == cnn and any(ended):
+            cells.append(f"{e['variant']} at {e['train_images']} images ({sum(map(bool, ended))} of {len(ended)} runs)")
+    if not cells:
+        return ""
+    return ("Ended still on the loss plateau, at their epoch limit (they may not have started learning; their "
+            f"rsum measures the limit, not the features; more epochs would tell): {'; '.join(cells)}.")
+
+
 def reading(results: list[dict], cnn: str, size: int) -> list[str]:
     """Sentences that say what the table shows for one CNN."""
     rows = [e for e in results if e["cnn"] == cnn and e["train_images"] == size]
@@ -230,6 +245,8 @@ def write_report(out: Path, summary: dict, grid, dataset, about: dict[str, str],
             from fnemm.joint.losses import PLATEAU_SHARE
             parts.append(f"How the runs trained (on the loss plateau: epochs whose mean loss was at least "
                          f"{PLATEAU_SHARE:.0%} of that of equal scores, which patience does not count):\n\n{t}\n")
+        if w := unstarted(results, cnn):
+            parts.append(f"**{w}**\n")
         if c := curve(results, cnn):
             parts.append(f"\n### Learning curve\n\n{c}\n")
             parts += [f"- {line}" for line in trend_lines(summary.get("trends", []), cnn)]

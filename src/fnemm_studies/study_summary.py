@@ -55,6 +55,7 @@ def summarise(rows: dict, grid, full: int, ranks: dict | None = None, training: 
                                          "stage_epochs": [t["stage_epochs"] for t in trained],
                                          "plateau_epochs": [t.get("plateau_epochs") for t in trained],
                                          "median_epoch_s": [t.get("median_epoch_s") for t in trained],
+                                         "ended_on_plateau": [t.get("ended_on_plateau") for t in trained],
                                          "hours": float(sum(t["seconds"] for t in trained) / 3600)}
                 for other in ("baseline", "fne"):
                     theirs = {k[1:]: v for k, v in cell.items() if k[0] == other}

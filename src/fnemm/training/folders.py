@@ -140,32 +140,35 @@ def val_curve(run: Path) -> list[float]:
 def training_summary(run: Path) -> dict:
     """How a run trained: epochs, the best epoch (by validation rsum), the seconds its
     epochs took (training and validation; in all and the median epoch), the epochs each
-    stage ran and how many of them were on the loss plateau (None without its config.json)."""
+    stage ran, how many of them were on the loss plateau and whether its last one still
+    was (None without its config.json)."""
     history = epoch_history(run)
     best = max(history, key=lambda r: float(r["val"]["rsum"]), default=None)
     stages: dict[int, int] = {}
     for rec in history:
         stages[int(rec.get("stage", 1))] = stages.get(int(rec.get("stage", 1)), 0) + 1
+    flags = plateau_flags(run, history)
     return {"epochs": len(history), "best_epoch": int(best["epoch"]) if best else 0,
             "best_val_rsum": float(best["val"]["rsum"]) if best else None,
             "seconds": float(sum(float(r.get("time_s", 0.0)) for r in history)),
             "median_epoch_s": float(statistics.median(times)) if (times := [float(r["time_s"]) for r in history
                                                                              if "time_s" in r]) else None,
             "stage_epochs": [stages[k] for k in sorted(stages)],
-            "plateau_epochs": plateau_epochs(run, history)}
+            "plateau_epochs": None if flags is None else sum(flags),
+            "ended_on_plateau": bool(flags[-1]) if flags else None}
 
 
-def plateau_epochs(run: Path, history: list[dict]) -> int | None:
-    """Epochs whose loss was on the plateau of equal scores (``losses.PLATEAU_SHARE``)."""
+def plateau_flags(run: Path, history: list[dict]) -> list[bool] | None:
+    """For each epoch: was its loss on the plateau of equal scores (``losses.PLATEAU_SHARE``)?"""
     from fnemm.joint.losses import on_plateau
     if not (run / "config.json").is_file():
         return None
     config = saved_config(run)
-    on = 0
+    flags = []
     for rec in history:
         stage = config.stages[min(int(rec.get("stage", 1)), len(config.stages)) - 1]
-        on += on_plateau(float(rec["loss"]), stage.loss, stage.margin, config.batch_size)
-    return on
+        flags.append(bool(on_plateau(float(rec["loss"]), stage.loss, stage.margin, config.batch_size)))
+    return flags
 
 
 def saved_config(run: Path) -> TrainConfig:
