@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEV    := $(VENV)/.installed-dev
 
-.PHONY: venv test demo serve serve-flickr8k serve-photos bench clean flickr8k
+.PHONY: venv test demo serve serve-flickr8k serve-photos bench clean flickr8k flickr8k-export
 
 venv: $(STAMP)
 
@@ -102,6 +102,12 @@ flickr8k: $(STAMP)
 	mkdir -p $(F8K_OUT)
 	for k in $$(seq 2 $(JOBS)); do $(F8K_STUDY) > $(F8K_OUT)/worker-$$k.log 2>&1 & done; \
 	$(F8K_STUDY); status=$$?; wait; exit $$status
+
+# After runs finish: their records (no weights) into results/flickr8k-224, and README's tables
+# redrawn from them (then `git add results README.md`).
+flickr8k-export: $(STAMP)
+	$(F8K_STUDY) --report-only --export results/flickr8k-224
+	$(PY) -m fnemm_studies.readme_table results/flickr8k-224 README.md
 
 bench: $(STAMP)
 	$(PY) bench/eval_speed.py

@@ -338,3 +338,60 @@ def test_the_committed_benchmark_records_redraw_the_committed_report(tmp_path, c
                  "--curve-seeds", str(grid["curve_seeds"]), "--out", str(out), "--report-only", "--quiet"]) == 0
     assert (out / "study.md").read_text() == (committed / "study.md").read_text()
     assert json.loads((out / "study.json").read_text()) == json.loads((committed / "study.json").read_text())
+
+
+def test_the_readme_benchmark_tables_are_the_committed_records(monkeypatch):
+    """README's tables of the Flickr8K benchmark are drawn from results/flickr8k-224/study.json
+    (which the test above ties to the records): a hand edit or a forgotten redraw fails here."""
+    from pathlib import Path
+    from fnemm_studies.readme_table import main as redraw
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])     # the README names the folder from the root
+    assert redraw(["results/flickr8k-224", "README.md", "--check"]) == 0, \
+        "README's benchmark tables are stale: python -m fnemm_studies.readme_table results/flickr8k-224 README.md"
+
+
+def test_readme_tables_show_spread_bold_significance_and_the_papers_rows(tmp_path, capsys):
+    from fnemm_studies.readme_table import main as redraw, markers, tables
+
+    def entry(variant, runs, std, **vs):
+        e = {"cnn": "mobilenet_v2", "train_images": 6000, "variant": variant, "runs": runs, "rsum_mean": 250.04,
+             "rsum_std": std, "rsum_interval": [240.0, 260.0], "i2t_r1": 20.0, "i2t_r5": 50.0, "i2t_r10": 60.0,
+             "t2i_r1": 15.0, "t2i_r5": 40.0, "t2i_r10": 50.0,
+             "training": {"stage_epochs": [[60, 14], [50, 9]], "best_epoch": [64, 55]}}
+        for other, (mean, p) in vs.items():
+            e[f"vs_{other}"] = {"mean": mean, "low": mean - 5, "high": mean + 5, "p": p, "n": 1000, "method": "m"}
+        return e
+    summary = {"grid": {"cnns": ["efficientnet_lite0", "mobilenet_v2"], "presets": "flickr8k"},
+               "full_train_images": 6000,
+               "results": [entry("baseline", 1, 0.0, fne=(-3.0, 0.2)),
+                           entry("fne", 3, 4.25, baseline=(3.0, 0.2)),
+                           entry("late", 3, 1.0, baseline=(20.0, 0.0004), fne=(17.0, 0.01)),
+                           {**entry("fne", 1, 0.0), "train_images": 1000}]}
+    lines = tables(summary, {"late": "late layers"}).splitlines()
+    assert lines[0].startswith("| MobileNetV2, 6,000 training images | runs |") and len(lines) == 7
+    assert lines[2] == ("| `baseline` (FC7-MH) | 1 | 250.0 [240.0, 260.0] | 20.0 / 50.0 / 60.0 | 15.0 / 40.0 / 50.0 "
+                        "| 60 + 14 (64), 50 + 9 (55) | – | -3.0 [-8.0, +2.0], p=0.200 |")
+    assert "| 3 | 250.0 ± 4.2 [240.0, 260.0] |" in lines[3] and lines[3].endswith("| +3.0 [-2.0, +8.0], p=0.200 | – |")
+    assert lines[4].startswith("| `late`: late layers | 3 |")
+    assert lines[4].endswith("| **+20.0 [+15.0, +25.0], p<0.001** | **+17.0 [+12.0, +22.0], p=0.010** |")
+    assert lines[5] == "| *paper, VGG16 FC7-MH* |  | 253.1 | 23.0 / 49.0 / 63.3 | 18.5 / 43.2 / 56.1 |  |  |  |"
+    assert lines[6].endswith("|  | +28.3 |  |")
+
+    folder = tmp_path / "study"
+    folder.mkdir()
+    (folder / "study.json").write_text(json.dumps(summary))
+    begin, end = markers(str(folder))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{begin}\nold numbers\n{end}\nafter\n")
+    assert redraw([str(folder), str(readme), "--check"]) == 1
+    assert "out of date" in capsys.readouterr().err and "old numbers" in readme.read_text()
+    assert redraw([str(folder), str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith(f"intro\n{begin}\n| MobileNetV2") and text.endswith(f"|\n{end}\nafter\n")
+    assert redraw([str(folder), str(readme), "--check"]) == 0
+    readme.write_text(f"intro\n{end}\n{begin}\n")             # markers out of order: one line, nothing written
+    assert redraw([str(folder), str(readme)]) == 2
+    assert "expected one pair of marker lines" in capsys.readouterr().err
+    assert readme.read_text() == f"intro\n{end}\n{begin}\n"
+    assert redraw([str(tmp_path / "nowhere"), str(readme)]) == 2
+    assert "export the study first" in capsys.readouterr().err
