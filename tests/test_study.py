@@ -50,6 +50,10 @@ def test_quick_study_end_to_end(tmp_path, capsys):
     assert ("p=0." in rows[1] or "p<0.001" in rows[1]) and "### Learning curve" in report and "| 12 |" in report
     assert (out / "study.png").stat().st_size > 1000
     summary = json.loads((out / "study.json").read_text())
+    from fnemm.training.folders import training_summary       # the time line: every run's epochs, summed
+    hours = sum(training_summary(p.parent)["seconds"] for p in (out / "runs").rglob("metrics-test.json")) / 3600
+    assert f"Time: 10 finished runs took {hours:.1f} hours of training" in report
+    assert sum(e["training"]["hours"] for e in summary["results"]) == pytest.approx(hours, rel=1e-9)
     fne = next(e for e in summary["results"] if e["variant"] == "fne" and e["train_images"] == 24)
     assert fne["runs"] == 2 and fne["vs_baseline"]["n"] == 2 and "over 2 splits" in fne["vs_baseline"]["method"]
 

@@ -250,6 +250,11 @@ def write_report(out: Path, summary: dict, grid, dataset, about: dict[str, str],
         if c := curve(results, cnn):
             parts.append(f"\n### Learning curve\n\n{c}\n")
             parts += [f"- {line}" for line in trend_lines(summary.get("trends", []), cnn)]
+    trained = [e["training"] for e in results if "training" in e]
+    if trained:
+        parts.append(f"\nTime: {sum(len(t['epochs']) for t in trained)} finished runs took "
+                     f"{sum(t['hours'] for t in trained):.1f} hours of training (every epoch with its validation; "
+                     f"feature extraction and testing not included).\n")
     if results:
         png = plot(results, grid.cnns, full, out / "study.png")
         parts.append(f"\n![test rsum per variant]({png.name})\n")
