@@ -17,8 +17,7 @@ from pathlib import Path
 
 from fnemm.io.errors import FnemmError
 from fnemm.io.files import atomic_write_text, read_json
-from fnemm_studies.stats import Comparison
-from fnemm_studies.study_report import ALPHA
+from fnemm_studies.study_report import ALPHA, compared
 
 NAMES = {"efficientnet_lite0": "EfficientNet-Lite0", "mobilenet_v2": "MobileNetV2", "vgg16": "VGG16"}
 PIPELINES = {"baseline": "FC7-MH", "fne": "FNE-MH"}        # the paper's names of the study's pair
@@ -32,11 +31,9 @@ def markers(folder: str) -> tuple[str, str]:
 def _diff(entry: dict, other: str) -> str:
     if entry["variant"] == other:
         return "–"
-    if f"vs_{other}" not in entry:
+    if (c := compared(entry, other)) is None:
         return ""
-    c = Comparison(**entry[f"vs_{other}"])
-    text = c.format()
-    return f"**{text}**" if c.n >= 2 and c.p < ALPHA else text
+    return f"**{c.format()}**" if c.n >= 2 and c.p < ALPHA else c.format()
 
 
 def _rsum(entry: dict) -> str:

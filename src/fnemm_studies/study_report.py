@@ -13,7 +13,8 @@ from fnemm_studies.stats import Comparison, format_p, t_ppf
 ALPHA = 0.05
 
 
-def _cmp(entry: dict, other: str) -> Comparison | None:
+def compared(entry: dict, other: str) -> Comparison | None:
+    """A summary entry's comparison with ``other`` (None: not compared)."""
     c = entry.get(f"vs_{other}")
     return Comparison(**c) if c else None
 
@@ -38,7 +39,7 @@ def table(results: list[dict], cnn: str, size: int, about: dict[str, str]) -> st
             spread += f" [{e['rsum_interval'][0]:.1f}, {e['rsum_interval'][1]:.1f}]"
         lines.append(f"| {e['variant']} | {about.get(e['variant'], '')} | {e['runs']} | "
                      f"{e['rsum_mean']:.1f}{spread} | {e['i2t_r1']:.1f} | {e['t2i_r1']:.1f} | "
-                     f"{_cell(_cmp(e, 'baseline'))} | {_cell(_cmp(e, 'fne'))} |")
+                     f"{_cell(compared(e, 'baseline'))} | {_cell(compared(e, 'fne'))} |")
     return "\n".join(lines)
 
 
@@ -99,19 +100,19 @@ def reading(results: list[dict], cnn: str, size: int) -> list[str]:
     if "baseline" not in by or "fne" not in by:
         return []
     out = []
-    fne = _cmp(by["fne"], "baseline")
+    fne = compared(by["fne"], "baseline")
     if fne is not None and fne.n >= 2:
         verdict = ("beats" if fne.mean > 0 else "loses to") if fne.p < ALPHA else "is not distinguishable from"
         out.append(f"The paper's FNE {verdict} the baseline: {fne.format()} rsum ({fne.method}).")
-    better = [e for e in rows if e["variant"] != "baseline" and (c := _cmp(e, "baseline")) and c.n >= 2
+    better = [e for e in rows if e["variant"] != "baseline" and (c := compared(e, "baseline")) and c.n >= 2
               and c.p < ALPHA and c.mean > 0]
-    worse = [e for e in rows if e["variant"] != "baseline" and (c := _cmp(e, "baseline")) and c.n >= 2
+    worse = [e for e in rows if e["variant"] != "baseline" and (c := compared(e, "baseline")) and c.n >= 2
              and c.p < ALPHA and c.mean < 0]
-    tested = [e for e in rows if e["variant"] != "baseline" and (c := _cmp(e, "baseline")) and c.n >= 2]
+    tested = [e for e in rows if e["variant"] != "baseline" and (c := compared(e, "baseline")) and c.n >= 2]
     if tested:
         worse_text = f"{len(worse)} {'is' if len(worse) == 1 else 'are'} significantly worse"
         if better:
-            names = ", ".join(f"{e['variant']} ({_cmp(e, 'baseline').mean:+.1f})" for e in better)
+            names = ", ".join(f"{e['variant']} ({compared(e, 'baseline').mean:+.1f})" for e in better)
             out.append(f"{len(better)} of the {len(tested)} variants tested beat the baseline at "
                        f"p < {ALPHA}: {names}; {worse_text}.")
         else:
@@ -122,7 +123,7 @@ def reading(results: list[dict], cnn: str, size: int) -> list[str]:
         out.append(f"Run once on one split (a screening: no test): {', '.join(screened)}.")
     best = max(tested, key=lambda e: e["rsum_mean"], default=None)
     if best is not None:
-        c = _cmp(best, "fne")
+        c = compared(best, "fne")
         vs = f", {c.format()} vs the paper's FNE" if c is not None and c.n >= 2 else ""
         out.append(f"Best variant tested: {best['variant']} ({best['rsum_mean']:.1f} over "
                    f"{best['runs']} runs vs the baseline's {by['baseline']['rsum_mean']:.1f}{vs}).")
@@ -148,7 +149,7 @@ def curve(results: list[dict], cnn: str) -> str:
     for size in sizes:
         by = {e["variant"]: e for e in results if e["cnn"] == cnn and e["train_images"] == size}
         cells = [_mean_cell(by[n]) if n in by else "–" for n in names]
-        diff = _cmp(by["fne"], "baseline") if "fne" in by else None
+        diff = compared(by["fne"], "baseline") if "fne" in by else None
         lines.append(f"| {size} | " + " | ".join(cells) + f" | {_cell(diff)} |")
     return "\n".join(lines)
 
