@@ -224,7 +224,8 @@ def test_curriculum_full_policy_runs_stage_one_to_its_end_and_continues_from_its
     # never leaves it: max_epochs ends the stage
     ([12.7] * 12, [10] + [9] * 11, 12, 1),
 ])
-def test_patience_does_not_count_epochs_on_the_plateau(synth, tmp_path, monkeypatch, losses, rsums, epochs, best):
+def test_patience_does_not_count_epochs_on_the_plateau(synth, tmp_path, monkeypatch, capsys, losses, rsums, epochs,
+                                                      best):
     """A max-of-hinges run can sit near the loss of equal scores for tens of epochs before
     it learns; stopping it there keeps a model that never started (the benchmark's runs
     sat there 25-75 epochs). The trainer's own epochs and validations run; only the loss
@@ -239,8 +240,14 @@ def test_patience_does_not_count_epochs_on_the_plateau(synth, tmp_path, monkeypa
     monkeypatch.setattr(Trainer, "_validate", lambda self: {**real_validate(self), "rsum": next(scripted_rsum)})
     jsonl, npy, ids = synth
     cfg = small_config(patience=2, max_epochs=12)
-    summary = train(cfg, load_dataset(jsonl), load_features(npy, ids=ids), tmp_path / "run", quiet=True)
+    summary = train(cfg, load_dataset(jsonl), load_features(npy, ids=ids), tmp_path / "run")
     assert (summary["epochs"], summary["best_epoch"]) == (epochs, best)
+    out = capsys.readouterr()
+    lines = [x for x in (out.out + out.err).splitlines() if x.startswith("epoch ")]
+    assert len(lines) == epochs                                  # the log says which epochs patience skipped
+    for line, loss in zip(lines, losses):
+        assert ("on the loss plateau: patience waits" in line) is (loss >= 11.52), line
+        assert ("/2 without a better rsum" in line) is (loss < 11.52), line
     from fnemm.training.folders import training_summary        # what the study's report counts
     counted = training_summary(tmp_path / "run")
     assert counted["plateau_epochs"] == sum(x >= 11.52 for x in losses[:epochs])

@@ -344,10 +344,12 @@ class Trainer:
         return self.best_summary()
 
     def _epoch_line(self, loss: float, val: dict, improved: bool, seconds: float) -> str:
-        """'epoch 12 (stage 1/2: 12 of at most 400, patience 3/10) loss ... | val ... | 80 s'."""
+        """'epoch 12 (stage 1/2: 12 of at most 400, 3/10 without a better rsum) loss ... | val ... | 80 s'."""
         st, stage = self.state, self.config.stages[self.state.stage]
         where = f"stage {st.stage + 1}/{len(self.config.stages)}: {st.stage_epoch} of at most {stage.max_epochs}"
-        if stage.patience is not None:
+        if on_plateau(loss, stage.loss, stage.margin, self.config.batch_size):
+            where += ", on the loss plateau: patience waits"
+        elif stage.patience is not None:
             where += f", {st.stale}/{stage.patience} without a better rsum"
         return (f"epoch {st.epoch} ({where}) loss {loss:.3f} | val {format_metrics(val)} | {seconds:.0f} s"
                 f"{'  *best' if improved else ''}")
