@@ -370,9 +370,19 @@ def test_readme_tables_show_spread_bold_significance_and_the_papers_rows(tmp_pat
                "results": [entry("baseline", 1, 0.0, fne=(-3.0, 0.2)),
                            entry("fne", 3, 4.25, baseline=(3.0, 0.2)),
                            entry("late", 3, 1.0, baseline=(20.0, 0.0004), fne=(17.0, 0.01)),
-                           {**entry("fne", 1, 0.0), "train_images": 1000}]}
-    lines = tables(summary, {"late": "late layers"}).splitlines()
+                           {**entry("fne", 1, 0.0), "train_images": 1000}],
+               "trends": [{"cnn": "mobilenet_v2", "variant": "fne", "gap": {"1000": -5.0, "6000": 3.0},
+                           "per_doubling": {"mean": 3.1, "low": 1.0, "high": 5.0, "p": 0.01, "n": 1000, "method": "m"},
+                           "crossings": [3000.0]}]}
+    drawn = tables(summary, {"late": "late layers"})
+    full, rest = drawn.split("\n\n", 1)
+    lines = full.splitlines()
     assert lines[0].startswith("| MobileNetV2, 6,000 training images | runs |") and len(lines) == 7
+    assert rest.splitlines() == ["Learning curve, MobileNetV2 (test rsum by training images):", "",
+                                 "| training images | fne | FNE - baseline |", "|---:|---:|---:|",
+                                 "| 1000 | 250.0 (1 run) | – |", "| 6000 | 250.0 ± 4.2 | +3.0 [-2.0, +8.0], p=0.200 |",
+                                 "", "- fne - baseline: -5.0 -> +3.0 rsum at 1000, 6000 training images; +3.1 [+1.0, "
+                                 "+5.0], p=0.010 per doubling (m); the curves cross near 3,000 training images."]
     assert lines[2] == ("| `baseline` (FC7-MH) | 1 | 250.0 [240.0, 260.0] | 20.0 / 50.0 / 60.0 | 15.0 / 40.0 / 50.0 "
                         "| 60 + 14 (64), 50 + 9 (55) | – | -3.0 [-8.0, +2.0], p=0.200 |")
     assert "| 3 | 250.0 ± 4.2 [240.0, 260.0] |" in lines[3] and lines[3].endswith("| +3.0 [-2.0, +8.0], p=0.200 | – |")
@@ -391,7 +401,8 @@ def test_readme_tables_show_spread_bold_significance_and_the_papers_rows(tmp_pat
     assert "out of date" in capsys.readouterr().err and "old numbers" in readme.read_text()
     assert redraw([str(folder), str(readme)]) == 0
     text = readme.read_text()
-    assert text.startswith(f"intro\n{begin}\n| MobileNetV2") and text.endswith(f"|\n{end}\nafter\n")
+    from fnemm_studies.study import BY_NAME                  # the command describes the variants as the study does
+    assert text == f"intro\n{begin}\n{tables(summary, {n: v.about for n, v in BY_NAME.items()})}\n{end}\nafter\n"
     assert redraw([str(folder), str(readme), "--check"]) == 0
     readme.write_text(f"intro\n{end}\n{begin}\n")             # markers out of order: one line, nothing written
     assert redraw([str(folder), str(readme)]) == 2

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from fnemm.io.errors import FnemmError
 from fnemm.io.files import atomic_write_text, read_json
-from fnemm_studies.study_report import ALPHA, compared
+from fnemm_studies.study_report import ALPHA, compared, curve, trend_lines
 
 NAMES = {"efficientnet_lite0": "EfficientNet-Lite0", "mobilenet_v2": "MobileNetV2", "vgg16": "VGG16"}
 PIPELINES = {"baseline": "FC7-MH", "fne": "FNE-MH"}        # the paper's names of the study's pair
@@ -56,7 +56,8 @@ def _epochs(entry: dict) -> str:
 def tables(summary: dict, about: dict[str, str]) -> str:
     """Per CNN, the full-size variants: test rsum (mean ± std over runs, bootstrap interval),
     every recall, the epochs each run took (its best), the differences against the baseline
-    and the paper's FNE (bold: p < 0.05), then the paper's VGG16 FC7-MH and FNE-MH rows."""
+    and the paper's FNE (bold: p < 0.05), then the paper's VGG16 FC7-MH and FNE-MH rows;
+    then each CNN's learning curve (study.md's table and trend sentences), if it has one."""
     from fnemm_studies.report import PAPER
     grid, full = summary["grid"], summary["full_train_images"]
     paper = PAPER.get(grid.get("presets") or "", {})
@@ -83,6 +84,11 @@ def tables(summary: dict, about: dict[str, str]) -> str:
                      " / ".join(f"{v:.1f}" for v in row[4:7]), "", gap, ""]
             lines.append("| " + " | ".join(cells) + " |")
         blocks.append("\n".join(lines))
+    for cnn in grid["cnns"]:
+        if c := curve(summary["results"], cnn):
+            said = [f"- {line}" for line in trend_lines(summary.get("trends", []), cnn)]
+            blocks.append("\n".join([f"Learning curve, {NAMES.get(cnn, cnn)} (test rsum by training images):", "", c,
+                                      *([""] + said if said else [])]))
     return "\n\n".join(blocks)
 
 
