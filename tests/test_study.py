@@ -67,6 +67,13 @@ def test_quick_study_end_to_end(tmp_path, capsys):
     assert printed.keys() == saved.keys() == {"all"}
     assert printed["all"] == {k: round(v, 4) for k, v in saved["all"].items()}
 
+    # --report-only says how far the grid is: a run with epochs but no test metrics is started
+    (run / "metrics-test.json").rename(tmp_path / "kept.json")
+    assert main(study_args(out, "--train-sizes", "12", "--report-only")) == 0
+    assert capsys.readouterr().out.startswith("9 of the grid's 10 runs finished; started, not finished: "
+                                              "mobilenet_v2 n24 fne split 1 seed 0 (epoch 2); ")
+    (tmp_path / "kept.json").rename(run / "metrics-test.json")
+
     # split 1 holds the same images as split 0, split differently, with the same sizes
     s0, s1 = (load_dataset(out / "splits" / f"split-{k}.jsonl") for k in (0, 1))
     assert s0.image_ids == s1.image_ids and s0.counts() == s1.counts() and s0.splits != s1.splits

@@ -37,7 +37,8 @@ from fnemm.features.store import load_features
 from fnemm.io.files import atomic_write_bytes, atomic_write_json, read_json
 from fnemm.io.locks import Busy, folder_lock
 from fnemm.features.recipe import Recipe
-from fnemm.training.folders import load_metrics, load_ranks, metrics_path, ranks_path, save_metrics, save_ranks, training_summary
+from fnemm.training.folders import (epoch_history, load_metrics, load_ranks, metrics_path, ranks_path, save_metrics,
+                                    save_ranks, training_summary)
 from fnemm_studies.study_summary import summarise
 
 
@@ -290,6 +291,13 @@ class Study:
                          f"split {unit.split} seed {unit.seed}")
                 self.run_one(unit)
         return self.summarise(units)
+
+    def progress(self) -> tuple[int, int, list[tuple[Unit, int]]]:
+        """(finished runs, runs in the grid, [(a started but unfinished run, its epochs so far)])."""
+        units = self.units()
+        started = [(u, len(epoch_history(u.run))) for u in units
+                   if not metrics_path(u.run, "test").exists() and (u.run / "metrics.jsonl").exists()]
+        return sum(metrics_path(u.run, "test").exists() for u in units), len(units), started
 
     # --- results ---------------------------------------------------------------
     def summarise(self, units: list[Unit]) -> dict:

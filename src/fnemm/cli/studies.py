@@ -146,10 +146,13 @@ def study(args) -> int:
                "curve_cnns": names(args.curve_cnns), "curve_seeds": args.curve_seeds, "presets": args.presets,
                "patience": args.patience}
     grid = replace(QUICK if args.quick else Grid(), **{k: v for k, v in changes.items() if v is not None})
-    summary = Study(dataset, images, Path(args.out), grid, device, args.workers, args.quiet).run(
-        train=not args.report_only)
-    runs = sum(r["runs"] for r in summary["results"])
-    print(f"{runs} finished runs in {len(summary['results'])} table rows; report: {Path(args.out) / 'study.md'}")
+    study = Study(dataset, images, Path(args.out), grid, device, args.workers, args.quiet)
+    summary = study.run(train=not args.report_only)
+    finished, total, started = study.progress()
+    going = "; started, not finished: " + ", ".join(f"{u.cnn} n{u.size} {u.variant.name} split {u.split} seed {u.seed} "
+                                          f"(epoch {epochs})" for u, epochs in started) if started else ""
+    print(f"{finished} of the grid's {total} runs finished{going}; {len(summary['results'])} table rows; "
+          f"report: {Path(args.out) / 'study.md'}")
     if args.export:
         from fnemm_studies.study import export_records
         print(f"{export_records(args.out, args.export)} runs' records -> {args.export}")
