@@ -417,3 +417,17 @@ def test_readme_tables_show_spread_bold_significance_and_the_papers_rows(tmp_pat
     assert readme.read_text() == f"intro\n{end}\n{begin}\n"
     assert redraw([str(tmp_path / "nowhere"), str(readme)]) == 2
     assert "export the study first" in capsys.readouterr().err
+
+
+def test_the_studys_feature_extraction_writes_progress_lines_to_a_log(tmp_path, capsys, monkeypatch):
+    """The base store is the study's longest single stage (50 min for the benchmark's
+    8,000 photos on 2 cores): in a log it says how far it is, like every long loop."""
+    monkeypatch.setenv("FNEMM_PROGRESS_EVERY", "0")          # a line every tenth, however quick
+    out = tmp_path / "study"
+    args = ["study", "--quick", "--dataset", SPEC, "--images", str(DATA / "flickr8k" / "images"),
+            "--out", str(out), "--max-images", "20", "--epochs", "1", "--splits", "1", "--seeds", "1",
+            "--variants", "baseline,fne"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    lines = [line for line in printed.splitlines() if line.startswith("extract: ")]
+    assert lines and lines[-1].startswith("extract: 20/20 img (100%)"), printed

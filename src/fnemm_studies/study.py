@@ -213,7 +213,7 @@ class Study:
         with folder_lock(base, "a feature store", wait=True):
             extract(self.images, base, self.dataset, ExtractConfig(cnn=cnn, crops=self.grid.crops,
                                                                    workers=self.workers, device=self.device),
-                    quiet=True)
+                    quiet=self.quiet)     # its progress lines: the longest silent stage otherwise
         return base
 
     def store(self, unit: Unit, recipe: Recipe) -> Path:
