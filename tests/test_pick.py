@@ -53,3 +53,15 @@ def test_a_finished_study_by_its_summary_and_one_line_without_any_model(tmp_path
     assert pick.main(["photos", str(tmp_path / "none")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "make demo" in err and "MODEL_RUN=RUN" in err
+
+
+def test_records_without_weights_say_how_to_train_the_run_here(tmp_path, capsys):
+    """A grid carried to a new machine by its committed records (README) has no weights."""
+    out = tmp_path / "f8k"
+    out.mkdir()
+    (out / "study.json").write_text(json.dumps({"grid": {}}))
+    _run(out, "cnn_a", 6000, "baseline", 0, 260.0)
+    record = _run(out, "cnn_a", 6000, "fne", 0, 290.0, trained=False)
+    assert pick.main(["flickr8k", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "only the records" in err and f"delete {record} " in err and "make flickr8k" in err

@@ -360,9 +360,15 @@ def best_run(out: str | Path) -> tuple[Path, Path]:
         raise FnemmError(f"{out}: no run has finished at the full training size yet")
     best = max(rows, key=lambda e: e["rsum_mean"])
     full = best["train_images"]
-    for run in sorted((out / "runs" / best["cnn"] / f"n{full}" / best["variant"] / "split-0").glob("seed-*")):
+    seeds = sorted((out / "runs" / best["cnn"] / f"n{full}" / best["variant"] / "split-0").glob("seed-*"))
+    for run in seeds:
         if (run / "best.pt").is_file() and (run / "run.json").is_file():
             return run, Path(read_json(run / "run.json", "")["args"]["features"])
+    records = [run for run in seeds if metrics_path(run, "test").exists()]
+    if records:        # copied from results/ (README): the numbers, not the weights
+        raise FnemmError(f"{out}: the best variant ({best['cnn']} {best['variant']}) has only the records of "
+                         f"its runs, no weights (best.pt); delete {records[0]} and run the study again "
+                         f"(`make flickr8k`) to train it here")
     raise FnemmError(f"{out}: the best variant ({best['cnn']} {best['variant']}) has no trained run on split 0")
 
 
