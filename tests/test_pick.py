@@ -8,7 +8,7 @@ import pytest
 from fnemm.io.errors import FnemmError
 from fnemm.training.folders import METRIC_KEYS, metrics_path, save_metrics
 from fnemm_studies import pick
-from fnemm_studies.study import best_run, photo_model
+from fnemm_studies.pick import best_run, photo_model
 
 
 def _run(out, cnn, size, variant, seed, rsum, trained=True):
