@@ -311,6 +311,11 @@ def test_the_flickr8k_benchmark_command_on_a_few_images(tmp_path, capsys):
     # the grid is fixed: the same --out with other presets is refused
     assert main([*args[:-1], "--presets", "demo"]) == 2
     assert "another presets/patience" in capsys.readouterr().err
+    assert main([*args[:-1], "--presets", "demo", "--report-only"]) == 2       # nor reported as another grid
+    assert "another presets/patience" in capsys.readouterr().err
+    # a worker given part of the grid (one seed) leaves study.json saying which part its results are
+    assert main([*args[:args.index("--seeds") + 1], "1", *args[args.index("--seeds") + 2:]]) == 0
+    assert json.loads((out / "study.json").read_text())["grid"]["seeds"] == 1
     # its records (no weights) copied out redraw the same report on their own
     records = tmp_path / "records"
     assert main([*args, "--report-only", "--export", str(records)]) == 0

@@ -269,15 +269,15 @@ class Study:
     def run(self, train: bool = True) -> dict:
         """Run (or resume, or join) the grid, then summarise whatever is finished; with
         ``train`` False, only summarise (the runs finished so far, by any worker)."""
-        if not train:
-            return self.summarise(self.units())
-        self.out.mkdir(parents=True, exist_ok=True)
         saved = self.out / "study.json"
         if saved.exists():
             old = Grid.from_dict(read_json(saved, f"delete {saved} to start the study afresh").get("grid", {}))
             if _fixed(old) != _fixed(self.grid):
                 raise FnemmError(f"{saved}: this study was started with another presets/patience/epochs/crops/"
                                  f"max-images; re-run with the same options or choose another --out")
+        if not train:
+            return self.summarise(self.units())
+        self.out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(saved, {"grid": self.grid.to_dict()})
         self._write_splits()
         for cnn in self.grid.cnns:
@@ -310,9 +310,9 @@ class Study:
                     ranks[key] = r
                 training[key] = training_summary(u.run)
         summary = summarise(rows, self.grid, self.full, ranks, training)
-        saved = self.out / "study.json"
-        grid = read_json(saved, "").get("grid", self.grid.to_dict()) if saved.exists() else self.grid.to_dict()
-        atomic_write_json(saved, {"grid": grid, **summary})      # the grid being run stays the one saved
+        # the grid these results are of: workers sharing an --out may each run part of one
+        # grid, and an export redraws the records with the grid it was given
+        atomic_write_json(self.out / "study.json", {"grid": self.grid.to_dict(), **summary})
         from fnemm_studies.study_report import write_report
         write_report(self.out, summary, self.grid, self.dataset, {name: v.about for name, v in BY_NAME.items()},
                      (preset_of(self.grid.presets, False), preset_of(self.grid.presets, True)))
