@@ -17,7 +17,7 @@ from pathlib import Path
 
 from fnemm.io.errors import FnemmError
 from fnemm.io.files import atomic_write_text, read_json
-from fnemm_studies.study_report import ALPHA, compared, curve, trend_lines
+from fnemm_studies.study_report import ALPHA, compared, curve, rsum_cell, trend_lines
 
 NAMES = {"efficientnet_lite0": "EfficientNet-Lite0", "mobilenet_v2": "MobileNetV2", "vgg16": "VGG16"}
 PIPELINES = {"baseline": "FC7-MH", "fne": "FNE-MH"}        # the paper's names of the study's pair
@@ -34,16 +34,6 @@ def _diff(entry: dict, other: str) -> str:
     if (c := compared(entry, other)) is None:
         return ""
     return f"**{c.format()}**" if c.n >= 2 and c.p < ALPHA else c.format()
-
-
-def _rsum(entry: dict) -> str:
-    text = f"{entry['rsum_mean']:.1f}"
-    if entry["runs"] > 1:
-        text += f" ± {entry['rsum_std']:.1f}"
-    if "rsum_interval" in entry:
-        low, high = entry["rsum_interval"]
-        text += f" [{low:.1f}, {high:.1f}]"
-    return text
 
 
 def _epochs(entry: dict) -> str:
@@ -74,7 +64,7 @@ def tables(summary: dict, about: dict[str, str]) -> str:
             recalls = [" / ".join(f"{e[f'{d}_r{k}']:.1f}" for k in (1, 5, 10)) for d in ("i2t", "t2i")]
             if what := about.get(e["variant"]):
                 name += f": {what}"
-            lines.append(f"| {name} | {e['runs']} | {_rsum(e)} | {recalls[0]} | "
+            lines.append(f"| {name} | {e['runs']} | {rsum_cell(e)} | {recalls[0]} | "
                          f"{recalls[1]} | {_epochs(e)} | {_diff(e, 'baseline')} | {_diff(e, 'fne')} |")
         rsums = {k: sum(paper[k][i] for i in (0, 1, 2, 4, 5, 6)) for k in ("FC7-MH", "FNE-MH") if k in paper}
         for k, rsum in rsums.items():

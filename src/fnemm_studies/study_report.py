@@ -28,17 +28,26 @@ def _cell(c: Comparison | None) -> str:
     return f"{c.mean:+.1f} [{c.low:+.1f}, {c.high:+.1f}], {format_p(c.p)}{mark}"
 
 
+def rsum_cell(entry: dict) -> str:
+    """'281.4 ± 2.1 [270.3, 292.5]': mean test rsum, its spread over runs (when several) and
+    its bootstrap interval (when the test images were resampled)."""
+    text = f"{entry['rsum_mean']:.1f}"
+    if entry["runs"] > 1:
+        text += f" ± {entry['rsum_std']:.1f}"
+    if "rsum_interval" in entry:
+        low, high = entry["rsum_interval"]
+        text += f" [{low:.1f}, {high:.1f}]"
+    return text
+
+
 def table(results: list[dict], cnn: str, size: int, about: dict[str, str]) -> str:
     lines = ["| variant | what | runs | test rsum | i2t R@1 | t2i R@1 | vs baseline | vs paper's FNE |",
              "|---|---|---:|---:|---:|---:|---|---|"]
     for e in results:
         if e["cnn"] != cnn or e["train_images"] != size:
             continue
-        spread = f" ± {e['rsum_std']:.1f}" if e["runs"] > 1 else ""
-        if "rsum_interval" in e:
-            spread += f" [{e['rsum_interval'][0]:.1f}, {e['rsum_interval'][1]:.1f}]"
         lines.append(f"| {e['variant']} | {about.get(e['variant'], '')} | {e['runs']} | "
-                     f"{e['rsum_mean']:.1f}{spread} | {e['i2t_r1']:.1f} | {e['t2i_r1']:.1f} | "
+                     f"{rsum_cell(e)} | {e['i2t_r1']:.1f} | {e['t2i_r1']:.1f} | "
                      f"{_cell(compared(e, 'baseline'))} | {_cell(compared(e, 'fne'))} |")
     return "\n".join(lines)
 
