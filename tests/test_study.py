@@ -53,6 +53,9 @@ def test_quick_study_end_to_end(tmp_path, capsys):
     from fnemm.training.folders import training_summary       # the time line: every run's epochs, summed
     hours = sum(training_summary(p.parent)["seconds"] for p in (out / "runs").rglob("metrics-test.json")) / 3600
     assert f"Time: 10 finished runs took {hours:.1f} hours of training" in report
+    assert summary["progress"] == {"full": [6, 6], "curve": [4, 4]}
+    assert ("\nFinished: 10 of the grid's 10 runs (24 training images: 6 of 6; the learning curve: 4 of 4).\n"
+            in report)
     assert sum(e["training"]["hours"] for e in summary["results"]) == pytest.approx(hours, rel=1e-9)
     fne = next(e for e in summary["results"] if e["variant"] == "fne" and e["train_images"] == 24)
     assert fne["runs"] == 2 and fne["vs_baseline"]["n"] == 2 and "over 2 splits" in fne["vs_baseline"]["method"]
@@ -72,6 +75,7 @@ def test_quick_study_end_to_end(tmp_path, capsys):
     assert main(study_args(out, "--train-sizes", "12", "--report-only")) == 0
     assert capsys.readouterr().out.startswith("9 of the grid's 10 runs finished; started, not finished: "
                                               "mobilenet_v2 n24 fne split 1 seed 0 (epoch 2); ")
+    assert json.loads((out / "study.json").read_text())["progress"] == {"full": [5, 6], "curve": [4, 4]}
     (tmp_path / "kept.json").rename(run / "metrics-test.json")
 
     # split 1 holds the same images as split 0, split differently, with the same sizes
@@ -402,6 +406,9 @@ def test_readme_tables_show_spread_bold_significance_and_the_papers_rows(tmp_pat
     assert lines[4].endswith("| **+20.0 [+15.0, +25.0], p<0.001** | **+17.0 [+12.0, +22.0], p=0.010** |")
     assert lines[5] == "| *paper, VGG16 FC7-MH* |  | 253.1 | 23.0 / 49.0 / 63.3 | 18.5 / 43.2 / 56.1 |  |  |  |"
     assert lines[6].endswith("|  | +28.3 |  |")
+    with_progress = tables({**summary, "progress": {"full": [3, 8], "curve": [1, 6]}}, {})
+    assert with_progress.startswith("Finished: 4 of the grid's 14 runs (6,000 training images: 3 of 8; "
+                                    "the learning curve: 1 of 6).\n\n| MobileNetV2, 6,000 training images |")
 
     folder = tmp_path / "study"
     folder.mkdir()

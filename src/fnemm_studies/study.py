@@ -302,14 +302,18 @@ class Study:
     # --- results ---------------------------------------------------------------
     def summarise(self, units: list[Unit]) -> dict:
         rows, ranks, training = {}, {}, {}
+        progress = {"full": [0, 0], "curve": [0, 0]}           # [finished, in the grid]
         for u in units:
-            if metrics_path(u.run, "test").exists():
+            done = metrics_path(u.run, "test").exists()
+            counts = progress["full" if u.size == self.full else "curve"]
+            counts[0], counts[1] = counts[0] + done, counts[1] + 1
+            if done:
                 key = (u.cnn, u.size, u.variant.name, u.split, u.seed)
                 rows[key] = next(iter(load_metrics(u.run, "test").values()))
                 if (r := load_ranks(u.run, "test")) is not None:
                     ranks[key] = r
                 training[key] = training_summary(u.run)
-        summary = summarise(rows, self.grid, self.full, ranks, training)
+        summary = {**summarise(rows, self.grid, self.full, ranks, training), "progress": progress}
         # the grid these results are of: workers sharing an --out may each run part of one
         # grid, and an export redraws the records with the grid it was given
         atomic_write_json(self.out / "study.json", {"grid": self.grid.to_dict(), **summary})

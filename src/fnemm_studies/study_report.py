@@ -217,6 +217,18 @@ def plot(results: list[dict], cnns: tuple[str, ...], full: int, path: Path) -> P
     return path
 
 
+def progress_line(summary: dict) -> str:
+    """How far the grid is, from the summary's counts ("" for a summary without them)."""
+    if not (p := summary.get("progress")):
+        return ""
+    (done_full, full), (done_curve, curve) = p["full"], p["curve"]
+    line = f"Finished: {done_full + done_curve} of the grid's {full + curve} runs"
+    if curve:
+        line += (f" ({summary['full_train_images']:,} training images: {done_full} of {full}; "
+                 f"the learning curve: {done_curve} of {curve})")
+    return line + "."
+
+
 def method(grid, summary: dict) -> str:
     """How the comparisons were made, as the summary's comparisons say."""
     used = {e[k]["method"].split(" over ")[0] for e in summary["results"] for k in ("vs_baseline", "vs_fne") if k in e}
@@ -243,6 +255,8 @@ def write_report(out: Path, summary: dict, grid, dataset, about: dict[str, str],
              + f") x {grid.seeds} seed(s); every variant trains the {fne} pipeline (the baseline {base}){stop}. "
              f"Each is compared with the baseline and with the paper's FNE on the same splits and seeds: "
              f"{method(grid, summary)}. * marks p < {ALPHA}."]
+    if done := progress_line(summary):
+        parts.append(f"\n{done}")
     paper = PAPER.get(grid.presets, {})
     paper_rows = {f"paper {k} (VGG16)": paper[k] for k in ("FC7-MH", "FNE-MH") if k in paper}
     for cnn in grid.cnns:
