@@ -87,7 +87,8 @@ def test_overrides():
     assert TrainConfig.from_dict(c.to_dict()) == c
     for bad, msg in [("model.embed=3", "no field 'embed'"), ("model.embed_dim=big", "expected int"),
                      ("stages.4.lr=1", "2 stage"), ("lr", "KEY=VALUE"), ("model=3", "name a field"),
-                     ("model.similarity=l2", "similarity"), ("batch_size=1", "batch_size")]:
+                     ("model.similarity=l2", "similarity"), ("batch_size=1", "batch_size"),
+                     ("adam=kiros", "expected 'standard'.*or 'authors'")]:
         with pytest.raises(FnemmError, match=msg):
             apply_overrides(base, [bad])
 

@@ -77,15 +77,16 @@ def _cli(*args):
     return [sys.executable, "-m", "fnemm.cli", *args]
 
 
-@pytest.mark.parametrize("checkpoint_every", ["0", "1e9"])
-def test_resume_after_kill_reaches_the_same_state(synth, tmp_path, checkpoint_every):
+@pytest.mark.parametrize("checkpoint_every,adam", [("0", "standard"), ("1e9", "standard"), ("0", "authors")])
+def test_resume_after_kill_reaches_the_same_state(synth, tmp_path, checkpoint_every, adam):
     """Killed mid-run, resumed: the same weights, history and best as an unbroken run.
     With "1e9" last.pt is only written at the start, so the resume re-runs every
-    epoch whose metrics were already written."""
+    epoch whose metrics were already written. The authors' Adam keeps its step count
+    and moments in last.pt as torch's does."""
     jsonl, npy, ids = synth
     common = ["--preset", "flickr30k/FNE-MH", "--dataset", str(jsonl), "--features", str(npy),
               "--ids", str(ids), "--epochs", "8", "--lr", "2e-3", "--quiet", "--threads", "1",
-              "--checkpoint-every", checkpoint_every,
+              "--checkpoint-every", checkpoint_every, "--adam", adam,
               *sum((["--set", s] for s in SMALL), [])]
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     subprocess.run(_cli("train", "--out", str(ref), *common), check=True)
@@ -200,6 +201,57 @@ def test_gradient_clipping_per_tensor_and_global_by_hand():
     scale = 2 / (np.sqrt(25.25) + 1e-6)
     torch.testing.assert_close(a.grad, torch.tensor([3.0, 4.0, 0.0]) * scale)
     torch.testing.assert_close(b.grad, torch.tensor([[0.3, 0.0], [0.0, 0.4]]) * scale)
+
+
+def test_authors_adam_is_the_theano_update_by_hand_and_resumes_from_its_state(tmp_path):
+    """AuthorsAdam against the paper's Theano code (code/optim.py) written out in float64
+    numpy, over two parameter groups; its state survives a weights_only save and load."""
+    from fnemm.training.optim import AuthorsAdam
+    rng = np.random.default_rng(0)
+    shapes, lrs = [(3, 4), (5,)], [2e-4, 1e-3]
+    start = [rng.standard_normal(s) for s in shapes]
+    grads = [[rng.standard_normal(s) * 10 ** rng.uniform(-3, 1) for s in shapes] for _ in range(40)]
+
+    # the Theano code: b1 = 0.1, b2 = 0.001, e = 1e-8, one step counter i for all parameters
+    ref, m, v = [p.copy() for p in start], [np.zeros(s) for s in shapes], [np.zeros(s) for s in shapes]
+    for i, gs in enumerate(grads, start=1):
+        for k, g in enumerate(gs):
+            lr_t = lrs[k] * (np.sqrt(1 - 0.001 ** i) / (1 - 0.1 ** i))
+            m[k] = 0.1 * g + 0.9 * m[k]
+            v[k] = 0.001 * g ** 2 + 0.999 * v[k]
+            ref[k] = ref[k] - lr_t * (m[k] / (np.sqrt(v[k]) + 1e-8))
+
+    def make(params):
+        return AuthorsAdam([{"params": [params[0]], "lr": lrs[0]}, {"params": [params[1]]}], lr=lrs[1])
+    params = [torch.nn.Parameter(torch.tensor(p)) for p in start]
+    opt = make(params)
+    for gs in grads[:25]:
+        for p, g in zip(params, gs):
+            p.grad = torch.tensor(g)
+        opt.step()
+    torch.save({"opt": opt.state_dict(), "params": [p.detach() for p in params]}, tmp_path / "o.pt")
+    saved = torch.load(tmp_path / "o.pt", weights_only=True)             # a checkpoint is data only
+    params = [torch.nn.Parameter(p.clone()) for p in saved["params"]]
+    opt = make(params)
+    opt.load_state_dict(saved["opt"])
+    for gs in grads[25:]:
+        for p, g in zip(params, gs):
+            p.grad = torch.tensor(g)
+        opt.step()
+    for p, r in zip(params, ref):
+        np.testing.assert_allclose(p.detach().numpy(), r, rtol=1e-12, atol=1e-14)
+
+    # what the docstring says: for a steady gradient its first step is 3.5x Adam's (lr)
+    w = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    w.grad = torch.ones(1, dtype=torch.float64)
+    AuthorsAdam([w], lr=1.0).step()
+    assert -w.item() == pytest.approx(np.sqrt(0.999) / 0.9 * 0.1 / np.sqrt(0.001), rel=1e-6)
+    assert -w.item() == pytest.approx(3.512, abs=1e-3)
+    # decoupled decay (AdamW's) before the step: with a zero gradient only the decay acts
+    w = torch.nn.Parameter(torch.full((2,), 4.0, dtype=torch.float64))
+    w.grad = torch.zeros(2, dtype=torch.float64)
+    AuthorsAdam([w], lr=0.01, weight_decay=0.5).step()
+    torch.testing.assert_close(w.detach(), torch.full((2,), 4.0 * (1 - 0.01 * 0.5), dtype=torch.float64))
 
 
 def test_curriculum_full_policy_runs_stage_one_to_its_end_and_continues_from_its_best(synth, tmp_path):

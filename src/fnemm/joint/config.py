@@ -61,6 +61,10 @@ class TrainConfig:
     # Decoupled weight decay (AdamW) of the image map only (0: none, the paper). The FNE
     # papers fed the codes to an L2-regularised SVM; the paper's map is unregularised.
     image_weight_decay: float = 0.0
+    # 'standard': Adam as Kingma & Ba and torch define it; 'authors': the Adam of the
+    # paper's Theano code, whose bias correction corrects almost nothing, so its first
+    # few thousand steps are up to 6.6x larger (fnemm.training.optim.AuthorsAdam)
+    adam: str = "standard"
     seed: int = 0
     # Captions per image used for validation/test (the standard protocol uses 5).
     eval_captions: int = 5
@@ -177,6 +181,9 @@ def validate(config: TrainConfig) -> None:
         raise FnemmError("model.word_dim and model.embed_dim must be >= 1")
     if config.grad_clip_mode not in ("global", "per-tensor"):
         raise FnemmError(f"grad_clip_mode={config.grad_clip_mode!r}: expected 'global' or 'per-tensor'")
+    if config.adam not in ("standard", "authors"):
+        raise FnemmError(f"adam={config.adam!r}: expected 'standard' (Kingma & Ba, torch) or 'authors' "
+                         f"(the paper's Theano code)")
     if config.val_images is not None and config.val_images < 1:
         raise FnemmError("val_images must be >= 1 (or none: every validation image)")
     if config.max_caption_tokens < 1:

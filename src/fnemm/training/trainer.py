@@ -46,7 +46,7 @@ from fnemm.joint.inputs import SplitData, build_vocab, embed_captions, split_dat
 from fnemm.training.image_side import FeatureRows
 from fnemm.datasets import Dataset
 from fnemm.training.distributed import Dist
-from fnemm.training.optim import adam, clip_gradients
+from fnemm.training.optim import clip_gradients, new_optimizer
 from fnemm.io.errors import FnemmError
 from fnemm.io.faults import fault
 from fnemm.io.locks import folder_lock
@@ -107,18 +107,8 @@ class Trainer:
     def _new_optimizer(self) -> torch.optim.Optimizer:
         # A finished run has stage == len(stages); its optimizer is the last stage's.
         stage = min(self.state.stage, len(self.config.stages) - 1)
-        lr, decay = self.config.stages[stage].lr, self.config.image_weight_decay
-        if decay:         # AdamW; with no decay on the text side it is Adam there
-            image = set(map(id, self.model.image.parameters()))
-            groups = [{"params": [p for p in self.model.parameters() if id(p) not in image], "weight_decay": 0.0},
-                      {"params": list(self.model.image.parameters()), "weight_decay": decay}]
-            optimizer = adam(torch.optim.AdamW, groups, lr)
-        else:
-            optimizer = adam(torch.optim.Adam, self.model.parameters(), lr)
-        extra = self.images.parameters()
-        if extra:                 # the image side's own (a fine-tuned CNN's blocks)
-            optimizer.add_param_group({"params": extra, "lr": lr * self.images.lr_scale, "weight_decay": 0.0})
-        return optimizer
+        return new_optimizer(self.model, self.config.stages[stage].lr, self.config.image_weight_decay,
+                             self.config.adam, self.images.parameters(), self.images.lr_scale)
 
     def _payload(self) -> dict:
         return {"format": CHECKPOINT_FORMAT, "version": 1, "config": self.config.to_dict(),
