@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from fnemm import TrainConfig, apply_overrides, evaluate, load_dataset, load_features, train
+from fnemm import TrainConfig, apply_overrides, evaluate, get_preset, load_dataset, load_features, train
 from fnemm.joint.config import ModelConfig, StageConfig
 from fnemm.eval.metrics import evaluate_embeddings
 
@@ -75,6 +75,35 @@ def test_curriculum_switches_loss_and_starts_from_best(synth, tmp_path):
 
 def _cli(*args):
     return [sys.executable, "-m", "fnemm.cli", *args]
+
+
+def test_warmup_puts_sum_of_hinges_epochs_before_a_max_of_hinges_pipeline(synth, tmp_path, capsys):
+    from fnemm import FnemmError, with_warmup
+    from fnemm.cli import main
+    paper = get_preset("flickr8k/FNE-MH")                      # MH at 2e-4, then the authors' drop to 2e-5
+    warm = with_warmup(paper, 3)
+    assert warm.stages[1:] == paper.stages and warm.model == paper.model
+    assert warm.stages[0] == StageConfig(loss="sum", lr=paper.stages[0].lr, margin=paper.stages[0].margin,
+                                         max_epochs=3, patience=None)
+    for config, epochs, message in [(paper, 0, "at least 1"), (get_preset("flickr8k/FNE-SH"), 2, "already"),
+                                    (get_preset("flickr8k/FNE-PH"), 2, "already")]:
+        with pytest.raises(FnemmError, match=message):
+            with_warmup(config, epochs)
+
+    jsonl, npy, ids = synth
+    out = tmp_path / "run"
+    assert main(["train", "--preset", "flickr30k/FNE-MH", "--dataset", str(jsonl), "--features", str(npy),
+                 "--ids", str(ids), "--epochs", "3", "--lr", "2e-3", "--warmup", "2", "--quiet", "--out", str(out),
+                 *sum((["--set", s] for s in SMALL), [])]) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert [(st["loss"], st["max_epochs"], st["lr"]) for st in saved["stages"]] == [("sum", 2, 2e-3),
+                                                                                   ("max", 3, 2e-3)]
+    hist = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [h["stage"] for h in hist] == [1, 1, 2, 2, 2]
+    assert json.loads((out / "run.json").read_text())["overrides"][-1] == "--warmup 2"
+    capsys.readouterr()
+    assert main(["train", "--out", str(out), "--resume", "--warmup", "2"]) == 2       # the saved config rules
+    assert "drop --set" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("checkpoint_every,adam", [("0", "standard"), ("1e9", "standard"), ("0", "authors")])

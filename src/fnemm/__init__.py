@@ -32,7 +32,7 @@ _EXPORTS = {
     "Features": "fnemm.features.store", "load_features": "fnemm.features.store", "write_store": "fnemm.features.store",
     "Recipe": "fnemm.features.recipe",
     "ModelConfig": "fnemm.joint.config", "StageConfig": "fnemm.joint.config", "TrainConfig": "fnemm.joint.config",
-    "apply_overrides": "fnemm.joint.config",
+    "apply_overrides": "fnemm.joint.config", "with_warmup": "fnemm.joint.config",
     "PRESETS": "fnemm.joint.presets", "get_preset": "fnemm.joint.presets",
     "load_checkpoint": "fnemm.joint.checkpoint", "open_model": "fnemm.joint.checkpoint",
     "evaluate": "fnemm.eval.protocols",

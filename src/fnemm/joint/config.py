@@ -151,6 +151,23 @@ def _first_field(obj) -> str:
     return dataclasses.fields(obj)[0].name
 
 
+def with_warmup(config: TrainConfig, epochs: int) -> TrainConfig:
+    """``config`` with ``epochs`` of sum-of-hinges training before its first stage (at
+    that stage's lr and margin, all of them run; the next stage starts from their best).
+    Max-of-hinges training from scratch first sits for tens of epochs where every score
+    is about equal and the hardest negatives are noise (the loss near 2 x margin x batch);
+    the sum over every negative moves the embedding off it in a few epochs (VSE++'s and
+    VSE-infinity's practice; not the paper's: it trained its MH pipelines from scratch)."""
+    if epochs < 1:
+        raise FnemmError(f"warm-up of {epochs} epochs: give at least 1")
+    first = config.stages[0]
+    if first.loss != "max":
+        raise FnemmError("a warm-up is for max-of-hinges training: this pipeline's first stage is already "
+                         "a sum of hinges")
+    warm = StageConfig(loss="sum", lr=first.lr, margin=first.margin, max_epochs=epochs, patience=None)
+    return dataclasses.replace(config, stages=(warm, *config.stages))
+
+
 def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
     """Apply ``key=value`` overrides with dotted keys, e.g. ``model.embed_dim=512``,
     ``stages.0.lr=1e-3`` or ``stages.max_epochs=5`` (every stage)."""
