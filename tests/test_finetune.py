@@ -172,6 +172,7 @@ def test_finetune_run_export_and_features_through_extract(capsys, start, tmp_pat
     assert code == 0, err
     rows = [line.split("|")[1].strip() for line in printed.splitlines() if line.startswith("| ") and "rsum" not in line]
     assert rows[:2] == ["frozen", "FC7-MH-ft"], printed
+    assert run(capsys, "report", f"frozen={run_dir}", out, "--baseline", "frozen")[:2] == (0, printed)  # by its NAME
     code, _, err = run(capsys, "evaluate", "--checkpoint", out, "--features", run_dir.parent.parent / "features",
                        "--dataset", data)
     assert code == 2 and "extract them the same way" in err

@@ -306,8 +306,9 @@ def add_report(sub) -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", help="which metrics-SPLIT.json to read (default test)")
     p.add_argument("--paper", choices=["flickr8k", "flickr30k", "coco"],
                    help="add the paper's rows for the pipelines reported")
-    p.add_argument("--baseline", metavar="RUN", help="compare every run with this one (paired over the test "
-                                                     "images; default: the FC7 run among FNE ones)")
+    p.add_argument("--baseline", metavar="RUN", help="compare every run with this one (a RUN, or the NAME of a "
+                                                     "NAME=RUN; paired over the test images; default: the FC7 run "
+                                                     "among FNE ones)")
     p.add_argument("--out", metavar="DIR", help="write report.md and val_rsum.png there")
     return p
 
@@ -328,7 +329,8 @@ def report(args) -> int:
     if args.baseline:
         base_path = args.baseline.partition("=")[2] if "=" in args.baseline and not Path(args.baseline).exists() \
             else args.baseline
-        given = [r for r in runs if r.path.resolve() == Path(base_path).resolve()]
+        given = [r for r in runs if r.path.resolve() == Path(base_path).resolve()
+                 or (r.label == args.baseline and not Path(args.baseline).exists())]   # a NAME given to a RUN
         baseline = given[0] if given else named(args.baseline)
         if not given:
             runs.append(baseline)
