@@ -100,7 +100,8 @@ def test_warmup_puts_sum_of_hinges_epochs_before_a_max_of_hinges_pipeline(synth,
                                                                                    ("max", 3, 2e-3)]
     hist = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [h["stage"] for h in hist] == [1, 1, 2, 2, 2]
-    assert json.loads((out / "run.json").read_text())["overrides"][-1] == "--warmup 2"
+    info = json.loads((out / "run.json").read_text())
+    assert info["overrides"][-1] == "--warmup 2" and info["label"] == "FNE-MH-warmup2"   # not the paper's FNE-MH row
     capsys.readouterr()
     assert main(["train", "--out", str(out), "--resume", "--warmup", "2"]) == 2       # the saved config rules
     assert "drop --set" in capsys.readouterr().err

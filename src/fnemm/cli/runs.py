@@ -185,6 +185,8 @@ def train(args) -> int:
                 "overrides": overrides + ([f"--warmup {args.warmup}"] if args.warmup is not None else []),
                 "args": {"dataset": [str(d) for d in args.dataset], "features": str(args.features), "ids": args.ids,
                          "restval": args.restval}}
+        if args.warmup is not None and args.preset:     # not the paper's pipeline: a name of its own in reports
+            info["label"] = f"{args.preset.split('/')[-1]}-warmup{args.warmup}"
         summaries = fit(out, config, dataset, features, seeds=args.seeds, resume=args.resume, run_info=info,
                         **common)
     _print_summaries(summaries)
