@@ -72,7 +72,8 @@ def add_train(sub) -> argparse.ArgumentParser:
                         "code ran it (almost no bias correction: its first few thousand steps are up to 6.6x larger)")
     p.add_argument("--warmup", type=int, metavar="EPOCHS",
                    help="max-of-hinges pipelines: EPOCHS of sum-of-hinges training first, at the first stage's lr "
-                        "and margin (cuts the tens of epochs MH spends on its starting plateau; not the paper's)")
+                        "and margin: off MH's starting plateau in a few epochs, but the climb after it is slower "
+                        "(README: no shorter runs measured); not the paper's")
     p.add_argument("--curriculum", choices=["full", "patience"],
                    help="a curriculum's first stage: full (its max epochs, best kept: the authors') or "
                         "patience (ends after 20 epochs without a better val rsum)")
@@ -159,7 +160,7 @@ def train(args) -> int:
     if finetuning:
         raise FnemmError(f"{finetuning[0]} is for fine-tuning: add --finetune RUN (an FC7 run to start from)")
     if args.resume and not args.preset and not args.config:
-        if overrides or args.warmup:
+        if overrides or args.warmup is not None:
             raise FnemmError(f"{out}: --resume continues the saved config ({out / 'config.json'}); drop --set, "
                              f"--warmup and the shortcuts (--lr, --epochs...), or start a new --out")
         # the run folder says what it was trained on; --dataset/--features/--images: moved since
