@@ -292,12 +292,11 @@ class Study:
                 self.run_one(unit)
         return self.summarise(units)
 
-    def progress(self) -> tuple[int, int, list[tuple[Unit, int]]]:
-        """(finished runs, runs in the grid, [(a started but unfinished run, its epochs so far)])."""
-        units = self.units()
-        started = [(u, len(epoch_history(u.run))) for u in units
-                   if not metrics_path(u.run, "test").exists() and (u.run / "metrics.jsonl").exists()]
-        return sum(metrics_path(u.run, "test").exists() for u in units), len(units), started
+    def started(self) -> list[tuple[Unit, int]]:
+        """[(a started but unfinished run, its epochs so far)]; how many are finished is the
+        summary's "progress"."""
+        return [(u, len(epoch_history(u.run))) for u in self.units()
+                if not metrics_path(u.run, "test").exists() and (u.run / "metrics.jsonl").exists()]
 
     # --- results ---------------------------------------------------------------
     def summarise(self, units: list[Unit]) -> dict:

@@ -148,7 +148,8 @@ def study(args) -> int:
     grid = replace(QUICK if args.quick else Grid(), **{k: v for k, v in changes.items() if v is not None})
     study = Study(dataset, images, Path(args.out), grid, device, args.workers, args.quiet)
     summary = study.run(train=not args.report_only)
-    finished, total, started = study.progress()
+    finished, total = (sum(counts) for counts in zip(*summary["progress"].values()))
+    started = study.started()
     going = "; started, not finished: " + ", ".join(f"{u.cnn} n{u.size} {u.variant.name} split {u.split} seed {u.seed} "
                                           f"(epoch {epochs})" for u, epochs in started) if started else ""
     print(f"{finished} of the grid's {total} runs finished{going}; {len(summary['results'])} table rows; "
