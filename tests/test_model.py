@@ -96,16 +96,66 @@ def test_mapped_embeddings_equal_the_in_memory_ones_and_leave_no_file(tmp_path, 
 
 
 @pytest.mark.parametrize("use_abs", [False, True])
-def test_image_encoder_is_a_bias_free_linear_map_then_l2(use_abs):
+@pytest.mark.parametrize("bias", [False, True])
+def test_image_encoder_is_a_linear_map_then_l2(use_abs, bias):
+    """Bias-free by default (the paper's equation); with image_bias the authors' ff_image:
+    a zero bias at the start, trained like the weights."""
     torch.manual_seed(3)
-    model = JointEmbedding(ModelConfig(word_dim=6, embed_dim=8, use_abs=use_abs), vocab_size=10, feature_dim=5)
+    model = JointEmbedding(ModelConfig(word_dim=6, embed_dim=8, use_abs=use_abs, image_bias=bias),
+                           vocab_size=10, feature_dim=5)
+    if bias:
+        assert torch.equal(model.image.fc.bias, torch.zeros(8))
+        with torch.no_grad():
+            model.image.fc.bias.copy_(torch.linspace(-1, 1, 8))
+    else:
+        assert model.image.fc.bias is None
     feats = np.random.default_rng(1).integers(-1, 2, size=(9, 5)).astype(np.int8)    # FNE codes
     got = embed_images(model, feats, "cpu", batch=4).numpy()
     w = model.image.fc.weight.detach().double().numpy()
-    ref = feats.astype(np.float64) @ w.T
+    ref = feats.astype(np.float64) @ w.T + (np.linspace(-1, 1, 8) if bias else 0)
     ref /= np.linalg.norm(ref, axis=1, keepdims=True)
     np.testing.assert_allclose(got, np.abs(ref) if use_abs else ref, rtol=1e-5, atol=1e-6)
-    assert model.image.fc.bias is None
+    if bias:
+        model.image(torch.ones(3, 5)).sum().backward()
+        assert model.image.fc.bias.grad is not None and model.image.fc.bias.grad.abs().sum() > 0
+
+
+def _gru_blocks(enc: TextEncoder):
+    rnn = enc.rnn
+    w_ih, w_hh = (rnn.x2h.weight, rnn.h2h.weight) if enc.layer_norm else (rnn.weight_ih_l0, rnn.weight_hh_l0)
+    return w_ih.detach().double().chunk(3), w_hh.detach().double().chunk(3)
+
+
+@pytest.mark.parametrize("layer_norm", [False, True])
+@pytest.mark.parametrize("word_dim", [40, 32])
+def test_authors_init_is_the_theano_codes(layer_norm, word_dim):
+    """init='authors' is code/layers.py's param_init_gru: every recurrent gate block
+    orthogonal, every input block uniform in [-0.1, 0.1] (orthogonal when square: their
+    norm_weight), zero biases; torch's default is neither."""
+    eye = torch.eye(32, dtype=torch.float64)
+    torch.manual_seed(0)
+    enc = TextEncoder(50, word_dim, 32, layer_norm=layer_norm, init="authors")
+    ih, hh = _gru_blocks(enc)
+    for block in hh:
+        torch.testing.assert_close(block @ block.T, eye, atol=1e-5, rtol=0)
+    for block in ih:
+        if word_dim == 32:
+            torch.testing.assert_close(block @ block.T, eye, atol=1e-5, rtol=0)
+        else:                                       # 1,280 draws of U(-0.1, 0.1): std 0.0577
+            assert block.abs().max() <= 0.1 and block.std().item() == pytest.approx(0.1 / 3 ** 0.5, rel=0.08)
+    if not layer_norm:
+        assert not enc.rnn.bias_ih_l0.any() and not enc.rnn.bias_hh_l0.any()
+    assert enc.embed.weight.abs().max() <= 0.1        # the word embedding: U(-0.1, 0.1) either way
+
+    torch.manual_seed(0)
+    ih, hh = _gru_blocks(TextEncoder(50, word_dim, 32, layer_norm=layer_norm))
+    for block in hh + ih:                             # torch's U(-1/sqrt(32), 1/sqrt(32)): not orthogonal
+        assert (block @ block.T - eye).abs().max() > 0.3
+    # the model builds the text side from the config's init
+    model = JointEmbedding(ModelConfig(word_dim=word_dim, embed_dim=32, layer_norm=layer_norm, init="authors"),
+                           vocab_size=50, feature_dim=5)
+    for block in _gru_blocks(model.text)[1]:
+        torch.testing.assert_close(block @ block.T, eye, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])

@@ -107,6 +107,38 @@ def test_warmup_puts_sum_of_hinges_epochs_before_a_max_of_hinges_pipeline(synth,
     assert "drop --set" in capsys.readouterr().err
 
 
+def test_authors_init_and_image_bias_train_save_and_load_from_the_cli(synth, tmp_path, capsys):
+    """--init authors and --image-bias reach config.json and run.json, train, and load back
+    from the weights_only checkpoint with the bias; the image map's bias is never decayed."""
+    from fnemm import FnemmError
+    from fnemm.cli import main
+    from fnemm.joint.checkpoint import load_checkpoint
+    from fnemm.joint.config import validate
+    from fnemm.joint.model import JointEmbedding
+    from fnemm.training.optim import new_optimizer
+    jsonl, npy, ids = synth
+    out = tmp_path / "run"
+    assert main(["train", "--preset", "flickr8k/FC7-MH", "--dataset", str(jsonl), "--features", str(npy),
+                 "--ids", str(ids), "--epochs", "2", "--lr", "2e-3", "--init", "authors", "--image-bias",
+                 "--quiet", "--out", str(out), *sum((["--set", s] for s in SMALL), [])]) == 0
+    saved = json.loads((out / "config.json").read_text())["model"]
+    assert saved["init"] == "authors" and saved["image_bias"] is True
+    assert {"model.init=authors", "model.image_bias=true"} <= set(json.loads((out / "run.json").read_text())["overrides"])
+    model, _, config, _ = load_checkpoint(out / "best.pt")
+    assert config.model.image_bias and model.image.fc.bias is not None and model.image.fc.bias.abs().sum() > 0
+    assert evaluate(out, load_dataset(jsonl), load_features(npy, ids=ids), "test")["all"]["rsum"] > 0
+
+    model = JointEmbedding(ModelConfig(word_dim=4, embed_dim=6, image_bias=True), vocab_size=9, feature_dim=5)
+    decay = {id(p): g["weight_decay"] for g in new_optimizer(model, 1e-3, 0.5, "standard").param_groups
+             for p in g["params"]}
+    assert decay[id(model.image.fc.weight)] == 0.5 and decay[id(model.image.fc.bias)] == 0.0
+    with pytest.raises(FnemmError, match="model.init='xavier'"):
+        validate(apply_overrides(small_config(), ["model.init=xavier"]))
+    capsys.readouterr()
+    assert main(["train", "--out", str(out), "--resume", "--init", "torch"]) == 2       # the saved config rules
+    assert "drop --set" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("checkpoint_every,adam", [("0", "standard"), ("1e9", "standard"), ("0", "authors")])
 def test_resume_after_kill_reaches_the_same_state(synth, tmp_path, checkpoint_every, adam):
     """Killed mid-run, resumed: the same weights, history and best as an unbroken run.

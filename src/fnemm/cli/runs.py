@@ -64,6 +64,11 @@ def add_train(sub) -> argparse.ArgumentParser:
     p.add_argument("--word-dim", type=int, help="word embedding size")
     p.add_argument("--batch-size", type=int, help="pairs per batch (default 128)")
     p.add_argument("--layer-norm", action="store_true", help="layer-normalised GRU")
+    p.add_argument("--init", choices=["torch", "authors"],
+                   help="the caption GRU's initialisation: PyTorch's (default) or the paper's Theano code's "
+                        "(orthogonal recurrent weights, input weights in +-0.1, zero biases)")
+    p.add_argument("--image-bias", action="store_true",
+                   help="a bias on the image map, as the authors' code has (the paper's equation has none)")
     p.add_argument("--clip", choices=["per-tensor", "global"],
                    help="gradient clipping: each parameter tensor to norm 2 (the authors', paper presets) "
                         "or one global norm (VSE++)")
@@ -134,6 +139,10 @@ def _overrides(args) -> list[str]:
         out.append(f"grad_clip_mode={args.clip}")
     if args.adam:
         out.append(f"adam={args.adam}")
+    if args.init:
+        out.append(f"model.init={args.init}")
+    if args.image_bias:
+        out.append("model.image_bias=true")
     if args.curriculum:
         out.append(f"stages.0.patience={'none' if args.curriculum == 'full' else CURRICULUM_PATIENCE}")
     return out + (["model.layer_norm=true"] if args.layer_norm else [])

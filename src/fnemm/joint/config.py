@@ -23,6 +23,11 @@ class ModelConfig:
     # Dropout on the image features before the image map, while training (0: none, the
     # paper). With thousands of FNE dimensions and few images the map overfits early.
     image_dropout: float = 0.0
+    # The caption GRU's initialisation: 'torch' (PyTorch's defaults) or 'authors' (the paper's
+    # Theano code: orthogonal recurrent weights, input weights in +-0.1, zero biases).
+    init: str = "torch"
+    # A bias on the image map: the paper's equation has none, the authors' code has one.
+    image_bias: bool = False
 
 
 @dataclass(frozen=True)
@@ -196,6 +201,9 @@ def validate(config: TrainConfig) -> None:
             raise FnemmError(f"stages.{i}: lr must be > 0 and max_epochs >= 1")
     if config.batch_size < 2:
         raise FnemmError("batch_size must be >= 2 (the loss needs in-batch negatives)")
+    if config.model.init not in ("torch", "authors"):
+        raise FnemmError(f"model.init={config.model.init!r}: expected 'torch' (PyTorch's GRU initialisation) "
+                         f"or 'authors' (the paper's Theano code)")
     if min(config.model.word_dim, config.model.embed_dim) < 1:
         raise FnemmError("model.word_dim and model.embed_dim must be >= 1")
     if config.grad_clip_mode not in ("global", "per-tensor"):

@@ -13,6 +13,8 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 from fnemm.joint.config import ModelConfig
 
+INITS = ("torch", "authors")
+
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp(min=eps)
@@ -81,9 +83,29 @@ def gru_last_states(gru: nn.GRU, x: torch.Tensor, lengths: torch.Tensor) -> torc
     return torch.cat(finished[::-1])[packed.unsorted_indices]
 
 
+def authors_gru_init_(weight_ih: torch.Tensor, weight_hh: torch.Tensor, *biases: torch.Tensor) -> None:
+    """The paper's Theano GRU initialisation (``code/layers.py`` param_init_gru, from Kiros's
+    visual-semantic-embedding), on torch's layout (rows: the r, z, n gates' blocks): each
+    input block uniform in [-0.1, 0.1], orthogonal instead when it is square (their
+    ``norm_weight``); each recurrent block orthogonal (``ortho_weight``); biases zero.
+    torch's own is uniform in +-1/sqrt(hidden) for all of them (+-0.031 at 1,024 units):
+    its recurrent blocks' singular values spread from 0 to about 1.15 (RMS 0.58), where
+    theirs are all 1."""
+    with torch.no_grad():
+        for block in weight_ih.chunk(3, dim=0):
+            if block.shape[0] == block.shape[1]:
+                nn.init.orthogonal_(block)
+            else:
+                nn.init.uniform_(block, -0.1, 0.1)
+        for block in weight_hh.chunk(3, dim=0):
+            nn.init.orthogonal_(block)
+        for b in biases:
+            nn.init.zeros_(b)
+
+
 class TextEncoder(nn.Module):
     def __init__(self, vocab_size: int, word_dim: int, embed_dim: int,
-                 use_abs: bool = False, layer_norm: bool = False):
+                 use_abs: bool = False, layer_norm: bool = False, init: str = "torch"):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, word_dim, padding_idx=0)
         self.use_abs = use_abs
@@ -93,6 +115,12 @@ class TextEncoder(nn.Module):
         else:
             self.rnn = nn.GRU(word_dim, embed_dim, batch_first=True)
         nn.init.uniform_(self.embed.weight, -0.1, 0.1)
+        if init == "authors":
+            if layer_norm:
+                authors_gru_init_(self.rnn.x2h.weight, self.rnn.h2h.weight)
+            else:
+                authors_gru_init_(self.rnn.weight_ih_l0, self.rnn.weight_hh_l0,
+                                  self.rnn.bias_ih_l0, self.rnn.bias_hh_l0)
 
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         x = self.embed(tokens)
@@ -109,15 +137,19 @@ class TextEncoder(nn.Module):
 
 
 class ImageEncoder(nn.Module):
-    """Bias-free linear map of the image features into the joint space (input dropout
-    while training, when asked for)."""
+    """Linear map of the image features into the joint space (input dropout while
+    training, when asked for): bias-free as the paper writes it, or with the bias the
+    authors' code has (``ff_image``: Xavier weights, a zero bias)."""
 
-    def __init__(self, feature_dim: int, embed_dim: int, use_abs: bool = False, dropout: float = 0.0):
+    def __init__(self, feature_dim: int, embed_dim: int, use_abs: bool = False, dropout: float = 0.0,
+                 bias: bool = False):
         super().__init__()
-        self.fc = nn.Linear(feature_dim, embed_dim, bias=False)
+        self.fc = nn.Linear(feature_dim, embed_dim, bias=bias)
         self.use_abs = use_abs
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         nn.init.xavier_uniform_(self.fc.weight)
+        if bias:
+            nn.init.zeros_(self.fc.bias)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         v = l2_normalize(self.fc(self.dropout(features.float())))
@@ -130,9 +162,10 @@ class JointEmbedding(nn.Module):
         self.config = config
         self.feature_dim = feature_dim
         self.vocab_size = vocab_size
-        self.image = ImageEncoder(feature_dim, config.embed_dim, config.use_abs, config.image_dropout)
+        self.image = ImageEncoder(feature_dim, config.embed_dim, config.use_abs, config.image_dropout,
+                                  config.image_bias)
         self.text = TextEncoder(vocab_size, config.word_dim, config.embed_dim,
-                                config.use_abs, config.layer_norm)
+                                config.use_abs, config.layer_norm, config.init)
 
     def forward(self, features, tokens, lengths):
         return self.image(features), self.text(tokens, lengths)

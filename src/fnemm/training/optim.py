@@ -41,10 +41,11 @@ def new_optimizer(model, lr: float, image_decay: float, kind: str, extra=(), ext
     with the same decay; ``extra`` parameters (a fine-tuned CNN's blocks) in a group of
     their own at ``lr * extra_lr_scale``, without decay."""
     params = model.parameters()
-    if image_decay:         # AdamW; with no decay on the text side it is Adam there
-        image = set(map(id, model.image.parameters()))
+    if image_decay:         # AdamW; with no decay on the text side (or the image map's bias) it is Adam there
+        decayed = [p for name, p in model.image.named_parameters() if not name.endswith("bias")]
+        image = set(map(id, decayed))
         params = [{"params": [p for p in model.parameters() if id(p) not in image], "weight_decay": 0.0},
-                  {"params": list(model.image.parameters()), "weight_decay": image_decay}]
+                  {"params": decayed, "weight_decay": image_decay}]
     if kind == "authors":
         optimizer = AuthorsAdam(params, lr)
     else:
