@@ -77,8 +77,8 @@ def add_train(sub) -> argparse.ArgumentParser:
                         "code ran it (almost no bias correction: its first few thousand steps are up to 6.6x larger)")
     p.add_argument("--warmup", type=int, metavar="EPOCHS",
                    help="max-of-hinges pipelines: EPOCHS of sum-of-hinges training first, at the first stage's lr "
-                        "and margin: off MH's starting plateau in a few epochs, but the climb after it is slower "
-                        "(README: no shorter runs measured); not the paper's")
+                        "and margin: off MH's starting plateau in a few epochs, but to a lower model (README: -7 and "
+                        "-17 test rsum measured); not the paper's")
     p.add_argument("--curriculum", choices=["full", "patience"],
                    help="a curriculum's first stage: full (its max epochs, best kept: the authors') or "
                         "patience (ends after 20 epochs without a better val rsum)")
