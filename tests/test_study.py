@@ -78,6 +78,20 @@ def test_quick_study_end_to_end(tmp_path, capsys):
     assert json.loads((out / "study.json").read_text())["progress"] == {"full": [5, 6], "curve": [4, 4]}
     (tmp_path / "kept.json").rename(run / "metrics-test.json")
 
+    # a finished run trained with another config than the grid gives it (records from another
+    # fnemm whose presets changed) is refused by name, not counted in a row it was not trained for
+    config = (run / "config.json").read_text()
+    changed = json.loads(config)
+    changed["stages"][0]["lr"] *= 2
+    (run / "config.json").write_text(json.dumps(changed))
+    for extra in ([], ["--report-only"]):
+        assert main(study_args(out, "--train-sizes", "12", *extra)) == 2
+        err = capsys.readouterr().err
+        assert f"{run / 'config.json'}: this finished run was trained with another config" in err
+        assert "(stages.0.lr)" in err and "choose another --out" in err
+    (run / "config.json").write_text(config)
+    assert main(study_args(out, "--train-sizes", "12", "--report-only")) == 0
+
     # split 1 holds the same images as split 0, split differently, with the same sizes
     s0, s1 = (load_dataset(out / "splits" / f"split-{k}.jsonl") for k in (0, 1))
     assert s0.image_ids == s1.image_ids and s0.counts() == s1.counts() and s0.splits != s1.splits

@@ -26,7 +26,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from fnemm.joint.config import apply_overrides
+from fnemm.joint.config import TrainConfig, apply_overrides
 
 from fnemm.joint.presets import get_preset
 from fnemm.datasets import Dataset
@@ -234,6 +234,25 @@ class Study:
             overrides.append(f"stages.patience={self.grid.patience}")
         return preset, apply_overrides(get_preset(preset), overrides), overrides
 
+    def check_config(self, unit: Unit) -> None:
+        """A finished run counts only if it was trained with the config the grid gives it
+        now: records carried from another machine, or a grid resumed with another fnemm
+        whose presets changed, must not fill a table row they were not trained for. (A
+        started run is checked by the trainer when it resumes.) Compared as configs, not
+        dicts: a field added since takes its default, which is what the run trained with."""
+        path = unit.run / "config.json"
+        data = read_json(path, "copy the run's records again, or delete its folder to train it again")
+        want = asdict(self.config(unit)[1])
+        try:
+            saved = asdict(TrainConfig.from_dict(data))
+        except (TypeError, ValueError, AttributeError):
+            saved = None
+        if saved != want:
+            fields = sorted(_differences(saved, want)) if saved is not None else ["not a config"]
+            raise FnemmError(f"{path}: this finished run was trained with another config than the grid gives it "
+                             f"({', '.join(fields[:4])}{', ...' if len(fields) > 4 else ''}); finish the study "
+                             f"with the fnemm it was started with, or choose another --out")
+
     def run_one(self, unit: Unit) -> dict | None:
         """Train and test one unit (resuming it), unless done or another worker has it."""
         from fnemm.datasets import load_dataset
@@ -241,10 +260,12 @@ class Study:
         from fnemm.training.trainer import train
         target = metrics_path(unit.run, "test")
         if target.exists():
+            self.check_config(unit)
             return load_metrics(unit.run, "test")
         try:
             with folder_lock(unit.run, "a study run"):
                 if target.exists():
+                    self.check_config(unit)
                     return load_metrics(unit.run, "test")
                 store = self.store(unit, unit.variant.recipe or Recipe())
                 preset, config, overrides = self.config(unit)
@@ -307,6 +328,7 @@ class Study:
             counts = progress["full" if u.size == self.full else "curve"]
             counts[0], counts[1] = counts[0] + done, counts[1] + 1
             if done:
+                self.check_config(u)
                 key = (u.cnn, u.size, u.variant.name, u.split, u.seed)
                 rows[key] = next(iter(load_metrics(u.run, "test").values()))
                 if (r := load_ranks(u.run, "test")) is not None:
@@ -320,6 +342,15 @@ class Study:
         write_report(self.out, summary, self.grid, self.dataset, {name: v.about for name, v in BY_NAME.items()},
                      (preset_of(self.grid.presets, False), preset_of(self.grid.presets, True)))
         return summary
+
+
+def _differences(a, b, prefix: str = "") -> list[str]:
+    """The dotted names of the fields where two config dicts differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in a.keys() | b.keys() for d in _differences(a.get(k), b.get(k), f"{prefix}{k}.")]
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _differences(x, y, f"{prefix}{i}.")]
+    return [] if a == b else [prefix.rstrip(".")]
 
 
 RECORDS = ("config.json", "run.json", "metrics.jsonl", "metrics-test.json", "ranks-test.jsonl")
