@@ -200,3 +200,22 @@ def test_text_encoder_trains_through_gru_last_states_and_embeds_as_before(monkey
         inferred = text(tokens, lengths)
     assert len(calls) == 1                         # inference: nn.GRU's own path
     torch.testing.assert_close(trained.detach(), inferred, rtol=1e-6, atol=1e-7)
+
+
+def test_init_spread_tool_measures_the_mean_pairwise_cosine(synth, capsys):
+    """tools/init_spread.py (README "Fidelity"): its Gram-sum mean cosine against the
+    pairwise loop, and a run on a small dataset printing both initialisations."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "tools" / "init_spread.py"
+    spec = importlib.util.spec_from_file_location("init_spread", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    e = torch.nn.functional.normalize(torch.randn(37, 6, dtype=torch.float64) + 0.5, dim=1)
+    pairs = [float(e[i] @ e[j]) for i in range(37) for j in range(37) if i != j]
+    assert tool.mean_pairwise_cosine(e) == pytest.approx(np.mean(pairs), rel=1e-9)
+    jsonl, _, _ = synth
+    tool.main(["--dataset", str(jsonl), "--images", "6", "--seeds", "2", "--presets", "demo/FC7-MH"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| demo/FC7-MH")]
+    assert [r.split("|")[3].strip() for r in rows] == ["torch", "authors"]
+    assert all(-1 <= float(r.split("|")[4].split("(")[0]) <= 1 for r in rows)
