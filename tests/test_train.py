@@ -189,7 +189,7 @@ def test_existing_run_needs_resume(synth, tmp_path):
     # resuming a finished run is a no-op that returns the same best
     again = train(cfg, ds, feats, tmp_path / "run", quiet=True, resume=True)
     assert again["epochs"] == 1
-    with pytest.raises(FnemmError, match="another config"):
+    with pytest.raises(FnemmError, match=r"another config \(stages\.0\.max_epochs\); resume without"):
         train(small_config(max_epochs=2), ds, feats, tmp_path / "run", quiet=True, resume=True)
 
 

@@ -67,11 +67,11 @@ def main(argv=None) -> None:
                 model = JointEmbedding(model_config, len(vocab), rows.shape[1] if rows is not None else 8).eval()
                 with torch.no_grad():
                     cap.append(mean_pairwise_cosine(embed_captions(model, captions, "cpu")))
-                    if rows is not None:
+                    if rows is not None and init == INITS[0]:     # the GRU's init does not touch the image map
                         img.append(mean_pairwise_cosine(embed_images(model, rows, "cpu")))
             dims = f"word {model_config.word_dim}, hidden {model_config.embed_dim}"
             print(f"| {name} | captions ({dims}) | {init} | {np.mean(cap):.3f} ({', '.join(f'{c:.3f}' for c in cap)}) |")
-            if img and init == INITS[0]:               # the image map's init does not depend on it
+            if img:
                 print(f"| {name} | images ({kind}, {rows.shape[1]} dims, {len(rows)} rows) | either | "
                       f"{np.mean(img):.3f} ({', '.join(f'{c:.3f}' for c in img)}) |")
 

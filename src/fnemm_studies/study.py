@@ -26,7 +26,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from fnemm.joint.config import TrainConfig, apply_overrides
+from fnemm.joint.config import TrainConfig, apply_overrides, differences
 
 from fnemm.joint.presets import get_preset
 from fnemm.datasets import Dataset
@@ -242,13 +242,13 @@ class Study:
         dicts: a field added since takes its default, which is what the run trained with."""
         path = unit.run / "config.json"
         data = read_json(path, "copy the run's records again, or delete its folder to train it again")
-        want = asdict(self.config(unit)[1])
+        want = self.config(unit)[1]
         try:
-            saved = asdict(TrainConfig.from_dict(data))
+            saved = TrainConfig.from_dict(data)
         except (TypeError, ValueError, AttributeError):
             saved = None
         if saved != want:
-            fields = sorted(_differences(saved, want)) if saved is not None else ["not a config"]
+            fields = differences(saved, want) if saved is not None else ["not a config"]
             raise FnemmError(f"{path}: this finished run was trained with another config than the grid gives it "
                              f"({', '.join(fields[:4])}{', ...' if len(fields) > 4 else ''}); finish the study "
                              f"with the fnemm it was started with, or choose another --out")
@@ -342,15 +342,6 @@ class Study:
         write_report(self.out, summary, self.grid, self.dataset, {name: v.about for name, v in BY_NAME.items()},
                      (preset_of(self.grid.presets, False), preset_of(self.grid.presets, True)))
         return summary
-
-
-def _differences(a, b, prefix: str = "") -> list[str]:
-    """The dotted names of the fields where two config dicts differ."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        return [d for k in a.keys() | b.keys() for d in _differences(a.get(k), b.get(k), f"{prefix}{k}.")]
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b):
-        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _differences(x, y, f"{prefix}{i}.")]
-    return [] if a == b else [prefix.rstrip(".")]
 
 
 RECORDS = ("config.json", "run.json", "metrics.jsonl", "metrics-test.json", "ranks-test.jsonl")

@@ -187,6 +187,18 @@ def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
     return config
 
 
+def differences(a: TrainConfig, b: TrainConfig) -> list[str]:
+    """The dotted names of the fields where two configs differ (``stages.0.lr``,
+    ``model.init``, ...), sorted."""
+    def walk(x, y, prefix: str) -> list[str]:
+        if isinstance(x, dict) and isinstance(y, dict):
+            return [d for k in x.keys() | y.keys() for d in walk(x.get(k), y.get(k), f"{prefix}{k}.")]
+        if isinstance(x, (list, tuple)) and isinstance(y, (list, tuple)) and len(x) == len(y):
+            return [d for i, (u, v) in enumerate(zip(x, y)) for d in walk(u, v, f"{prefix}{i}.")]
+        return [] if x == y else [prefix.rstrip(".")]
+    return sorted(walk(dataclasses.asdict(a), dataclasses.asdict(b), ""))
+
+
 def validate(config: TrainConfig) -> None:
     """Reject values that cannot train, with the field named."""
     from fnemm.joint.losses import REDUCTIONS, SIMILARITIES

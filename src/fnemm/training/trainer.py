@@ -41,7 +41,7 @@ from fnemm.io.progress import say
 from fnemm.joint.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from fnemm.joint.checkpoint import check_run_id, resolve_device, tensors_copied
 from fnemm.training import distributed
-from fnemm.joint.config import TrainConfig, validate
+from fnemm.joint.config import TrainConfig, differences, validate
 from fnemm.joint.inputs import SplitData, build_vocab, embed_captions, split_data
 from fnemm.training.image_side import FeatureRows
 from fnemm.datasets import Dataset
@@ -180,8 +180,10 @@ class Trainer:
         except (KeyError, TypeError, ValueError):
             saved = None
         if saved != self.config:
-            raise FnemmError(f"{self.out / 'last.pt'}: the run was made with another config; "
-                             f"resume without changing presets/--set, or use a new --out")
+            fields = differences(saved, self.config) if saved is not None else ["not a config"]
+            raise FnemmError(f"{self.out / 'last.pt'}: the run was made with another config ({', '.join(fields[:4])}"
+                             f"{', ...' if len(fields) > 4 else ''}); resume without changing presets/--set, "
+                             f"or use a new --out")
         try:
             self.model.load_state_dict(ckpt["model"])
             self.state = TrainState(**ckpt["state"])
