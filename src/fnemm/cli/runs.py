@@ -64,7 +64,8 @@ def add_train(sub) -> argparse.ArgumentParser:
     p.add_argument("--word-dim", type=int, help="word embedding size")
     p.add_argument("--batch-size", type=int, help="pairs per batch (default 128)")
     p.add_argument("--layer-norm", action="store_true", help="layer-normalised GRU")
-    p.add_argument("--init", choices=["torch", "authors"],
+    from fnemm.joint.config import INITS           # no torch: config is plain dataclasses
+    p.add_argument("--init", choices=INITS,
                    help="the caption GRU's initialisation: PyTorch's (default) or the paper's Theano code's "
                         "(orthogonal recurrent weights, input weights in +-0.1, zero biases)")
     p.add_argument("--image-bias", action="store_true",

@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from fnemm.io.errors import FnemmError
 
 
+INITS = ("torch", "authors")      # the caption GRU's initialisations (joint.model)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     word_dim: int = 1024           # trainable word embedding size
@@ -213,7 +216,7 @@ def validate(config: TrainConfig) -> None:
             raise FnemmError(f"stages.{i}: lr must be > 0 and max_epochs >= 1")
     if config.batch_size < 2:
         raise FnemmError("batch_size must be >= 2 (the loss needs in-batch negatives)")
-    if config.model.init not in ("torch", "authors"):
+    if config.model.init not in INITS:
         raise FnemmError(f"model.init={config.model.init!r}: expected 'torch' (PyTorch's GRU initialisation) "
                          f"or 'authors' (the paper's Theano code)")
     if min(config.model.word_dim, config.model.embed_dim) < 1:
