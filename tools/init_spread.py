@@ -33,7 +33,8 @@ def main(argv=None) -> None:
     from fnemm.datasets import load_dataset
     from fnemm.features.store import load_features
     from fnemm.joint.inputs import build_vocab, embed_captions, embed_images
-    from fnemm.joint.model import INITS, JointEmbedding
+    from fnemm.joint.config import INITS
+    from fnemm.joint.model import JointEmbedding
     from fnemm.joint.presets import get_preset
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -248,10 +248,9 @@ class Study:
         except (TypeError, ValueError, AttributeError):
             saved = None
         if saved != want:
-            fields = differences(saved, want) if saved is not None else ["not a config"]
             raise FnemmError(f"{path}: this finished run was trained with another config than the grid gives it "
-                             f"({', '.join(fields[:4])}{', ...' if len(fields) > 4 else ''}); finish the study "
-                             f"with the fnemm it was started with, or choose another --out")
+                             f"({differences(saved, want)}); finish the study with the fnemm it was started "
+                             f"with, or choose another --out")
 
     def run_one(self, unit: Unit) -> dict | None:
         """Train and test one unit (resuming it), unless done or another worker has it."""

@@ -340,10 +340,10 @@ def report(args) -> int:
 
     runs = [named(r) for r in args.runs]
     if args.baseline:
-        base_path = args.baseline.partition("=")[2] if "=" in args.baseline and not Path(args.baseline).exists() \
-            else args.baseline
+        a_path = Path(args.baseline).exists()
+        base_path = args.baseline.partition("=")[2] if "=" in args.baseline and not a_path else args.baseline
         given = [r for r in runs if r.path.resolve() == Path(base_path).resolve()
-                 or (r.label == args.baseline and not Path(args.baseline).exists())]   # a NAME given to a RUN
+                 or (r.label == args.baseline and not a_path)]       # a NAME given to a RUN
         baseline = given[0] if given else named(args.baseline)
         if not given:
             runs.append(baseline)

@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from fnemm.joint.config import INITS, ModelConfig  # noqa: F401  (INITS: the init names, for callers)
+from fnemm.joint.config import ModelConfig
 
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:

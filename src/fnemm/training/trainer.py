@@ -180,9 +180,8 @@ class Trainer:
         except (KeyError, TypeError, ValueError):
             saved = None
         if saved != self.config:
-            fields = differences(saved, self.config) if saved is not None else ["not a config"]
-            raise FnemmError(f"{self.out / 'last.pt'}: the run was made with another config ({', '.join(fields[:4])}"
-                             f"{', ...' if len(fields) > 4 else ''}); resume without changing presets/--set, "
+            raise FnemmError(f"{self.out / 'last.pt'}: the run was made with another config "
+                             f"({differences(saved, self.config)}); resume without changing presets/--set, "
                              f"or use a new --out")
         try:
             self.model.load_state_dict(ckpt["model"])
