@@ -102,24 +102,14 @@ def main() -> None:
         say(f"  {n} photos, {run['images_per_s']} images/s (10 crops, whole process)")
         return store
 
-    stores = {}
-    for cnn in () if args.skip_precision else ("vgg16", "mobilenet_v2_float"):
-        if (KIT / "before" / "src").is_dir():
-            extract(f"{cnn}-before-fp32", cnn, "fp32", old_env)
-        for precision in ("fp32", "bf16"):
-            stores[cnn, precision] = extract(f"{cnn}-after-{precision}", cnn, precision, new_env)
-    import numpy as np
-    for cnn in () if args.skip_precision else ("vgg16", "mobilenet_v2_float"):
-        a, b = stores[cnn, "fp32"], stores[cnn, "bf16"]
-        if a and b:
-            x, y = np.load(a / "fne.npy"), np.load(b / "fne.npy")
-            agree = {"equal": round(float((x == y).mean()), 5), "sign_flips": round(float((x * y < 0).mean()), 6)}
-            summary[f"{cnn}_bf16_vs_fp32_codes"] = agree
-            say(f"{cnn} bf16 vs fp32 FNE codes: {agree['equal']:.2%} equal, {agree['sign_flips']:.3%} sign flips")
-
-    # fine-tuning: a converged FC7 run on the bundled int8 MobileNetV2 store, then --finetune
+    # in order of what matters now, each result saved as it comes (a call cut short
+    # still returns the ones before): the open benchmark's figures (issue 22), the GPU
+    # paths that crashed (issue 23), fine-tuning and uploads, then the precision timings
+    _flickr8k_224(fnemm, say, summary, data, work, args, new_env)
     base = extract("mobilenet_v2-after-fp32", "mobilenet_v2", "fp32", new_env)
     if base:
+        _ddp_and_resume(fnemm, say, summary, base, dataset, work, args.device, new_env)
+        # fine-tuning: a converged FC7 run on the bundled int8 MobileNetV2 store, then --finetune
         fc7 = work / "fc7"
         if fnemm("train-fc7", ["train", "--preset", "demo/FC7-MH", "--dataset", dataset, "--features", base,
                                "--out", fc7, "--device", args.device, "--quiet"], new_env)["rc"] == 0:
@@ -137,14 +127,27 @@ def main() -> None:
                 say(f"  fine-tuning epochs {run['epoch_s']} s ({info['n_train']} training photos + validation "
                     f"on {info['n_val']} x 10 crops): {info['n_train'] / per:.1f} training photos/s incl. "
                     f"validation; val rsum {run['val_rsum']}")
-        _ddp_and_resume(fnemm, say, summary, base, dataset, work, args.device, new_env)
         # concurrent uploads: shared forward passes against one each (the service's GPU default)
         cmd = [sys.executable, str(ROOT / "bench" / "upload_speed.py"), "--store", str(base), "--photos", str(images),
                "--device", args.device, "--requests", "48", "--clients", "16"]
         done = subprocess.run(cmd, env=new_env, capture_output=True, text=True)
         summary["runs"]["upload-speed"] = {"rc": done.returncode, "out": (done.stdout + done.stderr)[-900:]}
         say("upload_speed:\n  " + "\n  ".join((done.stdout + done.stderr).strip().splitlines()[-6:]))
-    _flickr8k_224(fnemm, say, summary, data, work, args, new_env)
+    stores = {}
+    for cnn in () if args.skip_precision else ("vgg16", "mobilenet_v2_float"):
+        if (KIT / "before" / "src").is_dir():
+            extract(f"{cnn}-before-fp32", cnn, "fp32", old_env)
+        for precision in ("fp32", "bf16"):
+            stores[cnn, precision] = extract(f"{cnn}-after-{precision}", cnn, precision, new_env)
+    import numpy as np
+    for cnn in () if args.skip_precision else ("vgg16", "mobilenet_v2_float"):
+        a, b = stores[cnn, "fp32"], stores[cnn, "bf16"]
+        if a and b:
+            x, y = np.load(a / "fne.npy"), np.load(b / "fne.npy")
+            agree = {"equal": round(float((x == y).mean()), 5), "sign_flips": round(float((x * y < 0).mean()), 6)}
+            summary[f"{cnn}_bf16_vs_fp32_codes"] = agree
+            say(f"{cnn} bf16 vs fp32 FNE codes: {agree['equal']:.2%} equal, {agree['sign_flips']:.3%} sign flips")
+
     say("done")
 
 
@@ -177,18 +180,21 @@ def _ddp_and_resume(fnemm, say, summary: dict, base: Path, dataset: str, work: P
 
 def _flickr8k_224(fnemm, say, summary: dict, data: Path, work: Path, args, env: dict) -> None:
     """The paper's benchmark on a GPU (issue 22): extraction of the images-224 photos the
-    kit carries (a few hundred: the working tree that travels is 64 MiB), and the training
-    step of the paper's presets at the FNE widths of both bundled CNNs."""
+    kit carries (a few hundred: the working tree that travels is 64 MiB), the training
+    step of the paper's presets at the FNE widths of both bundled CNNs, and the
+    benchmark's reproduction command on those photos."""
     photos = data / "flickr8k" / "images-224"
     if not photos.is_dir():
         say("flickr8k-224: no photos in the kit (bash bench/gpu_kit.sh)")
         return
-    names = sorted(p.name for p in photos.iterdir())[:args.images or None]
+    names = {p.name for p in photos.iterdir()}
     sys.path.insert(0, str(ROOT / "src"))
     from fnemm.datasets import load_dataset
     full = load_dataset(data / "flickr8k")
-    keep = [k for k, i in enumerate(full.image_ids) if i in set(names)]
-    spec = str(full.subset(keep).to_jsonl(work / "f8k224.jsonl"))
+    kit = full.subset([k for k, i in enumerate(full.image_ids) if i in names])
+    kit = kit.head(args.images) if args.images else kit          # the official splits in proportion
+    keep = kit.image_ids
+    spec = str(kit.to_jsonl(work / "f8k224.jsonl"))
     for cnn in ("mobilenet_v2_float", "efficientnet_lite0"):
         store = work / f"f8k224-{cnn}"
         run = fnemm(f"f8k224-extract-{cnn}", ["extract", "--images", photos, "--dataset", spec, "--cnn", cnn,
@@ -204,6 +210,20 @@ def _flickr8k_224(fnemm, say, summary: dict, data: Path, work: Path, args, env: 
         summary["runs"][f"train-speed-{preset}-{dim}"] = {"rc": done.returncode, "out": done.stdout[-900:]}
         say(f"train_speed {preset} at {dim} features:\n  " + "\n  ".join(done.stdout.strip().splitlines()[-6:])
             if done.returncode == 0 else f"train_speed {preset}: rc {done.returncode} {done.stderr[-300:]}")
+    # the reproduction command itself (README: `make flickr8k DEVICE=cuda`), every part of
+    # its grid on the kit's photos: extraction, derived recipes, paper presets with patience,
+    # seeds, a learning-curve point, the paired statistics and the report
+    grid = work / "f8k224-study"
+    run = fnemm("f8k224-study", ["study", "--dataset", spec, "--images", photos, "--presets", "flickr8k",
+                                 "--patience", "2", "--epochs", "6", "--splits", "1", "--seeds", "2",
+                                 "--cnns", "efficientnet_lite0", "--variants", "baseline,fne,late-center-layer,fne+baseline",
+                                 "--train-sizes", str(len(kit.split_indices("train")) // 2), "--curve-variants", "baseline,fne",
+                                 "--curve-cnns", "efficientnet_lite0", "--curve-seeds", "1", "--device", args.device,
+                                 "--workers", args.workers, "--out", grid, "--quiet"], env)
+    if run["rc"] == 0:
+        run["finished_runs"] = len(list((grid / "runs").rglob("metrics-test.json")))
+        run["report"] = (grid / "study.md").is_file()
+        say(f"  {run['finished_runs']} runs finished on {args.device}, study.md written: {run['report']}")
 
 
 def _torch_info() -> str:
