@@ -198,11 +198,11 @@ def install(kit: dict, kit_dir: Path, work: Path) -> dict:
                         "--no-cache-dir", "--upgrade", "--target", str(site), *wheels], check=True)
         (site / ".done").touch()
     for n, v in kit["files"].items():
-        if n.startswith("data/"):
-            dst = work / n
-            if not dst.exists():
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                os.symlink(kit_dir / f"part-{v['part']}" / n, dst)
+        src, dst = kit_dir / f"part-{v['part']}" / n, work / n
+        if n.startswith("data/") and src.is_file() and not dst.exists():   # the parts here so far
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.unlink(missing_ok=True)                                   # a link left dangling earlier
+            os.symlink(src, dst)
     site_path = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     return {**os.environ, "FNEMM_DATA": str(data), "PYTHONUNBUFFERED": "1",
             "PYTHONPATH": os.pathsep.join([str(kit_dir / "part-1" / "src"), str(site), *site_path])}

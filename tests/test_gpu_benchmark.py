@@ -108,3 +108,19 @@ def test_a_later_call_starts_the_half_trained_runs_again_and_keeps_the_finished(
     assert gb.drop_unfinished(tmp_path / "runs") == [half]
     assert not half.exists() and (done / "last.pt").exists()
     assert gb.drop_unfinished(tmp_path / "nothing") == []
+
+
+def test_install_links_the_parts_here_so_far_and_the_rest_when_they_come(tmp_path):
+    kit, work = _kit(tmp_path), tmp_path / "work"
+    (work / "site").mkdir(parents=True)
+    (work / "site" / ".done").touch()                              # no wheels to install in this test
+    b = kit / "part-2" / "data/flickr8k/images-224/b.jpg"
+    saved = b.read_bytes()
+    b.unlink()
+    env = gb.install(json.loads((kit / "part-1" / "kit.json").read_text()), kit, work)
+    assert (work / "data/flickr8k/images-224/a.jpg").read_bytes() == b"A" * 10
+    assert not (work / "data/flickr8k/images-224/b.jpg").is_symlink()          # no dangling link
+    assert env["FNEMM_DATA"] == str(work / "data") and env["PYTHONPATH"].startswith(str(kit / "part-1" / "src"))
+    b.write_bytes(saved)                                           # the next call carries part 2
+    gb.install(json.loads((kit / "part-1" / "kit.json").read_text()), kit, work)
+    assert (work / "data/flickr8k/images-224/b.jpg").read_bytes() == saved
