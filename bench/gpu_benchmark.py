@@ -25,6 +25,12 @@ cannot resume a run on cuda, so it restarts the unfinished ones). Back here:
 unpacks the records (their report, study.md, among them: records redraw it with
 `fnemm study --report-only`, like results/flickr8k-224).
 
+Device time (15 minutes a session, the machine's start included): about 1.5 min to start,
+a minute for the smoke, seconds for each check, and the last call at timeout_s 600 with
+--minutes 8 (stopping, the export and its statistics take under a minute). If the smoke
+fails, what is left is bench/gpu_session.py's (one call, carrying .gpu/whl, .gpu/data and
+.gpu/before from bench/gpu_kit.sh).
+
 Rehearse the device side here, on the CPU and a few photos:
     python bench/gpu_benchmark.py check --smoke --device cpu --kit .gpu/f8k --work /tmp/f8k-r
 """

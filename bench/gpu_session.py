@@ -5,7 +5,7 @@ A GPU machine is lent for minutes, bare, without network or our dependencies. He
 bundled photos and captions, the MobileNetV2 file and the extraction code as it was
 before images were shipped once (the "before" of issue 15). There, one command:
 
-    python3 bench/gpu_session.py --out $OUT          # device tool: carry [".gpu"]
+    python3 bench/gpu_session.py --out $OUT   # device tool: carry [".gpu/whl", ".gpu/data", ".gpu/before"]
 
 measures, on the same photos, each as one timed `fnemm extract` process (model load,
 decoding, forward pass and assembly; images/s = photos / wall seconds):
