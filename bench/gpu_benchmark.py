@@ -18,7 +18,7 @@ Device tool, back to back (each call carries one part; N is printed by `kit`):
 the grid's code on cuda over the first part's photos (a crash costs one minute, not
 the budget); `run` refuses an incomplete kit, trains with --jobs processes until
 --minutes, then stops them and sends back the finished runs' records (no weights),
-their report and a summary: OUT/f8k_gpu_records.tar.gz, f8k_gpu_study.md,
+their report and a summary: OUT/f8k_gpu_records.tar.gz (+ .sha256), f8k_gpu_study.md,
 f8k_gpu_summary.txt. A later `run` on the same warm machine continues (the frozen code
 cannot resume a run on cuda, so it restarts the unfinished ones). Back here:
     python bench/gpu_benchmark.py receive FILES_AT/f8k_gpu_records.tar.gz --out results/flickr8k-224-gpu
@@ -94,7 +94,8 @@ def plan_parts(files: list[tuple[str, int]], first: list[tuple[str, int]], room:
     part 1; order kept, so the photos of a part are neighbours in the official lists."""
     parts, size = [[name for name, _ in first]], sum(n for _, n in first)
     if size > room:
-        raise KitError(f"the first part's code and wheels alone are {size / MIB:.1f} MiB of the {room / MIB:.1f} a call has")
+        raise KitError(f"the first part's code and wheels alone are {size / MIB:.1f} MiB "
+                       f"of the {room / MIB:.1f} a call has")
     for name, n in files:
         if n > room:
             raise KitError(f"{name} ({n / MIB:.1f} MiB) does not fit a call ({room / MIB:.1f} MiB)")
@@ -178,7 +179,8 @@ def read_kit(kit_dir: Path) -> tuple[dict, list[int]]:
     """kit.json, and the parts whose every file is there with its sha256 (raises on a damaged one)."""
     manifest = kit_dir / "part-1" / "kit.json"
     if not manifest.is_file():
-        raise KitError(f"{manifest}: not here; the first call carries .gpu/f8k/part-1 (python bench/gpu_benchmark.py kit)")
+        raise KitError(f"{manifest}: not here; the first call carries .gpu/f8k/part-1 "
+                       f"(python bench/gpu_benchmark.py kit)")
     kit = json.loads(manifest.read_text())
     present = []
     for k in range(1, kit["parts"] + 1):
@@ -323,7 +325,8 @@ def run(args) -> int:
         say(f"  {r['run']}: {r['epochs']} epochs, test rsum {r['test_rsum']}")
     failed = [k for k, c in enumerate(codes) if c not in (0, -signal.SIGTERM, -signal.SIGKILL)]
     if failed:
-        say(f"worker {failed[0]} failed; the end of its log:\n" + (work / f"worker-{failed[0]}.log").read_text()[-1500:])
+        tail = (work / f"worker-{failed[0]}.log").read_text()[-1500:]
+        say(f"worker {failed[0]} failed; the end of its log:\n{tail}")
     if rows:
         # the records and report with this checkout's code (the frozen one has no --export)
         records = work / "records"
@@ -333,8 +336,10 @@ def run(args) -> int:
                              env=main_env, capture_output=True, text=True)
         say(f"export: rc {rep.returncode}" + ("" if rep.returncode == 0 else f" {(rep.stdout + rep.stderr)[-600:]}"))
         if rep.returncode == 0:
-            with tarfile.open(out / "f8k_gpu_records.tar.gz", "w:gz") as tar:
+            tar_path = out / "f8k_gpu_records.tar.gz"
+            with tarfile.open(tar_path, "w:gz") as tar:
                 tar.add(records, arcname="records")
+            tar_path.with_name(tar_path.name + ".sha256").write_text(f"{sha256(tar_path)}  {tar_path.name}\n")
             if (records / "study.md").exists():
                 shutil.copy2(records / "study.md", out / "f8k_gpu_study.md")
     return 0
@@ -346,6 +351,10 @@ def receive(args) -> int:
     tar_path, dest = Path(args.tarball), Path(args.out)
     if dest.exists() and any(dest.iterdir()):
         raise KitError(f"{dest}: not empty; give --out a new folder")
+    sums = tar_path.with_name(tar_path.name + ".sha256")          # written beside it by `run`
+    if not sums.is_file() or sums.read_text().split()[:1] != [sha256(tar_path)]:
+        why = f"no {sums.name} beside it" if not sums.is_file() else f"not the file {sums.name} names"
+        raise KitError(f"{tar_path}: {why}; fetch both from the same device call")
     with tarfile.open(tar_path) as tar:
         members = tar.getmembers()
         bad = [m.name for m in members if not (m.isfile() or m.isdir()) or m.name.startswith("/")

@@ -82,6 +82,7 @@ def _tar(path: Path, members: dict[str, bytes]) -> Path:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
+    (path.parent / (path.name + ".sha256")).write_text(f"{gb.sha256(path)}  {path.name}\n")   # as `run` writes it
     return path
 
 
@@ -93,6 +94,14 @@ def test_receive_unpacks_records_and_nothing_else(tmp_path, capsys):
     assert "1 runs' records -> " in capsys.readouterr().out
     with pytest.raises(SystemExit, match="not empty"):
         gb.main(["receive", str(good), "--out", str(tmp_path / "gpu")])
+    sums = tmp_path / "good.tar.gz.sha256"
+    sums.write_text("0" * 64 + "  good.tar.gz\n")                # a transfer that changed the bytes
+    with pytest.raises(SystemExit, match="good.tar.gz: not the file good.tar.gz.sha256 names"):
+        gb.main(["receive", str(good), "--out", str(tmp_path / "again")])
+    sums.unlink()
+    with pytest.raises(SystemExit, match="no good.tar.gz.sha256 beside it"):
+        gb.main(["receive", str(good), "--out", str(tmp_path / "again")])
+    assert not (tmp_path / "again").exists()
     evil = _tar(tmp_path / "evil.tar.gz", {"records/../../escaped.txt": b"x"})
     with pytest.raises(SystemExit, match="is not a record of ours; not unpacked"):
         gb.main(["receive", str(evil), "--out", str(tmp_path / "other")])
@@ -100,7 +109,8 @@ def test_receive_unpacks_records_and_nothing_else(tmp_path, capsys):
 
 
 def test_a_later_call_starts_the_half_trained_runs_again_and_keeps_the_finished(tmp_path):
-    half, done = tmp_path / "runs" / "m" / "n6000" / "fne" / "seed-1", tmp_path / "runs" / "m" / "n6000" / "fne" / "seed-0"
+    fne = tmp_path / "runs" / "m" / "n6000" / "fne"
+    half, done = fne / "seed-1", fne / "seed-0"
     for run in (half, done):
         run.mkdir(parents=True)
         (run / "last.pt").write_bytes(b"x")
