@@ -10,6 +10,8 @@ own, every seed on one device, beside the CPU one.
 
 Here:
     python bench/gpu_benchmark.py kit                 # .gpu/f8k/part-1..N, each fits a call
+(build it just before the calls: it sizes the parts against the working tree as it is
+then, and every committed run's records make that tree bigger)
 Device tool, back to back (each call carries one part; N is printed by `kit`):
     run(carry [".gpu/f8k/part-1"], "python3 bench/gpu_benchmark.py check --smoke --out $OUT")
     run(carry [".gpu/f8k/part-2"], "python3 bench/gpu_benchmark.py check --out $OUT")   # ... to N-1
@@ -38,7 +40,6 @@ Rehearse the device side here, on the CPU and a few photos:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shlex
@@ -51,6 +52,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))       # this checkout's fnemm (numpy, no torch), here and there alike
+from fnemm.io.files import sha256_file  # noqa: E402
 MIB = 1 << 20
 CALL_MIB = 64                   # what one device call carries: working tree + carried paths
 DATA_FILES = ("flickr8k/Flickr8k.token.txt", "flickr8k/Flickr_8k.trainImages.txt",
@@ -107,14 +110,6 @@ def plan_parts(files: list[tuple[str, int]], first: list[tuple[str, int]], room:
     return parts
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def tree_bytes() -> int:
     """What every call carries besides the part: tracked and untracked-not-ignored files."""
     names = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
@@ -159,7 +154,7 @@ def make_kit(args) -> None:
             dst = staging / f"part-{k}" / name
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(common.get(name) or shots[name], dst)
-            files[name] = {"part": k, "bytes": dst.stat().st_size, "sha256": sha256(dst)}
+            files[name] = {"part": k, "bytes": dst.stat().st_size, "sha256": sha256_file(dst)}
     kit = {"ref": ref, "commit": commit.stdout.strip(), "study": study_argv(makefile), "parts": len(parts),
            "files": files}
     (staging / "part-1" / "kit.json").write_text(json.dumps(kit, indent=1))
@@ -190,7 +185,7 @@ def read_kit(kit_dir: Path) -> tuple[dict, list[int]]:
             continue
         for n in names:
             path = kit_dir / f"part-{k}" / n
-            if not path.is_file() or sha256(path) != kit["files"][n]["sha256"]:
+            if not path.is_file() or sha256_file(path) != kit["files"][n]["sha256"]:
                 raise KitError(f"{path}: {'missing' if not path.is_file() else 'not the file kit.json names'}; "
                                f"carry .gpu/f8k/part-{k} again (or rebuild the kit here)")
         present.append(k)
@@ -339,7 +334,7 @@ def run(args) -> int:
             tar_path = out / "f8k_gpu_records.tar.gz"
             with tarfile.open(tar_path, "w:gz") as tar:
                 tar.add(records, arcname="records")
-            tar_path.with_name(tar_path.name + ".sha256").write_text(f"{sha256(tar_path)}  {tar_path.name}\n")
+            tar_path.with_name(tar_path.name + ".sha256").write_text(f"{sha256_file(tar_path)}  {tar_path.name}\n")
             if (records / "study.md").exists():
                 shutil.copy2(records / "study.md", out / "f8k_gpu_study.md")
     return 0
@@ -352,7 +347,7 @@ def receive(args) -> int:
     if dest.exists() and any(dest.iterdir()):
         raise KitError(f"{dest}: not empty; give --out a new folder")
     sums = tar_path.with_name(tar_path.name + ".sha256")          # written beside it by `run`
-    if not sums.is_file() or sums.read_text().split()[:1] != [sha256(tar_path)]:
+    if not sums.is_file() or sums.read_text().split()[:1] != [sha256_file(tar_path)]:
         why = f"no {sums.name} beside it" if not sums.is_file() else f"not the file {sums.name} names"
         raise KitError(f"{tar_path}: {why}; fetch both from the same device call")
     with tarfile.open(tar_path) as tar:

@@ -82,7 +82,7 @@ def _tar(path: Path, members: dict[str, bytes]) -> Path:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-    (path.parent / (path.name + ".sha256")).write_text(f"{gb.sha256(path)}  {path.name}\n")   # as `run` writes it
+    (path.parent / (path.name + ".sha256")).write_text(f"{gb.sha256_file(path)}  {path.name}\n")   # as `run` writes it
     return path
 
 
