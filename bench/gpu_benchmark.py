@@ -144,7 +144,8 @@ def make_kit(args) -> None:
         shutil.copy2(data / name, staging / "common" / "data" / name)
     common = {str(p.relative_to(staging / "common")): p for p in (staging / "common").rglob("*") if p.is_file()}
     shots = {f"data/flickr8k/images-224/{p.name}": p for p in sorted(photos.iterdir()) if p.is_file()}
-    room = CALL_MIB * MIB - tree_bytes() - args.margin_mib * MIB
+    tree = tree_bytes()
+    room = CALL_MIB * MIB - tree - args.margin_mib * MIB
     parts = plan_parts([(n, p.stat().st_size) for n, p in shots.items()],
                        [(n, p.stat().st_size) for n, p in sorted(common.items())]
                        + [("kit.json", 200 * (len(common) + len(shots)))], room)     # its size, about
@@ -164,7 +165,7 @@ def make_kit(args) -> None:
     for k in range(1, len(parts) + 1):
         size = sum(p.stat().st_size for p in (out / f"part-{k}").rglob("*") if p.is_file())
         print(f"{out}/part-{k}: {size / MIB:.1f} MiB ({sum(v['part'] == k for v in files.values())} files)")
-    print(f"{len(parts)} device calls, each with the {tree_bytes() / MIB:.1f} MiB working tree; the code of {ref} "
+    print(f"{len(parts)} device calls, each with the {tree / MIB:.1f} MiB working tree; the code of {ref} "
           f"({kit['commit'][:7]}); the grid: fnemm {' '.join(kit['study'])}")
 
 
@@ -259,8 +260,7 @@ def finished_runs(runs: Path) -> list[dict]:
 def drop_unfinished(runs: Path) -> list[Path]:
     """The runs a stopped call left half-trained: the frozen code cannot resume them on cuda
     (its torch.load puts the CPU RNG state on the GPU), so the next call starts them again."""
-    gone = [p.parent for p in runs.rglob("last.pt") if not (p.parent / "metrics-test.json").exists()] \
-        if runs.is_dir() else []
+    gone = [p.parent for p in runs.rglob("last.pt") if not (p.parent / "metrics-test.json").exists()]
     for run_dir in gone:
         shutil.rmtree(run_dir)
     return gone
@@ -308,13 +308,13 @@ def run(args) -> int:
             time.sleep(2)
             if time.monotonic() - last >= 30:
                 last = time.monotonic()
-                done = len(finished_runs(runs / "runs")) if (runs / "runs").is_dir() else 0
+                done = len(finished_runs(runs / "runs"))
                 say(f"  {time.monotonic() - t0:5.0f} s: {done} runs finished, "
                     f"{sum(w.poll() is None for w in workers)} processes working")
     finally:
         stop()
     codes = [w.returncode for w in workers]
-    rows = finished_runs(runs / "runs") if (runs / "runs").is_dir() else []
+    rows = finished_runs(runs / "runs")                  # none yet: rglob of a missing folder is empty
     say(f"stopped after {time.monotonic() - t0:.0f} s (exit codes {codes}): {len(rows)} runs finished")
     for r in rows:
         say(f"  {r['run']}: {r['epochs']} epochs, test rsum {r['test_rsum']}")
