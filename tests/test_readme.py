@@ -1,0 +1,80 @@
+"""The README's commands are the newcomer's way in: every `fnemm ...` line in its shell
+blocks must parse with today's CLI (a renamed or dropped flag fails here, not on a
+reader's machine), and every `make TARGET` it names must be a target of the Makefile."""
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from fnemm.cli import build_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+SEPARATORS = {"&&", "||", "|", ";"}
+
+
+def shell_commands(markdown: str) -> list[list[str]]:
+    """The simple commands of the markdown's ```sh / ```bash blocks, as argv lists
+    (continuation lines joined, comments dropped, split at && || | ;)."""
+    commands = []
+    for block in re.findall(r"```(?:sh|bash)\n(.*?)```", markdown, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            argv: list[str] = []
+            lexer = shlex.shlex(line, posix=True, punctuation_chars=True)   # `demo;` is `demo` `;`
+            lexer.whitespace_split = True
+            for token in list(lexer) + [";"]:
+                if token in SEPARATORS:
+                    if argv:
+                        commands.append(argv)
+                    argv = []
+                else:
+                    argv.append(token)
+    return commands
+
+
+def fnemm_commands(commands: list[list[str]]) -> list[list[str]]:
+    """The arguments after `fnemm` (or `.venv/bin/fnemm`), but for lines that elide some
+    with `...` (a shortened example, not a command to run)."""
+    out = []
+    for argv in commands:
+        at = next((k for k, word in enumerate(argv) if word == "fnemm" or word.endswith("/fnemm")), None)
+        if at is not None and "..." not in argv:
+            out.append(argv[at + 1:])
+    return out
+
+
+def test_shell_commands_are_split_as_a_shell_would():
+    text = ("```sh\nfnemm index build --out x \\\n  --dataset d && fnemm serve --index x   # then open it\n"
+            "make demo; echo 'a # b' | wc\n```\n```text\nfnemm not --a command\n```\n")
+    assert shell_commands(text) == [["fnemm", "index", "build", "--out", "x", "--dataset", "d"],
+                                    ["fnemm", "serve", "--index", "x"], ["make", "demo"], ["echo", "a # b"],
+                                    ["wc"]]
+    assert fnemm_commands([["fnemm", "train", "..."], [".venv/bin/fnemm", "presets"], ["make", "x"]]) == \
+        [["presets"]]
+
+
+def test_every_fnemm_command_in_the_readme_parses():
+    commands = fnemm_commands(shell_commands((ROOT / "README.md").read_text()))
+    assert len(commands) >= 30, "the README's examples were found"
+    parser = build_parser()
+    bad = []
+    for argv in commands:
+        try:
+            parser.parse_args(argv)
+        except SystemExit:
+            bad.append("fnemm " + " ".join(argv))
+    assert not bad, f"README commands today's CLI refuses: {bad}"
+
+
+def test_a_readme_with_a_dropped_flag_fails_the_check():
+    parser = build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--preset", "demo/FNE-MH", "--no-such-flag"])
+
+
+def test_every_make_target_the_readme_names_is_in_the_makefile():
+    targets = set(re.findall(r"^([A-Za-z][\w-]*):", (ROOT / "Makefile").read_text(), re.M))
+    named = {word for argv in shell_commands((ROOT / "README.md").read_text()) if argv[0] == "make"
+             for word in argv[1:] if "=" not in word and not word.startswith("-")}
+    assert named and named <= targets, f"README names make targets the Makefile lacks: {sorted(named - targets)}"
