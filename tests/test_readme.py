@@ -78,3 +78,37 @@ def test_every_make_target_the_readme_names_is_in_the_makefile():
     named = {word for argv in shell_commands((ROOT / "README.md").read_text()) if argv[0] == "make"
              for word in argv[1:] if "=" not in word and not word.startswith("-")}
     assert named and named <= targets, f"README names make targets the Makefile lacks: {sorted(named - targets)}"
+
+
+def help_examples(parser) -> str:
+    """The `fnemm ...` example lines (with their continuation lines) of every command's
+    --help description and epilog, as one shell block."""
+    import argparse
+
+    def parsers(p):
+        yield p
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for child in action.choices.values():
+                    yield from parsers(child)
+    lines, going = [], False
+    for p in parsers(parser):
+        for line in f"{p.description or ''}\n{p.epilog or ''}".splitlines():
+            line = line.strip()
+            if going or line.startswith("fnemm "):
+                lines.append(line)
+            going = (going or line.startswith("fnemm ")) and line.endswith("\\")
+    return "```sh\n" + "\n".join(lines) + "\n```\n"
+
+
+def test_every_example_in_the_clis_help_parses():
+    parser = build_parser()
+    commands = fnemm_commands(shell_commands(help_examples(parser)))
+    assert len(commands) >= 10, "the --help examples were found"
+    bad = []
+    for argv in commands:
+        try:
+            parser.parse_args(argv)
+        except SystemExit:
+            bad.append("fnemm " + " ".join(argv))
+    assert not bad, f"--help examples today's CLI refuses: {bad}"
