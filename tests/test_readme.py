@@ -112,3 +112,15 @@ def test_every_example_in_the_clis_help_parses():
         except SystemExit:
             bad.append("fnemm " + " ".join(argv))
     assert not bad, f"--help examples today's CLI refuses: {bad}"
+
+
+def test_the_readmes_links_lead_somewhere():
+    """Links to its own sections (GitHub's heading anchors) and to files of the repository."""
+    body = re.sub(r"```.*?```", "", (ROOT / "README.md").read_text(), flags=re.S)
+    anchors = {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+               for h in re.findall(r"^#+ (.+)$", body, re.M)}
+    sections = re.findall(r"\]\(#([^)]+)\)", body)
+    files = [f.split("#")[0] for f in re.findall(r"\]\((?!#|https?:)([^)]+)\)", body)]
+    assert sections and "when-the-fne-helps" in anchors
+    assert [s for s in sections if s not in anchors] == [], "README links to sections it does not have"
+    assert [f for f in files if not (ROOT / f).exists()] == [], "README links to files the repository lacks"
