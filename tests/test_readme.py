@@ -44,6 +44,17 @@ def fnemm_commands(commands: list[list[str]]) -> list[list[str]]:
     return out
 
 
+def refused(parser, commands: list[list[str]]) -> list[str]:
+    """The commands the parser refuses (argparse exits on them), as lines."""
+    bad = []
+    for argv in commands:
+        try:
+            parser.parse_args(argv)
+        except SystemExit:
+            bad.append("fnemm " + " ".join(argv))
+    return bad
+
+
 def test_shell_commands_are_split_as_a_shell_would():
     text = ("```sh\nfnemm index build --out x \\\n  --dataset d && fnemm serve --index x   # then open it\n"
             "make demo; echo 'a # b' | wc\n```\n```text\nfnemm not --a command\n```\n")
@@ -57,14 +68,7 @@ def test_shell_commands_are_split_as_a_shell_would():
 def test_every_fnemm_command_in_the_readme_parses():
     commands = fnemm_commands(shell_commands((ROOT / "README.md").read_text()))
     assert len(commands) >= 30, "the README's examples were found"
-    parser = build_parser()
-    bad = []
-    for argv in commands:
-        try:
-            parser.parse_args(argv)
-        except SystemExit:
-            bad.append("fnemm " + " ".join(argv))
-    assert not bad, f"README commands today's CLI refuses: {bad}"
+    assert refused(build_parser(), commands) == [], "README commands today's CLI refuses"
 
 
 def test_a_readme_with_a_dropped_flag_fails_the_check():
@@ -105,13 +109,7 @@ def test_every_example_in_the_clis_help_parses():
     parser = build_parser()
     commands = fnemm_commands(shell_commands(help_examples(parser)))
     assert len(commands) >= 10, "the --help examples were found"
-    bad = []
-    for argv in commands:
-        try:
-            parser.parse_args(argv)
-        except SystemExit:
-            bad.append("fnemm " + " ".join(argv))
-    assert not bad, f"--help examples today's CLI refuses: {bad}"
+    assert refused(parser, commands) == [], "--help examples today's CLI refuses"
 
 
 def test_the_readmes_links_lead_somewhere():
