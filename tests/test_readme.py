@@ -120,3 +120,18 @@ def test_the_readmes_links_lead_somewhere():
     assert sections and "when-the-fne-helps" in anchors
     assert [s for s in sections if s not in anchors] == [], "README links to sections it does not have"
     assert [f for f in files if not (ROOT / f).exists()] == [], "README links to files the repository lacks"
+
+
+def test_the_readme_reading_of_the_benchmark_quotes_the_committed_statistics():
+    """The benchmark's reading ("What it shows so far", written by hand after each export)
+    quotes intervals: each must be one the committed report holds, so a number left from an
+    earlier export (a second seed changes every interval of its rows) fails here."""
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("What it shows so far")
+    reading = " ".join(readme[start:readme.index("\n\n", start)].split())
+    report = " ".join((ROOT / "results" / "flickr8k-224" / "study.md").read_text().split())
+    quoted = re.findall(r"\[[+-]?\d+\.\d, [+-]?\d+\.\d\]", reading)
+    assert len(quoted) >= 4, "the reading quotes the benchmark's intervals"
+    stale = [q for q in quoted if q not in report]
+    assert not stale, f"README's reading of the benchmark quotes intervals results/flickr8k-224/study.md " \
+                      f"does not hold (stale after an export?): {stale}"

@@ -384,24 +384,6 @@ def test_the_readme_benchmark_tables_are_the_committed_records(monkeypatch):
         "README's benchmark tables are stale: python -m fnemm_studies.readme_table results/flickr8k-224 README.md"
 
 
-def test_the_readme_reading_of_the_benchmark_quotes_the_committed_statistics():
-    """The benchmark's reading ("What it shows so far", written by hand after each export)
-    quotes intervals: each must be one the committed report holds, so a number left from an
-    earlier export (a second seed changes every interval of its rows) fails here."""
-    import re
-    from pathlib import Path
-    root = Path(__file__).resolve().parents[1]
-    readme = (root / "README.md").read_text()
-    start = readme.index("What it shows so far")
-    reading = " ".join(readme[start:readme.index("\n\n", start)].split())
-    report = " ".join((root / "results" / "flickr8k-224" / "study.md").read_text().split())
-    quoted = re.findall(r"\[[+-]?\d+\.\d, [+-]?\d+\.\d\]", reading)
-    assert len(quoted) >= 4, "the reading quotes the benchmark's intervals"
-    stale = [q for q in quoted if q not in report]
-    assert not stale, f"README's reading of the benchmark quotes intervals results/flickr8k-224/study.md " \
-                      f"does not hold (stale after an export?): {stale}"
-
-
 def test_readme_tables_show_spread_bold_significance_and_the_papers_rows(tmp_path, capsys):
     from fnemm_studies.readme_table import main as redraw, markers, tables
 
