@@ -127,3 +127,26 @@ def test_a_torchrun_group_of_one_process_trains_in_it(monkeypatch):
     monkeypatch.setattr(fd.dist, "get_world_size", lambda: 1)
     group, device = fd.from_env("cpu")
     assert calls == ["gloo"] and group.world == 1 and group.main and device == "cpu"
+
+
+def test_the_group_fnemm_opens_is_closed_before_the_interpreter_tears_down(tmp_path):
+    """A gloo group left open to interpreter finalisation can abort a finished process
+    (SIGABRT, "terminate called without an active exception"), failing a torchrun run whose
+    work was done (it failed CI once). The group from_env opens is closed at exit; one the
+    caller opened is left to the caller."""
+    script = tmp_path / "child.py"
+    script.write_text(
+        "import atexit, sys\n"
+        "import torch.distributed as dist\n"
+        "atexit.register(lambda: print('open at exit:', dist.is_initialized()))  # runs after fnemm's\n"
+        "if sys.argv[1] == 'caller':\n"
+        "    dist.init_process_group('gloo')\n"
+        "from fnemm.training.distributed import from_env, all_sum\n"
+        "group, _ = from_env('cpu')\n"
+        "print('sum:', all_sum(2.0), 'world:', group.world)\n")
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": "0"}
+    for opener, open_at_exit in (("fnemm", "False"), ("caller", "True")):
+        done = subprocess.run([sys.executable, str(script), opener], env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split() == ["sum:", "2.0", "world:", "1", "open", "at", "exit:", open_at_exit], done.stdout

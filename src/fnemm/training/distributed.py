@@ -14,6 +14,7 @@ Backends: gloo on CPU, NCCL on GPUs (one per process, by LOCAL_RANK).
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -50,7 +51,18 @@ def from_env(device: str) -> tuple[Dist | None, str]:
         torch.cuda.set_device(local)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        # The group this process opened is closed before the interpreter tears down: a gloo
+        # group left to finalisation can abort the process after its work is done ("terminate
+        # called without an active exception", SIGABRT; pytorch/pytorch#190489), and torchrun
+        # then fails the whole run. A group the caller opened is the caller's to close.
+        atexit.register(close)
     return Dist(dist.get_rank(), dist.get_world_size()), device
+
+
+def close() -> None:
+    """Close this process's default group if it is open (idempotent)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def shares(n: int, world: int) -> list[slice]:
