@@ -355,6 +355,36 @@ def test_train_and_evaluate_read_the_store_and_refuse_another_cnns(images, tmp_p
         evaluate(tmp_path / "run", usable, tmp_path / "other", split="test")
 
 
+def test_a_model_refuses_fne_standardised_on_other_training_images(images, tmp_path):
+    """Same CNN, same recipe, same width, statistics from other images: features a little or
+    a lot off, and nothing else would say so. A store extracted with --stats from the
+    training store carries its statistics and is accepted; fc7 features have none to check."""
+    from fnemm.joint.config import apply_overrides
+    from fnemm.joint.presets import get_preset
+    from fnemm.eval.protocols import evaluate
+    from fnemm.features.assembly import derive_store
+    from fnemm.training.trainer import train
+    folder, data = images
+    dataset = load_dataset(data)
+    extract(folder, tmp_path / "store", dataset, TINY, quiet=True)
+    usable = dataset.subset([k for k, i in enumerate(dataset.image_ids) if i not in ("img005.jpg", "gone.jpg")])
+    config = apply_overrides(get_preset("flickr8k/FNE-MH"),
+                             ["model.embed_dim=16", "model.word_dim=8", "stages.max_epochs=1"])
+    train(config, usable, load_features(tmp_path / "store", "fne"), tmp_path / "run", quiet=True)
+    derive_store(tmp_path / "store", tmp_path / "fewer", {"img000.jpg", "img001.jpg", "img002.jpg"}, Recipe())
+    assert load_features(tmp_path / "fewer", "fne").dim == load_features(tmp_path / "store", "fne").dim
+    with pytest.raises(FnemmError, match=r"standardised with statistics fitted on other images.*--stats .*store"):
+        evaluate(tmp_path / "run", usable, tmp_path / "fewer", split="test")
+    # the test images again, standardised with the training store's statistics: the same features
+    extract(folder, tmp_path / "again", None, TINY, stats_from=tmp_path / "store", quiet=True)
+    assert evaluate(tmp_path / "run", usable, tmp_path / "again", split="test") == \
+        evaluate(tmp_path / "run", usable, tmp_path / "store", split="test")
+    fc7 = apply_overrides(get_preset("flickr8k/FC7-MH"),
+                          ["model.embed_dim=16", "model.word_dim=8", "stages.max_epochs=1"])
+    train(fc7, usable, load_features(tmp_path / "store", "fc7"), tmp_path / "fc7", quiet=True)
+    assert "rsum" in evaluate(tmp_path / "fc7", usable, tmp_path / "fewer", split="test")["all"]
+
+
 def test_other_training_images_redo_the_statistics_not_the_forward_pass(images, tmp_path):
     folder, data = images
     out = tmp_path / "store"

@@ -10,7 +10,8 @@ A checkpoint (``best.pt`` / ``last.pt`` of a run folder) is a torch pickle of::
 :func:`open_model` is the one way in for everything that uses a trained model
 (evaluation, search, indexes, the service): it loads the checkpoint, reads the
 features with the kind it was trained on, and refuses features of another width or
-made another way (CNN, weights, crops, layers, post-processing), from what the
+made another way (CNN, weights, crops, layers, post-processing, the statistics and PCA
+fitted on the training images), from what the
 checkpoint itself records: a ``best.pt`` copied without its run folder is checked too.
 """
 
@@ -119,6 +120,34 @@ def check_features(ckpt: dict, features: Features, where: str | Path) -> None:
             raise FnemmError(f"{features.source}: these features were made with {k}="
                              f"{_short(features.manifest.get(k))}, {where} was trained on {k}={_short(trained[k])}; "
                              f"extract them the same way")
+    if features.kind == "fne":
+        _check_fitted(ckpt.get("features") or {}, features, where)
+
+
+def _check_fitted(record: dict, features: Features, where: str | Path) -> None:
+    """The FNE is standardised with statistics (and, with --pca, projected with components)
+    fitted on the training images: the same recipe fitted on other images gives other
+    features of the same width, and a model read through them scores a little or a lot off
+    with nothing to show for it. Both must be the training store's, byte for byte, when
+    the checkpoint records which (stores extracted with ``--stats`` from it copy them)."""
+    trained = record.get("producer") or {}
+    for part in ("stats", "pca"):
+        expected = (trained.get(part) or {}).get("sha256")
+        if not expected:                  # a checkpoint of a store that did not record it
+            continue
+        entry = features.manifest.get(part) or {}
+        got = entry.get("sha256")
+        if got is None and Path(features.source, entry.get("file", f"{part}.npy")).is_file():
+            from fnemm.io.files import sha256_file
+            got = sha256_file(Path(features.source, entry.get("file", f"{part}.npy")))
+        if got != expected:
+            what = {"stats": "standardised with statistics", "pca": "projected with PCA components"}[part]
+            made = trained.get(part) or {}
+            source = trained.get("stats_from") or record.get("source") or "the training store"
+            raise FnemmError(f"{features.source}: these features are {what} fitted on other images than those "
+                             f"{where} was trained with ({made.get('images', '?')} {made.get('split', 'train')} "
+                             f"images); extract the images with --stats {source} (that store's {part}), or pass "
+                             f"that store")
 
 
 def _short(value) -> str:
