@@ -379,6 +379,14 @@ def test_a_model_refuses_fne_standardised_on_other_training_images(images, tmp_p
     extract(folder, tmp_path / "again", None, TINY, stats_from=tmp_path / "store", quiet=True)
     assert evaluate(tmp_path / "run", usable, tmp_path / "again", split="test") == \
         evaluate(tmp_path / "run", usable, tmp_path / "store", split="test")
+    # a checkpoint of a store made before the statistics' hash was recorded: its training images tell
+    from fnemm.joint.checkpoint import check_features, read_checkpoint
+    old = read_checkpoint(tmp_path / "run")
+    del old["features"]["producer"]["stats"]["sha256"]
+    with pytest.raises(FnemmError, match="standardised with statistics fitted on other images"):
+        check_features(old, load_features(tmp_path / "fewer", "fne"), "old.pt")
+    check_features(old, load_features(tmp_path / "store", "fne"), "old.pt")
+    check_features(old, load_features(tmp_path / "again", "fne"), "old.pt")
     fc7 = apply_overrides(get_preset("flickr8k/FC7-MH"),
                           ["model.embed_dim=16", "model.word_dim=8", "stages.max_epochs=1"])
     train(fc7, usable, load_features(tmp_path / "store", "fc7"), tmp_path / "fc7", quiet=True)

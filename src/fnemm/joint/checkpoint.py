@@ -133,13 +133,17 @@ def _check_fitted(record: dict, features: Features, where: str | Path) -> None:
     trained = record.get("producer") or {}
     for part in ("stats", "pca"):
         expected = (trained.get(part) or {}).get("sha256")
-        if not expected:                  # a checkpoint of a store that did not record it
-            continue
         entry = features.manifest.get(part) or {}
-        got = entry.get("sha256")
-        if got is None and Path(features.source, entry.get("file", f"{part}.npy")).is_file():
-            from fnemm.io.files import sha256_file
-            got = sha256_file(Path(features.source, entry.get("file", f"{part}.npy")))
+        if expected:
+            got = entry.get("sha256")
+            if got is None and Path(features.source, entry.get("file", f"{part}.npy")).is_file():
+                from fnemm.io.files import sha256_file
+                got = sha256_file(Path(features.source, entry.get("file", f"{part}.npy")))
+        elif part in trained and trained.get("train_ids_sha256") and features.manifest.get("train_ids_sha256"):
+            # stores made before their statistics' hash was recorded: which training images
+            expected, got = trained["train_ids_sha256"], features.manifest["train_ids_sha256"]
+        else:
+            continue
         if got != expected:
             what = {"stats": "standardised with statistics", "pca": "projected with PCA components"}[part]
             made = trained.get(part) or {}
