@@ -452,3 +452,32 @@ def test_bf16_precision_is_part_of_the_stores_identity(images, tmp_path):
     open_model(tmp_path / "run", tmp_path / "ref")
     with pytest.raises(FnemmError, match="made with the CNN in bf16.*trained on fp32"):
         open_model(tmp_path / "run", tmp_path / "store")
+
+
+def test_evaluate_reads_the_store_each_run_was_trained_on_unless_told(images, tmp_path, capsys):
+    from fnemm.joint.config import apply_overrides
+    from fnemm.joint.presets import get_preset
+    from fnemm.training.trainer import train
+    folder, _ = images
+    (tmp_path / "usable").mkdir()
+    data = write_dataset(tmp_path / "usable", [f"img{k:03d}.jpg" for k in range(12) if k != 5], extra=())
+    dataset = load_dataset(data)
+    extract(folder, tmp_path / "store", dataset, TINY, quiet=True)
+    config = apply_overrides(get_preset("flickr8k/FNE-MH"),
+                             ["model.embed_dim=16", "model.word_dim=8", "stages.max_epochs=1"])
+    with pytest.warns(UserWarning):
+        train(config, dataset, load_features(tmp_path / "store", "fne"), tmp_path / "run", quiet=True)
+    common = ["evaluate", "--checkpoint", str(tmp_path / "run"), "--dataset", str(data), "--json"]
+    assert main([*common, "--features", str(tmp_path / "store")]) == 0
+    told = json.loads(capsys.readouterr().out)
+    assert main(common) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out) == told and f"features: {tmp_path / 'store'} (the store run was trained on)" in err
+    (tmp_path / "store").rename(tmp_path / "moved")
+    assert main(common) == 2
+    err = capsys.readouterr().err
+    assert "the feature store it was trained on" in err and "pass --features STORE" in err
+    assert main([*common, "--features", str(tmp_path / "moved")]) == 0
+    assert json.loads(capsys.readouterr().out) == told
+    assert main([*common, "--ids", "rows.txt"]) == 2
+    assert "--ids names the rows of a .npy given with --features" in capsys.readouterr().err

@@ -26,12 +26,13 @@ def add_common(p: argparse.ArgumentParser) -> None:
                         "whole lines only (TQDM_DISABLE=1 also turns them off)")
 
 
-def add_data(p: argparse.ArgumentParser, required: bool) -> None:
+def add_data(p: argparse.ArgumentParser, required: bool, features_default: str | None = None) -> None:
     p.add_argument("--dataset", action="append", required=required, metavar="PATH",
                    help="captions and splits: a Flickr folder, dataset_*.json, COCO captions_*.json (repeat it), "
                         ".jsonl, .csv, or flickr8k-1k / flickr8k-224 / flickr8k-224-all (see below)")
-    p.add_argument("--features", required=required, metavar="PATH",
-                   help="feature store folder, or a .npy matrix (with --ids)")
+    p.add_argument("--features", required=required and not features_default, metavar="PATH",
+                   help="feature store folder, or a .npy matrix (with --ids)"
+                        + (f" (default: {features_default})" if features_default else ""))
     p.add_argument("--ids", metavar="FILE", help="image ids of a .npy feature matrix, one per row")
 
 

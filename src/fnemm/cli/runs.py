@@ -264,7 +264,7 @@ def add_evaluate(sub) -> argparse.ArgumentParser:
                        description="Image annotation (i2t) and image retrieval (t2i): R@1/5/10, "
                                    "median and mean rank, rsum. Writes metrics-SPLIT.json to the run folder.")
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="run folder (or seeds folder) or its best.pt")
-    add_data(p, required=True)
+    add_data(p, required=True, features_default="the store each run was trained on, where it still is")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--protocol", default="auto", metavar="|".join(PROTOCOLS),
                    help="auto (default): the whole split, or on a 5,000-image split (MSCOCO) the paper's "

@@ -101,6 +101,17 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[JointEmbeddi
     return model.to(device).eval(), vocab, config, ckpt
 
 
+def trained_store(checkpoint: str | Path) -> Path:
+    """The feature store a checkpoint was trained on (where it recorded it), or a one-line
+    error asking for ``--features``: what evaluation reads by default, and whose
+    statistics put new images in the model's space."""
+    source = ((read_checkpoint(checkpoint).get("features") or {}).get("source"))
+    if source and Path(source).is_dir() and (Path(source) / "manifest.json").is_file():
+        return Path(source)
+    raise FnemmError(f"{checkpoint_file(checkpoint)}: the feature store it was trained on ({source}) is not "
+                     f"there; pass --features STORE (that store, for its CNN and statistics)")
+
+
 def check_features(ckpt: dict, features: Features, where: str | Path) -> None:
     """Refuse features of another width, or made differently from the training features
     when both say how they were made (the checkpoint's record, not the run folder's)."""

@@ -172,6 +172,7 @@ def extract_like(checkpoint: str | Path, source: str | Path, store: str | Path, 
     if kind == "store":
         raise FnemmError(f"{source}: a feature store, not image files; pass it as --features")
     ids = only if only is not None else ids
+    from fnemm.joint.checkpoint import trained_store
     reference = Path(features) if features else trained_store(checkpoint)
     config = extract_config_of(reference, device, batch_size=batch_size, workers=workers)
     result = extract(folder, store, config=config, stats_from=reference, quiet=quiet, ids=ids)
@@ -209,17 +210,6 @@ def extract_missing(checkpoint: str | Path, features: str | Path, source: str | 
             f"{store}")
     extract_like(checkpoint, source, store, features, device, batch_size, workers, quiet, only=missing)
     return Path(store)
-
-
-def trained_store(checkpoint: str | Path) -> Path:
-    """The feature store a checkpoint was trained on (its statistics are needed to put new
-    images in the same space), or a one-line error asking for ``--features``."""
-    from fnemm.joint.checkpoint import checkpoint_file, read_checkpoint
-    source = ((read_checkpoint(checkpoint).get("features") or {}).get("source"))
-    if source and Path(source).is_dir() and (Path(source) / "manifest.json").is_file():
-        return Path(source)
-    raise FnemmError(f"{checkpoint_file(checkpoint)}: the feature store it was trained on ({source}) is not "
-                     f"there; pass --features STORE (that store, for its CNN and statistics)")
 
 
 def read_embeddings(folder: str | Path, kind: str = "images") -> tuple[np.ndarray, dict]:

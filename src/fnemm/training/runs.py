@@ -6,6 +6,7 @@ under their own names (``fnemm.resume``, ``fnemm.train_seeds``)."""
 
 from __future__ import annotations
 
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from fnemm.datasets import Dataset
 from fnemm.features.store import Features
 from fnemm.io.errors import FnemmError
 from fnemm.io.locks import folder_lock
+from fnemm.io.progress import say
 from fnemm.joint.config import TrainConfig
 from fnemm.training.folders import (count_seeds, load_metrics, metrics_path, ranks_path, run_dataset, run_inputs,
                                     save_metrics, save_ranks, saved_config, saved_info, seed_dirs)
@@ -161,11 +163,15 @@ def evaluate_runs(path: str | Path, dataset: Dataset, features, split: str = "te
                   fresh: bool = False) -> dict[str, dict]:
     """Evaluate a run (a folder or a .pt) or every seed of a seeds folder on ``split`` and
     save each one's metrics beside it (or to ``output``, for a single run): {run: results}.
+    ``features`` None: each run's own training store (``trained_store``).
     With ``fresh``, metrics saved after the run's best.pt with the same protocol are kept,
     not recomputed."""
     from fnemm.eval.protocols import evaluate
+    from fnemm.joint.checkpoint import trained_store
     path = Path(path)
     runs = seed_dirs(path) if path.is_dir() and not (path / "best.pt").exists() else [path]
+    if features is None and ids is not None:
+        raise FnemmError("--ids names the rows of a .npy given with --features; pass that .npy too")
     if len(runs) > 1 and output:
         raise FnemmError(f"{path}: holds {len(runs)} seeds; --output names one file, leave it out")
     every = {}
@@ -180,7 +186,11 @@ def evaluate_runs(path: str | Path, dataset: Dataset, features, split: str = "te
                 every[str(run)] = saved
                 continue
         ranks: dict = {}
-        results = evaluate(run, dataset, features, split, protocol, device, ids=ids, ranks=ranks)
+        store = features
+        if store is None:
+            store = trained_store(run)
+            say(f"features: {store} (the store {folder.name} was trained on)", sys.stderr)   # stdout: --json
+        results = evaluate(run, dataset, store, split, protocol, device, ids=ids, ranks=ranks)
         save_metrics(target, split, run, results, protocol)
         if ranks and not output:
             save_ranks(ranks_path(folder, split), ranks)
