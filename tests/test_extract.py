@@ -481,3 +481,31 @@ def test_evaluate_reads_the_store_each_run_was_trained_on_unless_told(images, tm
     assert json.loads(capsys.readouterr().out) == told
     assert main([*common, "--ids", "rows.txt"]) == 2
     assert "--ids names the rows of a .npy given with --features" in capsys.readouterr().err
+
+
+def test_a_run_resumes_only_on_the_features_it_started_on(images, tmp_path):
+    """A store that moved resumes the run; another one of the same width (here: statistics
+    from other training images) is refused before anything runs or is written."""
+    import shutil
+    from fnemm.joint.config import apply_overrides
+    from fnemm.joint.presets import get_preset
+    from fnemm.features.assembly import derive_store
+    from fnemm.training.trainer import train
+    folder, data = images
+    dataset = load_dataset(data)
+    extract(folder, tmp_path / "store", dataset, TINY, quiet=True)
+    usable = dataset.subset([k for k, i in enumerate(dataset.image_ids) if i not in ("img005.jpg", "gone.jpg")])
+    config = apply_overrides(get_preset("flickr8k/FNE-MH"),
+                             ["model.embed_dim=16", "model.word_dim=8", "stages.max_epochs=1"])
+    with pytest.warns(UserWarning):
+        first = train(config, usable, load_features(tmp_path / "store", "fne"), tmp_path / "run", quiet=True)
+    derive_store(tmp_path / "store", tmp_path / "fewer", {"img000.jpg", "img001.jpg", "img002.jpg"}, Recipe())
+    last = (tmp_path / "run" / "last.pt").read_bytes()
+    with pytest.raises(FnemmError, match="standardised with statistics fitted on other images"):
+        train(config, usable, load_features(tmp_path / "fewer", "fne"), tmp_path / "run", resume=True, quiet=True)
+    assert (tmp_path / "run" / "last.pt").read_bytes() == last
+    shutil.copytree(tmp_path / "store", tmp_path / "moved")
+    with pytest.warns(UserWarning):         # a finished run: resuming it returns its summary
+        summary = train(config, usable, load_features(tmp_path / "moved", "fne"), tmp_path / "run", resume=True,
+                        quiet=True)
+    assert summary["epochs"] == first["epochs"] == 2          # a stage of 1 epoch, then the second

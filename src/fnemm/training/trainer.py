@@ -351,6 +351,17 @@ class Trainer:
                 "val": best["val"] if best else None, "out": str(self.out)}
 
 
+def _check_resumed_features(out: Path, features: Features) -> None:
+    """A run resumes on the features it started on (a store that moved, not another one):
+    the rest of its epochs on other features would make a model of neither, with exit 0."""
+    from fnemm.io.files import read_json
+    from fnemm.joint.checkpoint import check_features
+    if not (out / "last.pt").exists() or not (out / "run.json").is_file():
+        return
+    record = read_json(out / "run.json", "start the run again in a new --out").get("features") or {}
+    check_features({"feature_dim": record.get("dim", features.dim), "features": record}, features, out)
+
+
 def train(config: TrainConfig, dataset: Dataset, features: Features, out_dir: str | Path,
           *, resume: bool = False, device: str = "cpu", quiet: bool = False,
           run_info: dict | None = None, checkpoint_every: float = 120.0) -> dict:
@@ -359,6 +370,8 @@ def train(config: TrainConfig, dataset: Dataset, features: Features, out_dir: st
     Returns the best epoch's summary; the run folder holds the checkpoints.
     """
     validate(config)
+    if resume:
+        _check_resumed_features(Path(out_dir), features)
     dist, device = distributed.from_env(resolve_device(device))     # under torchrun: one of N processes
     vocab = build_vocab(dataset)
     vocab.max_tokens = config.max_caption_tokens
