@@ -94,3 +94,22 @@ def test_paired_bootstrap_sees_a_real_difference_and_not_a_null_one():
     assert c.mean > 100 and c.low > 0 and c.p < 0.01 and "120 test images" in c.method
     same = paired_bootstrap([good], [good], draws=500)
     assert same.mean == 0 and same.low == 0 == same.high and same.p == 1.0
+    # a second seed ranked on other test images is no pair: refused, not mispaired
+    other = {**good, "images": [f"other{k}.jpg" for k in range(n)]}
+    for a, b in (([good, other], [bad]), ([good], [bad, other])):
+        with pytest.raises(ValueError, match="not evaluated on the same test images"):
+            paired_bootstrap(a, b, draws=50)
+
+
+def test_report_leaves_out_a_difference_whose_seeds_were_ranked_on_other_images():
+    from pathlib import Path
+    from fnemm_studies.report import RunSummary, compare
+    rng = np.random.default_rng(1)
+    n = 40
+    owner = list(np.repeat(np.arange(n), 5))
+    one = _ranks(list(rng.integers(1, 4, n)), list(rng.integers(1, 6, 5 * n)), owner)
+    two = _ranks(list(rng.integers(1, 9, n)), list(rng.integers(1, 9, 5 * n)), owner)
+    other = {**two, "images": [f"other{k}" for k in range(n)]}
+    run = RunSummary("FNE-MH", Path("fne"), [{}, {}], ranks=[one, two])
+    assert compare(run, RunSummary("FC7-MH", Path("fc7"), [{}], ranks=[two]), draws=50) is not None
+    assert compare(run, RunSummary("FC7-MH", Path("fc7"), [{}, {}], ranks=[two, other]), draws=50) is None

@@ -190,7 +190,8 @@ def default_baseline(runs: list[RunSummary]) -> RunSummary | None:
 def compare(run: RunSummary, baseline: RunSummary, draws: int = 2000) -> Comparison | None:
     """``run`` minus ``baseline`` in rsum, paired over the same test images (None when their
     per-query ranks are missing or come from other test images)."""
-    if not run.ranks or not baseline.ranks or run.ranks[0]["images"] != baseline.ranks[0]["images"]:
+    if not run.ranks or not baseline.ranks or any(r["images"] != run.ranks[0]["images"]
+                                                  for r in [*run.ranks, *baseline.ranks]):
         return None
     return paired_bootstrap(run.ranks, baseline.ranks, draws)
 

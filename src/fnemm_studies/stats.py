@@ -200,8 +200,9 @@ def paired_bootstrap(a: list[dict], b: list[dict], draws: int = 2000, seed: int 
     """Model ``a`` minus model ``b`` in mean rsum, both on the same test images (each a list
     of per-seed ranks): the same image resample for both in every draw. Two-sided p-value
     from the share of draws on the other side of 0."""
-    if [x["images"] for x in a[:1]] != [x["images"] for x in b[:1]]:
-        raise ValueError("the two models were not evaluated on the same test images")
+    if any(x["images"] != a[0]["images"] or len(x["t2i"]) != len(a[0]["t2i"]) for x in [*a, *b]):
+        raise ValueError("the two models (every seed of each) were not evaluated on the same test images "
+                         "and captions")
     w = image_draws(len(a[0]["i2t"]), draws, seed)
     _, _, va = bootstrap_rsum(a, draws, seed, level, w)
     _, _, vb = bootstrap_rsum(b, draws, seed + 2, level, w)
