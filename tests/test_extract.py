@@ -36,6 +36,25 @@ def write_dataset(folder: Path, names, extra=("gone.jpg",)) -> Path:
     return path
 
 
+def readable(dataset):
+    """The fixture's dataset without its unreadable and missing images."""
+    return dataset.subset([k for k, i in enumerate(dataset.image_ids) if i not in ("img005.jpg", "gone.jpg")])
+
+
+def tiny_model(dataset, store: Path, out: Path, kind: str = "fne", epochs: int = 1):
+    """(summary, config) of a small joint model trained on ``store``'s ``kind`` features (at
+    chance on these few images: the warning that says so is beside the point here)."""
+    import warnings
+    from fnemm.joint.config import apply_overrides
+    from fnemm.joint.presets import get_preset
+    from fnemm.training.trainer import train
+    config = apply_overrides(get_preset("flickr8k/FNE-MH" if kind == "fne" else "flickr8k/FC7-MH"),
+                             ["model.embed_dim=16", "model.word_dim=8", f"stages.max_epochs={epochs}"])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "the best validation rsum", UserWarning)
+        return train(config, dataset, load_features(store, kind), out, quiet=True), config
+
+
 @pytest.fixture
 def images(tmp_path):
     """12 images (img003 grey, img005 truncated) + a dataset that also lists a missing file."""
@@ -335,18 +354,12 @@ def test_cli_extract_reports_and_errors(images, tmp_path, capsys, monkeypatch):
 
 
 def test_train_and_evaluate_read_the_store_and_refuse_another_cnns(images, tmp_path):
-    from fnemm.joint.config import apply_overrides
-    from fnemm.joint.presets import get_preset
     from fnemm.eval.protocols import evaluate
-    from fnemm.training.trainer import train
     folder, data = images
     dataset = load_dataset(data)
     extract(folder, tmp_path / "store", dataset, TINY, quiet=True)
-    usable = dataset.subset([k for k, i in enumerate(dataset.image_ids) if i not in ("img005.jpg", "gone.jpg")])
-    config = apply_overrides(get_preset("flickr8k/FNE-MH"),
-                             ["model.embed_dim=16", "model.word_dim=8", "stages.max_epochs=2"])
-    features = load_features(tmp_path / "store", "fne")
-    train(config, usable, features, tmp_path / "run", quiet=True)
+    usable = readable(dataset)
+    tiny_model(usable, tmp_path / "store", tmp_path / "run", epochs=2)
     scores = evaluate(tmp_path / "run", usable, tmp_path / "store", split="test")
     assert "rsum" in next(iter(scores.values()))
     wide = replace(TINY, recipe=Recipe(thresholds=(-1.0, 1.0)))
@@ -359,18 +372,13 @@ def test_a_model_refuses_fne_standardised_on_other_training_images(images, tmp_p
     """Same CNN, same recipe, same width, statistics from other images: features a little or
     a lot off, and nothing else would say so. A store extracted with --stats from the
     training store carries its statistics and is accepted; fc7 features have none to check."""
-    from fnemm.joint.config import apply_overrides
-    from fnemm.joint.presets import get_preset
     from fnemm.eval.protocols import evaluate
     from fnemm.features.assembly import derive_store
-    from fnemm.training.trainer import train
     folder, data = images
     dataset = load_dataset(data)
     extract(folder, tmp_path / "store", dataset, TINY, quiet=True)
-    usable = dataset.subset([k for k, i in enumerate(dataset.image_ids) if i not in ("img005.jpg", "gone.jpg")])
-    config = apply_overrides(get_preset("flickr8k/FNE-MH"),
-                             ["model.embed_dim=16", "model.word_dim=8", "stages.max_epochs=1"])
-    train(config, usable, load_features(tmp_path / "store", "fne"), tmp_path / "run", quiet=True)
+    usable = readable(dataset)
+    tiny_model(usable, tmp_path / "store", tmp_path / "run")
     derive_store(tmp_path / "store", tmp_path / "fewer", {"img000.jpg", "img001.jpg", "img002.jpg"}, Recipe())
     assert load_features(tmp_path / "fewer", "fne").dim == load_features(tmp_path / "store", "fne").dim
     with pytest.raises(FnemmError, match=r"standardised with statistics fitted on other images.*--stats .*store"):
@@ -387,9 +395,7 @@ def test_a_model_refuses_fne_standardised_on_other_training_images(images, tmp_p
         check_features(old, load_features(tmp_path / "fewer", "fne"), "old.pt")
     check_features(old, load_features(tmp_path / "store", "fne"), "old.pt")
     check_features(old, load_features(tmp_path / "again", "fne"), "old.pt")
-    fc7 = apply_overrides(get_preset("flickr8k/FC7-MH"),
-                          ["model.embed_dim=16", "model.word_dim=8", "stages.max_epochs=1"])
-    train(fc7, usable, load_features(tmp_path / "store", "fc7"), tmp_path / "fc7", quiet=True)
+    tiny_model(usable, tmp_path / "store", tmp_path / "fc7", kind="fc7")
     assert "rsum" in evaluate(tmp_path / "fc7", usable, tmp_path / "fewer", split="test")["all"]
 
 
@@ -442,31 +448,19 @@ def test_bf16_precision_is_part_of_the_stores_identity(images, tmp_path):
         extract(folder, tmp_path / "x", dataset, replace(TINY, precision="fp16"), quiet=True)
     # a model trained on fp32 features refuses bf16 ones (and the other way round)
     from fnemm.joint.checkpoint import open_model
-    from fnemm.joint.config import apply_overrides
-    from fnemm.joint.presets import get_preset
-    from fnemm.training.trainer import train
-    usable = dataset.subset([k for k, i in enumerate(dataset.image_ids) if i not in ("img005.jpg", "gone.jpg")])
-    config = apply_overrides(get_preset("flickr8k/FNE-MH"),
-                             ["model.embed_dim=16", "model.word_dim=8", "stages.max_epochs=1"])
-    train(config, usable, load_features(tmp_path / "ref", "fne"), tmp_path / "run", quiet=True)
+    tiny_model(readable(dataset), tmp_path / "ref", tmp_path / "run")
     open_model(tmp_path / "run", tmp_path / "ref")
     with pytest.raises(FnemmError, match="made with the CNN in bf16.*trained on fp32"):
         open_model(tmp_path / "run", tmp_path / "store")
 
 
 def test_evaluate_reads_the_store_each_run_was_trained_on_unless_told(images, tmp_path, capsys):
-    from fnemm.joint.config import apply_overrides
-    from fnemm.joint.presets import get_preset
-    from fnemm.training.trainer import train
     folder, _ = images
     (tmp_path / "usable").mkdir()
     data = write_dataset(tmp_path / "usable", [f"img{k:03d}.jpg" for k in range(12) if k != 5], extra=())
     dataset = load_dataset(data)
     extract(folder, tmp_path / "store", dataset, TINY, quiet=True)
-    config = apply_overrides(get_preset("flickr8k/FNE-MH"),
-                             ["model.embed_dim=16", "model.word_dim=8", "stages.max_epochs=1"])
-    with pytest.warns(UserWarning):
-        train(config, dataset, load_features(tmp_path / "store", "fne"), tmp_path / "run", quiet=True)
+    tiny_model(dataset, tmp_path / "store", tmp_path / "run")
     common = ["evaluate", "--checkpoint", str(tmp_path / "run"), "--dataset", str(data), "--json"]
     assert main([*common, "--features", str(tmp_path / "store")]) == 0
     told = json.loads(capsys.readouterr().out)
@@ -487,18 +481,13 @@ def test_a_run_resumes_only_on_the_features_it_started_on(images, tmp_path):
     """A store that moved resumes the run; another one of the same width (here: statistics
     from other training images) is refused before anything runs or is written."""
     import shutil
-    from fnemm.joint.config import apply_overrides
-    from fnemm.joint.presets import get_preset
     from fnemm.features.assembly import derive_store
     from fnemm.training.trainer import train
     folder, data = images
     dataset = load_dataset(data)
     extract(folder, tmp_path / "store", dataset, TINY, quiet=True)
-    usable = dataset.subset([k for k, i in enumerate(dataset.image_ids) if i not in ("img005.jpg", "gone.jpg")])
-    config = apply_overrides(get_preset("flickr8k/FNE-MH"),
-                             ["model.embed_dim=16", "model.word_dim=8", "stages.max_epochs=1"])
-    with pytest.warns(UserWarning):
-        first = train(config, usable, load_features(tmp_path / "store", "fne"), tmp_path / "run", quiet=True)
+    usable = readable(dataset)
+    first, config = tiny_model(usable, tmp_path / "store", tmp_path / "run")
     derive_store(tmp_path / "store", tmp_path / "fewer", {"img000.jpg", "img001.jpg", "img002.jpg"}, Recipe())
     last = (tmp_path / "run" / "last.pt").read_bytes()
     with pytest.raises(FnemmError, match="standardised with statistics fitted on other images"):
