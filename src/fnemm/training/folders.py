@@ -231,3 +231,13 @@ def run_inputs(run: Path, config: TrainConfig, dataset, features, ids=None) -> t
             raise FnemmError(f"{run / 'run.json'}: does not say which features it was trained on; pass --features")
         features = load_features(args["features"], config.features, args.get("ids"))
     return dataset, features
+
+
+def check_resumed_features(out: Path, features: Features) -> None:
+    """A run resumes on the features it started on (a store that moved, not another one):
+    the rest of its epochs on other features would make a model of neither, with exit 0."""
+    from fnemm.joint.checkpoint import check_features
+    if not (out / "last.pt").exists() or not (out / "run.json").is_file():
+        return
+    record = read_json(out / "run.json", "start the run again in a new --out").get("features") or {}
+    check_features({"feature_dim": record.get("dim", features.dim), "features": record}, features, out)

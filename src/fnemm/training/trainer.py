@@ -46,6 +46,7 @@ from fnemm.joint.inputs import SplitData, build_vocab, embed_captions, split_dat
 from fnemm.training.image_side import FeatureRows
 from fnemm.datasets import Dataset
 from fnemm.training.distributed import Dist
+from fnemm.training.folders import check_resumed_features
 from fnemm.training.optim import clip_gradients, new_optimizer
 from fnemm.io.errors import FnemmError
 from fnemm.io.faults import fault
@@ -351,17 +352,6 @@ class Trainer:
                 "val": best["val"] if best else None, "out": str(self.out)}
 
 
-def _check_resumed_features(out: Path, features: Features) -> None:
-    """A run resumes on the features it started on (a store that moved, not another one):
-    the rest of its epochs on other features would make a model of neither, with exit 0."""
-    from fnemm.io.files import read_json
-    from fnemm.joint.checkpoint import check_features
-    if not (out / "last.pt").exists() or not (out / "run.json").is_file():
-        return
-    record = read_json(out / "run.json", "start the run again in a new --out").get("features") or {}
-    check_features({"feature_dim": record.get("dim", features.dim), "features": record}, features, out)
-
-
 def train(config: TrainConfig, dataset: Dataset, features: Features, out_dir: str | Path,
           *, resume: bool = False, device: str = "cpu", quiet: bool = False,
           run_info: dict | None = None, checkpoint_every: float = 120.0) -> dict:
@@ -371,7 +361,7 @@ def train(config: TrainConfig, dataset: Dataset, features: Features, out_dir: st
     """
     validate(config)
     if resume:
-        _check_resumed_features(Path(out_dir), features)
+        check_resumed_features(Path(out_dir), features)
     dist, device = distributed.from_env(resolve_device(device))     # under torchrun: one of N processes
     vocab = build_vocab(dataset)
     vocab.max_tokens = config.max_caption_tokens
