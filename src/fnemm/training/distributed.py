@@ -15,6 +15,7 @@ Backends: gloo on CPU, NCCL on GPUs (one per process, by LOCAL_RANK).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -59,9 +60,26 @@ def from_env(device: str) -> tuple[Dist | None, str]:
     return Dist(dist.get_rank(), dist.get_world_size()), device
 
 
+_in_flight = False          # inside collective_work, or left it by an exception
+
+
+@contextlib.contextmanager
+def collective_work():
+    """Around a run's collectives. A process that leaves it by an exception (its peers may
+    wait in a collective it will never join) does not close an NCCL group at exit: NCCL's
+    teardown would wait on them for ever, and torchrun reaps the others once it exits. A
+    gloo group is closed all the same (this process has no collective of its own in flight
+    once the exception is out; its peers then fail instead of waiting)."""
+    global _in_flight
+    _in_flight = True
+    yield
+    _in_flight = False
+
+
 def close() -> None:
-    """Close this process's default group if it is open (idempotent)."""
-    if dist.is_available() and dist.is_initialized():
+    """Close this process's default group if it is open, unless it is NCCL's and an
+    exception cut its collective work short (idempotent)."""
+    if dist.is_available() and dist.is_initialized() and (not _in_flight or dist.get_backend() == "gloo"):
         dist.destroy_process_group()
 
 

@@ -288,10 +288,11 @@ class Trainer:
 
     def fit(self, resume: bool = False) -> dict:
         """Train (or resume) to the end; one process (group) at a time per run folder."""
-        with folder_lock(self.out, "a training run") if self.main else contextlib.nullcontext():
-            summary = self._fit(resume)
-        if self.dist is not None:
-            distributed.barrier()             # the first process has written everything
+        with distributed.collective_work() if self.dist is not None else contextlib.nullcontext():
+            with folder_lock(self.out, "a training run") if self.main else contextlib.nullcontext():
+                summary = self._fit(resume)
+            if self.dist is not None:
+                distributed.barrier()         # the first process has written everything
         return summary
 
     def _fit(self, resume: bool) -> dict:
