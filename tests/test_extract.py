@@ -459,21 +459,29 @@ def test_evaluate_reads_the_store_each_run_was_trained_on_unless_told(images, tm
     (tmp_path / "usable").mkdir()
     data = write_dataset(tmp_path / "usable", [f"img{k:03d}.jpg" for k in range(12) if k != 5], extra=())
     dataset = load_dataset(data)
-    extract(folder, tmp_path / "store", dataset, TINY, quiet=True)
-    tiny_model(dataset, tmp_path / "store", tmp_path / "run")
-    common = ["evaluate", "--checkpoint", str(tmp_path / "run"), "--dataset", str(data), "--json"]
-    assert main([*common, "--features", str(tmp_path / "store")]) == 0
+    proj = tmp_path / "proj"
+    extract(folder, proj / "store", dataset, TINY, quiet=True)
+    tiny_model(dataset, proj / "store", proj / "run")
+    common = ["evaluate", "--dataset", str(data), "--json"]
+    assert main([*common, "--checkpoint", str(proj / "run"), "--features", str(proj / "store")]) == 0
     told = json.loads(capsys.readouterr().out)
-    assert main(common) == 0
+    assert main([*common, "--checkpoint", str(proj / "run")]) == 0
     out, err = capsys.readouterr()
-    assert json.loads(out) == told and f"features: {tmp_path / 'store'} (the store run was trained on)" in err
-    (tmp_path / "store").rename(tmp_path / "moved")
-    assert main(common) == 2
+    assert json.loads(out) == told and f"features: {proj / 'store'} (the store run was trained on)" in err
+    # the run and its store moved together: found beside it
+    proj.rename(tmp_path / "elsewhere")
+    assert main([*common, "--checkpoint", str(tmp_path / "elsewhere" / "run")]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out) == told and f"features: {tmp_path / 'elsewhere' / 'store'} (the store" in err
+    # the store moved alone: named, with the fix
+    (tmp_path / "elsewhere" / "store").rename(tmp_path / "moved")
+    assert main([*common, "--checkpoint", str(tmp_path / "elsewhere" / "run")]) == 2
     err = capsys.readouterr().err
     assert "the feature store it was trained on" in err and "pass --features STORE" in err
-    assert main([*common, "--features", str(tmp_path / "moved")]) == 0
+    assert main([*common, "--checkpoint", str(tmp_path / "elsewhere" / "run"), "--features",
+                 str(tmp_path / "moved")]) == 0
     assert json.loads(capsys.readouterr().out) == told
-    assert main([*common, "--ids", "rows.txt"]) == 2
+    assert main([*common, "--checkpoint", str(tmp_path / "elsewhere" / "run"), "--ids", "rows.txt"]) == 2
     assert "--ids names the rows of a .npy given with --features" in capsys.readouterr().err
 
 
@@ -498,3 +506,44 @@ def test_a_run_resumes_only_on_the_features_it_started_on(images, tmp_path):
         summary = train(config, usable, load_features(tmp_path / "moved", "fne"), tmp_path / "run", resume=True,
                         quiet=True)
     assert summary["epochs"] == first["epochs"] == 2          # a stage of 1 epoch, then the second
+
+
+def test_a_run_moved_with_its_store_resumes_from_another_directory(images, tmp_path, monkeypatch, capsys):
+    """run.json keeps the store where it was and relative to the run folder: moved together,
+    the run resumes from anywhere without --features (the dataset, moved too, is named)."""
+    folder, data = images
+    proj = tmp_path / "proj"
+    extract(folder, proj / "store", load_dataset(data), TINY, quiet=True)
+    (proj / "data.jsonl").write_text("".join(line for line in data.read_text().splitlines(keepends=True)
+                                             if "img005" not in line and "gone.jpg" not in line))
+    monkeypatch.chdir(proj)
+    train = ["train", "--preset", "flickr8k/FNE-MH", "--dataset", "data.jsonl", "--features", "store", "--out", "run",
+             "--set", "model.embed_dim=16", "--set", "model.word_dim=8", "--epochs", "1", "--quiet"]
+    assert main(train) == 0
+    proj.rename(tmp_path / "elsewhere")
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    resume = ["train", "--out", str(tmp_path / "elsewhere" / "run"), "--resume", "--quiet",
+              "--dataset", str(tmp_path / "elsewhere" / "data.jsonl")]
+    assert main(resume) == 0, capsys.readouterr().err
+    (tmp_path / "elsewhere" / "store").rename(tmp_path / "alone")
+    assert main(resume) == 2
+    assert "are not there, nor beside the run; pass --features STORE" in capsys.readouterr().err
+    (tmp_path / "alone").rename(tmp_path / "elsewhere" / "store")
+    assert main(resume[:5]) == 2            # the dataset is not where run.json says: named
+    assert "data.jsonl" in capsys.readouterr().err
+
+
+def test_a_run_records_its_inputs_as_absolute_paths(images, tmp_path, monkeypatch):
+    folder, data = images
+    extract(folder, tmp_path / "store", load_dataset(data), TINY, quiet=True)
+    (tmp_path / "data.jsonl").write_text("".join(line for line in data.read_text().splitlines(keepends=True)
+                                                 if "img005" not in line and "gone.jpg" not in line))
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--preset", "flickr8k/FNE-MH", "--dataset", "data.jsonl", "--features", "store",
+                 "--out", "run", "--set", "model.embed_dim=16", "--set", "model.word_dim=8", "--epochs", "1",
+                 "--quiet"]) == 0
+    args = json.loads((tmp_path / "run" / "run.json").read_text())["args"]
+    assert args["dataset"] == [str(tmp_path / "data.jsonl")] and args["features"] == str(tmp_path / "store")
+    monkeypatch.chdir(tmp_path / "run")
+    assert main(["train", "--out", ".", "--resume", "--quiet"]) == 0

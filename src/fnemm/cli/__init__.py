@@ -36,6 +36,12 @@ def add_data(p: argparse.ArgumentParser, required: bool, features_default: str |
     p.add_argument("--ids", metavar="FILE", help="image ids of a .npy feature matrix, one per row")
 
 
+def absolute(path: str) -> str:
+    """A path as a run records it, to be found again from any directory (a bundled
+    dataset's name, not a path here, as typed)."""
+    return str(Path(path).resolve()) if Path(path).exists() else str(path)
+
+
 def at_least_one(flag: str, value: int) -> None:
     if value < 1:
         raise FnemmError(f"{flag} {value}: expected at least 1")

@@ -101,13 +101,23 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[JointEmbeddi
     return model.to(device).eval(), vocab, config, ckpt
 
 
+def recorded_store(record: dict, run: str | Path) -> Path | None:
+    """The feature store a run's record (``{"source", "source_relative"}``, as a checkpoint
+    and run.json keep it) names: beside the run folder ``run`` as it was (the two moved
+    together), else at its absolute path; None when neither holds a store."""
+    from fnemm.io.files import locate
+    found = locate(run, record.get("source_relative"), record.get("source"))
+    return found if found is not None and (found / "manifest.json").is_file() else None
+
+
 def trained_store(checkpoint: str | Path) -> Path:
     """The feature store a checkpoint was trained on (where it recorded it), or a one-line
     error asking for ``--features``: what evaluation reads by default, and whose
     statistics put new images in the model's space."""
-    source = ((read_checkpoint(checkpoint).get("features") or {}).get("source"))
-    if source and Path(source).is_dir() and (Path(source) / "manifest.json").is_file():
-        return Path(source)
+    record = read_checkpoint(checkpoint).get("features") or {}
+    source = record.get("source")
+    if (found := recorded_store(record, checkpoint_file(checkpoint).parent)) is not None:
+        return found
     raise FnemmError(f"{checkpoint_file(checkpoint)}: the feature store it was trained on ({source}) is not "
                      f"there; pass --features STORE (that store, for its CNN and statistics)")
 

@@ -32,7 +32,7 @@ import torch
 import warnings
 from torch import nn
 
-from fnemm.joint.checkpoint import checkpoint_file, load_checkpoint, resolve_device
+from fnemm.joint.checkpoint import checkpoint_file, load_checkpoint, recorded_store, resolve_device
 from fnemm.training.augment import ImageBank, random_resized_crop, readable
 from fnemm.features.cnn import build_cnn
 from fnemm.features.cnn import finetuned as cnn_file
@@ -157,8 +157,8 @@ def start_run(path: str | Path) -> tuple[dict, Path, dict]:
     if config.finetune is not None:
         raise FnemmError(f"{where}: already a fine-tuning run; to continue it use --out {where.parent} --resume")
     source = (ckpt.get("features") or {}).get("source")
-    store = Path(source) if source else None
-    if store is None or not (store / "manifest.json").is_file():
+    store = recorded_store(ckpt.get("features") or {}, where.parent)
+    if store is None:
         raise FnemmError(f"{where}: its feature store ({source}) is not there; fine-tuning reads the images and "
                          f"CNN it names. Pass --features STORE (the store the run was trained on)")
     return ckpt, store, read_json(store / "manifest.json", "re-run `fnemm extract`")

@@ -229,7 +229,14 @@ def run_inputs(run: Path, config: TrainConfig, dataset, features, ids=None) -> t
     if features is None:
         if not args.get("features"):
             raise FnemmError(f"{run / 'run.json'}: does not say which features it was trained on; pass --features")
-        features = load_features(args["features"], config.features, args.get("ids"))
+        given = args["features"]
+        if not Path(given).exists() and args.get("ids") is None:
+            from fnemm.joint.checkpoint import recorded_store
+            given = recorded_store(saved_info(run).get("features") or {}, run)
+            if given is None:
+                raise FnemmError(f"{run}: the features it was trained on ({args['features']}) are not there, nor "
+                                 f"beside the run; pass --features STORE (where that store is now)")
+        features = load_features(given, config.features, args.get("ids"))
     return dataset, features
 
 

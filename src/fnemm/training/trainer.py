@@ -53,7 +53,7 @@ from fnemm.io.faults import fault
 from fnemm.io.locks import folder_lock
 from fnemm.eval.metrics import at_chance, chance_rsum, evaluate_embeddings, format_metrics
 from fnemm.features.store import Features
-from fnemm.io.files import atomic_torch_save, atomic_write_json, atomic_write_text, load_torch_data
+from fnemm.io.files import atomic_torch_save, atomic_write_json, atomic_write_text, load_torch_data, relative_to
 from fnemm.joint.losses import contrastive_loss, on_plateau
 from fnemm.joint.model import JointEmbedding
 from fnemm.joint.text import Vocab, pad_batch
@@ -382,6 +382,8 @@ def train(config: TrainConfig, dataset: Dataset, features: Features, out_dir: st
                          "producer": {k: v for k, v in features.manifest.items()
                                       if k not in ("image_ids", "skipped", "arrays")}},
             **(run_info or {})}
+    if Path(features.source).exists():        # found again when the run and its store move together
+        info["features"]["source_relative"] = relative_to(features.source, out_dir)
     trainer = Trainer(config, train_split, val_split, vocab, Path(out_dir), device, quiet, info,
                       checkpoint_every, dist)
     summary = trainer.fit(resume=resume)
