@@ -509,8 +509,8 @@ def test_a_run_resumes_only_on_the_features_it_started_on(images, tmp_path):
 
 
 def test_a_run_moved_with_its_store_resumes_from_another_directory(images, tmp_path, monkeypatch, capsys):
-    """run.json keeps the store where it was and relative to the run folder: moved together,
-    the run resumes from anywhere without --features (the dataset, moved too, is named)."""
+    """run.json keeps the dataset and store where they were and relative to the run folder:
+    moved together, the run resumes from anywhere without --dataset or --features."""
     folder, data = images
     proj = tmp_path / "proj"
     extract(folder, proj / "store", load_dataset(data), TINY, quiet=True)
@@ -523,15 +523,16 @@ def test_a_run_moved_with_its_store_resumes_from_another_directory(images, tmp_p
     proj.rename(tmp_path / "elsewhere")
     monkeypatch.chdir(tmp_path)
     capsys.readouterr()
-    resume = ["train", "--out", str(tmp_path / "elsewhere" / "run"), "--resume", "--quiet",
-              "--dataset", str(tmp_path / "elsewhere" / "data.jsonl")]
+    resume = ["train", "--out", str(tmp_path / "elsewhere" / "run"), "--resume", "--quiet"]
     assert main(resume) == 0, capsys.readouterr().err
     (tmp_path / "elsewhere" / "store").rename(tmp_path / "alone")
     assert main(resume) == 2
     assert "are not there, nor beside the run; pass --features STORE" in capsys.readouterr().err
     (tmp_path / "alone").rename(tmp_path / "elsewhere" / "store")
-    assert main(resume[:5]) == 2            # the dataset is not where run.json says: named
-    assert "data.jsonl" in capsys.readouterr().err
+    (tmp_path / "elsewhere" / "data.jsonl").rename(tmp_path / "data.jsonl")
+    assert main(resume) == 2                # the dataset moved alone: named
+    assert str(tmp_path / "proj" / "data.jsonl") in capsys.readouterr().err
+    assert main([*resume, "--dataset", str(tmp_path / "data.jsonl")]) == 0
 
 
 def test_a_run_records_its_inputs_as_absolute_paths(images, tmp_path, monkeypatch):
@@ -545,5 +546,11 @@ def test_a_run_records_its_inputs_as_absolute_paths(images, tmp_path, monkeypatc
                  "--quiet"]) == 0
     args = json.loads((tmp_path / "run" / "run.json").read_text())["args"]
     assert args["dataset"] == [str(tmp_path / "data.jsonl")] and args["features"] == str(tmp_path / "store")
+    assert args["dataset_relative"] == ["../data.jsonl"]
+    assert main(["train", "--preset", "flickr8k/FNE-MH", "--dataset", "data.jsonl", "--features", "store",
+                 "--out", "many", "--seeds", "1", "--set", "model.embed_dim=16", "--set", "model.word_dim=8",
+                 "--epochs", "1", "--quiet"]) == 0
+    seeds = json.loads((tmp_path / "many" / "seed-0" / "run.json").read_text())["args"]
+    assert seeds["dataset_relative"] == ["../../data.jsonl"]          # from the folder holding its run.json
     monkeypatch.chdir(tmp_path / "run")
     assert main(["train", "--out", ".", "--resume", "--quiet"]) == 0

@@ -36,10 +36,19 @@ def add_data(p: argparse.ArgumentParser, required: bool, features_default: str |
     p.add_argument("--ids", metavar="FILE", help="image ids of a .npy feature matrix, one per row")
 
 
-def absolute(path: str) -> str:
-    """A path as a run records it, to be found again from any directory (a bundled
-    dataset's name, not a path here, as typed)."""
-    return str(Path(path).resolve()) if Path(path).exists() else str(path)
+def recorded_inputs(args: argparse.Namespace, out: Path) -> dict:
+    """A new run's --dataset, --features and --ids as its run.json keeps them, to be found
+    again from any directory: absolute paths (a bundled dataset's name as typed), and the
+    dataset files relative to the run folder too (``out``, or its seed-K folders, siblings),
+    for a run moved together with them."""
+    from fnemm.io.files import relative_to
+    home = out / "seed-0" if getattr(args, "seeds", None) else out
+
+    def absolute(path: str) -> str:
+        return str(Path(path).resolve()) if Path(path).exists() else str(path)
+    return {"dataset": [absolute(d) for d in args.dataset], "features": absolute(args.features),
+            "ids": args.ids and absolute(args.ids), "restval": args.restval,
+            "dataset_relative": [relative_to(d, home) if Path(d).exists() else None for d in args.dataset]}
 
 
 def at_least_one(flag: str, value: int) -> None:

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from fnemm.cli import absolute, add_common, add_data
+from fnemm.cli import add_common, add_data, recorded_inputs
 from fnemm.io.errors import FnemmError
 
 EPILOG_TRAIN = """\
@@ -194,8 +194,7 @@ def train(args) -> int:
             common["log"](f"features: {features.source} [{features.kind}] {features.array.shape[0]} x {features.dim}")
         info = {"preset": args.preset or f"config:{Path(args.config).name}",
                 "overrides": overrides + ([f"--warmup {args.warmup}"] if args.warmup is not None else []),
-                "args": {"dataset": [absolute(d) for d in args.dataset], "features": absolute(args.features),
-                         "ids": args.ids and absolute(args.ids), "restval": args.restval}}
+                "args": recorded_inputs(args, out)}
         if args.warmup is not None and args.preset:     # not the paper's pipeline: a name of its own in reports
             info["label"] = f"{args.preset.split('/')[-1]}-warmup{args.warmup}"
         summaries = fit(out, config, dataset, features, seeds=args.seeds, resume=args.resume, run_info=info,

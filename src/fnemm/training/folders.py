@@ -215,8 +215,18 @@ def run_dataset(run: Path, dataset=None) -> Dataset:
         if not dataset:
             raise FnemmError(f"{Path(run) / 'run.json'}: does not say which dataset it was trained on; "
                              f"pass --dataset")
+        dataset = [dataset] if isinstance(dataset, str) else dataset
+        dataset = [_found(run, d, r) for d, r in zip(dataset, args.get("dataset_relative") or [None] * len(dataset))]
     dataset = load_dataset(dataset)
     return dataset.with_restval() if args.get("restval") else dataset
+
+
+def _found(run: Path, path: str, relative: str | None) -> str:
+    """A dataset file run.json names: where it was, else where it is relative to the run
+    folder if the two moved together."""
+    if Path(path).exists() or not relative or not (Path(run) / relative).exists():
+        return path
+    return str(Path(run) / relative)
 
 
 def run_inputs(run: Path, config: TrainConfig, dataset, features, ids=None) -> tuple[Dataset, Features]:
