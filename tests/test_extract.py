@@ -525,6 +525,15 @@ def test_a_run_moved_with_its_store_resumes_from_another_directory(images, tmp_p
     capsys.readouterr()
     resume = ["train", "--out", str(tmp_path / "elsewhere" / "run"), "--resume", "--quiet"]
     assert main(resume) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    # and evaluates on them, told nothing but the run
+    evaluate = ["evaluate", "--checkpoint", str(tmp_path / "elsewhere" / "run"), "--json"]
+    assert main([*evaluate, "--dataset", str(tmp_path / "elsewhere" / "data.jsonl"),
+                 "--features", str(tmp_path / "elsewhere" / "store")]) == 0
+    told = json.loads(capsys.readouterr().out)
+    assert main(evaluate) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out) == told and "(the one run was trained on)" in err and "(the store run" in err
     (tmp_path / "elsewhere" / "store").rename(tmp_path / "alone")
     assert main(resume) == 2
     assert "are not there, nor beside the run; pass --features STORE" in capsys.readouterr().err

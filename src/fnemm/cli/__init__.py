@@ -26,13 +26,16 @@ def add_common(p: argparse.ArgumentParser) -> None:
                         "whole lines only (TQDM_DISABLE=1 also turns them off)")
 
 
-def add_data(p: argparse.ArgumentParser, required: bool, features_default: str | None = None) -> None:
-    p.add_argument("--dataset", action="append", required=required, metavar="PATH",
+def add_data(p: argparse.ArgumentParser, required: bool, default: str | None = None) -> None:
+    """--dataset, --features, --ids; ``default`` says where they come from when left out
+    (then neither is required)."""
+    p.add_argument("--dataset", action="append", required=required and not default, metavar="PATH",
                    help="captions and splits: a Flickr folder, dataset_*.json, COCO captions_*.json (repeat it), "
-                        ".jsonl, .csv, or flickr8k-1k / flickr8k-224 / flickr8k-224-all (see below)")
-    p.add_argument("--features", required=required and not features_default, metavar="PATH",
+                        ".jsonl, .csv, or flickr8k-1k / flickr8k-224 / flickr8k-224-all (see below)"
+                        + (f" (default: {default})" if default else ""))
+    p.add_argument("--features", required=required and not default, metavar="PATH",
                    help="feature store folder, or a .npy matrix (with --ids)"
-                        + (f" (default: {features_default})" if features_default else ""))
+                        + (f" (default: {default})" if default else ""))
     p.add_argument("--ids", metavar="FILE", help="image ids of a .npy feature matrix, one per row")
 
 

@@ -263,7 +263,7 @@ def add_evaluate(sub) -> argparse.ArgumentParser:
                        description="Image annotation (i2t) and image retrieval (t2i): R@1/5/10, "
                                    "median and mean rank, rsum. Writes metrics-SPLIT.json to the run folder.")
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="run folder (or seeds folder) or its best.pt")
-    add_data(p, required=True, features_default="the store each run was trained on, where it still is")
+    add_data(p, required=True, default="the one each run was trained on, where it still is")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--protocol", default="auto", metavar="|".join(PROTOCOLS),
                    help="auto (default): the whole split, or on a 5,000-image split (MSCOCO) the paper's "
@@ -280,8 +280,8 @@ def evaluate(args) -> int:
     from fnemm.eval.metrics import format_metrics
     from fnemm.training.folders import metrics_path
     from fnemm.training.runs import evaluate_runs
-    every = evaluate_runs(args.checkpoint, load_dataset(args.dataset), args.features, args.split, args.protocol,
-                          args.device, ids=args.ids, output=args.output)
+    every = evaluate_runs(args.checkpoint, args.dataset and load_dataset(args.dataset), args.features, args.split,
+                          args.protocol, args.device, ids=args.ids, output=args.output)
     if args.json:
         rounded = {run: {p: {k: round(v, 4) for k, v in m.items()} for p, m in res.items()}
                    for run, res in every.items()}

@@ -158,12 +158,12 @@ def train_seeds(config: TrainConfig, dataset: Dataset, features: Features, out: 
                run_info=run_info, checkpoint_every=checkpoint_every, log=log)
 
 
-def evaluate_runs(path: str | Path, dataset: Dataset, features, split: str = "test", protocol: str = "auto",
+def evaluate_runs(path: str | Path, dataset: Dataset | None, features, split: str = "test", protocol: str = "auto",
                   device: str = "cpu", ids: str | Path | None = None, output: str | Path | None = None,
                   fresh: bool = False) -> dict[str, dict]:
     """Evaluate a run (a folder or a .pt) or every seed of a seeds folder on ``split`` and
     save each one's metrics beside it (or to ``output``, for a single run): {run: results}.
-    ``features`` None: each run's own training store (``trained_store``).
+    ``dataset`` / ``features`` None: each run's own (its run.json's; ``trained_store``).
     With ``fresh``, metrics saved after the run's best.pt with the same protocol are kept,
     not recomputed."""
     from fnemm.eval.protocols import evaluate
@@ -186,11 +186,14 @@ def evaluate_runs(path: str | Path, dataset: Dataset, features, split: str = "te
                 every[str(run)] = saved
                 continue
         ranks: dict = {}
-        store = features
+        data, store = dataset, features
+        if data is None:
+            data = run_dataset(folder)
+            say(f"dataset: {data.summary()} (the one {folder.name} was trained on)", sys.stderr)  # stdout: --json
         if store is None:
             store = trained_store(run)
-            say(f"features: {store} (the store {folder.name} was trained on)", sys.stderr)   # stdout: --json
-        results = evaluate(run, dataset, store, split, protocol, device, ids=ids, ranks=ranks)
+            say(f"features: {store} (the store {folder.name} was trained on)", sys.stderr)
+        results = evaluate(run, data, store, split, protocol, device, ids=ids, ranks=ranks)
         save_metrics(target, split, run, results, protocol)
         if ranks and not output:
             save_ranks(ranks_path(folder, split), ranks)
