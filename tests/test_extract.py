@@ -468,6 +468,12 @@ def test_evaluate_reads_the_store_each_run_was_trained_on_unless_told(images, tm
     assert main([*common, "--checkpoint", str(proj / "run")]) == 0
     out, err = capsys.readouterr()
     assert json.loads(out) == told and f"features: {proj / 'store'} (the store run was trained on)" in err
+    # search reads the same store by default
+    assert main(["search", "--checkpoint", str(proj / "run"), "--text", "picture number 3", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert len(json.loads(out)["results"]) == 5 and f"features: {proj / 'store'} (the store" in err
+    assert main(["search", "--text", "picture number 3"]) == 2
+    assert "search needs --checkpoint RUN" in capsys.readouterr().err
     # the run and its store moved together: found beside it
     proj.rename(tmp_path / "elsewhere")
     assert main([*common, "--checkpoint", str(tmp_path / "elsewhere" / "run")]) == 0

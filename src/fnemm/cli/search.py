@@ -33,7 +33,8 @@ def add_search(sub) -> argparse.ArgumentParser:
                                    "the store's CNN and statistics, or an image id of the store), or the "
                                    "store's images for a photo (--similar).")
     p.add_argument("--checkpoint", metavar="RUN", help="run folder or best.pt")
-    p.add_argument("--features", metavar="STORE", help="the gallery's feature store")
+    p.add_argument("--features", metavar="STORE", help="the gallery's feature store (default: the one the "
+                                                       "checkpoint was trained on, where it still is)")
     p.add_argument("--index", metavar="DIR", help="instead of --checkpoint/--features/--dataset: an index "
                                                   "folder from `fnemm index build` (faiss; scales to millions)")
     p.add_argument("--dataset", action="append", metavar="PATH",
@@ -60,10 +61,16 @@ def search(args) -> int:
                              "--features, --dataset and --split (choose them at `fnemm index build`)")
         gallery = Gallery.from_index(args.index, device=args.device, encoder=args.text is None)
     else:
-        if not (args.checkpoint and args.features):
-            raise FnemmError("search needs --checkpoint RUN and --features STORE (or --index DIR)")
+        if not args.checkpoint:
+            raise FnemmError("search needs --checkpoint RUN (and --features STORE, default the one it was trained "
+                             "on), or --index DIR")
+        features = args.features
+        if features is None:
+            from fnemm.joint.checkpoint import trained_store
+            features = trained_store(args.checkpoint)
+            print(f"features: {features} (the store the checkpoint was trained on)", file=sys.stderr)
         dataset = load_dataset(args.dataset) if args.dataset else None
-        gallery = Gallery.from_store(args.checkpoint, args.features, dataset, args.split, args.device,
+        gallery = Gallery.from_store(args.checkpoint, features, dataset, args.split, args.device,
                                      encoder=args.text is None)
     if args.text is not None:
         hits = gallery.text(args.text, args.k)
