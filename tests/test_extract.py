@@ -487,6 +487,8 @@ def test_evaluate_reads_the_store_each_run_was_trained_on_unless_told(images, tm
     assert main([*common, "--checkpoint", str(tmp_path / "elsewhere" / "run"), "--features",
                  str(tmp_path / "moved")]) == 0
     assert json.loads(capsys.readouterr().out) == told
+    assert main([*common, "--checkpoint", str(tmp_path / "nothing")]) == 2
+    assert f"{tmp_path / 'nothing'}: no such checkpoint" in capsys.readouterr().err
     assert main([*common, "--checkpoint", str(tmp_path / "elsewhere" / "run"), "--ids", "rows.txt"]) == 2
     assert "--ids names the rows of a .npy given with --features" in capsys.readouterr().err
 

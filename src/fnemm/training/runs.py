@@ -167,7 +167,7 @@ def evaluate_runs(path: str | Path, dataset: Dataset | None, features, split: st
     With ``fresh``, metrics saved after the run's best.pt with the same protocol are kept,
     not recomputed."""
     from fnemm.eval.protocols import evaluate
-    from fnemm.joint.checkpoint import trained_store
+    from fnemm.joint.checkpoint import checkpoint_file, read_checkpoint, trained_store
     path = Path(path)
     runs = seed_dirs(path) if path.is_dir() and not (path / "best.pt").exists() else [path]
     if features is None and ids is not None:
@@ -187,6 +187,8 @@ def evaluate_runs(path: str | Path, dataset: Dataset | None, features, split: st
                 continue
         ranks: dict = {}
         data, store = dataset, features
+        if not checkpoint_file(run).exists():
+            read_checkpoint(run)              # its one-line error, before the defaults read run.json
         if data is None:
             data = run_dataset(folder)
             say(f"dataset: {data.summary()} (the one {folder.name} was trained on)", sys.stderr)  # stdout: --json
