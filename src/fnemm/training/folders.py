@@ -222,11 +222,11 @@ def run_dataset(run: Path, dataset=None) -> Dataset:
 
 
 def _found(run: Path, path: str, relative: str | None) -> str:
-    """A dataset file run.json names: where it was, else where it is relative to the run
-    folder if the two moved together."""
-    if Path(path).exists() or not relative or not (Path(run) / relative).exists():
-        return path
-    return str(Path(run) / relative)
+    """A dataset file run.json names, found as a store's manifest finds its photos (beside
+    the run if the two moved together, else where it was); a bundled name as it is."""
+    from fnemm.io.files import locate
+    found = locate(run, relative, path)
+    return str(found) if found is not None else path
 
 
 def run_inputs(run: Path, config: TrainConfig, dataset, features, ids=None) -> tuple[Dataset, Features]:
@@ -239,13 +239,12 @@ def run_inputs(run: Path, config: TrainConfig, dataset, features, ids=None) -> t
     if features is None:
         if not args.get("features"):
             raise FnemmError(f"{run / 'run.json'}: does not say which features it was trained on; pass --features")
-        given = args["features"]
-        if not Path(given).exists() and args.get("ids") is None:
-            from fnemm.joint.checkpoint import recorded_store
-            given = recorded_store(saved_info(run).get("features") or {}, run)
-            if given is None:
-                raise FnemmError(f"{run}: the features it was trained on ({args['features']}) are not there, nor "
-                                 f"beside the run; pass --features STORE (where that store is now)")
+        from fnemm.joint.checkpoint import recorded_store
+        # a store: beside the run if the two moved together, else where it was
+        given = recorded_store(saved_info(run).get("features") or {}, run) or args["features"]
+        if not Path(given).exists():
+            raise FnemmError(f"{run}: the features it was trained on ({args['features']}) are not there, nor "
+                             f"beside the run; pass --features STORE (where that store is now)")
         features = load_features(given, config.features, args.get("ids"))
     return dataset, features
 
