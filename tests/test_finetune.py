@@ -204,6 +204,7 @@ def test_resume_after_kill_at_the_first_batch_gives_the_same_weights_and_cnn_fil
     moved = tmp_path / "moved-store"
     shutil.copytree(store, moved)
     info["features"]["source"] = str(tmp_path / "gone")
+    info["features"]["source_relative"] = "../gone"
     (cut / "run.json").write_text(json.dumps(info))
     lost = subprocess.run(_cli("train", "--out", cut, "--resume", "--quiet", "--threads", "1"),
                           capture_output=True, text=True)
@@ -220,6 +221,29 @@ def test_resume_after_kill_at_the_first_batch_gives_the_same_weights_and_cnn_fil
         for k in a[part]:
             assert torch.equal(a[part][k], b[part][k]), (part, k)
     assert (ref / "cnn.pt").read_bytes() == (cut / "cnn.pt").read_bytes()
+
+
+def test_a_fine_tuning_runs_record_is_found_beside_it_after_a_move(tmp_path):
+    """run.json's start run, photos and store: relative to the run first (moved together),
+    then where they were."""
+    from fnemm.joint.checkpoint import recorded_store
+    from fnemm.training.finetune import recorded_images, recorded_start
+    (tmp_path / "new" / "start").mkdir(parents=True)
+    (tmp_path / "new" / "start" / "best.pt").write_bytes(b"x")
+    (tmp_path / "new" / "photos").mkdir()
+    (tmp_path / "new" / "store").mkdir()
+    (tmp_path / "new" / "store" / "manifest.json").write_text("{}")
+    (tmp_path / "new" / "run").mkdir()
+    ft = {"from": str(tmp_path / "old" / "start" / "best.pt"), "from_relative": "../start/best.pt",
+          "images_dir": str(tmp_path / "old" / "photos"), "images_dir_relative": "../photos"}
+    run = tmp_path / "new" / "run"
+    assert recorded_start(run, ft) == tmp_path / "new" / "start" / "best.pt"
+    assert recorded_images(run, ft) == tmp_path / "new" / "photos"
+    assert recorded_store({"source": str(tmp_path / "old" / "store"), "source_relative": "../store"}, run) == \
+        tmp_path / "new" / "store"
+    # a record from before the relative paths: where they were, as they were
+    old = {"from": ft["from"], "images_dir": ft["images_dir"]}
+    assert recorded_start(run, old) == Path(ft["from"]) and recorded_images(run, old) == ft["images_dir"]
 
 
 def test_clear_errors(capsys, start, demo, tmp_path):

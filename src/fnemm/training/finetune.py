@@ -147,8 +147,9 @@ class Photos:
 FINETUNABLE = {"mobilenet_v2": "mobilenet_v2_float"}     # int8-grid rounding has no useful gradient
 
 
-def start_run(path: str | Path) -> tuple[dict, Path, dict]:
-    """(the start run's best.pt, its feature store, that store's manifest), checked."""
+def start_run(path: str | Path, features: str | Path | None = None) -> tuple[dict, Path, dict]:
+    """(the start run's best.pt, its feature store (``features``: where it is now), that
+    store's manifest), checked."""
     model, vocab, config, ckpt = load_checkpoint(path)
     where = checkpoint_file(path)
     if config.features != "fc7":
@@ -157,6 +158,11 @@ def start_run(path: str | Path) -> tuple[dict, Path, dict]:
     if config.finetune is not None:
         raise FnemmError(f"{where}: already a fine-tuning run; to continue it use --out {where.parent} --resume")
     source = (ckpt.get("features") or {}).get("source")
+    if features is not None:
+        if not (Path(features) / "manifest.json").is_file():
+            raise FnemmError(f"{features}: no feature store there; pass --features STORE (where the store {where} "
+                             f"was trained on is now)")
+        return ckpt, Path(features), read_json(Path(features) / "manifest.json", "re-run `fnemm extract`")
     store = recorded_store(ckpt.get("features") or {}, where.parent)
     if store is None:
         raise FnemmError(f"{where}: its feature store ({source}) is not there; fine-tuning reads the images and "
@@ -221,9 +227,7 @@ def finetune(start: str | Path, dataset: Dataset, out_dir: str | Path, *, config
     ``mobilenet_v2_float``, the same weights as a float network)."""
     from fnemm.training import distributed
     device = resolve_device(device)
-    ckpt, store, manifest = start_run(start)
-    if features is not None:
-        store, manifest = Path(features), read_json(Path(features) / "manifest.json", "re-run `fnemm extract`")
+    ckpt, store, manifest = start_run(start, features)
     name = cnn or manifest["cnn"]
     built = _start_cnn(name, store, manifest, ckpt["feature_dim"])
     base = TrainConfig.from_dict(ckpt["config"])
@@ -261,9 +265,12 @@ def finetune(start: str | Path, dataset: Dataset, out_dir: str | Path, *, config
         label = read_json(home / "run.json", "").get("label") if (home / "run.json").exists() else None
         run_info["label"] = f"{label or label_of(run_preset(home), home)}-ft"
     info = {"dataset": dataset.name, "n_train": len(splits["train"]), "n_val": len(splits["val"]),
-            "features": {"source": str(store), "kind": "fc7", "dim": trunk.dim, "producer": producer},
-            "finetune": {"from": str(start_file.resolve()), "from_sha256": hashlib.sha256(
-                start_file.read_bytes()).hexdigest(), "cnn": name, "images_dir": str(folder.resolve()),
+            "features": {"source": str(store), "source_relative": relative_to(store, out_dir), "kind": "fc7",
+                         "dim": trunk.dim, "producer": producer},
+            # paths also relative to the run: found again when it moves together with them
+            "finetune": {"from": str(start_file.resolve()), "from_relative": relative_to(start_file, out_dir),
+                         "from_sha256": hashlib.sha256(start_file.read_bytes()).hexdigest(), "cnn": name,
+                         "images_dir": str(folder.resolve()), "images_dir_relative": relative_to(folder, out_dir),
                          "skipped": skipped, "trained_modules": trunk.trained_modules},
             **{k: v for k, v in (run_info or {}).items() if k not in ("features", "finetune")}}
     # the start run as seen from this run's folder: the same bytes in cnn.pt whether the run
@@ -307,6 +314,17 @@ def finetune_seeds(start: str | Path, dataset: Dataset, out: str | Path, seeds: 
     return summaries
 
 
+def recorded_start(run: Path, ft: dict) -> Path:
+    """The start run's best.pt a fine-tuning run's record (run.json's "finetune") names:
+    beside the run if the two moved together, else where it was."""
+    return locate(run, ft.get("from_relative"), ft.get("from")) or Path(ft.get("from", ""))
+
+
+def recorded_images(run: Path, ft: dict) -> str | Path | None:
+    """The photos folder a fine-tuning run's record names, found the same way."""
+    return locate(run, ft.get("images_dir_relative"), ft.get("images_dir")) or ft.get("images_dir")
+
+
 def resume_finetune(out: str | Path, dataset=None, *, features: str | Path | None = None,
                     images: str | Path | None = None, device: str = "cpu", quiet: bool = False,
                     checkpoint_every: float = 120.0) -> dict:
@@ -317,13 +335,14 @@ def resume_finetune(out: str | Path, dataset=None, *, features: str | Path | Non
     out = Path(out)
     config, info = saved_config(out), saved_info(out)
     ft = info.get("finetune") or {}
-    start = Path(ft.get("from", ""))
+    start = recorded_start(out, ft)
     if not start.is_file():
         raise FnemmError(f"{out}: the run it fine-tunes from ({start}) is not there; it is needed to resume")
     if hashlib.sha256(start.read_bytes()).hexdigest() != ft.get("from_sha256"):
         raise FnemmError(f"{start}: changed since {out} started fine-tuning from it; start a new --out")
     dataset = run_dataset(out, dataset)
     keep = {k: v for k, v in info.items() if k in ("preset", "overrides", "args", "label")}
-    return finetune(start, dataset, out, config=config, images=images or ft.get("images_dir"),
-                    features=features or (info.get("features") or {}).get("source"), cnn=ft.get("cnn"), resume=True,
-                    device=device, quiet=quiet, checkpoint_every=checkpoint_every, run_info=keep)
+    record = info.get("features") or {}
+    return finetune(start, dataset, out, config=config, images=images or recorded_images(out, ft),
+                    features=features or recorded_store(record, out) or record.get("source"), cnn=ft.get("cnn"),
+                    resume=True, device=device, quiet=quiet, checkpoint_every=checkpoint_every, run_info=keep)

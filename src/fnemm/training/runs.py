@@ -113,12 +113,13 @@ def _resume_finetuning(out: Path, several: bool, seeds: int | None, dataset, fea
     """A fine-tuning run, or every seed of a folder of them: started ones resumed, the others
     started from the same seed of the start folder (seed-0's run.json names it) as seed-0
     was (its CNN and photos); ``seeds`` defaults to as many as were asked for at the start."""
-    from fnemm.training.finetune import finetune, finetune_config, resume_finetune
+    from fnemm.training.finetune import (finetune, finetune_config, recorded_images, recorded_start,
+                                         resume_finetune)
     if not several:
         return [resume_finetune(out, run_dataset(out, dataset), features=features, images=images, **common)]
     info = saved_info(out / "seed-0")
     dataset = run_dataset(out / "seed-0", dataset)
-    start_dir = Path((info.get("finetune") or {}).get("from", "")).parent.parent
+    start_dir = recorded_start(out / "seed-0", info.get("finetune") or {}).parent.parent
     seeds = seeds or info.get("seeds") or max(count_seeds(start_dir), 1)
     summaries = []
     for k in range(seeds):
@@ -133,7 +134,8 @@ def _resume_finetuning(out: Path, several: bool, seeds: int | None, dataset, fea
             raise FnemmError(f"{run}: not started, and {start} (its start run) is not there")
         ft = info.get("finetune") or {}          # seed-0's CNN and photos, as it was started
         summaries.append(finetune(start, dataset, run, config=finetune_config(start, info.get("overrides") or []),
-                                  cnn=ft.get("cnn"), images=images or ft.get("images_dir"), features=features,
+                                  cnn=ft.get("cnn"), images=images or recorded_images(out / "seed-0", ft),
+                                  features=features,
                                   run_info={k2: v for k2, v in info.items() if k2 in KEPT_INFO}, **common))
     return summaries
 
