@@ -176,6 +176,8 @@ def test_finetune_run_export_and_features_through_extract(capsys, start, tmp_pat
     code, _, err = run(capsys, "evaluate", "--checkpoint", out, "--features", run_dir.parent.parent / "features",
                        "--dataset", data)
     assert code == 2 and "extract them the same way" in err
+    code, _, err = run(capsys, "evaluate", "--checkpoint", out, "--dataset", data)     # no default store to read
+    assert code == 2 and "a fine-tuning run; its features come from its own CNN" in err and "cnn.pt" in err
     # search embeds a new photo with the fine-tuned CNN: a store image as a file = its row
     from fnemm.search.gallery import Gallery
     gallery = Gallery.from_store(out, store, load_dataset(str(data)))

@@ -114,9 +114,14 @@ def trained_store(checkpoint: str | Path) -> Path:
     """The feature store a checkpoint was trained on (where it recorded it), or a one-line
     error asking for ``--features``: what evaluation reads by default, and whose
     statistics put new images in the model's space."""
-    record = read_checkpoint(checkpoint).get("features") or {}
+    ckpt = read_checkpoint(checkpoint)
+    record, home = ckpt.get("features") or {}, checkpoint_file(checkpoint).parent
     source = record.get("source")
-    if (found := recorded_store(record, checkpoint_file(checkpoint).parent)) is not None:
+    if (ckpt.get("config") or {}).get("finetune"):   # its store is the frozen CNN's: never this model's
+        raise FnemmError(f"{checkpoint_file(checkpoint)}: a fine-tuning run; its features come from its own CNN: "
+                         f"extract them (`fnemm extract --cnn {(record.get('producer') or {}).get('cnn', 'NAME')} "
+                         f"--weights {home / 'cnn.pt'} ...`) and pass that store as --features")
+    if (found := recorded_store(record, home)) is not None:
         return found
     raise FnemmError(f"{checkpoint_file(checkpoint)}: the feature store it was trained on ({source}) is not "
                      f"there; pass --features STORE (that store, for its CNN and statistics)")
