@@ -83,13 +83,19 @@ def test_rsum_from_ranks_and_its_bootstrap_against_a_loop():
     assert low == pytest.approx(np.quantile(loop, 0.025)) and high == pytest.approx(np.quantile(loop, 0.975))
 
 
-def test_paired_bootstrap_sees_a_real_difference_and_not_a_null_one():
-    from fnemm_studies.stats import paired_bootstrap
-    rng = np.random.default_rng(0)
-    n = 120
+def _good_and_bad(n: int, seed: int) -> tuple[dict, dict]:
+    """Per-query ranks of two models on the same n images (5 captions each): one ranks
+    near the top, the other far below."""
+    rng = np.random.default_rng(seed)
     owner = list(np.repeat(np.arange(n), 5))
     good = _ranks(list(rng.integers(1, 4, n)), list(rng.integers(1, 6, 5 * n)), owner)
-    bad = _ranks(list(rng.integers(1, 30, n)), list(rng.integers(1, 40, 5 * n)), owner)
+    return good, _ranks(list(rng.integers(1, 30, n)), list(rng.integers(1, 40, 5 * n)), owner)
+
+
+def test_paired_bootstrap_sees_a_real_difference_and_not_a_null_one():
+    from fnemm_studies.stats import paired_bootstrap
+    n = 120
+    good, bad = _good_and_bad(n, 0)
     c = paired_bootstrap([good], [bad], draws=500)
     assert c.mean > 100 and c.low > 0 and c.p < 0.01 and "120 test images" in c.method
     same = paired_bootstrap([good], [good], draws=500)
@@ -104,11 +110,8 @@ def test_paired_bootstrap_sees_a_real_difference_and_not_a_null_one():
 def test_report_leaves_out_a_difference_whose_seeds_were_ranked_on_other_images():
     from pathlib import Path
     from fnemm_studies.report import RunSummary, compare
-    rng = np.random.default_rng(1)
     n = 40
-    owner = list(np.repeat(np.arange(n), 5))
-    one = _ranks(list(rng.integers(1, 4, n)), list(rng.integers(1, 6, 5 * n)), owner)
-    two = _ranks(list(rng.integers(1, 9, n)), list(rng.integers(1, 9, 5 * n)), owner)
+    one, two = _good_and_bad(n, 1)
     other = {**two, "images": [f"other{k}" for k in range(n)]}
     run = RunSummary("FNE-MH", Path("fne"), [{}, {}], ranks=[one, two])
     assert compare(run, RunSummary("FC7-MH", Path("fc7"), [{}], ranks=[two]), draws=50) is not None
