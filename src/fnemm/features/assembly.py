@@ -23,7 +23,7 @@ from fnemm.features.cnn import TappedCNN, tap_groups
 from fnemm.io.errors import FnemmError
 from fnemm.io.faults import fault
 from fnemm.features.store import FORMAT, RAW_KEYS, write_manifest
-from fnemm.io.files import atomic_save_npy, cached_sha256, check_sha256, locate, read_json, relative_to, sha256_file
+from fnemm.io.files import atomic_save_npy, cached_sha256, check_sha256, located, read_json, relative_to, sha256_file
 from fnemm.features.fne import CROP, RESIZE, THRESHOLDS, RunningStats
 from fnemm.features.images import return_freed_memory
 from fnemm.features.pca import fit_pca_streamed
@@ -276,7 +276,7 @@ def derive_store(base: str | Path, out: str | Path, train_ids: set[str], recipe:
     producer = {k: manifest[k] for k in PRODUCER_FIELDS if k in manifest}
     producer["groups"] = groups_of(manifest)
     info = {**wanted, **{k: manifest[k] for k in ("dataset", "images_dir", "image_ids_sha256") if k in manifest}}
-    if images := locate(base, manifest.get("images_dir_relative"), manifest.get("images_dir")):
+    if images := located(base, manifest, "images_dir"):
         info["images_dir_relative"] = relative_to(images, out)
     with quieted(quiet):
         return assemble(out, producer, state, recipe, train_ids=train_ids, raw_dir=base, info=info)

@@ -281,3 +281,9 @@ def locate(base: str | Path, relative: str | None, absolute: str | None) -> Path
         if candidate is not None and candidate.exists():
             return candidate.resolve()
     return None
+
+
+def located(base: str | Path, record: dict, key: str) -> Path | None:
+    """The path a record keeps as ``record[key]`` (absolute) and ``record[key + "_relative"]``
+    (relative to ``base``, the folder holding the record), found by :func:`locate`."""
+    return locate(base, record.get(f"{key}_relative"), record.get(key))

@@ -105,8 +105,8 @@ def recorded_store(record: dict, run: str | Path) -> Path | None:
     """The feature store a run's record (``{"source", "source_relative"}``, as a checkpoint
     and run.json keep it) names: beside the run folder ``run`` as it was (the two moved
     together), else at its absolute path; None when neither holds a store."""
-    from fnemm.io.files import locate
-    found = locate(run, record.get("source_relative"), record.get("source"))
+    from fnemm.io.files import located
+    found = located(run, record, "source")
     return found if found is not None and (found / "manifest.json").is_file() else None
 
 

@@ -153,9 +153,9 @@ def embed_images(checkpoint: str | Path, source: str | Path, out: str | Path, fe
 
 
 def _images_dir(store: Path, feats) -> Path | None:
-    from fnemm.io.files import locate
+    from fnemm.io.files import located
     m = feats.manifest or {}
-    return locate(store, m.get("images_dir_relative"), m.get("images_dir"))
+    return located(store, m, "images_dir")
 
 
 def extract_like(checkpoint: str | Path, source: str | Path, store: str | Path, features: str | Path | None = None,

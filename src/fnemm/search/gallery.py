@@ -28,7 +28,7 @@ from fnemm.joint.inputs import embed_captions, embed_images
 from fnemm.datasets import Dataset
 from fnemm.features.fne import as_seen
 from fnemm.io.errors import Conflict, FnemmError, NoMatch, NotFound
-from fnemm.io.files import locate
+from fnemm.io.files import located
 from fnemm.io.progress import quieted
 from fnemm.search.index_folder import embed_gallery, select_gallery
 from fnemm.search.vector_index import VectorIndex
@@ -94,8 +94,7 @@ class Gallery:
         with quieted():             # a search's set-up, not a job: no progress lines
             images, texts = embed_gallery(opened, store, image_ids, captions)   # the store read block by block
         caption_index = VectorIndex.build(texts, "exact") if captions else None
-        images_dir = locate(features, store.manifest.get("images_dir_relative"), store.manifest.get("images_dir")) \
-            if Path(features).is_dir() else None
+        images_dir = located(features, store.manifest, "images_dir") if Path(features).is_dir() else None
         return cls(opened, image_ids, VectorIndex.build(images, "exact"), captions, caption_index,
                    Path(features), images_dir, encoder=encoder, name=str(features))
 
@@ -108,7 +107,7 @@ class Gallery:
         opened = open_model(f.checkpoint, None, device)
         m = f.manifest
         candidates = {s: (m.get(s) or {}).get("candidates", 100) for s in ("images", "captions")}
-        images_dir = locate(folder, m.get("images_dir_relative"), m.get("images_dir"))
+        images_dir = located(folder, m, "images_dir")
         return cls(opened, f.image_ids, f.images, f.captions, f.caption_index, f.store, images_dir, candidates, m,
                    encoder, str(folder))
 

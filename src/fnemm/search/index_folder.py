@@ -29,8 +29,8 @@ from fnemm.io.progress import bar, is_quiet, quieted, say
 from fnemm.joint.checkpoint import checkpoint_file, open_model
 from fnemm.joint.inputs import embed_captions, embed_images
 from fnemm.io.errors import FnemmError
-from fnemm.io.files import (atomic_path, atomic_write_json, atomic_write_text, cached_sha256, locate, read_json,
-                            relative_to, sha256_file, verifying)
+from fnemm.io.files import (atomic_path, atomic_write_json, atomic_write_text, cached_sha256, locate, located,
+                            read_json, relative_to, sha256_file, verifying)
 from fnemm.io.faults import fault
 from fnemm.search.vector_index import EXACT_UP_TO, METHODS, TUNE_QUERIES, VectorIndex, sample, tune_side
 from fnemm.io.locks import folder_lock
@@ -117,8 +117,7 @@ def _request(opened, features: Path, store, dataset, split: str, ids, method: st
 def _relative_paths(out: Path, checkpoint: Path, features: Path, store) -> dict:
     """Where the checkpoint, store and images are from the index folder: they are found
     there first, so that moving them all together keeps the index usable."""
-    images = locate(features, store.manifest.get("images_dir_relative"), store.manifest.get("images_dir")) \
-        if features.is_dir() else None
+    images = located(features, store.manifest, "images_dir") if features.is_dir() else None
     return {"relative": {"checkpoint": relative_to(checkpoint, out), "features": relative_to(features, out)},
             **({"images_dir_relative": relative_to(images, out)} if images else {})}
 

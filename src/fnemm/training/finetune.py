@@ -43,7 +43,7 @@ from fnemm.datasets import Dataset
 from fnemm.io.errors import FnemmError
 from fnemm.features.images import resolve_paths
 from fnemm.features.store import load_features
-from fnemm.io.files import atomic_write_bytes, load_torch_data, locate, read_json, relative_to
+from fnemm.io.files import atomic_write_bytes, load_torch_data, located, read_json, relative_to
 from fnemm.features.fne import RESIZE
 from fnemm.io.locks import folder_lock
 from fnemm.io.progress import say
@@ -243,7 +243,7 @@ def finetune(start: str | Path, dataset: Dataset, out_dir: str | Path, *, config
     from fnemm.joint.text import Vocab
     vocab = Vocab(ckpt["vocab"], config.max_caption_tokens)
     feats = load_features(store, "fc7")
-    folder = Path(images) if images else locate(store, manifest.get("images_dir_relative"), manifest.get("images_dir"))
+    folder = Path(images) if images else located(store, manifest, "images_dir")
     if folder is None or not folder.is_dir():
         raise FnemmError(f"{store}: the images it was extracted from ({manifest.get('images_dir')}) are not there; "
                          f"pass --images DIR")
@@ -317,12 +317,12 @@ def finetune_seeds(start: str | Path, dataset: Dataset, out: str | Path, seeds: 
 def recorded_start(run: Path, ft: dict) -> Path:
     """The start run's best.pt a fine-tuning run's record (run.json's "finetune") names:
     beside the run if the two moved together, else where it was."""
-    return locate(run, ft.get("from_relative"), ft.get("from")) or Path(ft.get("from", ""))
+    return located(run, ft, "from") or Path(ft.get("from", ""))
 
 
 def recorded_images(run: Path, ft: dict) -> str | Path | None:
     """The photos folder a fine-tuning run's record names, found the same way."""
-    return locate(run, ft.get("images_dir_relative"), ft.get("images_dir")) or ft.get("images_dir")
+    return located(run, ft, "images_dir") or ft.get("images_dir")
 
 
 def resume_finetune(out: str | Path, dataset=None, *, features: str | Path | None = None,
