@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	$(call compile_imports,$(WARM))
 	touch $(STAMP)
 
-WARM      := fnemm_studies.demo fnemm_studies.study fnemm.cli.runs fnemm.cli.search fnemm.cli.features \
+WARM      := fnemm_studies.demo fnemm_studies.study fnemm.cli.runs fnemm.cli.results fnemm.cli.search fnemm.cli.features \
              fnemm.cli.studies fnemm.search.service fnemm.features.cnn.tflite tflite torch._dynamo matplotlib.pyplot \
              matplotlib.backends.backend_agg PIL.features PIL.JpegImagePlugin PIL.PngImagePlugin PIL.BmpImagePlugin \
              PIL.GifImagePlugin PIL.PpmImagePlugin torch.utils.serialization torch.profiler._cupti_monitor

@@ -165,3 +165,31 @@ def test_checkpoints_of_another_run_are_refused_by_the_run_id(run, tmp_path, cap
     (folder / "run.json").write_text(json.dumps(info))
     assert main(["evaluate", "--checkpoint", str(folder), "--dataset", str(jsonl), "--features", str(npy),
                  "--ids", str(ids), "--output", str(tmp_path / "m.json")]) == 0
+
+
+def test_evaluate_says_when_the_images_it_scores_are_training_images(run, tmp_path, capsys):
+    """Every checkpoint lists the images its model learnt from. Scored on its own test split
+    the run is held-out (0 seen); scored on a dataset whose test split holds some of its
+    training images (another split of the same photos), evaluate warns, prints how many,
+    saves the count, and the report says it: an inflated recall never passes unremarked."""
+    out, jsonl, npy, ids = run
+    folder = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(out), str(folder)], check=True)
+    records = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    trained = [r["image"] for r in records if r["split"] == "train"]
+    assert torch.load(folder / "best.pt", weights_only=True)["train_images"] == trained
+    data = ["--features", str(npy), "--ids", str(ids)]
+    assert main(["evaluate", "--checkpoint", str(folder), "--dataset", str(jsonl), *data, "--json"]) == 0
+    said = capsys.readouterr()
+    assert json.loads(said.out)["all"]["seen_in_training"] == 0 and "not held-out" not in said.err
+    resplit = tmp_path / "resplit.jsonl"            # 7 of its training images are test images here
+    resplit.write_text("".join(json.dumps({**r, "split": "test" if r["image"] in trained[:7] else r["split"]}) + "\n"
+                               for r in records))
+    assert main(["evaluate", "--checkpoint", str(folder), "--dataset", str(resplit), *data]) == 0
+    said = capsys.readouterr()
+    n_test = sum(r["split"] == "test" for r in records) + 7
+    assert f"7 of the {n_test} test images are among the {len(trained)} it was trained on" in said.err, said.err
+    assert "not held-out: 7 of the test images it ranked" in said.out, said.out
+    assert json.loads((folder / "metrics-test.json").read_text())["results"]["all"]["seen_in_training"] == 7
+    assert main(["report", str(folder)]) == 0
+    assert "not held-out, 7 of its test images are among those it was trained on" in capsys.readouterr().out

@@ -143,6 +143,7 @@ def test_finetune_run_export_and_features_through_extract(capsys, start, tmp_pat
     start_ckpt = torch.load(run_dir / "best.pt", weights_only=True)
     moved = [k for k in best["model"] if not torch.equal(best["model"][k], start_ckpt["model"][k])]
     assert "image.fc.weight" in moved                        # it trained from the start run's weights
+    assert set(start_ckpt["train_images"]) <= set(best["train_images"])    # what both runs learnt from
 
     store = tmp_path / "store"
     code, _, err = run(capsys, "extract", "--images", DATA / "flickr8k" / "images", "--dataset", data,

@@ -77,14 +77,14 @@ def read_lines(flag: str, path: str, what: str) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     from fnemm.io.version import __version__
-    from fnemm.cli import features, runs, search, studies
+    from fnemm.cli import features, results, runs, search, studies
     parser = argparse.ArgumentParser(
         prog="fnemm",
         description="Image-caption retrieval with the Full-Network Embedding "
                     "(Vilalta et al. 2019): extract image features, train, evaluate, report and search.")
     parser.add_argument("--version", action="version", version=f"fnemm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (features, runs, search, studies):
+    for module in (features, runs, results, search, studies):
         for add, handler in module.COMMANDS:
             add(sub).set_defaults(handler=handler)
     return parser

@@ -38,6 +38,7 @@ def evaluate(checkpoint: str | Path, dataset: Dataset, features: Features | str 
     opened = open_model(checkpoint, features, device, ids)
     model, config, device = opened.model, opened.config, opened.device
     data = split_data(dataset, opened.features, opened.vocab, split)
+    seen = trained_on(opened.checkpoint, data.image_ids, opened.path, split)
     captions, owner = data.eval_captions(config.eval_captions)
     # on a CPU the split's embeddings live in scratch files' pages (4 KB an image and a
     # caption at 1,024-d: 2.7 GB for MSCOCO's training split), not the process's memory
@@ -52,7 +53,7 @@ def evaluate(checkpoint: str | Path, dataset: Dataset, features: Features | str 
     for name in wanted:
         if name == "all":
             i2t, t2i = query_ranks(img, cap, owner, sim)
-            results["all"] = {**metrics_from_ranks(i2t, t2i), "images": n, "captions": len(owner)}
+            results["all"] = {**metrics_from_ranks(i2t, t2i), "images": n, "captions": len(owner), **seen(n)}
             if ranks is not None:
                 ranks.update(images=list(data.image_ids), i2t=i2t.tolist(), t2i=t2i.tolist(),
                               caption_image=owner.tolist())
@@ -61,7 +62,7 @@ def evaluate(checkpoint: str | Path, dataset: Dataset, features: Features | str 
                 raise FnemmError(f"--protocol 1k needs >= 1000 {split} images; this split has {n}")
             keep = owner < 1000
             results["1k"] = {**evaluate_embeddings(img[:1000], cap[keep], owner[keep], sim), "images": 1000,
-                             "captions": int(keep.sum())}
+                             "captions": int(keep.sum()), **seen(1000)}
         else:
             if n % 5:
                 raise FnemmError(f"--protocol 5fold needs a multiple of 5 {split} images; this split has {n}")
@@ -69,8 +70,24 @@ def evaluate(checkpoint: str | Path, dataset: Dataset, features: Features | str 
                 warnings.warn(f"5fold on {n} images ranks among folds of {n // 5}, not MSCOCO's 1,000: "
                               f"its recalls are higher and not comparable", stacklevel=2)
             results["5fold"] = {**evaluate_embeddings(img, cap, owner, sim, folds=5), "images": n // 5,
-                                "captions": len(owner) // 5}
+                                "captions": len(owner) // 5, **seen(n)}
     return results
+
+
+def trained_on(ckpt: dict, image_ids: list[str], path: Path, split: str):
+    """``seen(k)``: {"seen_in_training": how many of the first k images the model learnt
+    from}, or {} for a checkpoint that does not list its training images (made before
+    fnemm 0.1.0 recorded them); warns when the split holds any."""
+    trained = ckpt.get("train_images")
+    if not isinstance(trained, list):
+        return lambda k: {}
+    known = set(trained)
+    flags = [i in known for i in image_ids]
+    if any(flags):
+        warnings.warn(f"{path}: {sum(flags)} of the {len(flags)} {split} images are among the {len(known)} it was "
+                      f"trained on: these recalls are not held-out (evaluate it on images it did not train on)",
+                      stacklevel=3)
+    return lambda k: {"seen_in_training": sum(flags[:k])}
 
 
 SMALL_SPLIT = 50

@@ -72,8 +72,9 @@ class Photos:
     checkpoint, and exported as cnn.pt beside each best.pt."""
 
     def __init__(self, trunk: Trunk, banks: dict[str, ImageBank], start_model: dict, config: TrainConfig,
-                 device: str, export: dict):
+                 device: str, export: dict, seen_before: list[str] = ()):
         self.trunk, self.banks, self.start_model, self.export = trunk, banks, start_model, export
+        self.seen_before = list(seen_before)         # the start run's training images
         self.finetune, self.seed, self.device = config.finetune, config.seed, device
         self.lr_scale = config.finetune.cnn_lr_scale
         self.n_crops = int(export.get("crops", 10))
@@ -277,7 +278,7 @@ def finetune(start: str | Path, dataset: Dataset, out_dir: str | Path, *, config
     # was started or resumed, from any working directory
     photos = Photos(trunk, banks, ckpt["model"], config, device,
                     export={"cnn": name, "crops": int(manifest.get("crops", 10)),
-                            "from": relative_to(start_file, out_dir)})
+                            "from": relative_to(start_file, out_dir)}, seen_before=ckpt.get("train_images") or [])
     trainer = Trainer(config, splits["train"], splits["val"], vocab, Path(out_dir), device, quiet, info,
                       checkpoint_every, dist, images=photos)
     main = dist is None or dist.main

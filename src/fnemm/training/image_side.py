@@ -25,9 +25,12 @@ class FeatureRows:
     - ``batch(idx, epoch)``: the image input of a batch of training images;
     - ``embed_val(model)``: the validation images' embeddings;
     - ``state()`` / ``load_state(ckpt)``: what it keeps in every checkpoint;
-    - ``best(payload, epoch, out)``: best.pt's contents (writing first what belongs with it).
+    - ``best(payload, epoch, out)``: best.pt's contents (writing first what belongs with it);
+    - ``seen_before``: the ids of images the model learnt from before this run (a fine-tune's
+      start run's).
     """
     lr_scale = 1.0
+    seen_before: tuple = ()
 
     def __init__(self, train: SplitData, val: SplitData, device: str):
         self.train, self.val, self.device = train, val, device

@@ -100,6 +100,8 @@ class Trainer:
         self.model = JointEmbedding(config.model, len(vocab), train.features.shape[1]).to(self.device)
         # where the images come from: feature rows, or (fine-tuning) a CNN reading photos
         self.images = images if images is not None else FeatureRows(train, val, self.device)
+        # every image the model learnt from, in each checkpoint: evaluate says when a split holds some
+        self.trained_images = list(dict.fromkeys([*self.images.seen_before, *train.image_ids]))
         self.net = self._distribute(self.images.wrap(self.model))
         self.state = TrainState()
         self.optimizer = self._new_optimizer()
@@ -115,7 +117,8 @@ class Trainer:
         return {"format": CHECKPOINT_FORMAT, "version": 1, "config": self.config.to_dict(),
                 "vocab": self.vocab.itos[2:], "feature_dim": self.model.feature_dim,
                 "features": self.run_info.get("features", {}), "preset": self.run_info.get("preset"),
-                "model": self.model.state_dict(), "run_id": self.run_id, **self.images.state()}
+                "model": self.model.state_dict(), "run_id": self.run_id, "train_images": self.trained_images,
+                **self.images.state()}
 
     def _distribute(self, module: torch.nn.Module) -> torch.nn.Module:
         """What a batch goes through: ``module``, or DDP around it (several processes)."""
