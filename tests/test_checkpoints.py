@@ -177,7 +177,7 @@ def test_evaluate_says_when_the_images_it_scores_are_training_images(run, tmp_pa
     subprocess.run(["cp", "-r", str(out), str(folder)], check=True)
     records = [json.loads(line) for line in jsonl.read_text().splitlines()]
     trained = [r["image"] for r in records if r["split"] == "train"]
-    assert torch.load(folder / "best.pt", weights_only=True)["train_images"] == trained
+    assert json.loads(torch.load(folder / "best.pt", weights_only=True)["train_images"]) == trained
     data = ["--features", str(npy), "--ids", str(ids)]
     assert main(["evaluate", "--checkpoint", str(folder), "--dataset", str(jsonl), *data, "--json"]) == 0
     said = capsys.readouterr()
@@ -193,3 +193,14 @@ def test_evaluate_says_when_the_images_it_scores_are_training_images(run, tmp_pa
     assert json.loads((folder / "metrics-test.json").read_text())["results"]["all"]["seen_in_training"] == 7
     assert main(["report", str(folder)]) == 0
     assert "not held-out, 7 of its test images are among those it was trained on" in capsys.readouterr().out
+
+
+def test_a_damaged_list_of_training_images_is_refused_naming_the_file(tmp_path):
+    from fnemm.errors import FnemmError
+    from fnemm.joint.checkpoint import encode_images, trained_images
+    path = tmp_path / "best.pt"
+    assert trained_images({"train_images": encode_images(["a.jpg", "b\n.jpg"])}, path) == ["a.jpg", "b\n.jpg"]
+    assert trained_images({}, path) is None                   # a checkpoint from before the lists
+    for damaged in ('["a.jpg", 3]', '{"a": 1}', '["a.jpg"', ["a.jpg"]):
+        with pytest.raises(FnemmError, match=f"^{path}: its list of training images is damaged"):
+            trained_images({"train_images": damaged}, path)

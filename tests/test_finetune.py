@@ -143,13 +143,13 @@ def test_finetune_run_export_and_features_through_extract(capsys, start, tmp_pat
     start_ckpt = torch.load(run_dir / "best.pt", weights_only=True)
     moved = [k for k in best["model"] if not torch.equal(best["model"][k], start_ckpt["model"][k])]
     assert "image.fc.weight" in moved                        # it trained from the start run's weights
-    assert set(start_ckpt["train_images"]) <= set(best["train_images"])    # what both runs learnt from
+    assert set(json.loads(start_ckpt["train_images"])) <= set(json.loads(best["train_images"]))  # the start run's too
+
 
     store = tmp_path / "store"
     code, _, err = run(capsys, "extract", "--images", DATA / "flickr8k" / "images", "--dataset", data,
                        "--cnn", "mobilenet_v2_float", "--weights", out / "cnn.pt", "--out", store, "--quiet")
     assert code == 0, err
-    import json
     manifest = json.loads((store / "manifest.json").read_text())
     assert manifest["weights_format"] == "fnemm-cnn" and manifest["finetuned"]["epoch"] == best["epoch"]
     trunk = Trunk(build_cnn("mobilenet_v2_float", str(out / "cnn.pt")), blocks=2)
@@ -296,7 +296,6 @@ def test_a_killed_seeds_fine_tuning_resumes_its_unstarted_seeds_with_seed_0s_cnn
     shutil.rmtree(out / "seed-1")                 # as if killed before seed-1 wrote anything
     done = subprocess.run(_cli("train", "--out", out, "--resume", *common[2:]), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    import json
     info = json.loads((out / "seed-1" / "run.json").read_text())
     assert info["finetune"]["cnn"] == "mobilenet_v2_float" and (out / "seed-1" / "cnn.pt").is_file()
     assert info["seeds"] == 2

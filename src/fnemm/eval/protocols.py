@@ -11,7 +11,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from fnemm.joint.checkpoint import open_model
+from fnemm.joint.checkpoint import open_model, trained_images
 from fnemm.joint.inputs import embed_captions, embed_images, split_data
 from fnemm.datasets import Dataset
 from fnemm.io.errors import FnemmError
@@ -78,8 +78,8 @@ def trained_on(ckpt: dict, image_ids: list[str], path: Path, split: str):
     """``seen(k)``: {"seen_in_training": how many of the first k images the model learnt
     from}, or {} for a checkpoint that does not list its training images (made before
     fnemm 0.1.0 recorded them); warns when the split holds any."""
-    trained = ckpt.get("train_images")
-    if not isinstance(trained, list):
+    trained = trained_images(ckpt, path)
+    if trained is None:
         return lambda k: {}
     known = set(trained)
     flags = [i in known for i in image_ids]

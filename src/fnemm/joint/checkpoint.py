@@ -17,6 +17,7 @@ checkpoint itself records: a ``best.pt`` copied without its run folder is checke
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,6 +85,25 @@ def check_run_id(path: Path, ckpt: dict) -> None:
     if theirs is not None and theirs != ckpt["run_id"]:
         raise FnemmError(f"{path}: from another run (run id {ckpt['run_id'][:8]}…, but {run_json} says "
                          f"{str(theirs)[:8]}…); copy a run's folder whole, or train it again")
+
+
+def trained_images(ckpt: dict, path: Path) -> list[str] | None:
+    """The ids of the images a checkpoint's model learnt from, or None when it does not
+    say (made before checkpoints listed them). Kept as one JSON string: a list of 113K
+    strings takes 12x longer through ``weights_only`` loading (0.37 s against 0.03 s)."""
+    listed = ckpt.get("train_images")
+    try:
+        ids = json.loads(listed) if isinstance(listed, str) else None
+    except ValueError:
+        ids = None
+    if listed is not None and not (isinstance(ids, list) and all(isinstance(i, str) for i in ids)):
+        raise FnemmError(f"{path}: its list of training images is damaged; re-train the run")
+    return ids
+
+
+def encode_images(ids: list[str]) -> str:
+    """``ids`` as a checkpoint keeps them (see :func:`trained_images`)."""
+    return json.dumps(ids)
 
 
 def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[JointEmbedding, Vocab, TrainConfig, dict]:

@@ -39,7 +39,7 @@ from fnemm.io.progress import bar as progress_bar
 from fnemm.io.progress import say
 
 from fnemm.joint.checkpoint import FORMAT as CHECKPOINT_FORMAT
-from fnemm.joint.checkpoint import check_run_id, resolve_device, tensors_copied
+from fnemm.joint.checkpoint import check_run_id, encode_images, resolve_device, tensors_copied
 from fnemm.training import distributed
 from fnemm.joint.config import TrainConfig, differences, validate
 from fnemm.joint.inputs import SplitData, build_vocab, embed_captions, split_data
@@ -101,7 +101,7 @@ class Trainer:
         # where the images come from: feature rows, or (fine-tuning) a CNN reading photos
         self.images = images if images is not None else FeatureRows(train, val, self.device)
         # every image the model learnt from, in each checkpoint: evaluate says when a split holds some
-        self.trained_images = list(dict.fromkeys([*self.images.seen_before, *train.image_ids]))
+        self.trained_images = encode_images(list(dict.fromkeys([*self.images.seen_before, *train.image_ids])))
         self.net = self._distribute(self.images.wrap(self.model))
         self.state = TrainState()
         self.optimizer = self._new_optimizer()
