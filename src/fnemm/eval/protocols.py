@@ -26,7 +26,9 @@ def evaluate(checkpoint: str | Path, dataset: Dataset, features: Features | str 
              split: str = "test", protocol: str = "auto", device: str = "cpu",
              ids: str | Path | None = None, ranks: dict | None = None) -> dict[str, dict[str, float]]:
     """Recall@K and ranks of a trained model on ``split``: {protocol: metrics}, the
-    protocols named 'all', '1k', '5fold'; each metrics dict also says how many ``images``.
+    protocols named 'all', '1k', '5fold'; each metrics dict also says how many ``images``
+    (and ``captions``), and, when the checkpoint lists its training images, how many of the
+    images it ranked are among them (``seen_in_training``: 0 for a held-out split; warned).
     A ``ranks`` dict, when given, receives the whole split's per-query ranks: 'images'
     (ids), 'i2t' (per image), 't2i' (per caption), 'caption_image' (each caption's image).
 
