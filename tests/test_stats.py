@@ -116,3 +116,33 @@ def test_report_leaves_out_a_difference_whose_seeds_were_ranked_on_other_images(
     run = RunSummary("FNE-MH", Path("fne"), [{}, {}], ranks=[one, two])
     assert compare(run, RunSummary("FC7-MH", Path("fc7"), [{}], ranks=[two]), draws=50) is not None
     assert compare(run, RunSummary("FC7-MH", Path("fc7"), [{}, {}], ranks=[two, other]), draws=50) is None
+
+
+def test_report_says_when_runs_were_scored_on_different_test_images():
+    """Two runs scored on other test images (125 and 1,000: the small set gives far higher
+    recalls) are not ranked against each other: the table says why their difference is
+    missing and the verdict names no winner; on the same images it does."""
+    from pathlib import Path
+    import torch
+    from fnemm.eval.metrics import metrics_from_ranks
+    from fnemm_studies.report import RunSummary, markdown_table, verdict
+
+    def summary(label: str, ranks: dict, with_ranks: bool = True) -> RunSummary:
+        metrics = {**metrics_from_ranks(torch.tensor(ranks["i2t"]), torch.tensor(ranks["t2i"])),
+                   "images": len(ranks["images"]), "captions": len(ranks["t2i"])}
+        return RunSummary(label, Path(label), [metrics], ranks=[ranks] if with_ranks else [])
+
+    small, _ = _good_and_bad(25, 2)
+    big, worse = _good_and_bad(100, 3)
+    fc7, fne = summary("FC7-MH", worse), summary("FNE-MH", small)
+    table = markdown_table([fne, fc7], baseline=fc7)
+    assert "not comparable: these runs were scored on different test images (FNE-MH: 25 images; FC7-MH: 100 " \
+           "images)" in table, table
+    assert "neither can be said to be better" in verdict([fne, fc7], fc7)
+    same = summary("FNE-MH", big)
+    assert "not comparable" not in markdown_table([same, fc7], baseline=fc7)
+    assert verdict([same, fc7], fc7).startswith("FNE-MH has the highest mean rsum, +")
+    other = summary("FNE-MH", {**big, "images": [f"other{k}" for k in range(100)]})   # as many, others
+    assert "(100 images each, not the same ones)" in markdown_table([other, fc7], baseline=fc7)
+    counted = summary("FNE-MH", small, with_ranks=False)      # metrics alone: their counts differ
+    assert "FNE-MH: 25 images; FC7-MH: 100 images" in markdown_table([counted, fc7], baseline=fc7)

@@ -137,6 +137,35 @@ class RunSummary:
         return low, high
 
 
+def test_images(run: RunSummary) -> tuple | None:
+    """What ``run`` was scored on: its seeds' test image ids (from their ranks), or only how
+    many (from their metrics); None when neither says."""
+    if run.ranks:
+        return tuple(tuple(r["images"]) for r in run.ranks)
+    counts = tuple(s.get("images") for s in run.seeds)
+    return None if None in counts else counts
+
+
+def scored_apart(runs: list[RunSummary]) -> str | None:
+    """A note when ``runs`` (or one run's seeds) were scored on different test images: their
+    rsums are then not comparable (125 test images give far higher recalls than 1,000)."""
+    sigs = [(run.label, test_images(run)) for run in runs]
+    if any(v is None for _, v in sigs):
+        return None
+    if not all(run.ranks for run in runs):          # some only say how many: compare the counts
+        sigs = [(label, tuple(len(x) if isinstance(x, tuple) else x for x in v)) for label, v in sigs]
+    if len({x for _, v in sigs for x in v}) < 2:
+        return None
+    groups: dict[str, list[str]] = {}
+    for label, v in sigs:
+        sizes = " / ".join(str(len(x) if isinstance(x, tuple) else x) for x in dict.fromkeys(v))
+        groups.setdefault(sizes, []).append(label)
+    said = ("; ".join(f"{', '.join(labels)}: {n} images" for n, labels in groups.items()) if len(groups) > 1
+            else f"{next(iter(groups))} images each, not the same ones")
+    return (f"not comparable: these runs were scored on different {runs[0].split} images ({said}); a row on "
+            f"other images than the baseline has no paired difference, and their rsums cannot be ranked")
+
+
 def load_run(path: str | Path, split: str = "test") -> RunSummary:
     path = Path(path)
     if not path.is_dir():
@@ -222,6 +251,7 @@ def markdown_table(runs: list[RunSummary], paper: str | None = None, baseline: R
              if run.at_chance()]
     notes += [f"{run.label}: no interval, its per-query ranks (ranks-{run.split}.jsonl) are missing: evaluate it "
               f"again" for run in missing]
+    notes += [apart] if (apart := scored_apart(runs)) else []
     notes += [f"{run.label}: not held-out, {max(m.get('seen_in_training', 0) for m in run.seeds)} of its "
               f"{run.split} images are among those it was trained on" for run in runs
               if any(m.get("seen_in_training") for m in run.seeds)]
@@ -245,6 +275,9 @@ def verdict(runs: list[RunSummary], baseline: RunSummary | None) -> str:
     best = max(runs, key=lambda r: r.mean_std("rsum")[0])
     others = [r for r in runs if r is not best]
     rival = baseline if best is not baseline else max(others, key=lambda r: r.mean_std("rsum")[0])
+    if scored_apart([best, rival]):
+        return (f"{best.label} and {rival.label} were scored on different test images: neither can be said to "
+                f"be better.")
     c = compare(best, rival)
     if c is None:
         return f"{best.label} has the highest mean rsum ({best.mean_std('rsum')[0]:.1f})."
