@@ -204,3 +204,34 @@ def test_a_damaged_list_of_training_images_is_refused_naming_the_file(tmp_path):
     for damaged in ('["a.jpg", 3]', '{"a": 1}', '["a.jpg"', ["a.jpg"]):
         with pytest.raises(FnemmError, match=f"^{path}: its list of training images is damaged"):
             trained_images({"train_images": damaged}, path)
+
+
+def test_a_run_evaluated_before_it_finished_training_is_said_to_be_so(run, tmp_path, capsys):
+    """run.json says "training" from a run's start and "finished" at its end. Evaluating a
+    run killed (or still running) before its end warns and marks the metrics; a report of
+    them says so; a report of a seeds folder whose unevaluated seed is still training says
+    that, where it used to send the user to evaluate the half-trained seed. Resumed to its
+    end, the run says "finished" and its metrics are unmarked."""
+    out, jsonl, npy, ids = run
+    seeds = tmp_path / "seeds"
+    seeds.mkdir()
+    subprocess.run(["cp", "-r", str(out), str(seeds / "seed-0")], check=True)
+    subprocess.run(["cp", "-r", str(out), str(seeds / "seed-1")], check=True)
+    first = seeds / "seed-0"
+    assert json.loads((first / "run.json").read_text())["state"] == "training"
+    data = ["--dataset", str(jsonl), "--features", str(npy), "--ids", str(ids)]
+    assert main(["evaluate", "--checkpoint", str(first), *data]) == 0
+    assert "has not trained to its end" in capsys.readouterr().err
+    assert json.loads((first / "metrics-test.json").read_text())["results"]["all"]["unfinished"] is True
+    assert main(["report", str(seeds)]) == 2
+    err = capsys.readouterr().err
+    assert f"{seeds / 'seed-1'}: still training, or stopped before its end" in err and "seed-0" in err, err
+    assert main(["report", str(first)]) == 0
+    assert "1 of its 1 seeds had not trained to their end when evaluated" in capsys.readouterr().out
+    assert main(["train", "--out", str(first), "--resume", "--quiet"]) == 0
+    assert json.loads((first / "run.json").read_text())["state"] == "finished"
+    assert main(["evaluate", "--checkpoint", str(first), *data]) == 0
+    said = capsys.readouterr()
+    assert "has not trained to its end" not in said.err
+    assert "unfinished" not in json.loads((first / "metrics-test.json").read_text())["results"]["all"]
+    assert main(["report", str(first)]) == 0 and "had not trained" not in capsys.readouterr().out

@@ -17,7 +17,8 @@ import numpy as np
 
 from fnemm.io.errors import FnemmError
 from fnemm.io.files import atomic_path
-from fnemm.training.folders import label_of, load_metrics, load_ranks, run_preset, saved_info, seed_dirs, val_curve
+from fnemm.training.folders import (label_of, load_metrics, load_ranks, metrics_path, run_preset, saved_info, seed_dirs,
+                                    unfinished, val_curve)
 from fnemm.eval.metrics import chance_rsum
 from fnemm_studies.stats import Comparison, bootstrap_rsum, format_p, paired_bootstrap
 
@@ -172,6 +173,10 @@ def load_run(path: str | Path, split: str = "test") -> RunSummary:
         raise FnemmError(f"{path}: no such run folder")
     seeds, curves, ranks, preset, label, chance = [], [], [], None, None, None
     for run in seed_dirs(path):
+        if not metrics_path(run, split).exists() and unfinished(run):
+            raise FnemmError(f"{run}: still training, or stopped before its end (`fnemm train --out {run} --resume` "
+                             f"finishes it); wait for it, or name the seeds that have finished (e.g. "
+                             f"{seed_dirs(path)[0]})")
         results = load_metrics(run, split)
         seeds.append(next(iter(results.values())))      # the whole split (first protocol)
         curve = val_curve(run)
@@ -252,6 +257,9 @@ def markdown_table(runs: list[RunSummary], paper: str | None = None, baseline: R
     notes += [f"{run.label}: no interval, its per-query ranks (ranks-{run.split}.jsonl) are missing: evaluate it "
               f"again" for run in missing]
     notes += [apart] if (apart := scored_apart(runs)) else []
+    notes += [f"{run.label}: {k} of its {len(run.seeds)} seeds had not trained to their end when evaluated (their best "
+              f"model so far): evaluate them again once they have" for run in runs
+              if (k := sum(bool(m.get("unfinished")) for m in run.seeds))]
     notes += [f"{run.label}: not held-out, {max(m.get('seen_in_training', 0) for m in run.seeds)} of its "
               f"{run.split} images are among those it was trained on" for run in runs
               if any(m.get("seen_in_training") for m in run.seeds)]

@@ -35,8 +35,8 @@ def evaluate(args) -> int:
     every = evaluate_runs(args.checkpoint, args.dataset and load_dataset(args.dataset), args.features, args.split,
                           args.protocol, args.device, ids=args.ids, output=args.output)
     if args.json:
-        rounded = {run: {p: {k: round(v, 4) for k, v in m.items()} for p, m in res.items()}
-                   for run, res in every.items()}
+        rounded = {run: {p: {k: round(v, 4) if isinstance(v, float) else v for k, v in m.items()}
+                         for p, m in res.items()} for run, res in every.items()}
         print(json.dumps(rounded if len(rounded) > 1 else next(iter(rounded.values())), indent=2))
         return 0
     from fnemm.eval.metrics import chance_rsum

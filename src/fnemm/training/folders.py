@@ -191,6 +191,20 @@ def saved_info(run: Path) -> dict:
     return read_json(Path(run) / "run.json", "the run folder is damaged; start a new --out")
 
 
+def mark_finished(run: Path) -> None:
+    """Say in run.json that the run trained to its end (it says "training" from its start:
+    evaluating it before then scores its best model so far, not the run's)."""
+    info = saved_info(run) if (Path(run) / "run.json").is_file() else None
+    if info is not None and info.get("state") != "finished":
+        atomic_write_json(Path(run) / "run.json", {**info, "state": "finished"})
+
+
+def unfinished(run: Path) -> bool:
+    """Whether run.json says the run has not trained to its end (still running, or stopped
+    before it). Runs made before run.json said so count as finished."""
+    return (Path(run) / "run.json").is_file() and saved_info(run).get("state") == "training"
+
+
 def run_preset(run: Path) -> str | None:
     """The preset a run was trained from: its run.json says, else its best.pt."""
     if (run / "run.json").exists():

@@ -13,8 +13,8 @@ where max-of-hinges runs can sit 25-75 epochs before they learn.
 Run folder::
 
     config.json     the fully resolved TrainConfig
-    run.json        data paths, feature info, vocabulary size, the run's random id
-                    (every checkpoint carries it: one from another run is refused)
+    run.json        data paths, feature info, vocabulary size, state (training, then finished),
+                    the run's random id (every checkpoint carries it: one from another run is refused)
     best.pt         best model so far (what evaluate/search load)
     last.pt         everything needed to resume (model, Adam, RNG, counters); written
                     at most every ``checkpoint_every`` seconds, at stage ends and at the
@@ -35,18 +35,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from fnemm.io.progress import bar as progress_bar
-from fnemm.io.progress import say
+from fnemm.io.progress import bar as progress_bar, say
 
-from fnemm.joint.checkpoint import FORMAT as CHECKPOINT_FORMAT
-from fnemm.joint.checkpoint import check_run_id, encode_images, resolve_device, tensors_copied
+from fnemm.joint.checkpoint import (FORMAT as CHECKPOINT_FORMAT, check_run_id, encode_images, resolve_device,
+                                    tensors_copied)
 from fnemm.training import distributed
 from fnemm.joint.config import TrainConfig, differences, validate
 from fnemm.joint.inputs import SplitData, build_vocab, embed_captions, split_data
 from fnemm.training.image_side import FeatureRows
 from fnemm.datasets import Dataset
 from fnemm.training.distributed import Dist
-from fnemm.training.folders import check_resumed_features
+from fnemm.training.folders import check_resumed_features, mark_finished
 from fnemm.training.optim import clip_gradients, new_optimizer
 from fnemm.io.errors import FnemmError
 from fnemm.io.faults import fault
@@ -226,7 +225,7 @@ class Trainer:
             self.run_id = uuid.uuid4().hex
             self.out.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.out / "config.json", self.config.to_json() + "\n")
-            atomic_write_json(self.out / "run.json", {**self.run_info, "vocab_size": len(self.vocab),
+            atomic_write_json(self.out / "run.json", {**self.run_info, "state": "training", "vocab_size": len(self.vocab),
                                                       "feature_dim": self.model.feature_dim, "run_id": self.run_id})
         self._save_last()
 
@@ -337,6 +336,8 @@ class Trainer:
             fault(f"epoch-{st.epoch}", f"{self.out.name}/epoch-{st.epoch}")
             if not self.quiet:
                 say(self._epoch_line(loss, val, improved, time.perf_counter() - t0))
+        if self.main:
+            mark_finished(self.out)
         return self.best_summary()
 
     def _epoch_line(self, loss: float, val: dict, improved: bool, seconds: float) -> str:
