@@ -221,7 +221,8 @@ def test_a_run_evaluated_before_it_finished_training_is_said_to_be_so(run, tmp_p
     assert json.loads((first / "run.json").read_text())["state"] == "training"
     data = ["--dataset", str(jsonl), "--features", str(npy), "--ids", str(ids)]
     assert main(["evaluate", "--checkpoint", str(first), *data]) == 0
-    assert "has not trained to its end" in capsys.readouterr().err
+    said = capsys.readouterr()
+    assert "has not trained to its end" in said.err and "unfinished: the run has not trained" in said.out
     assert json.loads((first / "metrics-test.json").read_text())["results"]["all"]["unfinished"] is True
     assert main(["report", str(seeds)]) == 2
     err = capsys.readouterr().err
@@ -232,6 +233,6 @@ def test_a_run_evaluated_before_it_finished_training_is_said_to_be_so(run, tmp_p
     assert json.loads((first / "run.json").read_text())["state"] == "finished"
     assert main(["evaluate", "--checkpoint", str(first), *data]) == 0
     said = capsys.readouterr()
-    assert "has not trained to its end" not in said.err
+    assert "has not trained to its end" not in said.err and "unfinished" not in said.out
     assert "unfinished" not in json.loads((first / "metrics-test.json").read_text())["results"]["all"]
     assert main(["report", str(first)]) == 0 and "had not trained" not in capsys.readouterr().out
