@@ -212,6 +212,9 @@ def test_a_run_evaluated_before_it_finished_training_is_said_to_be_so(run, tmp_p
     them says so; a report of a seeds folder whose unevaluated seed is still training says
     that, where it used to send the user to evaluate the half-trained seed. Resumed to its
     end, the run says "finished" and its metrics are unmarked."""
+    from fnemm.datasets import load_dataset
+    from fnemm.features.store import load_features
+    from fnemm.training.runs import evaluate_runs
     out, jsonl, npy, ids = run
     seeds = tmp_path / "seeds"
     seeds.mkdir()
@@ -231,6 +234,9 @@ def test_a_run_evaluated_before_it_finished_training_is_said_to_be_so(run, tmp_p
     assert "1 of its 1 seeds had not trained to their end when evaluated" in capsys.readouterr().out
     assert main(["train", "--out", str(first), "--resume", "--quiet"]) == 0
     assert json.loads((first / "run.json").read_text())["state"] == "finished"
+    os.utime(first / "metrics-test.json")     # newer than best.pt: a fresh evaluation would keep it...
+    again = evaluate_runs(first, load_dataset(jsonl), load_features(npy, "fne", ids=ids), fresh=True)
+    assert "unfinished" not in again[str(first)]["all"]     # ...but not its mark: measured again
     assert main(["evaluate", "--checkpoint", str(first), *data]) == 0
     said = capsys.readouterr()
     assert "has not trained to its end" not in said.err and "unfinished" not in said.out

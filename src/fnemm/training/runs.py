@@ -185,7 +185,7 @@ def evaluate_runs(path: str | Path, dataset: Dataset | None, features, split: st
         if fresh and target.exists() and best.exists() and target.stat().st_mtime >= best.stat().st_mtime \
                 and (output or ranks_path(folder, split).exists()):
             saved = load_metrics(folder, split, target, protocol)
-            if saved is not None:
+            if saved is not None and not (any(m.get("unfinished") for m in saved.values()) and not unfinished(folder)):
                 every[str(run)] = saved
                 continue
         ranks: dict = {}
