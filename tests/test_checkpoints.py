@@ -227,6 +227,9 @@ def test_a_run_evaluated_before_it_finished_training_is_said_to_be_so(run, tmp_p
     said = capsys.readouterr()
     assert "has not trained to its end" in said.err and "unfinished: the run has not trained" in said.out
     assert json.loads((first / "metrics-test.json").read_text())["results"]["all"]["unfinished"] is True
+    from fnemm import evaluate                  # the library says it too, not only the command
+    with pytest.warns(UserWarning, match="has not trained to its end"):
+        assert evaluate(first, load_dataset(jsonl), load_features(npy, "fne", ids=ids))["all"]["unfinished"] is True
     assert main(["report", str(seeds)]) == 2
     err = capsys.readouterr().err
     assert f"{seeds / 'seed-1'}: still training, or stopped before its end" in err and "seed-0" in err, err

@@ -17,8 +17,9 @@ import numpy as np
 
 from fnemm.io.errors import FnemmError
 from fnemm.io.files import atomic_path
+from fnemm.joint.checkpoint import unfinished
 from fnemm.training.folders import (label_of, load_metrics, load_ranks, metrics_path, run_preset, saved_info, seed_dirs,
-                                    unfinished, val_curve)
+                                    val_curve)
 from fnemm.eval.metrics import chance_rsum
 from fnemm_studies.stats import Comparison, bootstrap_rsum, format_p, paired_bootstrap
 

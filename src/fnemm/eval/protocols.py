@@ -11,7 +11,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from fnemm.joint.checkpoint import open_model, trained_images
+from fnemm.joint.checkpoint import open_model, trained_images, unfinished
 from fnemm.joint.inputs import embed_captions, embed_images, split_data
 from fnemm.datasets import Dataset
 from fnemm.io.errors import FnemmError
@@ -28,7 +28,8 @@ def evaluate(checkpoint: str | Path, dataset: Dataset, features: Features | str 
     """Recall@K and ranks of a trained model on ``split``: {protocol: metrics}, the
     protocols named 'all', '1k', '5fold'; each metrics dict also says how many ``images``
     (and ``captions``), and, when the checkpoint lists its training images, how many of the
-    images it ranked are among them (``seen_in_training``: 0 for a held-out split; warned).
+    images it ranked are among them (``seen_in_training``: 0 for a held-out split; warned);
+    ``unfinished`` (True) when the run has not trained to its end (warned).
     A ``ranks`` dict, when given, receives the whole split's per-query ranks: 'images'
     (ids), 'i2t' (per image), 't2i' (per caption), 'caption_image' (each caption's image).
 
@@ -41,6 +42,11 @@ def evaluate(checkpoint: str | Path, dataset: Dataset, features: Features | str 
     model, config, device = opened.model, opened.config, opened.device
     data = split_data(dataset, opened.features, opened.vocab, split)
     seen = trained_on(opened.checkpoint, data.image_ids, opened.path, split)
+    early = {"unfinished": True} if unfinished(opened.path) else {}     # a run still training, or stopped
+    if early:
+        warnings.warn(f"{opened.path.parent}: has not trained to its end (its run.json says so: still running, or "
+                      f"stopped; `fnemm train --out {opened.path.parent} --resume` finishes it): these are the "
+                      f"recalls of its best model so far", stacklevel=2)
     captions, owner = data.eval_captions(config.eval_captions)
     # on a CPU the split's embeddings live in scratch files' pages (4 KB an image and a
     # caption at 1,024-d: 2.7 GB for MSCOCO's training split), not the process's memory
@@ -73,7 +79,7 @@ def evaluate(checkpoint: str | Path, dataset: Dataset, features: Features | str 
                               f"its recalls are higher and not comparable", stacklevel=2)
             results["5fold"] = {**evaluate_embeddings(img, cap, owner, sim, folds=5), "images": n // 5,
                                 "captions": len(owner) // 5, **seen(n)}
-    return results
+    return {name: {**m, **early} for name, m in results.items()}
 
 
 def trained_on(ckpt: dict, image_ids: list[str], path: Path, split: str):

@@ -87,6 +87,15 @@ def check_run_id(path: Path, ckpt: dict) -> None:
                          f"{str(theirs)[:8]}…); copy a run's folder whole, or train it again")
 
 
+def unfinished(path: str | Path) -> bool:
+    """Whether the run.json beside checkpoint ``path`` (or in run folder ``path``) says its
+    run has not trained to its end: still running, or stopped before it (the trainer writes
+    "training" at the start, "finished" at the end). Runs from before it said so, and a
+    checkpoint copied on its own, count as finished."""
+    run_json = checkpoint_file(path).parent / "run.json"
+    return run_json.is_file() and read_json(run_json, "the run folder is damaged").get("state") == "training"
+
+
 def trained_images(ckpt: dict, path: Path) -> list[str] | None:
     """The ids of the images a checkpoint's model learnt from, or None when it does not
     say (made before checkpoints listed them). Kept as one JSON string: a list of 113K

@@ -199,12 +199,6 @@ def mark_finished(run: Path) -> None:
         atomic_write_json(Path(run) / "run.json", {**info, "state": "finished"})
 
 
-def unfinished(run: Path) -> bool:
-    """Whether run.json says the run has not trained to its end (still running, or stopped
-    before it). Runs made before run.json said so count as finished."""
-    return (Path(run) / "run.json").is_file() and saved_info(run).get("state") == "training"
-
-
 def run_preset(run: Path) -> str | None:
     """The preset a run was trained from: its run.json says, else its best.pt."""
     if (run / "run.json").exists():

@@ -7,7 +7,6 @@ under their own names (``fnemm.resume``, ``fnemm.train_seeds``)."""
 from __future__ import annotations
 
 import sys
-import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from fnemm.io.locks import folder_lock
 from fnemm.io.progress import say
 from fnemm.joint.config import TrainConfig
 from fnemm.training.folders import (count_seeds, load_metrics, metrics_path, ranks_path, run_dataset, run_inputs,
-                                    save_metrics, save_ranks, saved_config, saved_info, seed_dirs, unfinished)
+                                    save_metrics, save_ranks, saved_config, saved_info, seed_dirs)
 
 # what a resumed seed (or one started late) keeps of how seed-0 was started
 KEPT_INFO = ("preset", "overrides", "args", "label", "seeds")
@@ -170,7 +169,7 @@ def evaluate_runs(path: str | Path, dataset: Dataset | None, features, split: st
     With ``fresh``, metrics saved after the run's best.pt with the same protocol are kept,
     not recomputed."""
     from fnemm.eval.protocols import evaluate
-    from fnemm.joint.checkpoint import checkpoint_file, read_checkpoint, trained_store
+    from fnemm.joint.checkpoint import checkpoint_file, read_checkpoint, trained_store, unfinished
     path = Path(path)
     runs = seed_dirs(path) if path.is_dir() and not (path / "best.pt").exists() else [path]
     if features is None and ids is not None:
@@ -199,11 +198,6 @@ def evaluate_runs(path: str | Path, dataset: Dataset | None, features, split: st
             store = trained_store(run)
             say(f"features: {store} (the store {folder.name} was trained on)", sys.stderr)
         results = evaluate(run, data, store, split, protocol, device, ids=ids, ranks=ranks)
-        if unfinished(folder):
-            warnings.warn(f"{folder}: has not trained to its end (its run.json says so: still running, or stopped; "
-                          f"`fnemm train --out {folder} --resume` finishes it): these are its best model so far",
-                          stacklevel=2)
-            results = {name: {**m, "unfinished": True} for name, m in results.items()}
         save_metrics(target, split, run, results, protocol)
         if ranks and not output:
             save_ranks(ranks_path(folder, split), ranks)
