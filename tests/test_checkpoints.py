@@ -195,15 +195,46 @@ def test_evaluate_says_when_the_images_it_scores_are_training_images(run, tmp_pa
     assert "not held-out, 7 of its test images are among those it was trained on" in capsys.readouterr().out
 
 
+def test_evaluate_says_when_the_images_it_scores_chose_the_checkpoint(run, tmp_path, capsys):
+    """Every checkpoint also lists its validation images, whose rsum picked its best epoch:
+    scored on them (``--split val``) the recalls are the best of every epoch's, optimistic.
+    Evaluate warns, prints and saves how many, and the report says it; the test split
+    has none of them."""
+    out, jsonl, npy, ids = run
+    subprocess.run(["cp", "-r", str(out), str(tmp_path / "run")], check=True)
+    out = tmp_path / "run"
+    records = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    val = [r["image"] for r in records if r["split"] == "val"]
+    assert json.loads(torch.load(out / "best.pt", weights_only=True)["val_images"]) == val
+    data = ["--dataset", str(jsonl), "--features", str(npy), "--ids", str(ids)]
+    assert main(["evaluate", "--checkpoint", str(out), *data, "--json", "--output", str(tmp_path / "t.json")]) == 0
+    said = capsys.readouterr()
+    assert json.loads(said.out)["all"]["seen_in_validation"] == 0 and "chose it" not in said.err
+    assert main(["evaluate", "--checkpoint", str(out), *data, "--split", "val"]) == 0
+    said = capsys.readouterr()
+    n = len(val)
+    assert f"{n} of the {n} val images are among the {n} whose validation rsum chose it" in said.err, said.err
+    assert f"optimistic: {len(val)} of the val images it ranked chose its best epoch" in said.out, said.out
+    results = json.loads((out / "metrics-val.json").read_text())["results"]["all"]
+    assert results["seen_in_validation"] == len(val) and results["seen_in_training"] == 0
+    assert main(["report", str(out), "--split", "val"]) == 0
+    assert f"optimistic, {len(val)} of its val images chose its best epoch" in capsys.readouterr().out
+
+
 def test_a_damaged_list_of_training_images_is_refused_naming_the_file(tmp_path):
     from fnemm.errors import FnemmError
-    from fnemm.joint.checkpoint import encode_images, trained_images
+    from fnemm.joint.checkpoint import image_lists, listed_images
     path = tmp_path / "best.pt"
-    assert trained_images({"train_images": encode_images(["a.jpg", "b\n.jpg"])}, path) == ["a.jpg", "b\n.jpg"]
-    assert trained_images({}, path) is None                   # a checkpoint from before the lists
+    lists = image_lists(["a.jpg", "b\n.jpg", "a.jpg"], ["v.jpg"])
+    assert listed_images(lists, path) == ["a.jpg", "b\n.jpg"]           # each once, first seen first
+    assert listed_images(lists, path, "val_images") == ["v.jpg"]
+    assert listed_images({}, path) is None                    # a checkpoint from before the lists
+    assert listed_images({}, path, "val_images") is None
     for damaged in ('["a.jpg", 3]', '{"a": 1}', '["a.jpg"', ["a.jpg"]):
         with pytest.raises(FnemmError, match=f"^{path}: its list of training images is damaged"):
-            trained_images({"train_images": damaged}, path)
+            listed_images({"train_images": damaged}, path)
+        with pytest.raises(FnemmError, match=f"^{path}: its list of validation images is damaged"):
+            listed_images({"val_images": damaged}, path, "val_images")
 
 
 def test_a_run_evaluated_before_it_finished_training_is_said_to_be_so(run, tmp_path, capsys):

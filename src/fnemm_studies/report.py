@@ -264,6 +264,9 @@ def markdown_table(runs: list[RunSummary], paper: str | None = None, baseline: R
     notes += [f"{run.label}: not held-out, {max(m.get('seen_in_training', 0) for m in run.seeds)} of its "
               f"{run.split} images are among those it was trained on" for run in runs
               if any(m.get("seen_in_training") for m in run.seeds)]
+    notes += [f"{run.label}: optimistic, {max(m.get('seen_in_validation', 0) for m in run.seeds)} of its "
+              f"{run.split} images chose its best epoch (validation images)" for run in runs
+              if any(m.get("seen_in_validation") for m in run.seeds)]
     if paper:
         if paper not in PAPER:
             raise FnemmError(f"--paper {paper}: the paper's numbers exist for {', '.join(PAPER)}")

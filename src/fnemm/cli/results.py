@@ -58,6 +58,9 @@ def evaluate(args) -> int:
             if m.get("seen_in_training"):
                 print(f"  not held-out: {m['seen_in_training']} of the {args.split} images it ranked are among those "
                       f"it was trained on")
+            if m.get("seen_in_validation"):
+                print(f"  optimistic: {m['seen_in_validation']} of the {args.split} images it ranked chose its best "
+                      f"epoch (the validation images); the test split is the held-out one")
             if m.get("unfinished"):
                 print("  unfinished: the run has not trained to its end; this is its best model so far")
         folder = Path(run) if Path(run).is_dir() else Path(run).parent

@@ -11,7 +11,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from fnemm.joint.checkpoint import open_model, trained_images, unfinished
+from fnemm.joint.checkpoint import listed_images, open_model, unfinished
 from fnemm.joint.inputs import embed_captions, embed_images, split_data
 from fnemm.datasets import Dataset
 from fnemm.io.errors import FnemmError
@@ -28,7 +28,9 @@ def evaluate(checkpoint: str | Path, dataset: Dataset, features: Features | str 
     """Recall@K and ranks of a trained model on ``split``: {protocol: metrics}, the
     protocols named 'all', '1k', '5fold'; each metrics dict also says how many ``images``
     (and ``captions``), and, when the checkpoint lists its training images, how many of the
-    images it ranked are among them (``seen_in_training``: 0 for a held-out split; warned);
+    images it ranked are among them (``seen_in_training``: 0 for a held-out split; warned),
+    and of those whose validation rsum chose it (``seen_in_validation``: all of them for
+    ``split="val"``, whose recalls are then optimistic; warned);
     ``unfinished`` (True) when the run has not trained to its end (warned).
     A ``ranks`` dict, when given, receives the whole split's per-query ranks: 'images'
     (ids), 'i2t' (per image), 't2i' (per caption), 'caption_image' (each caption's image).
@@ -82,20 +84,29 @@ def evaluate(checkpoint: str | Path, dataset: Dataset, features: Features | str 
     return {name: {**m, **early} for name, m in results.items()}
 
 
+SEEN = {"train_images": ("seen_in_training", "it was trained on: these recalls are not held-out (evaluate "
+                                              "it on images it did not train on)"),
+        "val_images": ("seen_in_validation", "whose validation rsum chose it (its best epoch): these recalls "
+                                             "are optimistic, the best of its epochs on them (the test split "
+                                             "is the held-out one)")}
+
+
 def trained_on(ckpt: dict, image_ids: list[str], path: Path, split: str):
-    """``seen(k)``: {"seen_in_training": how many of the first k images the model learnt
-    from}, or {} for a checkpoint that does not list its training images (made before
-    fnemm 0.1.0 recorded them); warns when the split holds any."""
-    trained = trained_images(ckpt, path)
-    if trained is None:
-        return lambda k: {}
-    known = set(trained)
-    flags = [i in known for i in image_ids]
-    if any(flags):
-        warnings.warn(f"{path}: {sum(flags)} of the {len(flags)} {split} images are among the {len(known)} it was "
-                      f"trained on: these recalls are not held-out (evaluate it on images it did not train on)",
-                      stacklevel=3)
-    return lambda k: {"seen_in_training": sum(flags[:k])}
+    """``seen(k)``: how many of the first k images the model learnt from
+    ({"seen_in_training": n}) and how many chose its best epoch ({"seen_in_validation": n}),
+    each left out for a checkpoint that does not list them (made before checkpoints did);
+    warns when the split holds any."""
+    flags = {}
+    for key, (name, why) in SEEN.items():
+        listed = listed_images(ckpt, path, key)
+        if listed is None:
+            continue
+        known = set(listed)
+        flags[name] = [i in known for i in image_ids]
+        if any(flags[name]):
+            warnings.warn(f"{path}: {sum(flags[name])} of the {len(image_ids)} {split} images are among the "
+                          f"{len(known)} {why}", stacklevel=3)
+    return lambda k: {name: sum(f[:k]) for name, f in flags.items()}
 
 
 SMALL_SPLIT = 50

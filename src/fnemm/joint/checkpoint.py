@@ -96,23 +96,33 @@ def unfinished(path: str | Path) -> bool:
     return run_json.is_file() and read_json(run_json, "the run folder is damaged").get("state") == "training"
 
 
-def trained_images(ckpt: dict, path: Path) -> list[str] | None:
-    """The ids of the images a checkpoint's model learnt from, or None when it does not
-    say (made before checkpoints listed them). Kept as one JSON string: a list of 113K
-    strings takes 12x longer through ``weights_only`` loading (0.37 s against 0.03 s)."""
-    listed = ckpt.get("train_images")
+LISTS = {"train_images": "training", "val_images": "validation"}
+
+
+def listed_images(ckpt: dict, path: Path, key: str = "train_images") -> list[str] | None:
+    """The ids a checkpoint lists under ``key``: "train_images", the images its model learnt
+    from; "val_images", those whose validation rsum chose it (the best epoch). None when it
+    does not say (made before checkpoints listed them). Kept as one JSON string: a list of
+    113K strings takes 12x longer through ``weights_only`` loading (0.37 s against 0.03 s)."""
+    listed = ckpt.get(key)
     try:
         ids = json.loads(listed) if isinstance(listed, str) else None
     except ValueError:
         ids = None
     if listed is not None and not (isinstance(ids, list) and all(isinstance(i, str) for i in ids)):
-        raise FnemmError(f"{path}: its list of training images is damaged; re-train the run")
+        raise FnemmError(f"{path}: its list of {LISTS[key]} images is damaged; re-train the run")
     return ids
 
 
 def encode_images(ids: list[str]) -> str:
-    """``ids`` as a checkpoint keeps them (see :func:`trained_images`)."""
+    """``ids`` as a checkpoint keeps them (see :func:`listed_images`)."""
     return json.dumps(ids)
+
+
+def image_lists(trained: list[str], chose: list[str]) -> dict[str, str]:
+    """A checkpoint's lists (:func:`listed_images`): the images its model learnt from
+    (``trained``, first seen first, each once) and those whose validation rsum chose it."""
+    return {"train_images": encode_images(list(dict.fromkeys(trained))), "val_images": encode_images(list(chose))}
 
 
 def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[JointEmbedding, Vocab, TrainConfig, dict]:

@@ -32,7 +32,7 @@ import torch
 import warnings
 from torch import nn
 
-from fnemm.joint.checkpoint import checkpoint_file, load_checkpoint, recorded_store, resolve_device, trained_images
+from fnemm.joint.checkpoint import checkpoint_file, listed_images, load_checkpoint, recorded_store, resolve_device
 from fnemm.training.augment import ImageBank, random_resized_crop, readable
 from fnemm.features.cnn import build_cnn
 from fnemm.features.cnn import finetuned as cnn_file
@@ -279,7 +279,7 @@ def finetune(start: str | Path, dataset: Dataset, out_dir: str | Path, *, config
     photos = Photos(trunk, banks, ckpt["model"], config, device,
                     export={"cnn": name, "crops": int(manifest.get("crops", 10)),
                             "from": relative_to(start_file, out_dir)},
-                    seen_before=trained_images(ckpt, start_file) or [])
+                    seen_before=listed_images(ckpt, start_file) or [])
     trainer = Trainer(config, splits["train"], splits["val"], vocab, Path(out_dir), device, quiet, info,
                       checkpoint_every, dist, images=photos)
     main = dist is None or dist.main

@@ -108,9 +108,9 @@ def load_metrics(run: Path, split: str, path: Path | None = None, protocol: str 
     counts = [m[k] for m in results.values() for k in ("images", "captions") if k in m]
     if not all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in counts):
         raise FnemmError(f"{path}: damaged (its image or caption counts are not positive whole numbers); {fix}")
-    seen = [m["seen_in_training"] for m in results.values() if "seen_in_training" in m]
+    seen = [m[k] for m in results.values() for k in ("seen_in_training", "seen_in_validation") if k in m]
     if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in seen):
-        raise FnemmError(f"{path}: damaged (seen_in_training is not a whole number); {fix}")
+        raise FnemmError(f"{path}: damaged (seen_in_training or seen_in_validation is not a whole number); {fix}")
     if protocol is not None and saved.get("protocol") != protocol:
         return None
     return results

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from fnemm.io.progress import bar as progress_bar, say
 
-from fnemm.joint.checkpoint import (FORMAT as CHECKPOINT_FORMAT, check_run_id, encode_images, resolve_device,
+from fnemm.joint.checkpoint import (FORMAT as CHECKPOINT_FORMAT, check_run_id, image_lists, resolve_device,
                                     tensors_copied)
 from fnemm.training import distributed
 from fnemm.joint.config import TrainConfig, differences, validate
@@ -99,8 +99,8 @@ class Trainer:
         self.model = JointEmbedding(config.model, len(vocab), train.features.shape[1]).to(self.device)
         # where the images come from: feature rows, or (fine-tuning) a CNN reading photos
         self.images = images if images is not None else FeatureRows(train, val, self.device)
-        # every image the model learnt from, in each checkpoint: evaluate says when a split holds some
-        self.trained_images = encode_images(list(dict.fromkeys([*self.images.seen_before, *train.image_ids])))
+        # every image the model learnt from and those that chose its best epoch, in each checkpoint
+        self.image_lists = image_lists([*self.images.seen_before, *train.image_ids], val.image_ids)
         self.net = self._distribute(self.images.wrap(self.model))
         self.state = TrainState()
         self.optimizer = self._new_optimizer()
@@ -116,7 +116,7 @@ class Trainer:
         return {"format": CHECKPOINT_FORMAT, "version": 1, "config": self.config.to_dict(),
                 "vocab": self.vocab.itos[2:], "feature_dim": self.model.feature_dim,
                 "features": self.run_info.get("features", {}), "preset": self.run_info.get("preset"),
-                "model": self.model.state_dict(), "run_id": self.run_id, "train_images": self.trained_images,
+                "model": self.model.state_dict(), "run_id": self.run_id, **self.image_lists,
                 **self.images.state()}
 
     def _distribute(self, module: torch.nn.Module) -> torch.nn.Module:
