@@ -72,7 +72,7 @@ class Photos:
     checkpoint, and exported as cnn.pt beside each best.pt."""
 
     def __init__(self, trunk: Trunk, banks: dict[str, ImageBank], start_model: dict, config: TrainConfig,
-                 device: str, export: dict, seen_before: list[str] = ()):
+                 device: str, export: dict, seen_before: tuple[str, ...] | list[str] = ()):
         self.trunk, self.banks, self.start_model, self.export = trunk, banks, start_model, export
         self.seen_before = list(seen_before)         # the start run's training images
         self.finetune, self.seed, self.device = config.finetune, config.seed, device
