@@ -246,3 +246,30 @@ def test_a_file_that_is_not_utf8_is_named_with_the_line(tmp_path):
     (folder / "Flickr8k.token.txt").write_bytes("a.jpg#0\tun caf\u00e9\n".encode("latin-1"))
     with pytest.raises(FnemmError, match=r"Flickr8k\.token\.txt:1: not UTF-8"):
         load_dataset(folder)
+
+
+def test_a_byte_order_mark_is_dropped_from_every_text_format(tmp_path):
+    """Excel's "CSV UTF-8" and Windows Notepad start a file with a byte-order mark. It used
+    to glue itself to the first name: a token file's first caption went to an image no
+    split lists (lost, silently), a split list's first image became another name, and JSON
+    lines, CSV and JSON were refused. Each loads as without it; UTF-16 is refused by name."""
+    bom = b"\xef\xbb\xbf"
+    plain = write_flickr(tmp_path / "plain", _tokens(["a.jpg", "b.jpg", "c.jpg"]), ["a.jpg"], ["b.jpg"], ["c.jpg"])
+    marked = write_flickr(tmp_path / "marked", _tokens(["a.jpg", "b.jpg", "c.jpg"]), ["a.jpg"], ["b.jpg"], ["c.jpg"])
+    for file in marked.iterdir():
+        file.write_bytes(bom + file.read_bytes())
+    want = load_dataset(plain)
+    got = load_dataset(marked)
+    assert (got.image_ids, got.captions, got.splits) == (want.image_ids, want.captions, want.splits)
+    assert [len(c) for c in got.captions] == [5, 5, 5]
+    files = {"mine.jsonl": '{"image": "a.jpg", "captions": ["a dog"], "split": "train"}\n',
+             "mine.csv": "image,caption,split\r\na.jpg,\"a dog, wet\",train\r\n",
+             "dataset_flickr8k.json": json.dumps({"images": [{"filename": "a.jpg", "split": "train",
+                                                              "sentences": [{"raw": "a dog"}]}]})}
+    for name, text in files.items():
+        (tmp_path / name).write_bytes(bom + text.encode())
+        ds = load_dataset(tmp_path / name)
+        assert ds.image_ids == ["a.jpg"] and ds.captions[0][0] in ("a dog", "a dog, wet"), name
+        (tmp_path / name).write_bytes(text.encode("utf-16"))
+        with pytest.raises(FnemmError, match=f"{name}: UTF-16 text .*; save the file as UTF-8"):
+            load_dataset(tmp_path / name)

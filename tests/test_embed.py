@@ -54,6 +54,25 @@ def test_texts_match_the_text_tower_in_npy_and_parquet(capsys, model, gallery, t
     np.testing.assert_array_equal(np.array(table.column("embedding").to_pylist(), np.float32), vectors)
 
 
+def test_a_texts_file_is_utf8_its_byte_order_mark_dropped(capsys, model, gallery, tmp_path):
+    """A sentence file saved with a byte-order mark embeds its first line as written (the
+    mark used to stay glued to it); one that is not UTF-8 is refused naming file and line,
+    where its bytes used to be replaced and embedded silently."""
+    run_dir, _ = model
+    texts = ["a dog on the beach", "a caf\u00e9 terrace"]
+    (tmp_path / "q.txt").write_bytes(b"\xef\xbb\xbf" + "\n".join(texts).encode())
+    code, out, err = run(capsys, "embed", "--checkpoint", run_dir, "--texts", tmp_path / "q.txt", "--out", tmp_path / "e")
+    assert code == 0, err
+    vectors, meta = read_embeddings(tmp_path / "e", "texts")
+    assert meta["texts"] == texts
+    np.testing.assert_allclose(vectors[:1], gallery.text_embedding(texts[0]), rtol=1e-5, atol=1e-6)
+    (tmp_path / "latin.txt").write_bytes("\n".join(texts).encode("latin-1"))
+    code, out, err = run(capsys, "embed", "--checkpoint", run_dir, "--texts", tmp_path / "latin.txt",
+                         "--out", tmp_path / "e2")
+    assert code == 2 and f"{tmp_path / 'latin.txt'}:2: not UTF-8 text (byte 0xe9" in err, err
+    assert not (tmp_path / "e2").exists()
+
+
 def test_store_images_match_the_gallery(capsys, model, gallery, tmp_path):
     run_dir, store = model
     code, out, err = run(capsys, "embed", "--checkpoint", run_dir, "--images", store, "--out", tmp_path / "e")

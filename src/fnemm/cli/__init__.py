@@ -68,7 +68,8 @@ def read_lines(flag: str, path: str, what: str) -> list[str]:
     elif not file.exists() or file.is_dir():
         raise FnemmError(f"{flag} {file}: no such file; give a text file of {what}, one per line")
     else:                             # a file, or a pipe such as <(...)
-        text = file.read_bytes().decode("utf-8", errors="replace")
+        from fnemm.io.files import text_of
+        text = text_of(file)
     lines = [line.strip() for line in text.splitlines()]
     if not any(lines):
         raise FnemmError(f"{flag} {file}: no {what} in it; one per line")

@@ -12,18 +12,16 @@ from pathlib import Path
 import numpy as np
 
 from fnemm.io.errors import FnemmError
+from fnemm.io.files import text_of
 
 from fnemm.datasets.dataset import SPLITS, Dataset, _build, _norm_split
 
 
 def _read_json(path: Path):
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return json.loads(text_of(path))
     except json.JSONDecodeError as e:
         raise FnemmError(f"{path}:{e.lineno}: invalid JSON ({e.msg}); fix or re-download the file") from None
-    except UnicodeDecodeError:
-        raise FnemmError(f"{path}: not UTF-8 text; is this the right file?") from None
 
 
 # --- Flickr raw release ---------------------------------------------------
@@ -51,15 +49,8 @@ def _read_list(path: Path) -> list[str]:
 
 
 def text_lines(path: Path) -> list[str]:
-    """The lines of a UTF-8 text file, or one line naming the file, the line and the byte
-    that are not UTF-8 (a file saved as Latin-1, say) and how to fix it."""
-    data = Path(path).read_bytes()
-    try:
-        return data.decode("utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        line = data[:e.start].count(b"\n") + 1
-        raise FnemmError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
-                         f"save the file as UTF-8") from None
+    """The lines of a UTF-8 text file (see :func:`fnemm.io.files.text_of`)."""
+    return text_of(path).splitlines()
 
 
 def load_flickr_raw(folder: Path, name: str | None = None, unlisted: bool = False) -> Dataset:
@@ -230,11 +221,9 @@ def load_csv(path: Path) -> Dataset:
     """``image,caption[,split]`` rows with a header (several rows per image: its captions);
     without a split column, the splits are drawn at random."""
     import csv
+    import io
     try:
-        with open(path, encoding="utf-8", newline="") as f:
-            rows = list(csv.reader(f))
-    except UnicodeDecodeError:
-        raise FnemmError(f"{path}: not UTF-8 text; save the CSV as UTF-8") from None
+        rows = list(csv.reader(io.StringIO(text_of(path), newline="")))
     except csv.Error as e:
         raise FnemmError(f"{path}: not a readable CSV ({e})") from None
     header = [h.strip().lower() for h in rows[0]] if rows else []

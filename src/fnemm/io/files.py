@@ -257,6 +257,24 @@ def read_json(path: str | Path, fix: str, expect: type = dict):
     return value
 
 
+def text_of(path: str | Path) -> str:
+    """A user's text file as one string: UTF-8, a leading byte-order mark dropped (Excel's
+    "CSV UTF-8" and Windows Notepad write one; kept, it would glue itself to the first image
+    name or caption), else a one-line FnemmError naming the file, the line and the byte that
+    are not UTF-8, and the fix."""
+    data = Path(path).read_bytes()
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise FnemmError(f"{path}: UTF-16 text (Windows' \"Unicode\"); save the file as UTF-8")
+    start = 3 if data.startswith(b"\xef\xbb\xbf") else 0
+    try:
+        return data[start:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        at = start + e.start
+        line = data[:at].count(b"\n") + 1
+        raise FnemmError(f"{path}:{line}: not UTF-8 text (byte 0x{data[at]:02x} at offset {at}); "
+                         f"save the file as UTF-8") from None
+
+
 def remove_stale_temps(folder: str | Path) -> list[Path]:
     """Remove the temporary files a killed writer left in ``folder`` (and its .partial/):
     only call it holding the folder's lock, when no writer can be alive."""

@@ -29,7 +29,7 @@ from fnemm.joint.checkpoint import open_model
 from fnemm.joint.inputs import embed_captions
 from fnemm.joint.inputs import embed_images as embed_image_rows
 from fnemm.io.errors import FnemmError
-from fnemm.io.files import atomic_path, atomic_save_npy, atomic_write_json, sha256_file
+from fnemm.io.files import atomic_path, atomic_save_npy, atomic_write_json, sha256_file, text_of
 from fnemm.io.locks import folder_lock
 from fnemm.io.progress import say
 
@@ -113,7 +113,7 @@ def image_source(source: str | Path) -> tuple[str, Path, list[str] | None]:
     if not source.is_file():
         raise FnemmError(f"{source}: no such folder or file; give a feature store, a folder of images, "
                          f"or a text file listing image files")
-    lines = [line.strip() for line in source.read_text(encoding="utf-8", errors="replace").splitlines()]
+    lines = [line.strip() for line in text_of(source).splitlines()]
     files = [(source.parent / line).resolve() for line in lines if line]
     if not files:
         raise FnemmError(f"{source}: lists no image files; one path per line")
