@@ -73,6 +73,21 @@ def test_a_texts_file_is_utf8_its_byte_order_mark_dropped(capsys, model, gallery
     assert not (tmp_path / "e2").exists()
 
 
+def test_embedded_texts_the_model_cannot_read_are_named(capsys, model, tmp_path):
+    """A search query with no word the model knows is refused (NoMatch); a batch of texts
+    embeds every row but warns which ones the model read as nothing, and which it cut to
+    its token limit, and texts.json lists both."""
+    run_dir, _ = model
+    texts = ["a dog on the beach", "zzqxv quokka", " ".join(["dog"] * 120), "xylophone !"]
+    (tmp_path / "q.txt").write_text("\n".join(texts) + "\n")
+    code, out, err = run(capsys, "embed", "--checkpoint", run_dir, "--texts", tmp_path / "q.txt", "--out", tmp_path / "e")
+    assert code == 0, err
+    assert "texts 1, 3 (2 of 4) have no word in the model's vocabulary (e.g. 'zzqxv quokka')" in err, err
+    assert "text 2 (1 of 4) has more than the model's 100 tokens: each was cut to its first 100" in err, err
+    vectors, meta = read_embeddings(tmp_path / "e", "texts")
+    assert meta["no_known_words"] == [1, 3] and meta["cut"] == [2] and vectors.shape[0] == 4
+
+
 def test_store_images_match_the_gallery(capsys, model, gallery, tmp_path):
     run_dir, store = model
     code, out, err = run(capsys, "embed", "--checkpoint", run_dir, "--images", store, "--out", tmp_path / "e")

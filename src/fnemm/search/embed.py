@@ -74,6 +74,12 @@ def _write(out: Path, kind: str, vectors: np.ndarray, meta: dict, columns: dict,
     return files
 
 
+def _rows(rows: list[int], total: int) -> str:
+    """'texts 3, 7 (2 of 40) have' for a warning about some of the texts (ids from 0)."""
+    shown = ", ".join(map(str, rows[:10])) + (", ..." if len(rows) > 10 else "")
+    return f"text{'s' if len(rows) > 1 else ''} {shown} ({len(rows)} of {total}) ha{'ve' if len(rows) > 1 else 's'}"
+
+
 def parquet_table(columns: dict, vectors: np.ndarray):
     """A pyarrow table of ``columns`` and an ``embedding`` column (fixed-size lists of float32)."""
     try:
@@ -95,10 +101,22 @@ def embed_texts(checkpoint: str | Path, texts: list[str], out: str | Path, parqu
         raise FnemmError(f"text {bad[0]} is empty; give one sentence per line")
     out = Path(out)
     opened = open_model(checkpoint, None, device)
-    vectors = embed_captions(opened.model, [opened.vocab.encode(t) for t in texts], opened.device).cpu().numpy()
+    vocab = opened.vocab
+    encoded = [vocab.encode_checked(t) for t in texts]
+    blind = [k for k, t in enumerate(texts) if not vocab.known_words(t)]
+    cut = [k for k, (_, was_cut) in enumerate(encoded) if was_cut]
+    if blind:        # search refuses such a query (NoMatch); a batch says which rows they are
+        warnings.warn(f"{_rows(blind, len(texts))} no word in the model's vocabulary (e.g. {texts[blind[0]]!r}): "
+                      f"the model reads each as nothing, and its row ranks images at random (texts.json lists "
+                      f"them as no_known_words)", stacklevel=2)
+    if cut:
+        warnings.warn(f"{_rows(cut, len(texts))} more than the model's {vocab.max_tokens} tokens: each was cut to "
+                      f"its first {vocab.max_tokens} (texts.json lists them as cut)", stacklevel=2)
+    vectors = embed_captions(opened.model, [ids for ids, _ in encoded], opened.device).cpu().numpy()
     ids = list(range(len(texts)))
     with folder_lock(out, "an embeddings folder"):
-        files = _write(out, "texts", vectors, _meta("texts", opened, ids, {"texts": texts}),
+        files = _write(out, "texts", vectors, _meta("texts", opened, ids, {"texts": texts, "no_known_words": blind,
+                                                                           "cut": cut}),
                        {"id": ids, "text": texts}, parquet)
     return Embedded("texts", vectors, ids, files)
 
