@@ -61,7 +61,8 @@ def test_a_texts_file_is_utf8_its_byte_order_mark_dropped(capsys, model, gallery
     run_dir, _ = model
     texts = ["a dog on the beach", "a caf\u00e9 terrace"]
     (tmp_path / "q.txt").write_bytes(b"\xef\xbb\xbf" + "\n".join(texts).encode())
-    code, out, err = run(capsys, "embed", "--checkpoint", run_dir, "--texts", tmp_path / "q.txt", "--out", tmp_path / "e")
+    code, out, err = run(capsys, "embed", "--checkpoint", run_dir, "--texts", tmp_path / "q.txt",
+                         "--out", tmp_path / "e")
     assert code == 0, err
     vectors, meta = read_embeddings(tmp_path / "e", "texts")
     assert meta["texts"] == texts
@@ -80,7 +81,8 @@ def test_embedded_texts_the_model_cannot_read_are_named(capsys, model, tmp_path)
     run_dir, _ = model
     texts = ["a dog on the beach", "zzqxv quokka", " ".join(["dog"] * 120), "xylophone !"]
     (tmp_path / "q.txt").write_text("\n".join(texts) + "\n")
-    code, out, err = run(capsys, "embed", "--checkpoint", run_dir, "--texts", tmp_path / "q.txt", "--out", tmp_path / "e")
+    code, out, err = run(capsys, "embed", "--checkpoint", run_dir, "--texts", tmp_path / "q.txt",
+                         "--out", tmp_path / "e")
     assert code == 0, err
     assert "texts 1, 3 (2 of 4) have no word in the model's vocabulary (e.g. 'zzqxv quokka')" in err, err
     assert "text 2 (1 of 4) has more than the model's 100 tokens: each was cut to its first 100" in err, err
