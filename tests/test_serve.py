@@ -566,6 +566,12 @@ def test_photos_without_captions_index_build_from_a_folder(built, tmp_path, caps
     assert len(gallery.text("a dog runs on the beach", 3)) == 3
     with pytest.raises(FnemmError, match="no captions"):
         gallery.image(str(photos / names[0]), 3)
+    # the broken photo, asked for by id, is named as left out, with why; a folder as a folder
+    with pytest.raises(NotFound, match=r"^broken.jpg: left out of this gallery when its features were extracted "
+                                       r"\(unreadable: "):
+        gallery.similar("broken.jpg", 3, files=False)
+    with pytest.raises(NotFound, match="a folder; give one image file"):
+        gallery.similar(str(photos), 3)
     # moved together, they keep working: the features are found beside the index
     shutil.move(tmp_path / "index", tmp_path / "moved")
     assert len(Gallery.from_index(tmp_path / "moved")) == 6

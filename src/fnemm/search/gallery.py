@@ -28,7 +28,7 @@ from fnemm.joint.inputs import embed_captions, embed_images
 from fnemm.datasets import Dataset
 from fnemm.features.fne import as_seen
 from fnemm.io.errors import Conflict, FnemmError, NoMatch, NotFound
-from fnemm.io.files import located
+from fnemm.io.files import located, read_json
 from fnemm.io.progress import quieted
 from fnemm.search.index_folder import embed_gallery, select_gallery
 from fnemm.search.vector_index import VectorIndex
@@ -79,6 +79,7 @@ class Gallery:
         self._encoder, self._want_encoder = None, encoder and store is not None and store.is_dir()
         self._lock = threading.Lock()
         self._paths: dict[str, Path] | None = None
+        self._left_out: dict[str, str] | None = None
         self.thumbnail = lru_cache(maxsize=1024)(self._thumbnail)
 
     # --- opening ------------------------------------------------------------------
@@ -188,13 +189,28 @@ class Gallery:
         if isinstance(image, (bytes, bytearray)):
             image = decode_upload(bytes(image))
         elif not isinstance(image, Image.Image) and (not files or not Path(image).is_file()):
+            if (why := self.left_out().get(str(image))) is not None:
+                raise NotFound(f"{image}: left out of {'this gallery' if not files else self.name} when its "
+                               f"features were extracted ({why}); replace the file and build it again")
             raise NotFound(f"{image}: no such image in this gallery" if not files else
+                           f"{image}: a folder; give one image file" if Path(image).is_dir() else
                            f"{image}: no such image file, and not an image id of {self.name}")
         if self.encoder is None:
             raise Conflict("new images need the feature store of `fnemm extract` (its CNN and statistics); "
                            "this gallery was built from a plain feature matrix")
         feats = self.encoder.encode_image(image) if isinstance(image, Image.Image) else self.encoder.encode(image)
         return embed_images(self.model, feats[self.config.features], self.device).cpu().numpy()
+
+    def left_out(self) -> dict[str, str]:
+        """{image id: why} of the images the gallery's store skipped when it was extracted
+        (unreadable files, say; its manifest's "skipped"), read once."""
+        if self._left_out is None:
+            manifest = self.store / "manifest.json" if self.store is not None else None
+            skipped = (read_json(manifest, "extract the store again").get("skipped")
+                       if manifest is not None and manifest.is_file() else None)
+            self._left_out = {str(s["image"]): str(s.get("reason", "skipped")) for s in skipped or []
+                              if isinstance(s, dict) and "image" in s}
+        return self._left_out
 
     def image(self, image, k: int = 10, files: bool = True) -> list[Hit]:
         """The ``k`` gallery captions that fit ``image`` (see :meth:`image_embedding`) best."""
