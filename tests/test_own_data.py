@@ -69,7 +69,7 @@ def test_a_config_file_from_presets_show(synth, tmp_path, capsys):
     config["model"].update(embed_dim=24, word_dim=12)
     config["stages"][0]["max_epochs"] = 1
     config["batch_size"] = 32
-    (tmp_path / "mine.json").write_text(json.dumps(config))
+    (tmp_path / "mine.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(config).encode())   # Notepad's mark: fine
     assert main(["train", "--config", str(tmp_path / "mine.json"), "--dataset", str(jsonl), "--features", str(npy),
                  "--ids", str(ids), "--out", str(tmp_path / "run"), "--quiet"]) == 0
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
@@ -79,6 +79,11 @@ def test_a_config_file_from_presets_show(synth, tmp_path, capsys):
     assert main(["train", "--config", str(tmp_path / "bad.json"), "--dataset", str(jsonl), "--features", str(npy),
                  "--ids", str(ids), "--out", str(tmp_path / "r2")]) == 2
     assert "unknown field 'learning'" in capsys.readouterr().err
+    pytest.importorskip("yaml")
+    (tmp_path / "latin.yaml").write_bytes("seed: 1  # caf\u00e9\n".encode("latin-1"))   # was a traceback
+    assert main(["train", "--config", str(tmp_path / "latin.yaml"), "--dataset", str(jsonl), "--features", str(npy),
+                 "--ids", str(ids), "--out", str(tmp_path / "r3")]) == 2
+    assert "latin.yaml:1: not UTF-8 text (byte 0xe9" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not (DATA / "flickr8k" / "images").is_dir(), reason="../shared/data not present")

@@ -104,7 +104,7 @@ def add_train(sub) -> argparse.ArgumentParser:
 def read_config(path: str):
     """A TrainConfig from a JSON (or YAML) file, every field checked."""
     from fnemm.joint.config import TrainConfig, validate
-    from fnemm.io.files import read_json
+    from fnemm.io.files import read_json, text_of
     file = Path(path)
     if file.suffix.lower() in (".yaml", ".yml"):
         try:
@@ -113,7 +113,7 @@ def read_config(path: str):
             raise FnemmError(f"{file}: reading YAML needs PyYAML (pip install pyyaml); or give the JSON "
                              f"`fnemm presets --show NAME` prints") from None
         try:
-            data = yaml.safe_load(file.read_text(encoding="utf-8"))
+            data = yaml.safe_load(text_of(file))
         except (OSError, yaml.YAMLError) as e:
             raise FnemmError(f"{file}: not readable YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(data, dict):

@@ -241,7 +241,7 @@ def read_json(path: str | Path, fix: str, expect: type = dict):
     from fnemm.io.errors import FnemmError
     path = Path(path)
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = path.read_bytes().decode("utf-8-sig")      # a byte-order mark (Notepad's) is not JSON's
         value = json.loads(text)
     except FileNotFoundError:
         raise FnemmError(f"{path}: missing; {fix}") from None
