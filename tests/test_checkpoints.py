@@ -74,6 +74,23 @@ def test_a_checkpoint_carrying_a_pickled_object_is_refused_not_run(run, tmp_path
     assert not marker.exists()
 
 
+def test_a_file_that_is_no_checkpoint_is_named_as_what_it_looks_like(tmp_path, capsys):
+    """A dataset file or a plain pickle passed as --checkpoint used to read "holds Python
+    objects" (any refusal of torch's data-only unpickler did); each says what it is, in one
+    line, with none of torch's own warnings."""
+    import pickle
+    cases = {"data.jsonl": b'{"image": "a.jpg", "captions": ["a dog"]}\n', "plain.pt": pickle.dumps({"a": [1, 2]}, protocol=4),
+             "empty.pt": b""}
+    said = {"data.jsonl": "not a file torch.save writes (text: '{\"image\": \"a.jpg'...)", "plain.pt":
+            "not a file torch.save writes (a plain pickle)", "empty.pt": "not a readable checkpoint (EOFError"}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        dataset = str(tmp_path / "data.jsonl")
+        assert main(["evaluate", "--checkpoint", str(tmp_path / name), "--dataset", dataset]) == 2
+        err = capsys.readouterr().err.splitlines()[-1]          # after the dataset's warning of its draw
+        assert err.startswith("fnemm: error: ") and f"{tmp_path / name}: {said[name]}" in err, err
+
+
 def test_every_load_in_the_library_is_data_only():
     src = Path(__file__).resolve().parents[1] / "src"
     found = [f"{p}:{k}" for p in src.rglob("*.py") for k, line in enumerate(p.read_text().splitlines(), 1)

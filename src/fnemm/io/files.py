@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -141,20 +142,34 @@ def load_torch_data(path: str | Path, fix: str) -> dict:
     if path.is_file():                # proven the file its run's checksums.json names, when it names one
         check_sha256(path, _checksums(path.parent).get(path.name), fix)
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():       # torch's note on a plain pickle's protocol: said below, in a line
+            warnings.simplefilter("ignore", UserWarning)
+            data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
+        if "GLOBAL" in str(e) or "Unsupported global" in str(e):   # a class or function to import: an object
             raise FnemmError(f"{path}: holds Python objects, not only tensors and numbers; fnemm reads checkpoints "
                              f"as data and will not unpickle it (a file from elsewhere, or tampered with?); "
                              f"{fix}") from None
-        raise FnemmError(f"{path}: not a readable checkpoint ({first[:80] or 'UnpicklingError'}); {fix}") from None
+        raise FnemmError(f"{path}: not a file torch.save writes ({_looks_like(path, e)}); {fix}") from None
     except Exception as e:  # noqa: BLE001 - a truncated zip, garbage, an I/O error: a damaged file
         raise FnemmError(f"{path}: not a readable checkpoint ({type(e).__name__}; damaged, or killed while it "
                          f"was copied?); {fix}") from None
     if not isinstance(data, dict):
         raise FnemmError(f"{path}: not an fnemm checkpoint; {fix}")
     return data
+
+
+def _looks_like(path: Path, error: Exception) -> str:
+    """What a file the data-only unpickler refused (``error``) seems to be, from its first bytes."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head.startswith(b"PK\x03\x04"):       # torch's zip, whose pickle the data-only reader cannot follow
+        said = [line.strip() for line in str(error).splitlines() if "Unsupported" in line]
+        return f"a torch archive that is not plain data: {said[0][:80] if said else 'UnpicklingError'}"
+    if head[:1] == b"\x80":
+        return "a plain pickle"
+    text = head.decode("utf-8", "replace")
+    return f"text: {text!r}..." if text.isprintable() else "unknown bytes"
 
 
 def atomic_save_npy(path: str | Path, array: np.ndarray) -> None:
