@@ -106,3 +106,19 @@ def test_uploads_decode_the_same_way(mode):
     decoded = np.asarray(decode_upload(buf.getvalue()), np.float64)
     direct = np.asarray(resized(Image.open(io.BytesIO(buf.getvalue()))), np.float64)
     assert np.array_equal(decoded, direct)
+
+
+def test_an_image_id_is_found_below_the_folder_only_where_its_name_is_one_file(tmp_path):
+    """An id not at folder/id is looked for by name below it (COCO's train2014/ and
+    val2014/): found when one file has that name, None when none does, and refused when
+    two do (two cameras' IMG_0001.jpg), where the first found used to be taken."""
+    from fnemm.errors import FnemmError
+    from fnemm.features.images import resolve_paths
+    for rel in ("top.jpg", "train2014/a.jpg", "cam1/IMG_0001.jpg", "cam2/IMG_0001.jpg"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    assert resolve_paths(tmp_path, ["top.jpg", "a.jpg", "gone.jpg", "cam2/IMG_0001.jpg"]) == [
+        tmp_path / "top.jpg", tmp_path / "train2014" / "a.jpg", None, tmp_path / "cam2" / "IMG_0001.jpg"]
+    with pytest.raises(FnemmError, match=r"image IMG_0001.jpg is not at .*, and 2 files of that name lie below it "
+                                         r"\(cam1/IMG_0001.jpg, cam2/IMG_0001.jpg\)"):
+        resolve_paths(tmp_path, ["top.jpg", "IMG_0001.jpg"])

@@ -572,6 +572,19 @@ def test_photos_without_captions_index_build_from_a_folder(built, tmp_path, caps
         gallery.similar("broken.jpg", 3, files=False)
     with pytest.raises(NotFound, match="a folder; give one image file"):
         gallery.similar(str(photos), 3)
+    # a photo moved into a subfolder is still found by name; once two files there have
+    # its name, neither is taken for it (either could be the photo)
+    (photos / "a").mkdir()
+    shutil.move(photos / names[0], photos / "a" / names[0])
+    assert Gallery.from_index(index).image_path(names[0]) == photos / "a" / names[0]
+    (photos / "b").mkdir()
+    shutil.copy(photos / "a" / names[0], photos / "b" / names[0])
+    twice = Gallery.from_index(index)
+    assert twice.image_path(names[0]) is None and twice.image_path(names[1]) == photos / names[1]
+    with pytest.raises(NotFound, match="not the only file there of that name"):
+        twice.thumbnail(names[0], 64)
+    shutil.rmtree(photos / "b")
+    shutil.move(photos / "a" / names[0], photos / names[0])
     # moved together, they keep working: the features are found beside the index
     shutil.move(tmp_path / "index", tmp_path / "moved")
     assert len(Gallery.from_index(tmp_path / "moved")) == 6

@@ -28,18 +28,27 @@ def list_images(folder: Path) -> list[str]:
 
 
 def resolve_paths(folder: Path, ids: list[str]) -> list[Path | None]:
-    """Where each image id is: ``folder/id``, else a file of that name anywhere below
-    ``folder`` (COCO keeps train2014/ and val2014/ apart), else None."""
+    """Where each image id is: ``folder/id``, else the one file of that name anywhere below
+    ``folder`` (COCO keeps train2014/ and val2014/ apart), else None. Two files of that
+    name below it (two cameras' IMG_0001.jpg) are an error: either could be the photo."""
     if not folder.is_dir():
         raise FnemmError(f"{folder}: no such image folder; pass --images DIR")
     paths: list[Path | None] = [folder / i for i in ids]
     missing = [k for k, p in enumerate(paths) if not p.is_file()]
     if missing:
-        by_name: dict[str, Path] = {}
+        wanted = {Path(ids[k]).name for k in missing}
+        by_name: dict[str, list[Path]] = {}
         for p in folder.rglob("*"):
-            by_name.setdefault(p.name, p)
+            if p.name in wanted and p.is_file():
+                by_name.setdefault(p.name, []).append(p)
         for k in missing:
-            paths[k] = by_name.get(Path(ids[k]).name)
+            found = by_name.get(Path(ids[k]).name, [])
+            if len(found) > 1:
+                where = ", ".join(str(f.relative_to(folder)) for f in sorted(found)[:3])
+                raise FnemmError(f"{folder}: image {ids[k]} is not at {folder / ids[k]}, and {len(found)} files of "
+                                 f"that name lie below it ({where}); name each image by its path under the "
+                                 f"folder in the dataset file")
+            paths[k] = found[0] if found else None
     return paths
 
 

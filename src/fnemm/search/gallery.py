@@ -232,7 +232,8 @@ class Gallery:
     # --- the images themselves ----------------------------------------------------------
     def image_path(self, image_id: str) -> Path | None:
         """The file of a gallery image, under the store's images folder (searched
-        recursively once when not directly there, as COCO's train2014/val2014)."""
+        recursively once when not directly there, as COCO's train2014/val2014; None where
+        several files there have its name: either could be the photo)."""
         if image_id not in self._row or self.images_dir is None:
             return None
         direct = self.images_dir / image_id
@@ -240,7 +241,11 @@ class Gallery:
             return direct
         with self._lock:
             if self._paths is None:
-                self._paths = {p.name: p for p in self.images_dir.rglob("*") if p.is_file()}
+                found: dict[str, list[Path]] = {}
+                for p in self.images_dir.rglob("*"):
+                    if p.is_file():
+                        found.setdefault(p.name, []).append(p)
+                self._paths = {name: paths[0] for name, paths in found.items() if len(paths) == 1}
         return self._paths.get(Path(image_id).name)
 
     def _thumbnail(self, image_id: str, size: int) -> bytes:
@@ -251,7 +256,8 @@ class Gallery:
             raise NotFound(f"{image_id}: no such image in this gallery")
         path = self.image_path(image_id)
         if path is None:
-            raise NotFound(f"{image_id}: in the gallery, but its file is not in the images folder")
+            raise NotFound(f"{image_id}: in the gallery, but its file is not in the images folder (or is not the "
+                           f"only file there of that name)")
         try:
             with Image.open(path) as img:
                 img = as_seen(img)
