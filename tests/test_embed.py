@@ -138,7 +138,10 @@ def test_embed_errors_are_one_line(capsys, model, tmp_path):
     run_dir, store = model
     (tmp_path / "empty.txt").write_text("\n \n")
     (tmp_path / "list.txt").write_text("nope.jpg\n")
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    (tmp_path / "twice.txt").write_text("a.jpg\n\n./a.jpg\n")     # found before any extraction
     for argv, fragment in [
+        (["--images", tmp_path / "twice.txt"], "twice.txt:3: lists ./a.jpg again (first on line 1)"),
         (["--texts", tmp_path / "empty.txt"], "no sentences"),
         (["--texts", tmp_path / "missing.txt"], "no such file"),
         (["--images", tmp_path / "list.txt"], "missing file"),

@@ -131,8 +131,14 @@ def image_source(source: str | Path) -> tuple[str, Path, list[str] | None]:
     if not source.is_file():
         raise FnemmError(f"{source}: no such folder or file; give a feature store, a folder of images, "
                          f"or a text file listing image files")
-    lines = [line.strip() for line in text_of(source).splitlines()]
-    files = [(source.parent / line).resolve() for line in lines if line]
+    first: dict[Path, int] = {}             # each file, at the line that lists it
+    for n, line in enumerate((line.strip() for line in text_of(source).splitlines()), 1):
+        path = (source.parent / line).resolve() if line else None
+        if path in first:
+            raise FnemmError(f"{source}:{n}: lists {line} again (first on line {first[path]}); drop the repeat")
+        if path is not None:
+            first[path] = n
+    files = list(first)
     if not files:
         raise FnemmError(f"{source}: lists no image files; one path per line")
     missing = [f for f in files if not f.is_file()]
