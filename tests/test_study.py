@@ -423,6 +423,10 @@ def test_readme_tables_show_spread_bold_significance_and_the_papers_rows(tmp_pat
     with_progress = tables({**summary, "progress": {"full": [3, 8], "curve": [1, 6]}}, {})
     assert with_progress.startswith("Finished: 4 of the grid's 14 runs (6,000 training images: 3 of 8; "
                                     "the learning curve: 1 of 6).\n\n| MobileNetV2, 6,000 training images |")
+    timed = [{**e, "training": {**e["training"], "epochs": [74, 59], "hours": 3.25}} for e in summary["results"][:2]]
+    assert tables({**summary, "results": timed + summary["results"][2:]}, {}).startswith(
+        "Time: 4 finished runs took 6.5 hours of training (every epoch with its validation; feature extraction and "
+        "testing not included).\n\n| MobileNetV2")
 
     folder = tmp_path / "study"
     folder.mkdir()

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from fnemm.io.errors import FnemmError
 from fnemm.io.files import atomic_write_text, read_json
-from fnemm_studies.study_report import ALPHA, compared, curve, progress_line, rsum_cell, trend_lines
+from fnemm_studies.study_report import (ALPHA, compared, curve, progress_line, rsum_cell, time_line,
+                                        trend_lines)
 
 NAMES = {"efficientnet_lite0": "EfficientNet-Lite0", "mobilenet_v2": "MobileNetV2", "vgg16": "VGG16"}
 PIPELINES = {"baseline": "FC7-MH", "fne": "FNE-MH"}        # the paper's names of the study's pair
@@ -44,7 +45,7 @@ def _epochs(entry: dict) -> str:
 
 
 def tables(summary: dict, about: dict[str, str]) -> str:
-    """How far the grid is; per CNN, the full-size variants: test rsum (mean ± std over
+    """How far the grid is and how long its finished runs trained; per CNN, the full-size variants: test rsum (mean ± std over
     runs, bootstrap interval), every recall, the epochs each run took (its best), the
     differences against the baseline and the paper's FNE (bold: p < 0.05), then the
     paper's VGG16 FC7-MH and FNE-MH rows; then each CNN's learning curve (study.md's table
@@ -52,7 +53,7 @@ def tables(summary: dict, about: dict[str, str]) -> str:
     from fnemm_studies.report import PAPER
     grid, full = summary["grid"], summary["full_train_images"]
     paper = PAPER.get(grid.get("presets") or "", {})
-    blocks = [done] if (done := progress_line(summary)) else []
+    blocks = [line for line in (progress_line(summary), time_line(summary["results"])) if line]
     for cnn in grid["cnns"]:
         rows = [e for e in summary["results"] if e["cnn"] == cnn and e["train_images"] == full]
         if not rows:

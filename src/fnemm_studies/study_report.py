@@ -217,6 +217,15 @@ def plot(results: list[dict], cnns: tuple[str, ...], full: int, path: Path) -> P
     return path
 
 
+def time_line(results: list[dict]) -> str | None:
+    """How long the finished runs trained, all together (None before any has)."""
+    trained = [t for e in results if "hours" in (t := e.get("training", {})) and "epochs" in t]
+    if not trained:
+        return None
+    return (f"Time: {sum(len(t['epochs']) for t in trained)} finished runs took {sum(t['hours'] for t in trained):.1f} "
+            f"hours of training (every epoch with its validation; feature extraction and testing not included).")
+
+
 def progress_line(summary: dict) -> str:
     """How far the grid is, from the summary's counts ("" for a summary without them)."""
     if not (p := summary.get("progress")):
@@ -274,11 +283,8 @@ def write_report(out: Path, summary: dict, grid, dataset, about: dict[str, str],
         if c := curve(results, cnn):
             parts.append(f"\n### Learning curve\n\n{c}\n")
             parts += [f"- {line}" for line in trend_lines(summary.get("trends", []), cnn)]
-    trained = [e["training"] for e in results if "training" in e]
-    if trained:
-        parts.append(f"\nTime: {sum(len(t['epochs']) for t in trained)} finished runs took "
-                     f"{sum(t['hours'] for t in trained):.1f} hours of training (every epoch with its validation; "
-                     f"feature extraction and testing not included).\n")
+    if took := time_line(results):
+        parts.append(f"\n{took}\n")
     if results:
         png = plot(results, grid.cnns, full, out / "study.png")
         parts.append(f"\n![test rsum per variant]({png.name})\n")
