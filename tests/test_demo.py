@@ -94,9 +94,13 @@ def test_search_text_and_image(demo, capsys):
     by_file = gallery.image_embedding(DATA / "flickr8k" / "images" / image_id)
     by_id = gallery.image_embedding(image_id)
     assert float((by_file * by_id).sum()) > 0.99
-    no_dataset = ["--checkpoint", common[1], "--features", common[3], "--split", "test", "--text", "dog"]
-    assert main(["search", *no_dataset]) == 2
-    assert "pass --dataset too" in capsys.readouterr().err
+    # --split without --dataset: the dataset the run was trained on, as evaluate does
+    no_dataset = ["--checkpoint", common[1], "--features", common[3], "--split", "test", "--text", "a dog", "--json"]
+    assert main(["search", *no_dataset]) == 0
+    printed = capsys.readouterr()
+    assert "(the one the checkpoint was trained on)" in printed.err
+    assert main(["search", *common, "--text", "a dog", "--json"]) == 0
+    assert json.loads(printed.out) == json.loads(capsys.readouterr().out)
     for bad, message in [(["--text", "   "], "text query is empty"), (["--text", "x", "-k", "0"], "k=0: must be between 1 and 100"),
                          (["--image", "nope.jpg"], "no such image file")]:
         assert main(["search", *common, *bad]) == 2

@@ -38,7 +38,8 @@ def add_search(sub) -> argparse.ArgumentParser:
     p.add_argument("--index", metavar="DIR", help="instead of --checkpoint/--features/--dataset: an index "
                                                   "folder from `fnemm index build` (faiss; scales to millions)")
     p.add_argument("--dataset", action="append", metavar="PATH",
-                   help="captions (needed for --image) and splits (for --split)")
+                   help="captions (needed for --image) and splits (for --split); default, when those "
+                        "need one: the one the checkpoint was trained on, where it still is")
     p.add_argument("--split", default="all", choices=["train", "val", "test", "all"],
                    help="restrict the gallery to a split (default all)")
     query = p.add_mutually_exclusive_group(required=True)
@@ -70,6 +71,11 @@ def search(args) -> int:
             features = trained_store(args.checkpoint)
             print(f"features: {features} (the store the checkpoint was trained on)", file=sys.stderr)
         dataset = load_dataset(args.dataset) if args.dataset else None
+        if dataset is None and (args.split != "all" or args.image is not None):     # splits or captions needed
+            from fnemm.training.folders import run_dataset
+            run = Path(args.checkpoint)
+            dataset = run_dataset(run if run.is_dir() else run.parent)
+            print(f"dataset: {dataset.summary()} (the one the checkpoint was trained on)", file=sys.stderr)
         gallery = Gallery.from_store(args.checkpoint, features, dataset, args.split, args.device,
                                      encoder=args.text is None)
     if args.text is not None:
