@@ -2,6 +2,7 @@
 `fnemm search` / `fnemm report` on what it wrote."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -118,3 +119,10 @@ def test_report_with_the_papers_rows(demo, capsys, tmp_path):
     assert (tmp_path / "r" / "report.md").exists() and (tmp_path / "r" / "val_rsum.png").exists()
     assert main(["report", str(out / "features")]) == 2
     assert "not evaluated yet" in capsys.readouterr().err
+    # two runs of one preset would be two rows called FNE-MH: named, they are two rows
+    shutil.copytree(out / "FNE-MH", tmp_path / "again")
+    assert main(["report", str(out / "FNE-MH"), str(tmp_path / "again")]) == 2
+    assert f"would both be shown as FNE-MH: name them, as in `fnemm report A={out / 'FNE-MH'} B=" in \
+        capsys.readouterr().err
+    assert main(["report", f"first={out / 'FNE-MH'}", f"again={tmp_path / 'again'}"]) == 0
+    assert "| first | 1 |" in capsys.readouterr().out

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from fnemm.cli import add_common, add_data
+from fnemm.io.errors import FnemmError
 
 
 def add_evaluate(sub) -> argparse.ArgumentParser:
@@ -108,6 +109,11 @@ def report(args) -> int:
             runs.append(baseline)
     else:
         baseline = default_baseline(runs)
+    shown: dict[str, Path] = {}             # each row's label names one run: the table, verdict and plot by it
+    for run in runs:
+        if shown.setdefault(run.label, run.path) != run.path:
+            raise FnemmError(f"{shown[run.label]} and {run.path} would both be shown as {run.label}: name them, "
+                             f"as in `fnemm report A={shown[run.label]} B={run.path}`")
     table = markdown_table(runs, args.paper, baseline)
     said = verdict(runs, baseline)
     print(table + (f"\n\n{said}" if said else ""))
