@@ -126,3 +126,5 @@ def test_report_with_the_papers_rows(demo, capsys, tmp_path):
         capsys.readouterr().err
     assert main(["report", f"first={out / 'FNE-MH'}", f"again={tmp_path / 'again'}"]) == 0
     assert "| first | 1 |" in capsys.readouterr().out
+    assert main(["report", f"first={out / 'FNE-MH'}", f"again={tmp_path / 'again'}", "--baseline", "frist"]) == 2
+    assert "--baseline frist: neither the NAME of a run here (first, again) nor a run folder" in capsys.readouterr().err

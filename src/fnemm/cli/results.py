@@ -104,6 +104,9 @@ def report(args) -> int:
         base_path = args.baseline.partition("=")[2] if "=" in args.baseline and not a_path else args.baseline
         given = [r for r in runs if r.path.resolve() == Path(base_path).resolve()
                  or (r.label == args.baseline and not a_path)]       # a NAME given to a RUN
+        if not given and not a_path and not Path(base_path).exists():
+            raise FnemmError(f"--baseline {args.baseline}: neither the NAME of a run here "
+                             f"({', '.join(r.label for r in runs)}) nor a run folder")
         baseline = given[0] if given else named(args.baseline)
         if not given:
             runs.append(baseline)
