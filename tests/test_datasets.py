@@ -273,3 +273,19 @@ def test_a_byte_order_mark_is_dropped_from_every_text_format(tmp_path):
         (tmp_path / name).write_bytes(text.encode("utf-16"))
         with pytest.raises(FnemmError, match=f"{name}: UTF-16 text .*; save the file as UTF-8"):
             load_dataset(tmp_path / name)
+
+
+def test_lines_end_at_line_ends_only_not_at_unicode_separators(tmp_path):
+    """JSON may hold U+2028 (line separator) and U+0085 (next line) unescaped in a string,
+    as a web caption can; str.splitlines cut such a JSON line in two ("invalid JSON").
+    Lines end at \\n, \\r\\n or \\r, and nowhere else."""
+    odd = "a dog\u2028runs\u0085on sand"
+    records = [{"image": "a.jpg", "captions": [odd], "split": "train"}, {"image": "b.jpg", "captions": ["x"]}]
+    text = "\r\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\r\n"
+    (tmp_path / "odd.jsonl").write_bytes(text.replace('"x"]}', '"x"], "split": "test"}').encode())
+    ds = load_dataset(tmp_path / "odd.jsonl")
+    assert ds.image_ids == ["a.jpg", "b.jpg"] and ds.captions[0] == [odd]
+    folder = write_flickr(tmp_path / "mac", _tokens(["a.jpg", "b.jpg", "c.jpg"]), ["a.jpg"], ["b.jpg"], ["c.jpg"])
+    for file in folder.iterdir():                                       # classic Mac line ends
+        file.write_bytes(file.read_bytes().replace(b"\n", b"\r"))
+    assert [len(c) for c in load_dataset(folder).captions] == [5, 5, 5]

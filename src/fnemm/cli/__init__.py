@@ -70,7 +70,8 @@ def read_lines(flag: str, path: str, what: str) -> list[str]:
     else:                             # a file, or a pipe such as <(...)
         from fnemm.io.files import text_of
         text = text_of(file)
-    lines = [line.strip() for line in text.splitlines()]
+    from fnemm.io.files import lines_of
+    lines = [line.strip() for line in lines_of(text)]
     if not any(lines):
         raise FnemmError(f"{flag} {file}: no {what} in it; one per line")
     return [line for line in lines if line]

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from fnemm.io.errors import FnemmError
-from fnemm.io.files import text_of
+from fnemm.io.files import lines_of, text_of
 
 from fnemm.datasets.dataset import SPLITS, Dataset, _build, _norm_split
 
@@ -49,8 +49,8 @@ def _read_list(path: Path) -> list[str]:
 
 
 def text_lines(path: Path) -> list[str]:
-    """The lines of a UTF-8 text file (see :func:`fnemm.io.files.text_of`)."""
-    return text_of(path).splitlines()
+    """The lines of a UTF-8 text file (see :func:`fnemm.io.files.text_of` and ``lines_of``)."""
+    return lines_of(text_of(path))
 
 
 def load_flickr_raw(folder: Path, name: str | None = None, unlisted: bool = False) -> Dataset:

@@ -290,6 +290,14 @@ def text_of(path: str | Path) -> str:
                          f"save the file as UTF-8") from None
 
 
+def lines_of(text: str) -> list[str]:
+    """``text`` split at its line ends (\\n, \\r\\n, \\r), and only there: str.splitlines also
+    splits at U+2028 and other Unicode separators, which a JSON string may hold unescaped (a
+    web caption's line separator would cut its JSON line in two)."""
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    return lines[:-1] if lines and lines[-1] == "" else lines
+
+
 def remove_stale_temps(folder: str | Path) -> list[Path]:
     """Remove the temporary files a killed writer left in ``folder`` (and its .partial/):
     only call it holding the folder's lock, when no writer can be alive."""
