@@ -28,7 +28,9 @@ def test_csv_with_and_without_splits(tmp_path, capsys):
     assert drawn.counts() == {"train": 24, "val": 3, "test": 3, "restval": 0}
     assert load_dataset(tmp_path / "nosplit.csv").splits == drawn.splits            # the same draw
     assert repr(drawn) == "Dataset(nosplit: 30 images (24 train, 3 val, 3 test), 60 captions)"
-    for text, message in [("img,caption\n", "expected a header"), ("image,caption\nx.jpg\n", ":2: 1 columns"),
+    for text, message in [("img,caption\n", "expected a header"), ("image;caption\na.jpg;a dog\n",
+                                                                     "separated by ';'. save it with commas"),
+                          ("image,caption\nx.jpg\n", ":2: 1 columns"),
                           ("image,caption,split\nx.jpg,a,train\nx.jpg,b,test\n", "in split train on an earlier row"),
                           ("image,caption,split\nx.jpg,a,train\ny.jpg,b,\n", "has no split while others have one"),
                           ("image,caption\n", "no rows")]:

@@ -228,7 +228,10 @@ def load_csv(path: Path) -> Dataset:
         raise FnemmError(f"{path}: not a readable CSV ({e})") from None
     header = [h.strip().lower() for h in rows[0]] if rows else []
     if "image" not in header or "caption" not in header:
-        raise FnemmError(f"{path}:1: expected a header with image,caption[,split] columns, got {rows[0] if rows else []}")
+        other = next((f" (separated by {sep!r}? save it with commas)" for sep in (";", "\t")
+                      if len(header) == 1 and sep in header[0]), "")
+        raise FnemmError(f"{path}:1: expected a header with image,caption[,split] columns, got "
+                         f"{rows[0] if rows else []}{other}")
     col = {name: header.index(name) for name in ("image", "caption", "split") if name in header}
     order, caps, split = [], {}, {}
     for lineno, row in enumerate(rows[1:], 2):
