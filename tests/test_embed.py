@@ -72,6 +72,19 @@ def test_a_texts_file_is_utf8_its_byte_order_mark_dropped(capsys, model, gallery
                          "--out", tmp_path / "e2")
     assert code == 2 and f"{tmp_path / 'latin.txt'}:2: not UTF-8 text (byte 0xe9" in err, err
     assert not (tmp_path / "e2").exists()
+    import io
+    import sys
+    for data, said in ((b"\xef\xbb\xbf" + "\n".join(texts).encode(), None),     # standard input: the same rules
+                       ("\n".join(texts).encode("latin-1"), "<stdin>:2: not UTF-8 text (byte 0xe9")):
+        stdin = sys.stdin
+        sys.stdin = io.TextIOWrapper(io.BytesIO(data), encoding="utf-8", errors="surrogateescape")
+        try:
+            code, out, err = run(capsys, "embed", "--checkpoint", run_dir, "--texts", "-", "--out", tmp_path / "e3")
+        finally:
+            sys.stdin = stdin
+        assert (code, said is None or said in err) == (2 if said else 0, True), err
+        if said is None:
+            assert read_embeddings(tmp_path / "e3", "texts")[1]["texts"] == texts
 
 
 def test_embedded_texts_the_model_cannot_read_are_named(capsys, model, tmp_path):

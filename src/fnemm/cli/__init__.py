@@ -63,14 +63,14 @@ def read_lines(flag: str, path: str, what: str) -> list[str]:
     """The non-blank lines of a list file given to ``flag``, stripped; a missing or
     empty file is a one-line error naming it."""
     file = Path(path)
-    if path == "-":                   # standard input
-        text = sys.stdin.read()
+    from fnemm.io.files import lines_of, text_of
+    if path == "-":                   # standard input, its bytes decoded as a file's are
+        raw = getattr(sys.stdin, "buffer", None)
+        text = text_of("<stdin>", raw.read()) if raw is not None else sys.stdin.read()
     elif not file.exists() or file.is_dir():
         raise FnemmError(f"{flag} {file}: no such file; give a text file of {what}, one per line")
     else:                             # a file, or a pipe such as <(...)
-        from fnemm.io.files import text_of
         text = text_of(file)
-    from fnemm.io.files import lines_of
     lines = [line.strip() for line in lines_of(text)]
     if not any(lines):
         raise FnemmError(f"{flag} {file}: no {what} in it; one per line")

@@ -272,12 +272,12 @@ def read_json(path: str | Path, fix: str, expect: type = dict):
     return value
 
 
-def text_of(path: str | Path) -> str:
-    """A user's text file as one string: UTF-8, a leading byte-order mark dropped (Excel's
-    "CSV UTF-8" and Windows Notepad write one; kept, it would glue itself to the first image
-    name or caption), else a one-line FnemmError naming the file, the line and the byte that
-    are not UTF-8, and the fix."""
-    data = Path(path).read_bytes()
+def text_of(path: str | Path, data: bytes | None = None) -> str:
+    """A user's text file (or ``data`` read from it: standard input, say) as one string:
+    UTF-8, a leading byte-order mark dropped (Excel's "CSV UTF-8" and Windows Notepad write
+    one; kept, it would glue itself to the first image name or caption), else a one-line
+    FnemmError naming the file, the line and the byte that are not UTF-8, and the fix."""
+    data = Path(path).read_bytes() if data is None else data
     if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
         raise FnemmError(f"{path}: UTF-16 text (Windows' \"Unicode\"); save the file as UTF-8")
     start = 3 if data.startswith(b"\xef\xbb\xbf") else 0
