@@ -122,3 +122,20 @@ def test_an_image_id_is_found_below_the_folder_only_where_its_name_is_one_file(t
     with pytest.raises(FnemmError, match=r"image IMG_0001.jpg is not at .*, and 2 files of that name lie below it "
                                          r"\(cam1/IMG_0001.jpg, cam2/IMG_0001.jpg\)"):
         resolve_paths(tmp_path, ["top.jpg", "IMG_0001.jpg"])
+
+
+def test_a_folder_lists_the_photos_pillow_reads_and_names_those_it_cannot(tmp_path):
+    """Listing a folder (no dataset): JPEG/PNG/... and whatever else this Pillow opens
+    (AVIF where it does); an iPhone's HEIC without a plugin, or camera raw, is warned about
+    by name, where it used to be passed over in silence."""
+    from fnemm.features.images import list_images
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.jpg")
+    for name in ("IMG_0001.HEIC", "shot.dng", "notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    avif = ".avif" in Image.registered_extensions()
+    if avif:
+        Image.new("RGB", (8, 8)).save(tmp_path / "b.avif")
+    with pytest.warns(UserWarning, match=r": 2 photo\(s\) in a format fnemm cannot read are left out \(e.g. "
+                                         r"IMG_0001.HEIC\); convert them to JPEG or PNG"):
+        listed = list_images(tmp_path)
+    assert listed == ["a.jpg"] + (["b.avif"] if avif else [])

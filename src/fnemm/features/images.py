@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -19,12 +20,25 @@ from fnemm.io.errors import FnemmError
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
+# photo formats Pillow opens only in some builds or with a plugin (AVIF; HEIC, iPhones', with
+# pillow-heif registered; camera raw never): read where it can, said where it cannot
+PHOTO_SUFFIXES_MAYBE = {".avif", ".heic", ".heif", ".jxl", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".orf", ".rw2",
+                        ".raf"}
+
+
 def list_images(folder: Path) -> list[str]:
-    """Image files under ``folder`` (recursively), as sorted relative paths."""
+    """Image files under ``folder`` (recursively), as sorted relative paths. Photos in a
+    format this Pillow cannot read (an iPhone's HEIC, say) are warned about, not passed over."""
     if not folder.is_dir():
         raise FnemmError(f"{folder}: no such image folder; pass --images DIR")
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
-                  if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    readable = IMAGE_SUFFIXES | (PHOTO_SUFFIXES_MAYBE & set(Image.registered_extensions()))
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    unread = sorted(str(p.relative_to(folder)) for p in files
+                    if p.suffix.lower() in PHOTO_SUFFIXES_MAYBE - readable)
+    if unread:
+        warnings.warn(f"{folder}: {len(unread)} photo(s) in a format fnemm cannot read are left out (e.g. "
+                      f"{unread[0]}); convert them to JPEG or PNG", stacklevel=2)
+    return sorted(str(p.relative_to(folder)) for p in files if p.suffix.lower() in readable)
 
 
 def resolve_paths(folder: Path, ids: list[str]) -> list[Path | None]:
