@@ -222,3 +222,27 @@ def test_image_to_image_search_is_brute_force_cosine(capsys, model, gallery):
     assert [h["image"] for h in json.loads(out)["results"]] == [h["image"] for h in by_id["results"]]
     code, out, _ = run(capsys, *common, "--similar", first, "-k", "2")
     assert out.splitlines()[0] == f"images like: {first}" and '"' in out.splitlines()[1]
+
+
+def test_an_output_path_that_is_a_file_is_one_line_for_every_command(capsys, model, tmp_path):
+    """--out (or --output) where a file stands, or under one: one line naming it, for every
+    command that writes; it was a FileExistsError traceback from train, extract, embed,
+    index build and study, and an IsADirectoryError one from evaluate --output DIR."""
+    run_dir, store = model
+    data = f"flickr8k-1k={DATA / 'flickr8k'}"
+    file = tmp_path / "taken.csv"
+    file.write_text("image,caption\n")
+    (tmp_path / "q.txt").write_text("a dog\n")
+    for out, said in ((file, f"{file}: a file, not a folder"), (file / "sub", f"{file / 'sub'}: {file} is a file")):
+        for argv in (["extract", "--dataset", data, "--from", store, "--out", out],      # train: test_own_data
+                     ["embed", "--checkpoint", run_dir, "--texts", tmp_path / "q.txt", "--out", out],
+                     ["index", "build", "--checkpoint", run_dir, "--features", store, "--out", out],
+                     ["report", run_dir, "--out", out],
+                     ["study", "--quick", "--out", out]):
+            code, _, err = run(capsys, *argv)
+            assert code == 2 and err.startswith("fnemm: error: ") and said in err and "Traceback" not in err, \
+                (argv, err)
+    code, _, err = run(capsys, "evaluate", "--checkpoint", run_dir, "--output", tmp_path)
+    assert code == 2 and f"--output {tmp_path}: a folder" in err
+    code, _, err = run(capsys, "evaluate", "--checkpoint", run_dir, "--output", file / "m.json")
+    assert code == 2 and f"{file / 'm.json'}: {file} is a file, not a folder" in err, err

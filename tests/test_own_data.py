@@ -81,6 +81,9 @@ def test_a_config_file_from_presets_show(synth, tmp_path, capsys):
     assert main(["train", "--config", str(tmp_path / "bad.json"), "--dataset", str(jsonl), "--features", str(npy),
                  "--ids", str(ids), "--out", str(tmp_path / "r2")]) == 2
     assert "unknown field 'learning'" in capsys.readouterr().err
+    assert main(["train", "--config", str(tmp_path / "mine.json"), "--dataset", str(jsonl), "--features", str(npy),
+                 "--ids", str(ids), "--out", str(jsonl)]) == 2             # --out a file: one line, no traceback
+    assert f"{jsonl}: a file, not a folder; give a folder's path" in capsys.readouterr().err
     pytest.importorskip("yaml")
     (tmp_path / "latin.yaml").write_bytes("seed: 1  # caf\u00e9\n".encode("latin-1"))   # was a traceback
     assert main(["train", "--config", str(tmp_path / "latin.yaml"), "--dataset", str(jsonl), "--features", str(npy),

@@ -34,7 +34,7 @@ from fnemm.io.errors import FnemmError
 from fnemm.features.assembly import derive_store
 from fnemm.features.extraction import ExtractConfig, extract
 from fnemm.features.store import load_features
-from fnemm.io.files import atomic_write_bytes, atomic_write_json, read_json
+from fnemm.io.files import atomic_write_bytes, atomic_write_json, make_folder, read_json
 from fnemm.io.locks import Busy, folder_lock
 from fnemm.features.recipe import Recipe
 from fnemm.training.folders import (epoch_history, load_metrics, load_ranks, metrics_path, ranks_path, save_metrics,
@@ -297,7 +297,7 @@ class Study:
                                  f"max-images; re-run with the same options or choose another --out")
         if not train:
             return self.summarise(self.units())
-        self.out.mkdir(parents=True, exist_ok=True)
+        make_folder(self.out)
         atomic_write_json(saved, {"grid": self.grid.to_dict()})
         self._write_splits()
         for cnn in self.grid.cnns:

@@ -33,6 +33,11 @@ def evaluate(args) -> int:
     from fnemm.eval.metrics import format_metrics
     from fnemm.training.folders import metrics_path
     from fnemm.training.runs import evaluate_runs
+    if args.output:                                     # said now, not after the evaluation
+        from fnemm.io.files import make_folder
+        if Path(args.output).is_dir():
+            raise FnemmError(f"--output {args.output}: a folder; give the path of the JSON file to write")
+        make_folder(Path(args.output).parent, writing=args.output)
     every = evaluate_runs(args.checkpoint, args.dataset and load_dataset(args.dataset), args.features, args.split,
                           args.protocol, args.device, ids=args.ids, output=args.output)
     if args.json:
@@ -98,6 +103,9 @@ def report(args) -> int:
             return replace(load_run(path, args.split), label=name)
         return load_run(arg, args.split)
 
+    if args.out:
+        from fnemm.io.files import make_folder
+        make_folder(args.out)               # a file in the way is said now, not after the table
     runs = [named(r) for r in args.runs]
     if args.baseline:
         a_path = Path(args.baseline).exists()

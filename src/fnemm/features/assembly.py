@@ -23,7 +23,8 @@ from fnemm.features.cnn import TappedCNN, tap_groups
 from fnemm.io.errors import FnemmError
 from fnemm.io.faults import fault
 from fnemm.features.store import FORMAT, RAW_KEYS, write_manifest
-from fnemm.io.files import atomic_save_npy, cached_sha256, check_sha256, located, read_json, relative_to, sha256_file
+from fnemm.io.files import (atomic_save_npy, cached_sha256, check_sha256, located, make_folder, read_json,
+                            relative_to, sha256_file)
 from fnemm.features.fne import CROP, RESIZE, THRESHOLDS, RunningStats
 from fnemm.features.images import return_freed_memory
 from fnemm.features.pca import fit_pca_streamed
@@ -218,7 +219,7 @@ def assemble(out: Path, producer: dict, state: dict, recipe: Recipe, train_ids: 
         step = block_rows(raw.shape[1])
         encoder.pca = fit_pca_streamed(lambda: (encoder.features(raw[rows[b:b + step]])
                                                 for b in range(0, len(rows), step)), recipe.pca)
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     atomic_save_npy(out / "stats.npy", np.stack([mean, std]))
     stats_info["bytes"] = (out / "stats.npy").stat().st_size
     stats_info["sha256"] = sha256_file(out / "stats.npy")

@@ -41,7 +41,8 @@ from fnemm.features.cnn import TappedCNN, build_cnn, check_finite
 from fnemm.datasets import Dataset
 from fnemm.io.errors import FnemmError
 from fnemm.io.faults import fault
-from fnemm.io.files import HASH_CACHE, atomic_save_npy, atomic_write_json, read_json, relative_to, verifying
+from fnemm.io.files import (HASH_CACHE, atomic_save_npy, atomic_write_json, make_folder, read_json, relative_to,
+                            verifying)
 from fnemm.io.locks import folder_lock
 from fnemm.features.fne import CROP, RESIZE
 from fnemm.features.images import (IMAGE_SUFFIXES, PRECISIONS, _collate, _Images, _worker_init, forward_images,
@@ -255,7 +256,7 @@ def _forward(cnn: TappedCNN, images: Path, ids: list[str], config: ExtractConfig
     """The forward pass (resuming its committed chunks), joined into raw.npy: the state to assemble."""
     partial = out / ".partial"
     (out / "manifest.json").unlink(missing_ok=True)    # it vouches for nothing any more
-    partial.mkdir(parents=True, exist_ok=True)
+    make_folder(partial)
     if not (partial / "job.json").exists():
         atomic_write_json(partial / "job.json", identity)
     n_chunks = (len(ids) + config.chunk_size - 1) // config.chunk_size

@@ -30,13 +30,30 @@ def _umask() -> int:
 UMASK = _umask()      # read once: os.umask can only be read by setting it
 
 
+def make_folder(path: str | Path, writing: str | Path | None = None) -> Path:
+    """``path`` as a folder, made with its parents if need be (to write the file ``writing``
+    in, when given); a file standing at it, or where one of its parents would be, is a
+    one-line error naming it (not a traceback)."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        shown = Path(writing) if writing is not None else path
+        there = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), path)
+        raise FnemmError(f"{shown}: a file, not a folder; give a folder's path" if there == shown else
+                         f"{shown}: {there} is a file, not a folder; give another path") from None
+    return path
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """A temporary path beside ``path`` for a writer that wants a file name (faiss):
     once the block ends, the file is flushed to disk and renamed over ``path``; if
     the block raises, it is removed and ``path`` is untouched."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise FnemmError(f"{path}: a folder; give the path of a file to write")
+    make_folder(path.parent, writing=path)
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     tmp = Path(name)
     try:

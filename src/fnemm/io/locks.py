@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from fnemm.io.errors import FnemmError
-from fnemm.io.files import remove_stale_temps
+from fnemm.io.files import make_folder, remove_stale_temps
 
 LOCK_FILE = ".lock"
 _HELD: dict[str, int] = {}     # folder -> descriptor of the locks this process holds
@@ -55,8 +55,7 @@ def folder_lock(folder: str | Path, what: str = "this folder", wait: bool = Fals
     """Hold ``folder``'s lock for the block (creating the folder); re-entrant within a
     process. When another process holds it: raise :class:`Busy` at once, naming that
     process, or with ``wait`` block until it lets go."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = make_folder(folder)
     key = str(folder.resolve())
     if key in _HELD:                  # this process holds it already (e.g. a study run, then its training)
         yield folder

@@ -30,7 +30,7 @@ from fnemm.joint.checkpoint import checkpoint_file, open_model
 from fnemm.joint.inputs import embed_captions, embed_images
 from fnemm.io.errors import FnemmError
 from fnemm.io.files import (atomic_path, atomic_write_json, atomic_write_text, cached_sha256, locate, located,
-                            read_json, relative_to, sha256_file, verifying)
+                            make_folder, read_json, relative_to, sha256_file, verifying)
 from fnemm.io.faults import fault
 from fnemm.search.vector_index import EXACT_UP_TO, METHODS, TUNE_QUERIES, VectorIndex, sample, tune_side
 from fnemm.io.locks import folder_lock
@@ -230,7 +230,7 @@ def _build(opened, features: Path, out: Path, dataset, split: str, ids, method: 
             say(f"{out}: index up to date (same checkpoint, features and options; files intact)")
             return previous
 
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     old.unlink(missing_ok=True)      # half-rewritten files must never sit under a valid manifest
     dim = opened.config.model.embed_dim
     with ExitStack() as files:       # embeddings go straight to their files, never whole in memory

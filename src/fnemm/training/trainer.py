@@ -223,7 +223,6 @@ class Trainer:
             return
         if self.main:
             self.run_id = uuid.uuid4().hex
-            self.out.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.out / "config.json", self.config.to_json() + "\n")
             atomic_write_json(self.out / "run.json", {**self.run_info, "state": "training", "vocab_size": len(self.vocab),
                                                       "feature_dim": self.model.feature_dim, "run_id": self.run_id})
