@@ -151,6 +151,11 @@ def test_index_refuses_changed_checkpoint_or_store(built, tmp_path):
         Gallery.from_index(folders["FNE-MH"], features=tmp_path / "moved")
     with pytest.raises(FnemmError, match="not an index folder"):
         Gallery.from_index(tmp_path)
+    # a run folder or a store given for an index: said as such
+    with pytest.raises(FnemmError, match=r"not an index folder \(a run folder: `index build --checkpoint`"):
+        Gallery.from_index(out / "FNE-MH" / "seed-0")
+    with pytest.raises(FnemmError, match=r"not an index folder \(a feature store: `index build --features`"):
+        Gallery.from_index(out / "features")
     broken = tmp_path / "broken"
     shutil.copytree(folders["FNE-POE"], broken)
     (broken / "images.faiss").unlink()

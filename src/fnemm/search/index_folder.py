@@ -308,11 +308,12 @@ def read_index(folder: str | Path, checkpoint: str | Path | None = None,
     (or at ``checkpoint`` / ``features``) and must hash as they did then."""
     folder = Path(folder)
     rebuild = _rebuild(folder)
-    if not (folder / "manifest.json").exists():
-        raise FnemmError(f"{folder}: no manifest.json; not an index folder (build one with `fnemm index build`)")
-    m = read_json(folder / "manifest.json", rebuild)
+    m = read_json(folder / "manifest.json", rebuild) if (folder / "manifest.json").exists() else {}
     if m.get("format") != FORMAT:
-        raise FnemmError(f"{folder / 'manifest.json'}: not an fnemm index (format={m.get('format')!r})")
+        kind = ("a run folder: `index build --checkpoint` indexes its model" if (folder / "best.pt").exists() else
+                "a feature store: `index build --features` indexes it" if m.get("format") == "fnemm-features" else
+                f"format={m.get('format')!r}" if m else "no manifest.json")
+        raise FnemmError(f"{folder}: not an index folder ({kind}); build one with `fnemm index build`")
     if m.get("version") != VERSION or not isinstance(m.get("files"), dict):
         raise FnemmError(f"{folder}: an index of an older fnemm (format version {m.get('version')}); {rebuild}")
     try:
