@@ -166,6 +166,12 @@ def test_embed_errors_are_one_line(capsys, model, tmp_path):
     code, _, err = run(capsys, "embed", "--checkpoint", tmp_path, "--texts", tmp_path / "list.txt",
                        "--out", tmp_path / "o")
     assert code == 2 and "no such checkpoint" in err
+    (tmp_path / "q.txt").write_text("a dog\n")
+    for given, said in ((store, f"{store} is a feature store, not a run"),
+                        (run_dir.parent, f"{run_dir.parent} holds seeds: pass one, e.g. {run_dir.parent / 'seed-0'}")):
+        code, _, err = run(capsys, "embed", "--checkpoint", given, "--texts", tmp_path / "q.txt",
+                           "--out", tmp_path / "o")
+        assert code == 2 and said in err, err
 
 
 def test_open_model_encodes_texts_and_photos_like_open_clip(model, gallery):

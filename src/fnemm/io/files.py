@@ -186,7 +186,7 @@ def _looks_like(path: Path, error: Exception) -> str:
     if head[:1] == b"\x80":
         return "a plain pickle"
     text = head.decode("utf-8", "replace")
-    return f"text: {text!r}..." if text.isprintable() else "unknown bytes"
+    return f"text: {text!r}..." if all(c.isprintable() or c in "\t\r\n" for c in text) else "unknown bytes"
 
 
 def atomic_save_npy(path: str | Path, array: np.ndarray) -> None:

@@ -61,12 +61,24 @@ def checkpoint_file(path: str | Path) -> Path:
     return path / "best.pt" if path.is_dir() else path
 
 
+def _not_a_run(folder: Path) -> str:
+    """What a folder given for a run is instead, when it says (for the error that it is no run)."""
+    if (folder / "seed-0").is_dir():
+        return f"; {folder} holds seeds: pass one, e.g. {folder / 'seed-0'}"
+    try:
+        made = read_json(folder / "manifest.json", "").get("format") if (folder / "manifest.json").is_file() else None
+    except FnemmError:
+        made = None
+    return {"fnemm-index": f"; {folder} is an index folder: search it with --index {folder}",
+            "fnemm-features": f"; {folder} is a feature store, not a run"}.get(made, "")
+
+
 def read_checkpoint(path: str | Path) -> dict:
     """The raw checkpoint dict (tensors on the CPU), or a one-line error naming the file."""
     path = checkpoint_file(path)
     if not path.exists():
         raise FnemmError(f"{path}: no such checkpoint; pass a run folder or its best.pt "
-                         f"(written after the first training epoch)")
+                         f"(written after the first training epoch){_not_a_run(path.parent)}")
     ckpt = load_torch_data(path, "is it an fnemm best.pt? (a damaged one: re-train, or resume the run)")
     needed = ("config", "vocab", "feature_dim", "model")
     if ckpt.get("format") != FORMAT or any(k not in ckpt for k in needed):
