@@ -256,3 +256,14 @@ def test_every_command_a_message_suggests_takes_the_options_it_is_suggested_with
         wrong += [f"{where}: fnemm {command} {rest}: {opt}" for opt in re.findall(r"(--[a-z][a-z0-9-]*)", rest)
                   if opt not in known]
     assert wrong == []
+
+
+def test_a_count_of_0_is_refused_not_read_as_the_default(capsys):
+    """`study --epochs 0` and `stability --epochs 0` trained every run to the full schedule
+    (0 read as "not given"); each count a study takes is at least 1, said before any work."""
+    for flag in ("--epochs", "--seeds", "--splits", "--max-images", "--curve-seeds", "--patience"):
+        assert main(["study", "--quick", "--out", "never-made", flag, "0"]) == 2
+        assert f"{flag} 0: expected at least 1" in capsys.readouterr().err
+    assert main(["stability", "--dataset", "x.jsonl", "--features", "f", "--out", "never-made", "--epochs", "0"]) == 2
+    assert "--epochs 0: expected at least 1" in capsys.readouterr().err
+    assert not Path("never-made").exists()

@@ -88,7 +88,9 @@ def test_overrides():
     for bad, msg in [("model.embed=3", "no field 'embed'"), ("model.embed_dim=big", "expected int"),
                      ("stages.4.lr=1", "2 stage"), ("lr", "KEY=VALUE"), ("model=3", "name a field"),
                      ("model.similarity=l2", "similarity"), ("batch_size=1", "batch_size"),
-                     ("adam=kiros", "expected 'standard'.*or 'authors'")]:
+                     ("adam=kiros", "expected 'standard'.*or 'authors'"),
+                     ("stages.0.patience=0", "patience 0: expected at least 1 epoch"),   # was 0 epochs, exit 0
+                     ("stages.max_epochs=0", "max_epochs >= 1")]:
         with pytest.raises(FnemmError, match=msg):
             apply_overrides(base, [bad])
 

@@ -56,7 +56,9 @@ def stability(args) -> int:
     if args.ids:
         raise FnemmError("stability needs a feature store (both fne and fc7 arrays); --ids is for a plain .npy")
     device = resolve_device(args.device)
-    overrides = list(args.overrides) + ([f"stages.max_epochs={args.epochs}"] if args.epochs else [])
+    if args.epochs is not None:
+        at_least_one("--epochs", args.epochs)            # 0 read as "not given" trained all 200 epochs
+    overrides = list(args.overrides) + ([f"stages.max_epochs={args.epochs}"] if args.epochs is not None else [])
     results = run_study(load_dataset(args.dataset), args.features, args.out, args.seeds, select(args.rows),
                         overrides, device, args.quiet)
     table = format_study(results)
@@ -126,6 +128,9 @@ def study(args) -> int:
         for v in VARIANTS:
             print(f"{v.name:<22} {v.about}")
         return 0
+    for flag in ("splits", "seeds", "epochs", "crops", "max_images", "curve_seeds", "patience"):
+        if getattr(args, flag) is not None:                  # 0 would read as "the default" further in
+            at_least_one(f"--{flag.replace('_', '-')}", getattr(args, flag))
     device = resolve_device(args.device)
     dataset = load_dataset(args.dataset or "flickr8k-1k")
     images = Path(args.images) if args.images else dataset.images

@@ -219,6 +219,8 @@ def validate(config: TrainConfig) -> None:
             raise FnemmError(f"stages.{i}.loss={st.loss!r}: expected one of {REDUCTIONS}")
         if st.lr <= 0 or st.max_epochs < 1:
             raise FnemmError(f"stages.{i}: lr must be > 0 and max_epochs >= 1")
+        if st.patience is not None and st.patience < 1:     # 0 ended the stage before its first epoch
+            raise FnemmError(f"stages.{i}: patience {st.patience}: expected at least 1 epoch (or none: no early stop)")
     if config.batch_size < 2:
         raise FnemmError("batch_size must be >= 2 (the loss needs in-batch negatives)")
     if config.model.init not in INITS:
