@@ -260,10 +260,17 @@ def test_every_command_a_message_suggests_takes_the_options_it_is_suggested_with
 
 def test_a_count_of_0_is_refused_not_read_as_the_default(capsys):
     """`study --epochs 0` and `stability --epochs 0` trained every run to the full schedule
-    (0 read as "not given"); each count a study takes is at least 1, said before any work."""
+    (0 read as "not given"); each count a study takes is at least 1, said before any work;
+    so is --threads, and a fine-tuning flag of 0 without --finetune is still one."""
     for flag in ("--epochs", "--seeds", "--splits", "--max-images", "--curve-seeds", "--patience"):
         assert main(["study", "--quick", "--out", "never-made", flag, "0"]) == 2
         assert f"{flag} 0: expected at least 1" in capsys.readouterr().err
     assert main(["stability", "--dataset", "x.jsonl", "--features", "f", "--out", "never-made", "--epochs", "0"]) == 2
     assert "--epochs 0: expected at least 1" in capsys.readouterr().err
     assert not Path("never-made").exists()
+    for threads in ("0", "-1"):                 # -1 was torch's RuntimeError traceback, 0 ignored
+        assert main(["evaluate", "--checkpoint", "never-made", "--threads", threads]) == 2
+        assert capsys.readouterr().err == f"fnemm: error: --threads {threads}: expected at least 1\n"
+    assert main(["train", "--preset", "demo/FNE-MH", "--dataset", "x.jsonl", "--features", "f", "--out", "never-made",
+                 "--finetune-blocks", "0"]) == 2        # a 0 was read as not given, and a plain run trained
+    assert "--finetune-blocks is for fine-tuning" in capsys.readouterr().err

@@ -104,7 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
-    if getattr(args, "threads", None):
+    if getattr(args, "threads", None) is not None:
+        if args.threads < 1:                              # torch raises on 0 or fewer
+            print(f"fnemm: error: --threads {args.threads}: expected at least 1", file=sys.stderr)
+            return 2
         import torch
         torch.set_num_threads(args.threads)
     if getattr(args, "no_verify", False):

@@ -163,7 +163,7 @@ def train(args) -> int:
         raise FnemmError("--preset or --config, not both")
     finetuning = [f for f, v in (("--finetune-cnn", args.finetune_cnn), ("--finetune-blocks", args.finetune_blocks),
                                  ("--cnn-lr-scale", args.cnn_lr_scale), ("--train-bn", args.train_bn),
-                                 ("--images", args.images and not args.resume)) if v]
+                                 ("--images", args.images and not args.resume)) if v is not None and v is not False]
     if args.finetune:
         return _finetune(args, out, overrides, common)
     if finetuning:
