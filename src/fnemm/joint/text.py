@@ -80,10 +80,6 @@ class Vocab:
             return ids[:self.max_tokens], True
         return ids, False
 
-    def known_words(self, caption: str) -> list[str]:
-        """The words of ``caption`` the model has embeddings for (punctuation aside)."""
-        return [w for w in tokenize(caption) if w in self.stoi and any(ch.isalnum() for ch in w)]
-
     def to_json(self) -> str:
         return json.dumps(self.itos[2:])
 

@@ -102,8 +102,9 @@ def embed_texts(checkpoint: str | Path, texts: list[str], out: str | Path, parqu
     out = Path(out)
     opened = open_model(checkpoint, None, device)
     vocab = opened.vocab
-    encoded = [vocab.encode_checked(t) for t in texts]
-    blind = [k for k, t in enumerate(texts) if not vocab.known_words(t)]
+    encoded = [vocab.encode_checked(t) for t in texts]           # each text tokenised once
+    blind = [k for k, (ids, _) in enumerate(encoded)                # no word it knows among the tokens it reads
+             if not any(i > 1 and any(ch.isalnum() for ch in vocab.itos[i]) for i in ids)]
     cut = [k for k, (_, was_cut) in enumerate(encoded) if was_cut]
     if blind:        # search refuses such a query (NoMatch); a batch says which rows they are
         warnings.warn(f"{_rows(blind, len(texts))} no word in the model's vocabulary (e.g. {texts[blind[0]]!r}): "

@@ -154,7 +154,8 @@ class Gallery:
 
     def known_words(self, query: str) -> list[str]:
         """The query's words the model has embeddings for (punctuation aside)."""
-        return self.vocab.known_words(query)
+        from fnemm.joint.text import tokenize
+        return [w for w in tokenize(query) if w in self.vocab.stoi and any(ch.isalnum() for ch in w)]
 
     def text(self, query: str, k: int = 10) -> list[Hit]:
         """The ``k`` gallery images that fit the sentence best, with their captions."""
