@@ -45,11 +45,11 @@ def _epochs(entry: dict) -> str:
 
 
 def tables(summary: dict, about: dict[str, str]) -> str:
-    """How far the grid is and how long its finished runs trained; per CNN, the full-size variants: test rsum (mean ± std over
-    runs, bootstrap interval), every recall, the epochs each run took (its best), the
-    differences against the baseline and the paper's FNE (bold: p < 0.05), then the
-    paper's VGG16 FC7-MH and FNE-MH rows; then each CNN's learning curve (study.md's table
-    and trend sentences), if it has one."""
+    """How far the grid is and how long its finished runs trained; per CNN, the full-size
+    variants: test rsum (mean ± std over runs, bootstrap interval), every recall, the epochs
+    each run took (its best), the differences against the baseline and the paper's FNE
+    (bold: p < 0.05), then the paper's VGG16 FC7-MH and FNE-MH rows; then each CNN's
+    learning curve (study.md's table and trend sentences), if it has one."""
     from fnemm_studies.report import PAPER
     grid, full = summary["grid"], summary["full_train_images"]
     paper = PAPER.get(grid.get("presets") or "", {})
