@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from fnemm.io.errors import FnemmError
-from fnemm.io.files import lines_of, text_of
+from fnemm.io.files import text_lines, text_of
 
 from fnemm.datasets.dataset import SPLITS, Dataset, _build, _norm_split
 
@@ -46,11 +46,6 @@ def read_token_file(path: Path) -> dict[str, list[str]]:
 
 def _read_list(path: Path) -> list[str]:
     return [line.strip() for line in text_lines(path) if line.strip()]
-
-
-def text_lines(path: Path) -> list[str]:
-    """The lines of a UTF-8 text file (see :func:`fnemm.io.files.text_of` and ``lines_of``)."""
-    return lines_of(text_of(path))
 
 
 def load_flickr_raw(folder: Path, name: str | None = None, unlisted: bool = False) -> Dataset:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from fnemm.io.errors import FnemmError
-from fnemm.io.files import check_sha256, atomic_save_npy, atomic_write_json, read_json, lines_of, sha256_file, text_of
+from fnemm.io.files import check_sha256, atomic_save_npy, atomic_write_json, read_json, sha256_file, text_lines
 
 FORMAT = "fnemm-features"
 # What a store's raw activations depend on (a store's statistics only fit raw activations
@@ -174,7 +174,7 @@ def load_plain(path: Path, ids_path: Path | None = None) -> Features:
                              f"(or put {path.with_suffix('.ids.txt').name} beside it)")
     if not ids_path.exists():
         raise FnemmError(f"{ids_path}: no such ids file")
-    ids = [line.strip() for line in lines_of(text_of(ids_path)) if line.strip()]
+    ids = [line.strip() for line in text_lines(ids_path) if line.strip()]
     array = _load_npy(path)
     _check_array(array, len(ids), path)
     _check_ids(ids, ids_path)

@@ -315,6 +315,11 @@ def lines_of(text: str) -> list[str]:
     return lines[:-1] if lines and lines[-1] == "" else lines
 
 
+def text_lines(path: str | Path) -> list[str]:
+    """The lines of a user's UTF-8 text file (:func:`text_of`, split by :func:`lines_of`)."""
+    return lines_of(text_of(path))
+
+
 def remove_stale_temps(folder: str | Path) -> list[Path]:
     """Remove the temporary files a killed writer left in ``folder`` (and its .partial/):
     only call it holding the folder's lock, when no writer can be alive."""

@@ -29,7 +29,7 @@ from fnemm.joint.checkpoint import open_model
 from fnemm.joint.inputs import embed_captions
 from fnemm.joint.inputs import embed_images as embed_image_rows
 from fnemm.io.errors import FnemmError
-from fnemm.io.files import atomic_path, atomic_save_npy, atomic_write_json, lines_of, sha256_file, text_of
+from fnemm.io.files import atomic_path, atomic_save_npy, atomic_write_json, sha256_file, text_lines
 from fnemm.io.locks import folder_lock
 from fnemm.io.progress import say
 
@@ -133,7 +133,7 @@ def image_source(source: str | Path) -> tuple[str, Path, list[str] | None]:
         raise FnemmError(f"{source}: no such folder or file; give a feature store, a folder of images, "
                          f"or a text file listing image files")
     first: dict[Path, int] = {}             # each file, at the line that lists it
-    for n, line in enumerate((line.strip() for line in lines_of(text_of(source))), 1):
+    for n, line in enumerate((line.strip() for line in text_lines(source)), 1):
         path = (source.parent / line).resolve() if line else None
         if path in first:
             raise FnemmError(f"{source}:{n}: lists {line} again (first on line {first[path]}); drop the repeat")
