@@ -190,8 +190,7 @@ def test_a_damaged_index_is_rebuilt_by_the_same_command(built, tmp_path, capsys)
 def test_index_cli_errors_and_search(built, tmp_path, capsys):
     out, folders = built
     common = ["index", "build", "--checkpoint", str(out / "FNE-MH" / "seed-0"), "--features", str(out / "features")]
-    for extra, message in [(["--split", "test"], "pass --dataset too"), (["--target-recall", "2"], "fraction"),
-                           (["--threshold", "0"], "at least 1")]:
+    for extra, message in [(["--target-recall", "2"], "fraction"), (["--threshold", "0"], "at least 1")]:
         assert main([*common, "--out", str(tmp_path / "x"), *extra]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1
@@ -200,6 +199,10 @@ def test_index_cli_errors_and_search(built, tmp_path, capsys):
     assert "no such checkpoint" in capsys.readouterr().err
     # a split-restricted index without captions: text search only
     assert main([*common, "--dataset", SPEC, "--split", "test", "--out", str(tmp_path / "test")]) == 0
+    # --split without --dataset: the splits of the dataset the run was trained on, as search's
+    assert main([*common, "--split", "test", "--out", str(tmp_path / "run-split")]) == 0
+    assert "(the one the checkpoint was trained on)" in capsys.readouterr().err
+    assert ((tmp_path / "run-split" / "images.ids.json").read_bytes() == (tmp_path / "test" / "images.ids.json").read_bytes())
     assert main([*common, "--out", str(tmp_path / "nocap"), "--quiet"]) == 0
     assert "captions: none" in capsys.readouterr().out
     assert main(["search", "--index", str(tmp_path / "test"), "--text", "a dog", "-k", "3", "--json"]) == 0

@@ -72,10 +72,7 @@ def search(args) -> int:
             print(f"features: {features} (the store the checkpoint was trained on)", file=sys.stderr)
         dataset = load_dataset(args.dataset) if args.dataset else None
         if dataset is None and (args.split != "all" or args.image is not None):     # splits or captions needed
-            from fnemm.training.folders import run_dataset
-            run = Path(args.checkpoint)
-            dataset = run_dataset(run if run.is_dir() else run.parent)
-            print(f"dataset: {dataset.summary()} (the one the checkpoint was trained on)", file=sys.stderr)
+            dataset = trained_dataset(args.checkpoint)
         gallery = Gallery.from_store(args.checkpoint, features, dataset, args.split, args.device,
                                      encoder=args.text is None)
     if args.text is not None:
@@ -127,7 +124,8 @@ def add_index(sub) -> argparse.ArgumentParser:
     b.add_argument("--dataset", action="append", metavar="PATH",
                    help="captions of the gallery (for image -> caption search) and splits (for --split)")
     b.add_argument("--split", default="all", choices=["train", "val", "test", "all"],
-                   help="index only this split's images (default all)")
+                   help="index only this split's images (default all): the splits of --dataset, else of the "
+                        "dataset the checkpoint was trained on")
     b.add_argument("--out", required=True, metavar="DIR", help="the index folder to write")
     b.add_argument("--method", default="auto", choices=METHODS,
                    help="auto (default): exact up to --threshold vectors, HNSW above")
@@ -142,6 +140,16 @@ def add_index(sub) -> argparse.ArgumentParser:
     return p
 
 
+def trained_dataset(checkpoint: str):
+    """The dataset a checkpoint (its run folder or file) was trained on, said on stderr: the
+    splits and captions of --split and --image when no --dataset is given."""
+    from fnemm.training.folders import run_dataset
+    run = Path(checkpoint)
+    dataset = run_dataset(run if run.is_dir() else run.parent)
+    print(f"dataset: {dataset.summary()} (the one the checkpoint was trained on)", file=sys.stderr)
+    return dataset
+
+
 def index(args) -> int:
     from fnemm.datasets import load_dataset
     from fnemm.search.index_folder import build_index, describe_index
@@ -152,6 +160,8 @@ def index(args) -> int:
     if args.images and args.ids:
         raise FnemmError("--ids names the rows of a .npy given as --features; photos from --images join a store")
     dataset = load_dataset(args.dataset) if args.dataset else None
+    if dataset is None and args.split != "all":              # the splits: the run's, as search and evaluate
+        dataset = trained_dataset(args.checkpoint)
     tune = read_lines("--tune-queries", args.tune_queries, "sentences") if args.tune_queries else None
     features, extra = args.features, []
     if args.images and args.features:
