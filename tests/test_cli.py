@@ -111,6 +111,28 @@ def test_bad_override_and_device(capsys, synth, tmp_path):
     assert_one_line_error(code, err, "--device tpu")
 
 
+def test_a_device_this_machine_lacks_is_one_line_before_any_work(monkeypatch):
+    """cuda:N past the last GPU used to pass the check and fail at the first tensor moved
+    there (a CUDA traceback after the data loaded); a machine with one GPU is faked here."""
+    import torch
+    from fnemm.errors import FnemmError
+    from fnemm.joint.checkpoint import resolve_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert [resolve_device(d) for d in ("cpu", "cuda", "cuda:0", "auto")] == ["cpu", "cuda", "cuda:0", "cuda"]
+    for device, message in [("cuda:1", "this machine has 1 CUDA device (cuda:0)"), ("cuda:x", "expected cpu, cuda"),
+                            ("cuda1", "expected cpu, cuda"), ("mps", "expected cpu, cuda")]:
+        with pytest.raises(FnemmError, match=re.escape(f"--device {device}: {message}")):
+            resolve_device(device)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(FnemmError, match=re.escape("has 2 CUDA devices (cuda:0 to cuda:1)")):
+        resolve_device("cuda:2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(FnemmError, match="no CUDA device is available here"):
+        resolve_device("cuda:0")
+    assert resolve_device("auto") == "cpu"
+
+
 def test_help_is_there(capsys):
     with pytest.raises(SystemExit) as e:
         main(["train", "--help"])

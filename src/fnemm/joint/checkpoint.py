@@ -18,6 +18,7 @@ checkpoint itself records: a ``best.pt`` copied without its run folder is checke
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,13 +35,21 @@ FORMAT = "fnemm-checkpoint"
 
 
 def resolve_device(device: str) -> str:
-    """'cpu', 'cuda', 'cuda:N', or 'auto' (cuda when there is one): checked before any work."""
+    """'cpu', 'cuda', 'cuda:N', or 'auto' (cuda when there is one): checked before any work,
+    so that a device this machine lacks (no GPU, or cuda:N past its last one) is one line
+    here instead of a CUDA error at the first tensor moved there, after the data loaded."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise FnemmError(f"--device {device}: no CUDA device is available here; use --device cpu")
-    if device != "cpu" and not device.startswith("cuda"):
+    if device == "cpu":
+        return device
+    if not re.fullmatch(r"cuda(:\d+)?", device):
         raise FnemmError(f"--device {device}: expected cpu, cuda, cuda:N or auto")
+    if not torch.cuda.is_available():
+        raise FnemmError(f"--device {device}: no CUDA device is available here; use --device cpu")
+    count = torch.cuda.device_count()
+    if device != "cuda" and int(device[5:]) >= count:
+        raise FnemmError(f"--device {device}: this machine has {count} CUDA device{'s' * (count != 1)} "
+                         f"(cuda:0{f' to cuda:{count - 1}' if count > 1 else ''}); pick one of them, or --device cuda")
     return device
 
 
