@@ -203,6 +203,33 @@ def test_stability_threshold_is_the_papers_10_scaled_to_the_validation_split():
     assert start_threshold(500) > 10
 
 
+def _progress_lines(seconds_each: float, total: int, every: float | None = None) -> list[str]:
+    """The log lines of a loop of ``total`` steps taking ``seconds_each``, on a fake clock."""
+    import io
+    from tqdm import tqdm
+    from fnemm.io.progress import Lines
+    now, file = [0.0], io.StringIO()
+    lines = Lines(tqdm(disable=True), total, 0, "loop", "step", every=every, file=file, clock=lambda: now[0])
+    for _ in range(total):
+        now[0] += seconds_each
+        lines.update()
+    lines.close()
+    return file.getvalue().splitlines()
+
+
+def test_a_loop_of_a_few_seconds_writes_no_progress_line_and_a_long_one_a_line_a_tenth(monkeypatch):
+    """In a log, the demo's epochs (12 batches, ~5 s) each wrote batch lines at 92% and 100%
+    before the epoch's own line; a loop that ends within a few seconds now writes none.
+    A long loop still writes one a tenth, the last at 100%."""
+    monkeypatch.delenv("FNEMM_PROGRESS_EVERY", raising=False)
+    assert _progress_lines(0.45, 12) == []
+    long = _progress_lines(10.0, 20)                   # 200 s: a tenth every 20 s
+    assert len(long) == 10 and long[-1].startswith("loop: 20/20 step (100%)") and "left" in long[0]
+    # every 30 s, however the tenths fall: a 2,000-step loop of 0.1 s steps (200 s)
+    assert 6 <= len(_progress_lines(0.1, 2000)) <= 11
+    assert len(_progress_lines(0.45, 12, every=0)) == 6    # every=0 (the tests' setting): each tenth, however quick
+
+
 def test_logs_piped_to_a_file_are_whole_lines(synth, tmp_path):
     """No carriage returns when stdout/stderr are not a terminal: one line per epoch;
     --progress on forces bars, --quiet drops the epoch lines."""

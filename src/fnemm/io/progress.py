@@ -2,9 +2,10 @@
 
 On a terminal (stderr is one) a long loop draws a tqdm bar. When stdout is not a
 terminal (``fnemm ... > log``, a batch job), the same loop also writes whole lines to
-it: one when another tenth is done (at most one every few seconds) or when ``every``
-seconds have passed (default 30), each with done/total, the rate and the time left,
-never carriage returns. ``fnemm ... --progress on|off`` forces bars on or off (so does
+it: one when another tenth is done (at most one every few seconds, and none in a loop's
+last few seconds: a loop of a few seconds writes none) or when ``every`` seconds have
+passed (default 30), each with done/total, the rate and the time left, never carriage
+returns. ``fnemm ... --progress on|off`` forces bars on or off (so does
 TQDM_DISABLE=1); FNEMM_PROGRESS_EVERY sets the seconds between log lines (0: every
 tenth, however quick). Lines that are not progress go through :func:`say` (the
 ``fnemm`` logger), which keeps them off a bar being drawn.
@@ -126,6 +127,12 @@ class Lines:
     def _maybe_say(self) -> None:
         now = self.clock()
         tenth = self.total and (self.n - self.said_n) * 10 >= self.total
+        if tenth and self.every > 0:
+            # a loop about to end says nothing more: its last line comes from close() if it
+            # said one before, else from the caller (an epoch of a few seconds wrote a batch
+            # line at 92% and at 100% before every epoch line of the demo's log)
+            done, rate = self.n - self.start, (self.n - self.start) / max(now - self.t0, 1e-9)
+            tenth = done > 0 and (self.total - self.n) / rate >= MIN_GAP
         if (self.every > 0 and now - self.said_t >= self.every) or \
                 (tenth and now - self.said_t >= min(MIN_GAP, self.every)):
             self._say(now)
