@@ -53,6 +53,10 @@ def test_quick_study_end_to_end(tmp_path, capsys):
     from fnemm.training.folders import training_summary       # the time line: every run's epochs, summed
     hours = sum(training_summary(p.parent)["seconds"] for p in (out / "runs").rglob("metrics-test.json")) / 3600
     assert f"Time: 10 finished runs took {hours:.1f} hours of training" in report
+    from fnemm.io.version import software                     # the code line: which code made the runs
+    made = software()["commit"]
+    made = f"{made[:7]}{'+modified' if software()['modified'] else ''}" if made else f"fnemm {software()['fnemm']}"
+    assert f"\nCode: 10 runs at {made} (run.json's" in report
     assert summary["progress"] == {"full": [6, 6], "curve": [4, 4]}
     assert ("\nFinished: 10 of the grid's 10 runs (24 training images: 6 of 6; the learning curve: 4 of 4).\n"
             in report)
@@ -427,6 +431,11 @@ def test_readme_tables_show_spread_bold_significance_and_the_papers_rows(tmp_pat
     assert tables({**summary, "results": timed + summary["results"][2:]}, {}).startswith(
         "Time: 4 finished runs took 6.5 hours of training (every epoch with its validation; feature extraction and "
         "testing not included).\n\n| MobileNetV2")
+    coded = [{**timed[0], "training": {**timed[0]["training"], "code": [None, ["abc1234"]]}},
+             {**timed[1], "training": {**timed[1]["training"], "code": [["abc1234"], ["abc1234", "def5678+modified"]]}}]
+    assert tables({**summary, "results": coded + summary["results"][2:]}, {}).split("\n\n")[1] == (
+        "Code: 2 runs at abc1234; 1 run at abc1234 then def5678+modified; 1 made before runs recorded it "
+        "(run.json's \"software\": commit, and each resumption's).")
 
     folder = tmp_path / "study"
     folder.mkdir()

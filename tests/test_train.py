@@ -163,6 +163,40 @@ def test_resume_after_kill_reaches_the_same_state(synth, tmp_path, checkpoint_ev
 
     subprocess.run(_cli("train", "--out", str(cut), "--resume", "--quiet", "--threads", "1"), check=True)
     assert_same_run(ref, cut)
+    # run.json says which code trained it, and that (and with what) it was resumed, at which epoch
+    from fnemm.io.version import __version__
+    info = json.loads((cut / "run.json").read_text())
+    assert info["software"]["fnemm"] == __version__ and info["software"]["threads"] == 1
+    assert info["software"]["device"] == "cpu" and info["software"]["torch"] == torch.__version__
+    assert [r["epoch"] for r in info["resumed"]] == [saved] and info["resumed"][0]["fnemm"] == __version__
+    assert "resumed" not in json.loads((ref / "run.json").read_text())
+    subprocess.run(_cli("train", "--out", str(cut), "--resume", "--quiet"), check=True)     # finished: nothing to note
+    assert json.loads((cut / "run.json").read_text())["resumed"] == info["resumed"]
+
+
+def test_the_commit_a_run_records_is_the_checkout_s_and_says_when_src_differs(tmp_path):
+    """source_commit: the checkout's HEAD, "modified" only for tracked files under src/
+    (results and README edits are not the code); nothing outside a git checkout of fnemm."""
+    from fnemm.io.version import source_commit
+    root = tmp_path / "checkout"
+    (root / "src" / "fnemm").mkdir(parents=True)
+    assert source_commit(root) is None                                    # no .git
+    code = root / "src" / "fnemm" / "a.py"
+    code.write_text("x = 1\n")
+    (root / "README.md").write_text("r\n")
+    git = lambda *a: subprocess.run(["git", "-C", str(root), *a], check=True, capture_output=True, text=True).stdout  # noqa: E731
+    git("init", "-q")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one", "--allow-empty")
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "two")
+    head = git("rev-parse", "HEAD").strip()
+    assert source_commit(root) == {"commit": head, "modified": False}
+    (root / "README.md").write_text("changed\n")
+    (root / "src" / "fnemm" / "new.py").write_text("untracked\n")
+    assert source_commit(root) == {"commit": head, "modified": False}
+    code.write_text("x = 2\n")
+    assert source_commit(root) == {"commit": head, "modified": True}
+    assert source_commit(tmp_path) is None                                # not a checkout of fnemm
 
 
 def assert_same_run(ref: Path, cut: Path):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from fnemm.io.errors import FnemmError
 from fnemm.io.files import atomic_write_text, read_json
-from fnemm_studies.study_report import (ALPHA, compared, curve, progress_line, rsum_cell, time_line,
+from fnemm_studies.study_report import (ALPHA, code_line, compared, curve, progress_line, rsum_cell, time_line,
                                         trend_lines)
 
 NAMES = {"efficientnet_lite0": "EfficientNet-Lite0", "mobilenet_v2": "MobileNetV2", "vgg16": "VGG16"}
@@ -53,7 +53,8 @@ def tables(summary: dict, about: dict[str, str]) -> str:
     from fnemm_studies.report import PAPER
     grid, full = summary["grid"], summary["full_train_images"]
     paper = PAPER.get(grid.get("presets") or "", {})
-    blocks = [line for line in (progress_line(summary), time_line(summary["results"])) if line]
+    blocks = [line for line in (progress_line(summary), time_line(summary["results"]), code_line(summary["results"]))
+              if line]
     for cnn in grid["cnns"]:
         rows = [e for e in summary["results"] if e["cnn"] == cnn and e["train_images"] == full]
         if not rows:

@@ -226,6 +226,26 @@ def time_line(results: list[dict]) -> str | None:
             f"hours of training (every epoch with its validation; feature extraction and testing not included).")
 
 
+def code_line(results: list[dict]) -> str | None:
+    """Which code trained the finished runs, as their records say (None when none says:
+    runs made before run.json recorded it)."""
+    counts: dict[str, int] = {}
+    unknown = 0
+    for e in results:
+        for code in e.get("training", {}).get("code") or []:
+            if code:
+                key = " then ".join(code)
+                counts[key] = counts.get(key, 0) + 1
+            else:
+                unknown += 1
+    if not counts:
+        return None
+    said = [f"{n} run{'s' * (n != 1)} at {key}" for key, n in sorted(counts.items(), key=lambda kv: -kv[1])]
+    if unknown:
+        said.append(f"{unknown} made before runs recorded it")
+    return f"Code: {'; '.join(said)} (run.json's \"software\": commit, and each resumption's)."
+
+
 def progress_line(summary: dict) -> str:
     """How far the grid is, from the summary's counts ("" for a summary without them)."""
     if not (p := summary.get("progress")):
@@ -285,6 +305,8 @@ def write_report(out: Path, summary: dict, grid, dataset, about: dict[str, str],
             parts += [f"- {line}" for line in trend_lines(summary.get("trends", []), cnn)]
     if took := time_line(results):
         parts.append(f"\n{took}\n")
+    if code := code_line(results):
+        parts.append(f"{code}\n")
     if results:
         png = plot(results, grid.cnns, full, out / "study.png")
         parts.append(f"\n![test rsum per variant]({png.name})\n")

@@ -56,7 +56,8 @@ def summarise(rows: dict, grid, full: int, ranks: dict | None = None, training: 
                                          "plateau_epochs": [t.get("plateau_epochs") for t in trained],
                                          "median_epoch_s": [t.get("median_epoch_s") for t in trained],
                                          "ended_on_plateau": [t.get("ended_on_plateau") for t in trained],
-                                         "hours": float(sum(t["seconds"] for t in trained) / 3600)}
+                                         "hours": float(sum(t["seconds"] for t in trained) / 3600),
+                                         "code": [t.get("code") for t in trained]}
                 for other in ("baseline", "fne"):
                     theirs = {k[1:]: v for k, v in cell.items() if k[0] == other}
                     pair_ranks = {k: (ranks[(cnn, size, other, *k)], ranks[(cnn, size, name, *k)]) for k in mine

@@ -158,7 +158,46 @@ def training_summary(run: Path) -> dict:
                                                                              if "time_s" in r]) else None,
             "stage_epochs": [stages[k] for k in sorted(stages)],
             "plateau_epochs": None if flags is None else sum(flags),
-            "ended_on_plateau": bool(flags[-1]) if flags else None}
+            "ended_on_plateau": bool(flags[-1]) if flags else None,
+            "code": run_code(run)}
+
+
+def run_software(device: str) -> dict:
+    """run.json's "software": fnemm.io.version.software() and where it runs (the device,
+    torch's CPU threads)."""
+    import torch
+    from fnemm.io.version import software
+    return {**software(), "device": device, "threads": torch.get_num_threads()}
+
+
+def note_resumed(run: Path, epoch: int, device: str) -> None:
+    """Add to run.json's "resumed" this resumption's epoch and software: a run may be
+    continued by other code, on another machine, and its record says so."""
+    path = Path(run) / "run.json"
+    try:
+        info = read_json(path, "")
+    except FnemmError:
+        return                         # a damaged run.json: the run goes on; saved_info says so where it is read
+    if isinstance(info, dict):
+        atomic_write_json(path, {**info, "resumed": [*(info.get("resumed") or []),
+                                                      {"epoch": epoch, **run_software(device)}]})
+
+
+def run_code(run: Path) -> list[str] | None:
+    """The code that trained a run, as its run.json records it (the start, then each
+    resumption that ran other code): a commit's first 7 digits, with "+modified" when its
+    src/ had uncommitted changes, or "fnemm VERSION" outside a git checkout. None for a run
+    made before run.json recorded it."""
+    info = read_json(Path(run) / "run.json", "") if (Path(run) / "run.json").is_file() else {}
+    if not isinstance(info, dict) or not isinstance(info.get("software"), dict):
+        return None
+    code: list[str] = []
+    for made in [info["software"], *(r for r in info.get("resumed") or [] if isinstance(r, dict))]:
+        name = (f"{made['commit'][:7]}{'+modified' if made.get('modified') else ''}" if made.get("commit")
+                else f"fnemm {made.get('fnemm')}")
+        if name not in code:
+            code.append(name)
+    return code
 
 
 def plateau_flags(run: Path, history: list[dict]) -> list[bool] | None:

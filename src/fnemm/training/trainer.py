@@ -45,7 +45,7 @@ from fnemm.joint.inputs import SplitData, build_vocab, embed_captions, split_dat
 from fnemm.training.image_side import FeatureRows
 from fnemm.datasets import Dataset
 from fnemm.training.distributed import Dist
-from fnemm.training.folders import check_resumed_features, mark_finished
+from fnemm.training.folders import check_resumed_features, mark_finished, note_resumed, run_software
 from fnemm.training.optim import clip_gradients, new_optimizer
 from fnemm.io.errors import FnemmError
 from fnemm.io.faults import fault
@@ -87,8 +87,7 @@ class Trainer:
         # a random id, in run.json and in every checkpoint of the run: a best.pt swapped in
         # from another run (with its checksums.json) is refused (fnemm.joint.checkpoint)
         self.run_id: str | None = None
-        # last.pt (model + Adam, hundreds of MB for the paper's sizes) is written at
-        # most this often, in seconds; 0 writes it after every epoch.
+        # last.pt (model + Adam: hundreds of MB at the paper's sizes) at most this often (s); 0: every epoch
         self.checkpoint_every = checkpoint_every
         self._saved_at = -math.inf
         # best.pt's next contents: written just before last.pt and when a stage ends, not at
@@ -216,6 +215,8 @@ class Trainer:
             check_run_id(last, ckpt)
             self._restore(ckpt)
             self._write_metrics()       # metrics.jsonl as last.pt knows it (repairs a damaged one)
+            if self.main and not self.state.done:
+                note_resumed(self.out, self.state.epoch, self.device)
             saved = self.out / "config.json"
             if self.main and (not saved.is_file() or saved.read_bytes() != (self.config.to_json() + "\n").encode()):
                 # config.json as last.pt knows it: a damaged one (a field gone) is written again
@@ -224,8 +225,8 @@ class Trainer:
         if self.main:
             self.run_id = uuid.uuid4().hex
             atomic_write_text(self.out / "config.json", self.config.to_json() + "\n")
-            atomic_write_json(self.out / "run.json", {**self.run_info, "state": "training", "vocab_size": len(self.vocab),
-                                                      "feature_dim": self.model.feature_dim, "run_id": self.run_id})
+            info = {**self.run_info, "state": "training", "vocab_size": len(self.vocab), "feature_dim": self.model.feature_dim}
+            atomic_write_json(self.out / "run.json", {**info, "run_id": self.run_id, "software": run_software(self.device)})
         self._save_last()
 
     # --- one epoch -------------------------------------------------------------
