@@ -188,12 +188,16 @@ def run_code(run: Path) -> list[str] | None:
     resumption that ran other code): a commit's first 7 digits, with "+modified" when its
     src/ had uncommitted changes, or "fnemm VERSION" outside a git checkout. None for a run
     made before run.json recorded it."""
-    info = read_json(Path(run) / "run.json", "") if (Path(run) / "run.json").is_file() else {}
+    try:
+        info = read_json(Path(run) / "run.json", "") if (Path(run) / "run.json").is_file() else {}
+    except FnemmError:
+        return None                    # damaged: the record cannot say; the run's numbers are its metrics
     if not isinstance(info, dict) or not isinstance(info.get("software"), dict):
         return None
     code: list[str] = []
     for made in [info["software"], *(r for r in info.get("resumed") or [] if isinstance(r, dict))]:
-        name = (f"{made['commit'][:7]}{'+modified' if made.get('modified') else ''}" if made.get("commit")
+        commit = made.get("commit")
+        name = (f"{commit[:7]}{'+modified' if made.get('modified') else ''}" if isinstance(commit, str) and commit
                 else f"fnemm {made.get('fnemm')}")
         if name not in code:
             code.append(name)
