@@ -199,6 +199,24 @@ def test_the_commit_a_run_records_is_the_checkout_s_and_says_when_src_differs(tm
     assert source_commit(tmp_path) is None                                # not a checkout of fnemm
 
 
+def test_run_code_reads_what_run_json_says_and_unknown_for_what_it_cannot(tmp_path):
+    from fnemm.training.folders import run_code
+    run = tmp_path / "run"
+    run.mkdir()
+    assert run_code(run) is None                                          # no run.json
+    for info, code in [({"state": "finished"}, None),                    # made before runs recorded it
+                       ({"software": {"commit": "a" * 40, "modified": False}}, ["aaaaaaa"]),
+                       ({"software": {"commit": None, "fnemm": "0.1.0"},
+                         "resumed": [{"epoch": 3, "commit": "b" * 40, "modified": True},
+                                     {"epoch": 5, "commit": "b" * 40, "modified": True}]},
+                        ["fnemm 0.1.0", "bbbbbbb+modified"]),
+                       ({"software": {"commit": 7}}, ["fnemm None"]), ([1, 2], None)]:
+        (run / "run.json").write_text(json.dumps(info))
+        assert run_code(run) == code, info
+    (run / "run.json").write_text("{damaged")
+    assert run_code(run) is None
+
+
 def assert_same_run(ref: Path, cut: Path):
     a = torch.load(ref / "last.pt", weights_only=True)
     b = torch.load(cut / "last.pt", weights_only=True)
