@@ -81,6 +81,33 @@ def test_a_config_file_from_presets_show(synth, tmp_path, capsys):
     assert main(["train", "--config", str(tmp_path / "bad.json"), "--dataset", str(jsonl), "--features", str(npy),
                  "--ids", str(ids), "--out", str(tmp_path / "r2")]) == 2
     assert "unknown field 'learning'" in capsys.readouterr().err
+    # a field of the wrong type is named, and never trained as something else: the string
+    # "false" is truthy (it trained a layer-normalised GRU), 1024.0 and "1" failed deep in torch
+    bad = json.loads(json.dumps(config))
+    for where, value, said in [(("model", "layer_norm"), "false", 'model.layer_norm="false": expected true or false'),
+                               (("model", "embed_dim"), 24.0, "model.embed_dim=24.0: expected a whole number"),
+                               (("seed",), "1", 'seed="1": expected a whole number'),
+                               (("stages", 0, "lr"), "1e-3", 'stages.0.lr="1e-3": expected a number (unquoted'),
+                               (("model", "use_abs"), 0, "model.use_abs=0: expected true or false"),
+                               (("model",), [1], "model=[1]: expected a mapping of fields"),
+                               (("stages",), {"lr": 1}, 'stages={"lr": 1}: expected a list'),
+                               (("stages", 0), 3, "stages.0: expected a mapping of fields, found int")]:
+        edited = json.loads(json.dumps(config))
+        node = edited
+        for key in where[:-1]:
+            node = node[key]
+        node[where[-1]] = value
+        (tmp_path / "typed.json").write_text(json.dumps(edited))
+        assert main(["train", "--config", str(tmp_path / "typed.json"), "--dataset", str(jsonl), "--features",
+                     str(npy), "--ids", str(ids), "--out", str(tmp_path / "typed")]) == 2
+        err = capsys.readouterr().err
+        assert f"typed.json: not a config ({said}" in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "typed").exists()
+    from fnemm.joint.config import TrainConfig                       # ints where floats are due: floats
+    bad["stages"][0]["lr"], bad["model"]["image_dropout"] = 1, 0
+    loaded = TrainConfig.from_dict(bad)
+    assert isinstance(loaded.stages[0].lr, float) and loaded.model.image_dropout == 0.0
+    assert TrainConfig.from_dict(config) == TrainConfig.from_dict(json.loads(TrainConfig.from_dict(config).to_json()))
     assert main(["train", "--config", str(tmp_path / "mine.json"), "--dataset", str(jsonl), "--features", str(npy),
                  "--ids", str(ids), "--out", str(jsonl)]) == 2             # --out a file: one line, no traceback
     assert f"{jsonl}: a file, not a folder; give a folder's path" in capsys.readouterr().err

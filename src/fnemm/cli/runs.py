@@ -124,9 +124,10 @@ def read_config(path: str):
     try:
         config = TrainConfig.from_dict(data)
         validate(config)
-    except (TypeError, AttributeError) as e:
+    except (TypeError, AttributeError, FnemmError) as e:
         unknown = re.search(r"unexpected keyword argument '(\w+)'", str(e))
-        why = f"unknown field {unknown.group(1)!r}" if unknown else "a field of the wrong type"
+        why = (f"unknown field {unknown.group(1)!r}" if unknown else str(e) if isinstance(e, FnemmError)
+               else "a field of the wrong type")
         raise FnemmError(f"{file}: not a config ({why}); start from `fnemm presets --show NAME`") from None
     return config
 

@@ -91,15 +91,62 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        d = dict(d)
-        d["model"] = ModelConfig(**d.get("model", {}))
-        d["stages"] = tuple(StageConfig(**s) for s in d.get("stages", [{}]))
+        """The config a dict (a config file, a run's config.json, a checkpoint's) holds, each
+        field's type checked: JSON's "false" or 1024.0 must not train as true or fail deep in
+        torch (:class:`ConfigTypeError`, a TypeError, names the field). Unknown fields raise
+        the dataclass's TypeError."""
+        d = _typed(cls, d, "")
+        d["model"] = ModelConfig(**_typed(ModelConfig, d.get("model", {}), "model."))
+        d["stages"] = tuple(StageConfig(**_typed(StageConfig, s, f"stages.{i}."))
+                            for i, s in enumerate(d.get("stages", [{}])))
         if d.get("finetune") is not None:
-            d["finetune"] = FinetuneConfig(**d["finetune"])
+            d["finetune"] = FinetuneConfig(**_typed(FinetuneConfig, d["finetune"], "finetune."))
         return cls(**d)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+
+class ConfigTypeError(FnemmError, TypeError):
+    """A config field of the wrong type (a TypeError too, as the dataclass's own are)."""
+
+
+def _typed(cls, d, prefix: str) -> dict:
+    """``d``'s fields checked against ``cls``'s annotations (ints taken as floats where a
+    float is due); nested configs are left as they are, for their own check."""
+    if not isinstance(d, dict):
+        raise ConfigTypeError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of fields, found "
+                              f"{type(d).__name__}")
+    hints, out = typing.get_type_hints(cls), dict(d)
+    for key, value in d.items():
+        if key in hints:
+            out[key] = _value(value, hints[key], f"{prefix}{key}")
+    return out
+
+
+def _value(value, typ, name: str):
+    args = [a for a in typing.get_args(typ) if a is not type(None)]
+    if typing.get_origin(typ) is typing.Union or type(typ).__name__ == "UnionType":     # X | None
+        return None if value is None and len(args) < len(typing.get_args(typ)) else _value(value, args[0], name)
+    if dataclasses.is_dataclass(typ):
+        ok = isinstance(value, dict)
+    elif typing.get_origin(typ) is tuple:
+        ok = isinstance(value, (list, tuple))
+    elif typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    else:
+        ok = isinstance(value, typ) and (typ is bool or not isinstance(value, bool))
+    if not ok:
+        want = ("a mapping of fields" if dataclasses.is_dataclass(typ) else "a list" if typing.get_origin(typ) is tuple
+                else {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}.get(typ, ""))
+        hint = ""
+        if typ is float and isinstance(value, str):
+            try:
+                hint = f" (unquoted, with a point: {float(value)!r}; YAML reads 1e-3 as text, 1.0e-3 as a number)"
+            except ValueError:
+                pass
+        raise ConfigTypeError(f"{name}={json.dumps(value)}: expected {want or getattr(typ, '__name__', typ)}{hint}")
+    return value
 
 
 # --- overrides: --set key=value ------------------------------------------
