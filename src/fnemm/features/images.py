@@ -41,6 +41,16 @@ def list_images(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in files if p.suffix.lower() in readable)
 
 
+def files_by_name(folder: Path, names: set[str] | None = None) -> dict[str, list[Path]]:
+    """The files anywhere below ``folder`` by their name (only ``names``, when given): more
+    than one under a name means it cannot say which is the photo."""
+    found: dict[str, list[Path]] = {}
+    for p in folder.rglob("*"):
+        if (names is None or p.name in names) and p.is_file():
+            found.setdefault(p.name, []).append(p)
+    return found
+
+
 def resolve_paths(folder: Path, ids: list[str]) -> list[Path | None]:
     """Where each image id is: ``folder/id``, else the one file of that name anywhere below
     ``folder`` (COCO keeps train2014/ and val2014/ apart), else None. Two files of that
@@ -50,11 +60,7 @@ def resolve_paths(folder: Path, ids: list[str]) -> list[Path | None]:
     paths: list[Path | None] = [folder / i for i in ids]
     missing = [k for k, p in enumerate(paths) if not p.is_file()]
     if missing:
-        wanted = {Path(ids[k]).name for k in missing}
-        by_name: dict[str, list[Path]] = {}
-        for p in folder.rglob("*"):
-            if p.name in wanted and p.is_file():
-                by_name.setdefault(p.name, []).append(p)
+        by_name = files_by_name(folder, {Path(ids[k]).name for k in missing})
         for k in missing:
             found = by_name.get(Path(ids[k]).name, [])
             if len(found) > 1:

@@ -27,6 +27,7 @@ from fnemm.joint.checkpoint import OpenModel, open_model
 from fnemm.joint.inputs import embed_captions, embed_images
 from fnemm.datasets import Dataset
 from fnemm.features.fne import as_seen
+from fnemm.features.images import files_by_name
 from fnemm.io.errors import Conflict, FnemmError, NoMatch, NotFound
 from fnemm.io.files import located, read_json
 from fnemm.io.progress import quieted
@@ -242,11 +243,8 @@ class Gallery:
             return direct
         with self._lock:
             if self._paths is None:
-                found: dict[str, list[Path]] = {}
-                for p in self.images_dir.rglob("*"):
-                    if p.is_file():
-                        found.setdefault(p.name, []).append(p)
-                self._paths = {name: paths[0] for name, paths in found.items() if len(paths) == 1}
+                self._paths = {name: paths[0] for name, paths in files_by_name(self.images_dir).items()
+                               if len(paths) == 1}
         return self._paths.get(Path(image_id).name)
 
     def _thumbnail(self, image_id: str, size: int) -> bytes:
