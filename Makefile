@@ -98,10 +98,12 @@ F8K_STUDY = $(VENV)/bin/fnemm study --dataset flickr8k-224 --presets flickr8k --
 	--seeds 3 --cnns efficientnet_lite0,mobilenet_v2 --variants baseline,fne,late-center-layer,fne+baseline \
 	--train-sizes 1000,2000,4000 --curve-variants baseline,fne,late-center-layer \
 	--curve-cnns efficientnet_lite0 --curve-seeds 2 --out $(F8K_OUT) --device $(DEVICE) --threads $(THREADS)
+# CARRY=results/flickr8k-224: on a new machine, the committed runs' records first (only what is left trains)
+CARRY   ?=
 flickr8k: $(STAMP)
 	mkdir -p $(F8K_OUT)
-	for k in $$(seq 2 $(JOBS)); do $(F8K_STUDY) > $(F8K_OUT)/worker-$$k.log 2>&1 & done; \
-	$(F8K_STUDY); status=$$?; wait; exit $$status
+	for k in $$(seq 2 $(JOBS)); do $(F8K_STUDY) $(if $(CARRY),--carry $(CARRY)) > $(F8K_OUT)/worker-$$k.log 2>&1 & done; \
+	$(F8K_STUDY) $(if $(CARRY),--carry $(CARRY)); status=$$?; wait; exit $$status
 
 # After runs finish: their records (no weights) into results/flickr8k-224, and README's tables
 # redrawn from them (then `git add results README.md`).

@@ -4,9 +4,9 @@
 device call carries 64 MiB with the working tree and the 8,091 photos alone are 165 MB:
 the kit travels in parts, one call each, onto the same warm machine (the ignored paths
 a call carries stay there for the next call; the machine goes back after 30 s idle, so
-the calls follow one another at once). The grid runs the benchmark branch's own code
-and command (the Makefile's F8K_STUDY at that commit) with DEVICE=cuda: a table of its
-own, every seed on one device, beside the CPU one.
+the calls follow one another at once). The grid runs one commit's code and command (the
+Makefile's F8K_STUDY at --ref, default HEAD) with DEVICE=cuda: a table of its own, every
+seed on one device, beside the CPU one.
 
 Here:
     python bench/gpu_benchmark.py kit                 # .gpu/f8k/part-1..N, each fits a call
@@ -376,7 +376,9 @@ def main(argv: list[str] | None = None) -> int:
     k = sub.add_parser("kit", help="here: build .gpu/f8k/part-1..N")
     k.add_argument("--data", default=os.environ.get("FNEMM_DATA", str(ROOT.parent / "shared" / "data")))
     k.add_argument("--kit", default=str(ROOT / ".gpu" / "f8k"))
-    k.add_argument("--ref", default="bench-flickr8k", help="the commit the benchmark's runs were made with")
+    k.add_argument("--ref", default="HEAD",
+                   help="the commit whose code and F8K_STUDY the grid runs (default HEAD; the CPU grid's first 37 "
+                        "runs came from 1479699, a branch lost with its machine, the rest record theirs in run.json)")
     k.add_argument("--margin-mib", type=int, default=2, help="room left in each call for what changes here")
     for name, helptext in (("check", "there: verify the parts so far (--smoke: the grid's code on cuda)"),
                            ("run", "there: the grid until --minutes, then its records into --out")):

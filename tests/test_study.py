@@ -350,6 +350,27 @@ def test_the_flickr8k_benchmark_command_on_a_few_images(tmp_path, capsys):
     assert again["results"] == json.loads((out / "study.json").read_text())["results"]
     assert main(["study", "--out", str(records), "--export", str(tmp_path / "x")]) == 2
     assert "give it with --report-only" in capsys.readouterr().err
+    # on a new machine: the records carried into a fresh --out, a third seed asked for; only what is
+    # left trains (the third seed, and a run begun there before, which carrying leaves as it is)
+    fresh = tmp_path / "fresh"
+    begun = fresh / "runs" / "mobilenet_v2" / "n18" / "baseline" / "split-0" / "seed-0"
+    begun.mkdir(parents=True)
+    seeds = args.index("--seeds") + 1
+    third = [*args[:args.index("--out") + 1], str(fresh), *args[args.index("--out") + 2:seeds], "3", *args[seeds + 1:]]
+    assert main([*third, "--carry", str(records)]) == 0
+    assert "5 finished runs' records carried from" in capsys.readouterr().out
+    carried = [p for p in (records / "runs").rglob("metrics-test.json") if "n18/baseline/split-0/seed-0" not in str(p)]
+    assert all((fresh / p.relative_to(records)).read_bytes() == p.read_bytes() for p in carried)
+    assert all(not (fresh / p.relative_to(records)).with_name("best.pt").exists() for p in carried)   # not retrained
+    assert (begun / "best.pt").exists() and (begun / "metrics-test.json").exists()
+    assert json.loads((fresh / "study.json").read_text())["progress"]["full"] == [6, 6]
+    assert main([*third, "--carry", str(records)]) == 0 and "0 finished runs' records carried" in capsys.readouterr().out
+    (fresh / "runs" / "mobilenet_v2" / "n18" / "fne" / "split-0" / ".seed-0.carrying-1").mkdir()   # a killed carry's
+    (fresh / "runs" / "mobilenet_v2" / "n18" / "fne" / "split-0" / ".seed-0.carrying-1" / "metrics-test.json").write_text("{}")
+    assert main([*third, "--report-only", "--export", str(tmp_path / "again")]) == 0
+    assert "8 runs' records -> " in capsys.readouterr().out
+    assert main(["study", "--out", str(fresh), "--carry", str(tmp_path / "nothing")]) == 2
+    assert "no runs/ folder here" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not (DATA / "flickr8k" / "images-224").is_dir(), reason="bundled Flickr8K images-224 not present")

@@ -346,6 +346,36 @@ class Study:
 RECORDS = ("config.json", "run.json", "metrics.jsonl", "metrics-test.json", "ranks-test.jsonl")
 
 
+def carry_records(source: str | Path, out: str | Path) -> int:
+    """The finished runs of an exported study (``source``: what :func:`export_records`
+    wrote, e.g. results/flickr8k-224) copied into ``out`` where it has no folder for them
+    (a run there, started or finished, is left as it is), so that a grid continued on a
+    new machine trains only what is left. A run's folder appears whole (filled beside it,
+    then renamed into place), so a worker starting beside this one never finds a carried
+    run half there and trains it. The grid checks every carried run's config against its
+    own before counting it (Study.check_config). Returns the number of runs carried."""
+    import os
+    import shutil
+    source, out = Path(source), Path(out)
+    if not (source / "runs").is_dir():
+        raise FnemmError(f"--carry {source}: no runs/ folder here; give the folder `--export` wrote")
+    carried = 0
+    for done in sorted((source / "runs").glob("*/*/*/*/*/metrics-test.json")):
+        target = out / done.parent.relative_to(source)
+        if target.exists():
+            continue
+        filling = make_folder(target.parent / f".{target.name}.carrying-{os.getpid()}")
+        for name in RECORDS:
+            if (done.parent / name).is_file():
+                atomic_write_bytes(filling / name, (done.parent / name).read_bytes())
+        try:
+            os.rename(filling, target)            # fails where another process made the run meanwhile
+            carried += 1
+        except OSError:
+            shutil.rmtree(filling, ignore_errors=True)
+    return carried
+
+
 def export_records(out: str | Path, dest: str | Path) -> int:
     """Copy a study's records (no weights, no features) into ``dest``, in the same layout:
     study.json/.md/.png and each finished run's config, history, test metrics and test
@@ -363,6 +393,8 @@ def export_records(out: str | Path, dest: str | Path) -> int:
             atomic_write_bytes(dest / name, (out / name).read_bytes())
     for done in sorted((out / "runs").glob("*/*/*/*/*/metrics-test.json")):
         run = done.parent
+        if run.name.startswith("."):                  # a carry_records folder left by a killed process
+            continue
         target = dest / run.relative_to(out)
         target.mkdir(parents=True, exist_ok=True)
         for name in RECORDS:
