@@ -491,3 +491,33 @@ def test_the_studys_feature_extraction_writes_progress_lines_to_a_log(tmp_path, 
     printed = capsys.readouterr().out
     lines = [line for line in printed.splitlines() if line.startswith("extract: ")]
     assert lines and lines[-1].startswith("extract: 20/20 img (100%)"), printed
+
+
+def test_workers_started_together_extract_different_cnns_side_by_side(tmp_path, monkeypatch, capsys):
+    """A worker finding a CNN's store being extracted by another extracts the next CNN
+    meanwhile, then waits for the first (it used to wait at once, a core idle for the
+    length of an extraction). The forward pass is faked: the order is what is tested."""
+    from fnemm_studies import study as study_module
+    from fnemm_studies.study import Grid, Study
+    out = tmp_path / "grid"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out / "features" / "cnn_a" / "base"), "exit"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"           # another worker is extracting cnn_a
+    order = []
+
+    def fake_extract(images, base, dataset, config, quiet=False):
+        order.append(config.cnn)
+        (base / "manifest.json").write_text("{}")
+        if config.cnn == "cnn_b":                               # done with b: the other worker lets a go
+            holder.communicate("go\n")
+    monkeypatch.setattr(study_module, "extract", fake_extract)
+    grid = Study(load_dataset(SPEC), tmp_path, out, Grid(cnns=("cnn_a", "cnn_b"), splits=1, seeds=1))
+    import threading
+    worker = threading.Thread(target=grid.base_stores)
+    worker.start()
+    worker.join(timeout=300)            # returns at once when it works; bounds a regression that waits on a
+    if holder.returncode is None:
+        holder.communicate("go\n")
+    worker.join()
+    assert order == ["cnn_b", "cnn_a"] and holder.returncode == 0
+    assert "cnn_a: another worker is extracting it; the next CNN meanwhile" in capsys.readouterr().out

@@ -205,16 +205,31 @@ class Study:
                     path.parent.mkdir(parents=True, exist_ok=True)
                     self.split_data(split, size).to_jsonl(path)
 
-    def base_store(self, cnn: str) -> Path:
-        """The forward pass of every image through ``cnn``, once (statistics of split 0)."""
+    def base_store(self, cnn: str, wait: bool = True) -> Path:
+        """The forward pass of every image through ``cnn``, once (statistics of split 0);
+        without ``wait``, :class:`Busy` when another worker is extracting it."""
         base = self.out / "features" / cnn / "base"
-        if not (base / "manifest.json").exists():
-            self.log(f"== extract {cnn} ({self.grid.crops} crops) -> {base}")
-        with folder_lock(base, "a feature store", wait=True):
+        with folder_lock(base, "a feature store", wait=wait):
+            if not (base / "manifest.json").exists():
+                self.log(f"== extract {cnn} ({self.grid.crops} crops) -> {base}")
             extract(self.images, base, self.dataset, ExtractConfig(cnn=cnn, crops=self.grid.crops,
                                                                    workers=self.workers, device=self.device),
                     quiet=self.quiet)     # its progress lines: the longest silent stage otherwise
         return base
+
+    def base_stores(self) -> None:
+        """Every CNN's store: first each one no other worker is extracting, then (waiting)
+        the rest, so that workers started together on a new machine extract the CNNs side
+        by side instead of one extracting while the others wait for it."""
+        busy = []
+        for cnn in self.grid.cnns:
+            try:
+                self.base_store(cnn, wait=False)
+            except Busy:
+                self.log(f"   {cnn}: another worker is extracting it; the next CNN meanwhile")
+                busy.append(cnn)
+        for cnn in busy:
+            self.base_store(cnn)
 
     def store(self, unit: Unit, recipe: Recipe) -> Path:
         """The unit's features: ``recipe`` with the statistics of its training images."""
@@ -300,8 +315,7 @@ class Study:
         make_folder(self.out)
         atomic_write_json(saved, {"grid": self.grid.to_dict()})
         self._write_splits()
-        for cnn in self.grid.cnns:
-            self.base_store(cnn)
+        self.base_stores()
         units = self.units()
         self.log(f"== {len(units)} runs ({sum(metrics_path(u.run, 'test').exists() for u in units)} done) -> "
                  f"{self.out / 'runs'}")
