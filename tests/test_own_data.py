@@ -89,6 +89,7 @@ def test_a_config_file_from_presets_show(synth, tmp_path, capsys):
                                (("seed",), "1", 'seed="1": expected a whole number'),
                                (("stages", 0, "lr"), "1e-3", 'stages.0.lr="1e-3": expected a number (unquoted'),
                                (("model", "use_abs"), 0, "model.use_abs=0: expected true or false"),
+                               (("stages", 0, "lr"), float("nan"), "stages.0.lr=nan: expected a finite number"),
                                (("model",), [1], "model=[1]: expected a mapping of fields"),
                                (("stages",), {"lr": 1}, 'stages={"lr": 1}: expected a list'),
                                (("stages", 0), 3, "stages.0: expected a mapping of fields, found int")]:

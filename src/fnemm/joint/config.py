@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 
@@ -134,6 +135,8 @@ def _value(value, typ, name: str):
         ok = isinstance(value, (list, tuple))
     elif typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    elif typ is float and isinstance(value, float) and not math.isfinite(value):     # JSON's NaN, Infinity
+        raise ConfigTypeError(f"{name}={value}: expected a finite number")
     else:
         ok = isinstance(value, typ) and (typ is bool or not isinstance(value, bool))
     if not ok:
