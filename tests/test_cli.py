@@ -107,6 +107,9 @@ def test_bad_override_and_device(capsys, synth, tmp_path):
                        "--features", npy, "--out", tmp_path / "r", "--set", "model.embed_dim=wide")
     assert_one_line_error(code, err, "model.embed_dim=wide", "expected int")
     code, _, err = run(capsys, "train", "--preset", "flickr30k/FNE-MH", "--dataset", jsonl,
+                       "--features", npy, "--out", tmp_path / "r", "--lr", "nan")
+    assert_one_line_error(code, err, "stages.lr=nan", "expected a finite number")
+    code, _, err = run(capsys, "train", "--preset", "flickr30k/FNE-MH", "--dataset", jsonl,
                        "--features", npy, "--out", tmp_path / "r2", "--device", "tpu", *SMALL)
     assert_one_line_error(code, err, "--device tpu")
 

@@ -169,6 +169,8 @@ def _coerce(text: str, typ, key: str):
             if text.lower() in ("0", "false", "no", "off"):
                 return False
             raise ValueError
+        if typ is float and not math.isfinite(float(text)):
+            raise FnemmError(f"--set {key}={text}: expected a finite number")
         if typ in (int, float, str):
             return typ(text)
     except ValueError:
