@@ -371,6 +371,13 @@ def test_the_flickr8k_benchmark_command_on_a_few_images(tmp_path, capsys):
     assert "8 runs' records -> " in capsys.readouterr().out
     assert main(["study", "--out", str(fresh), "--carry", str(tmp_path / "nothing")]) == 2
     assert "no runs/ folder here" in capsys.readouterr().err
+    # records of another schedule (here 3 epochs, not 2) are not carried into a grid they were not trained for
+    other = [*args[:args.index("--out") + 1], str(tmp_path / "other"), *args[args.index("--out") + 2:]]
+    other[other.index("--epochs") + 1] = "3"
+    assert main([*other, "--carry", str(records), "--report-only"]) == 0
+    said = capsys.readouterr().out
+    assert "0 finished runs' records carried" in said and "6 left there, trained with another config" in said
+    assert not (tmp_path / "other" / "runs").exists()
 
 
 @pytest.mark.skipif(not (DATA / "flickr8k" / "images-224").is_dir(), reason="bundled Flickr8K images-224 not present")

@@ -326,6 +326,30 @@ class Study:
                 self.run_one(unit)
         return self.summarise(units)
 
+    def carry(self, source: str | Path) -> tuple[int, list[Path]]:
+        """The grid's finished runs in an exported study (``source``: what --export wrote,
+        e.g. results/flickr8k-224) copied into --out where it has no folder for them (a run
+        there, started or finished, is left as it is), so that a grid continued on a new
+        machine trains only what is left. A record trained with another config than this
+        grid gives its run is not carried. Returns (runs carried, records left there)."""
+        source = Path(source)
+        if not (source / "runs").is_dir():
+            raise FnemmError(f"--carry {source}: no runs/ folder here; give the folder `--export` wrote")
+        carried, other = 0, []
+        for unit in self.units():
+            record = source / unit.run.relative_to(self.out)
+            if unit.run.exists() or not metrics_path(record, "test").is_file():
+                continue
+            try:
+                saved = TrainConfig.from_dict(read_json(record / "config.json", ""))
+            except (TypeError, ValueError, AttributeError, FnemmError):
+                saved = None
+            if saved != self.config(unit)[1]:
+                other.append(record)
+            elif copy_run(record, unit.run):
+                carried += 1
+        return carried, other
+
     def started(self) -> list[tuple[Unit, int]]:
         """[(a started but unfinished run, its epochs so far)]; how many are finished is the
         summary's "progress"."""
@@ -360,34 +384,23 @@ class Study:
 RECORDS = ("config.json", "run.json", "metrics.jsonl", "metrics-test.json", "ranks-test.jsonl")
 
 
-def carry_records(source: str | Path, out: str | Path) -> int:
-    """The finished runs of an exported study (``source``: what :func:`export_records`
-    wrote, e.g. results/flickr8k-224) copied into ``out`` where it has no folder for them
-    (a run there, started or finished, is left as it is), so that a grid continued on a
-    new machine trains only what is left. A run's folder appears whole (filled beside it,
-    then renamed into place), so a worker starting beside this one never finds a carried
-    run half there and trains it. The grid checks every carried run's config against its
-    own before counting it (Study.check_config). Returns the number of runs carried."""
+def copy_run(source: Path, target: Path) -> bool:
+    """A finished run's records (:data:`RECORDS`) copied to ``target``, a run folder that must
+    not exist yet: filled beside it, then renamed into place, so that a worker starting
+    beside this one never finds it half there and trains it. False (nothing copied) where
+    the folder appeared meanwhile."""
     import os
     import shutil
-    source, out = Path(source), Path(out)
-    if not (source / "runs").is_dir():
-        raise FnemmError(f"--carry {source}: no runs/ folder here; give the folder `--export` wrote")
-    carried = 0
-    for done in sorted((source / "runs").glob("*/*/*/*/*/metrics-test.json")):
-        target = out / done.parent.relative_to(source)
-        if target.exists():
-            continue
-        filling = make_folder(target.parent / f".{target.name}.carrying-{os.getpid()}")
-        for name in RECORDS:
-            if (done.parent / name).is_file():
-                atomic_write_bytes(filling / name, (done.parent / name).read_bytes())
-        try:
-            os.rename(filling, target)            # fails where another process made the run meanwhile
-            carried += 1
-        except OSError:
-            shutil.rmtree(filling, ignore_errors=True)
-    return carried
+    filling = make_folder(target.parent / f".{target.name}.carrying-{os.getpid()}")
+    for name in RECORDS:
+        if (source / name).is_file():
+            atomic_write_bytes(filling / name, (source / name).read_bytes())
+    try:
+        os.rename(filling, target)                # fails where another process made the run meanwhile
+        return True
+    except OSError:
+        shutil.rmtree(filling, ignore_errors=True)
+        return False
 
 
 def export_records(out: str | Path, dest: str | Path) -> int:

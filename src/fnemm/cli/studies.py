@@ -112,9 +112,9 @@ def add_study(sub) -> argparse.ArgumentParser:
                         "config, history, test metrics and ranks; no weights or features) into DIR, from which "
                         "--out DIR --report-only redraws the report")
     p.add_argument("--carry", metavar="DIR",
-                   help="first copy into --out the finished runs of an exported study (DIR: what --export wrote, "
-                        "e.g. results/flickr8k-224) that --out has no folder for: a grid continued on a new machine "
-                        "trains only what is left")
+                   help="first copy into --out the grid's finished runs in an exported study (DIR: what --export "
+                        "wrote, e.g. results/flickr8k-224) that --out has no folder for and that were trained with "
+                        "the configs this grid gives them: a grid continued on a new machine trains only what is left")
     add_common(p)
     return p
 
@@ -157,9 +157,10 @@ def study(args) -> int:
     grid = replace(QUICK if args.quick else Grid(), **{k: v for k, v in changes.items() if v is not None})
     study = Study(dataset, images, Path(args.out), grid, device, args.workers, args.quiet)
     if args.carry:
-        from fnemm_studies.study import carry_records
-        print(f"{carry_records(args.carry, args.out)} finished runs' records carried from {args.carry} "
-              f"-> {args.out}")
+        carried, other = study.carry(args.carry)
+        left = (f"; {len(other)} left there, trained with another config than this grid gives them "
+                f"(e.g. {other[0]})" if other else "")
+        print(f"{carried} finished runs' records carried from {args.carry} -> {args.out}{left}")
     summary = study.run(train=not args.report_only)
     finished, total = (sum(counts) for counts in zip(*summary["progress"].values()))
     started = study.started()
