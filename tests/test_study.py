@@ -203,11 +203,11 @@ def _toy_study(tmp_path, **grid):
 def test_units_come_seed_by_seed_with_the_curve_on_its_own_cnns_and_seeds(tmp_path):
     """Seed 0 of everything (full size, then the curve, largest first) before seed 1; the
     curve only on --curve-cnns and for --curve-seeds seeds."""
-    study = _toy_study(tmp_path, cnns=("a", "b"), variants=("baseline", "fne", "fne-late"), splits=1, seeds=3,
-                       train_sizes=(10, 20), curve_variants=("baseline", "fne"), curve_cnns=("b",), curve_seeds=2)
+    study = _toy_study(tmp_path, cnns=("mobilenet_v2", "efficientnet_lite0"), variants=("baseline", "fne", "fne-late"), splits=1, seeds=3,
+                       train_sizes=(10, 20), curve_variants=("baseline", "fne"), curve_cnns=("efficientnet_lite0",), curve_seeds=2)
     order = [(u.seed, u.size, u.cnn, u.variant.name) for u in study.units()]
-    full = [(c, v) for c in ("a", "b") for v in ("baseline", "fne", "fne-late")]
-    curve = [(size, "b", v) for size in (20, 10) for v in ("baseline", "fne")]
+    full = [(c, v) for c in ("mobilenet_v2", "efficientnet_lite0") for v in ("baseline", "fne", "fne-late")]
+    curve = [(size, "efficientnet_lite0", v) for size in (20, 10) for v in ("baseline", "fne")]
     expected = [(s, *rest) for s in range(3) for rest in [(30, c, v) for c, v in full]
                 + ([x for x in curve] if s < 2 else [])]
     assert order == expected
@@ -215,7 +215,7 @@ def test_units_come_seed_by_seed_with_the_curve_on_its_own_cnns_and_seeds(tmp_pa
 
 
 def test_study_trains_the_papers_presets_with_patience(tmp_path):
-    study = _toy_study(tmp_path, cnns=("a",), variants=("baseline", "fne", "late-center-layer"), splits=1, seeds=1,
+    study = _toy_study(tmp_path, cnns=("mobilenet_v2",), variants=("baseline", "fne", "late-center-layer"), splits=1, seeds=1,
                        presets="flickr8k", patience=7)
     units = {u.variant.name: u for u in study.units()}
     preset, config, overrides = study.config(units["baseline"])
@@ -507,18 +507,18 @@ def test_workers_started_together_extract_different_cnns_side_by_side(tmp_path, 
     from fnemm_studies import study as study_module
     from fnemm_studies.study import Grid, Study
     out = tmp_path / "grid"
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out / "features" / "cnn_a" / "base"), "exit"],
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out / "features" / "mobilenet_v2" / "base"), "exit"],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    assert holder.stdout.readline().strip() == "held"           # another worker is extracting cnn_a
+    assert holder.stdout.readline().strip() == "held"           # another worker is extracting mobilenet_v2
     order = []
 
     def fake_extract(images, base, dataset, config, quiet=False):
         order.append(config.cnn)
         (base / "manifest.json").write_text("{}")
-        if config.cnn == "cnn_b":                               # done with b: the other worker lets a go
+        if config.cnn == "efficientnet_lite0":                               # done with b: the other worker lets a go
             holder.communicate("go\n")
     monkeypatch.setattr(study_module, "extract", fake_extract)
-    grid = Study(load_dataset(SPEC), tmp_path, out, Grid(cnns=("cnn_a", "cnn_b"), splits=1, seeds=1))
+    grid = Study(load_dataset(SPEC), tmp_path, out, Grid(cnns=("mobilenet_v2", "efficientnet_lite0"), splits=1, seeds=1))
     import threading
     worker = threading.Thread(target=grid.base_stores)
     worker.start()
@@ -526,5 +526,23 @@ def test_workers_started_together_extract_different_cnns_side_by_side(tmp_path, 
     if holder.returncode is None:
         holder.communicate("go\n")
     worker.join()
-    assert order == ["cnn_b", "cnn_a"] and holder.returncode == 0
-    assert "cnn_a: another worker is extracting it; the next CNN meanwhile" in capsys.readouterr().out
+    assert order == ["efficientnet_lite0", "mobilenet_v2"] and holder.returncode == 0
+    assert "mobilenet_v2: another worker is extracting it; the next CNN meanwhile" in capsys.readouterr().out
+
+
+def test_a_misspelt_cnn_or_curve_variant_is_refused_before_anything_is_written(tmp_path, capsys):
+    """--cnns resnet failed only at extraction, after study.json was written, and a curve
+    variant that does not exist left the curve without it, silently. A curve CNN the grid
+    does not train (a worker given part of a grid) is said, not refused."""
+    for extra, message in [(["--cnns", "resnet"], "--cnns resnet: unknown CNN; choose from "),
+                           (["--curve-variants", "baseline,fne,late-centre-layer", "--train-sizes", "100"],
+                            "--curve-variants late-centre-layer: unknown; choose from "),
+                           (["--curve-cnns", "mobilenet", "--train-sizes", "100"], "--curve-cnns mobilenet: unknown CNN")]:
+        assert main(["study", "--dataset", SPEC, "--out", str(tmp_path / "s"), *extra]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1
+        assert not (tmp_path / "s").exists()
+    assert main(["study", "--dataset", SPEC, "--out", str(tmp_path / "part"), "--cnns", "mobilenet_v2",
+                 "--curve-cnns", "efficientnet_lite0", "--train-sizes", "100", "--report-only"]) == 0
+    assert "learning curve: efficientnet_lite0 not in --cnns: this grid trains no curve run of it" in \
+        capsys.readouterr().out

@@ -158,10 +158,32 @@ class Study:
             raise FnemmError(f"--presets {grid.presets}: expected one of {', '.join(PRESET_FAMILIES)}")
         if grid.patience is not None and grid.patience < 1:
             raise FnemmError(f"--patience {grid.patience}: expected at least 1 epoch")
+        self._check_names(grid)
         self.full = len(self.dataset.split_indices("train"))
         bad = [n for n in grid.train_sizes if not 0 < n < self.full]
         if bad:
             raise FnemmError(f"--train-sizes {bad[0]}: expected fewer than the {self.full} training images")
+
+    def _check_names(self, grid: Grid) -> None:
+        """Before anything is written: CNNs and curve variants that exist (a typo in a curve
+        name used to leave the curve without it, silently); a curve CNN or variant the grid
+        does not train (a worker given part of a grid) is said, not refused."""
+        from fnemm.features.cnn import cnn_names
+        known = cnn_names()
+        for flag, names in (("--cnns", grid.cnns), ("--curve-cnns", grid.curve_cnns)):
+            for cnn in names:
+                if cnn not in known and ":" not in cnn:
+                    raise FnemmError(f"{flag} {cnn}: unknown CNN; choose from {', '.join(known)} "
+                                     f"(or package.module:function)")
+        for name in grid.curve_variants:
+            if name not in BY_NAME:
+                raise FnemmError(f"--curve-variants {name}: unknown; choose from {', '.join(BY_NAME)}")
+        if grid.train_sizes:
+            for flag, asked, have in (("--curve-variants", grid.curve_variants, grid.variants),
+                                      ("--curve-cnns", grid.curve_cnns, grid.cnns)):
+                if missing := [n for n in asked if n not in have]:
+                    self.log(f"   learning curve: {', '.join(missing)} not in {flag.replace('curve-', '')}: "
+                             f"this grid trains no curve run of {'it' if len(missing) == 1 else 'them'}")
 
     def log(self, text: str) -> None:
         if not self.quiet:
