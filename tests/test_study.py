@@ -515,14 +515,14 @@ def test_workers_started_together_extract_different_cnns_side_by_side(tmp_path, 
     def fake_extract(images, base, dataset, config, quiet=False):
         order.append(config.cnn)
         (base / "manifest.json").write_text("{}")
-        if config.cnn == "efficientnet_lite0":                               # done with b: the other worker lets a go
+        if config.cnn == "efficientnet_lite0":          # done with it: the other worker finishes mobilenet_v2
             holder.communicate("go\n")
     monkeypatch.setattr(study_module, "extract", fake_extract)
     grid = Study(load_dataset(SPEC), tmp_path, out, Grid(cnns=("mobilenet_v2", "efficientnet_lite0"), splits=1, seeds=1))
     import threading
     worker = threading.Thread(target=grid.base_stores)
     worker.start()
-    worker.join(timeout=300)            # returns at once when it works; bounds a regression that waits on a
+    worker.join(timeout=300)         # returns at once when it works; bounds a regression that waits at once
     if holder.returncode is None:
         holder.communicate("go\n")
     worker.join()
