@@ -34,7 +34,7 @@ from fnemm.io.errors import FnemmError
 from fnemm.features.assembly import derive_store
 from fnemm.features.extraction import ExtractConfig, extract
 from fnemm.features.store import load_features
-from fnemm.io.files import atomic_write_bytes, atomic_write_json, make_folder, read_json
+from fnemm.io.files import atomic_write_json, make_folder, read_json
 from fnemm.io.locks import Busy, folder_lock
 from fnemm.features.recipe import Recipe
 from fnemm.training.folders import (epoch_history, load_metrics, load_ranks, metrics_path, ranks_path, save_metrics,
@@ -278,16 +278,21 @@ class Study:
         started run is checked by the trainer when it resumes.) Compared as configs, not
         dicts: a field added since takes its default, which is what the run trained with."""
         path = unit.run / "config.json"
-        data = read_json(path, "copy the run's records again, or delete its folder to train it again")
-        want = self.config(unit)[1]
-        try:
-            saved = TrainConfig.from_dict(data)
-        except (TypeError, ValueError, AttributeError):
-            saved = None
+        saved, want = self.trained_with(unit.run), self.config(unit)[1]
         if saved != want:
             raise FnemmError(f"{path}: this finished run was trained with another config than the grid gives it "
                              f"({differences(saved, want)}); finish the study with the fnemm it was started "
                              f"with, or choose another --out")
+
+    @staticmethod
+    def trained_with(run: Path):
+        """The config a run's records say it was trained with (None where config.json holds
+        no config this fnemm can read; a missing or unreadable file is a one-line error)."""
+        data = read_json(run / "config.json", "copy the run's records again, or delete its folder to train it again")
+        try:
+            return TrainConfig.from_dict(data)
+        except (TypeError, ValueError, AttributeError):
+            return None
 
     def run_one(self, unit: Unit) -> dict | None:
         """Train and test one unit (resuming it), unless done or another worker has it."""
@@ -348,30 +353,6 @@ class Study:
                 self.run_one(unit)
         return self.summarise(units)
 
-    def carry(self, source: str | Path) -> tuple[int, list[Path]]:
-        """The grid's finished runs in an exported study (``source``: what --export wrote,
-        e.g. results/flickr8k-224) copied into --out where it has no folder for them (a run
-        there, started or finished, is left as it is), so that a grid continued on a new
-        machine trains only what is left. A record trained with another config than this
-        grid gives its run is not carried. Returns (runs carried, records left there)."""
-        source = Path(source)
-        if not (source / "runs").is_dir():
-            raise FnemmError(f"--carry {source}: no runs/ folder here; give the folder `--export` wrote")
-        carried, other = 0, []
-        for unit in self.units():
-            record = source / unit.run.relative_to(self.out)
-            if unit.run.exists() or not metrics_path(record, "test").is_file():
-                continue
-            try:
-                saved = TrainConfig.from_dict(read_json(record / "config.json", ""))
-            except (TypeError, ValueError, AttributeError, FnemmError):
-                saved = None
-            if saved != self.config(unit)[1]:
-                other.append(record)
-            elif copy_run(record, unit.run):
-                carried += 1
-        return carried, other
-
     def started(self) -> list[tuple[Unit, int]]:
         """[(a started but unfinished run, its epochs so far)]; how many are finished is the
         summary's "progress"."""
@@ -401,53 +382,3 @@ class Study:
         write_report(self.out, summary, self.grid, self.dataset, {name: v.about for name, v in BY_NAME.items()},
                      (preset_of(self.grid.presets, False), preset_of(self.grid.presets, True)))
         return summary
-
-
-RECORDS = ("config.json", "run.json", "metrics.jsonl", "metrics-test.json", "ranks-test.jsonl")
-
-
-def copy_run(source: Path, target: Path) -> bool:
-    """A finished run's records (:data:`RECORDS`) copied to ``target``, a run folder that must
-    not exist yet: filled beside it, then renamed into place, so that a worker starting
-    beside this one never finds it half there and trains it. False (nothing copied) where
-    the folder appeared meanwhile."""
-    import os
-    import shutil
-    filling = make_folder(target.parent / f".{target.name}.carrying-{os.getpid()}")
-    for name in RECORDS:
-        if (source / name).is_file():
-            atomic_write_bytes(filling / name, (source / name).read_bytes())
-    try:
-        os.rename(filling, target)                # fails where another process made the run meanwhile
-        return True
-    except OSError:
-        shutil.rmtree(filling, ignore_errors=True)
-        return False
-
-
-def export_records(out: str | Path, dest: str | Path) -> int:
-    """Copy a study's records (no weights, no features) into ``dest``, in the same layout:
-    study.json/.md/.png and each finished run's config, history, test metrics and test
-    ranks (the paired statistics need them), about 0.5 MB a run at 1,000 test images (the
-    splits are not copied: the study draws them again from the dataset and its seeds).
-    ``fnemm study ... --out DEST --report-only`` redraws the report from them alone.
-    Returns the number of runs copied."""
-    out, dest = Path(out), Path(dest)
-    if not (out / "study.json").is_file():
-        raise FnemmError(f"{out}: no study.json; run the study into it first")
-    copied = 0
-    for name in ("study.json", "study.md", "study.png"):
-        if (out / name).is_file():
-            dest.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(dest / name, (out / name).read_bytes())
-    for done in sorted((out / "runs").glob("*/*/*/*/*/metrics-test.json")):
-        run = done.parent
-        if run.name.startswith("."):                  # a carry_records folder left by a killed process
-            continue
-        target = dest / run.relative_to(out)
-        target.mkdir(parents=True, exist_ok=True)
-        for name in RECORDS:
-            if (run / name).is_file():
-                atomic_write_bytes(target / name, (run / name).read_bytes())
-        copied += 1
-    return copied

@@ -157,7 +157,8 @@ def study(args) -> int:
     grid = replace(QUICK if args.quick else Grid(), **{k: v for k, v in changes.items() if v is not None})
     study = Study(dataset, images, Path(args.out), grid, device, args.workers, args.quiet)
     if args.carry:
-        carried, other = study.carry(args.carry)
+        from fnemm_studies.records import carry_records
+        carried, other = carry_records(study, args.carry)
         left = (f"; {len(other)} left there, trained with another config than this grid gives them "
                 f"(e.g. {other[0]})" if other else "")
         print(f"{carried} finished runs' records carried from {args.carry} -> {args.out}{left}")
@@ -169,7 +170,7 @@ def study(args) -> int:
     print(f"{finished} of the grid's {total} runs finished{going}; {len(summary['results'])} table rows; "
           f"report: {Path(args.out) / 'study.md'}")
     if args.export:
-        from fnemm_studies.study import export_records
+        from fnemm_studies.records import export_records
         print(f"{export_records(args.out, args.export)} runs' records -> {args.export}")
     return 0
 
