@@ -418,3 +418,36 @@ def test_patience_does_not_count_epochs_on_the_plateau(synth, tmp_path, monkeypa
     counted = training_summary(tmp_path / "run")
     assert counted["plateau_epochs"] == sum(x >= 11.52 for x in losses[:epochs])
     assert counted["ended_on_plateau"] is (losses[epochs - 1] >= 11.52) is (epochs == 12)   # only the run that never left
+
+
+def test_replay_epochs_tool_reproduces_a_run_and_names_a_difference(synth, tmp_path, capsys):
+    """tools/replay_epochs.py (how the benchmark's last runs were checked against the lost
+    code's records): the same code replays a run's first epochs to the last digit; a record
+    that differs is named, and exits 1."""
+    import importlib.util
+    from fnemm.cli import main
+    jsonl, npy, ids = synth
+    run = tmp_path / "run"
+    threads = torch.get_num_threads()
+    try:
+        assert main(["train", "--preset", "flickr30k/FNE-MH", "--dataset", str(jsonl), "--features", str(npy),
+                     "--ids", str(ids), "--epochs", "3", "--threads", "1", "--quiet", "--out", str(run),
+                     *sum((["--set", s] for s in SMALL), [])]) == 0
+        spec = importlib.util.spec_from_file_location("replay_epochs", Path(__file__).resolve().parents[1] / "tools"
+                                                      / "replay_epochs.py")
+        tool = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(tool)
+        common = [str(run), "--dataset", str(jsonl), "--features", str(npy), "--ids", str(ids)]
+        capsys.readouterr()
+        assert tool.main([*common, "--epochs", "2"]) == 0
+        assert "identical: 2 epochs of" in capsys.readouterr().out
+        history = (run / "metrics.jsonl").read_text().splitlines()
+        second = json.loads(history[1])
+        second["val"]["rsum"] += 0.01                                  # a record the code no longer makes
+        (run / "metrics.jsonl").write_text("\n".join([history[0], json.dumps(second), *history[2:]]) + "\n")
+        assert tool.main([*common, "--epochs", "2"]) == 1
+        assert "differs: epoch 2: rsum recorded" in capsys.readouterr().out
+        assert tool.main([*common, "--epochs", "9"]) == 2
+        assert "3 recorded epochs, fewer than --epochs 9" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(threads)
