@@ -15,15 +15,21 @@ from fnemm.training.folders import metrics_path
 RECORDS = ("config.json", "run.json", "metrics.jsonl", "metrics-test.json", "ranks-test.jsonl")
 
 
+def copy_records(source: Path, target: Path) -> Path:
+    """The :data:`RECORDS` a run folder has, each written atomically into ``target``."""
+    make_folder(target)
+    for name in RECORDS:
+        if (source / name).is_file():
+            atomic_write_bytes(target / name, (source / name).read_bytes())
+    return target
+
+
 def copy_run(source: Path, target: Path) -> bool:
     """A finished run's records (:data:`RECORDS`) copied to ``target``, a run folder that must
     not exist yet: filled beside it, then renamed into place, so that a worker starting
     beside this one never finds it half there and trains it. False (nothing copied) where
     the folder appeared meanwhile."""
-    filling = make_folder(target.parent / f".{target.name}.carrying-{os.getpid()}")
-    for name in RECORDS:
-        if (source / name).is_file():
-            atomic_write_bytes(filling / name, (source / name).read_bytes())
+    filling = copy_records(source, target.parent / f".{target.name}.carrying-{os.getpid()}")
     try:
         os.rename(filling, target)                # fails where another process made the run meanwhile
         return True
@@ -76,10 +82,6 @@ def export_records(out: str | Path, dest: str | Path) -> int:
         run = done.parent
         if run.name.startswith("."):                  # a copy_run folder left by a killed process
             continue
-        target = dest / run.relative_to(out)
-        target.mkdir(parents=True, exist_ok=True)
-        for name in RECORDS:
-            if (run / name).is_file():
-                atomic_write_bytes(target / name, (run / name).read_bytes())
+        copy_records(run, dest / run.relative_to(out))
         copied += 1
     return copied
