@@ -374,10 +374,11 @@ def test_the_flickr8k_benchmark_command_on_a_few_images(tmp_path, capsys):
     # records of another schedule (here 3 epochs, not 2) are not carried into a grid they were not trained for
     other = [*args[:args.index("--out") + 1], str(tmp_path / "other"), *args[args.index("--out") + 2:]]
     other[other.index("--epochs") + 1] = "3"
-    assert main([*other, "--carry", str(records), "--report-only"]) == 0
-    said = capsys.readouterr().out
-    assert "0 finished runs' records carried" in said and "6 left there, trained with another config" in said
-    assert not (tmp_path / "other" / "runs").exists()
+    assert main([*other, "--carry", str(records), "--report-only"]) == 2       # and, nothing there, no report
+    said = capsys.readouterr()
+    assert "0 finished runs' records carried" in said.out and "6 left there, trained with another config" in said.out
+    assert "no study here (no study.json, no runs/) to report" in said.err
+    assert not (tmp_path / "other").exists()
 
 
 @pytest.mark.skipif(not (DATA / "flickr8k" / "images-224").is_dir(), reason="bundled Flickr8K images-224 not present")

@@ -338,6 +338,9 @@ class Study:
                 raise FnemmError(f"{saved}: this study was started with another presets/patience/epochs/crops/"
                                  f"max-images; re-run with the same options or choose another --out")
         if not train:
+            if not saved.exists() and not (self.out / "runs").is_dir():     # a mistyped --out, or nothing carried
+                raise FnemmError(f"{self.out}: no study here (no study.json, no runs/) to report; check --out, or "
+                                 f"run the study into it (without --report-only), or --carry DIR its records")
             return self.summarise(self.units())
         make_folder(self.out)
         atomic_write_json(saved, {"grid": self.grid.to_dict()})
