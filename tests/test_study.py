@@ -371,6 +371,24 @@ def test_the_flickr8k_benchmark_command_on_a_few_images(tmp_path, capsys):
     assert "8 runs' records -> " in capsys.readouterr().out
     assert main(["study", "--out", str(fresh), "--carry", str(tmp_path / "nothing")]) == 2
     assert "no runs/ folder here" in capsys.readouterr().err
+    # a record that is not the file the export's manifest names is refused by name, and nothing is carried
+    import shutil
+    shutil.copytree(records, tmp_path / "edited")
+    edited = sorted((tmp_path / "edited" / "runs").rglob("metrics-test.json"))[2]
+    edited.write_text(edited.read_text().replace("rsum", "rsum ", 1))
+    edited.with_name("ranks-test.jsonl").rename(tmp_path / "ranks")        # and, first, one missing there
+    elsewhere = [*args[:args.index("--out") + 1], str(tmp_path / "elsewhere"), *args[args.index("--out") + 2:]]
+    assert main([*elsewhere, "--carry", str(tmp_path / "edited")]) == 2
+    err = capsys.readouterr().err
+    assert "ranks-test.jsonl: missing, though " in err and "records.json; restore the records" in err
+    (tmp_path / "ranks").rename(edited.with_name("ranks-test.jsonl"))
+    assert main([*elsewhere, "--carry", str(tmp_path / "edited")]) == 2
+    assert f"{edited}: not the file {tmp_path / 'edited' / 'records.json'} names (its sha256 differs)" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "elsewhere" / "runs").exists()
+    (tmp_path / "edited" / "records.json").unlink()
+    assert main([*elsewhere, "--carry", str(tmp_path / "edited")]) == 2
+    assert "no records.json (the sha256 of each record, which --export writes)" in capsys.readouterr().err
     # records of another schedule (here 3 epochs, not 2) are not carried into a grid they were not trained for
     other = [*args[:args.index("--out") + 1], str(tmp_path / "other"), *args[args.index("--out") + 2:]]
     other[other.index("--epochs") + 1] = "3"
@@ -405,6 +423,10 @@ def test_the_committed_benchmark_records_redraw_the_committed_report(tmp_path, c
                  "--curve-seeds", str(grid["curve_seeds"]), "--out", str(out), "--report-only", "--quiet"]) == 0
     assert (out / "study.md").read_text() == (committed / "study.md").read_text()
     assert json.loads((out / "study.json").read_text()) == json.loads((committed / "study.json").read_text())
+    # and its manifest names every record as it is (what --carry checks on a new machine)
+    from fnemm_studies.records import read_manifest, write_manifest
+    assert write_manifest(out) == read_manifest(committed), \
+        "results/flickr8k-224/records.json does not name the records there: export them again (make flickr8k-export)"
 
 
 def test_the_readme_benchmark_tables_are_the_committed_records(monkeypatch):

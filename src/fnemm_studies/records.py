@@ -1,6 +1,7 @@
 """A study's records: what each finished run leaves that its numbers need (config, history,
-test metrics and ranks; no weights, no features), exported beside the code (results/) and
-carried from there into a study on another machine."""
+test metrics and ranks; no weights, no features), exported beside the code (results/) with a
+manifest of their sha256 (records.json), and carried from there into a study on another
+machine only where each file is the one the manifest names."""
 
 from __future__ import annotations
 
@@ -9,10 +10,46 @@ import shutil
 from pathlib import Path
 
 from fnemm.io.errors import FnemmError
-from fnemm.io.files import atomic_write_bytes, make_folder
+from fnemm.io.files import atomic_write_bytes, atomic_write_json, make_folder, read_json, sha256_file, verifying
 from fnemm.training.folders import metrics_path
 
 RECORDS = ("config.json", "run.json", "metrics.jsonl", "metrics-test.json", "ranks-test.jsonl")
+MANIFEST = "records.json"    # beside runs/: {"sha256": {"runs/<cnn>/<size>/<variant>/<split>/<seed>/<record>": hex}}
+
+
+def write_manifest(dest: Path) -> dict[str, str]:
+    """records.json in an export folder: the sha256 of every run record under ``dest/runs``
+    (not study.json/.md/.png, which a --report-only there draws again)."""
+    files = {p.relative_to(dest).as_posix(): sha256_file(p) for p in sorted((dest / "runs").rglob("*"))
+             if p.name in RECORDS and p.is_file() and not any(x.startswith(".") for x in p.relative_to(dest).parts)}
+    atomic_write_json(dest / MANIFEST, {"about": "sha256 of each run record here; fnemm study --carry refuses a "
+                                                 "record that is not the file named", "sha256": files})
+    return files
+
+
+def read_manifest(source: Path) -> dict[str, str]:
+    fix = f"export the records again (`fnemm study ... --out <the study> --report-only --export {source}`)"
+    if not (source / MANIFEST).is_file():
+        raise FnemmError(f"--carry {source}: no {MANIFEST} (the sha256 of each record, which --export writes); {fix}")
+    files = read_json(source / MANIFEST, fix).get("sha256")
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        raise FnemmError(f"{source / MANIFEST}: no \"sha256\" table of file -> hex digest; {fix}")
+    return files
+
+
+def check_record(source: Path, record: Path, manifest: dict[str, str]) -> None:
+    """Refuse (one line, naming the file) a run's records that are not the files the export's
+    manifest names: changed by hand or by a merge, cut short by a copy, or missing."""
+    run = record.relative_to(source).as_posix() + "/"
+    present = {run + name for name in RECORDS if (record / name).is_file()}
+    listed = {name for name in manifest if name.startswith(run) and name[len(run):] in RECORDS}
+    fix = "restore the records from where they were exported (e.g. `git checkout -- results`), or export them again"
+    for name in sorted(listed ^ present):
+        said = "missing, though" if name in listed else "not listed in"
+        raise FnemmError(f"{source / name}: {said} {source / MANIFEST}; {fix}")
+    for name in sorted(present):
+        if verifying() and sha256_file(source / name) != manifest[name]:
+            raise FnemmError(f"{source / name}: not the file {source / MANIFEST} names (its sha256 differs); {fix}")
 
 
 def copy_records(source: Path, target: Path) -> Path:
@@ -47,20 +84,20 @@ def carry_records(study, source: str | Path) -> tuple[int, list[Path]]:
     source = Path(source)
     if not (source / "runs").is_dir():
         raise FnemmError(f"--carry {source}: no runs/ folder here; give the folder `--export` wrote")
-    carried, other = 0, []
+    manifest = read_manifest(source)
+    wanted, other = [], []
     for unit in study.units():
         record = source / unit.run.relative_to(study.out)
         if unit.run.exists() or not metrics_path(record, "test").is_file():
             continue
+        check_record(source, record, manifest)     # every one before any is carried
         try:
             saved = study.trained_with(record)
         except FnemmError:                         # no readable config.json: not a record to trust
             saved = None
-        if saved != study.config(unit)[1]:
-            other.append(record)
-        elif copy_run(record, unit.run):
-            carried += 1
-    return carried, other
+        (wanted if saved == study.config(unit)[1] else other).append((unit, record))
+    carried = sum(copy_run(record, unit.run) for unit, record in wanted)
+    return carried, [record for _, record in other]
 
 
 def export_records(out: str | Path, dest: str | Path) -> int:
@@ -68,8 +105,8 @@ def export_records(out: str | Path, dest: str | Path) -> int:
     study.json/.md/.png and each finished run's config, history, test metrics and test
     ranks (the paired statistics need them), about 0.5 MB a run at 1,000 test images (the
     splits are not copied: the study draws them again from the dataset and its seeds).
-    ``fnemm study ... --out DEST --report-only`` redraws the report from them alone.
-    Returns the number of runs copied."""
+    ``fnemm study ... --out DEST --report-only`` redraws the report from them alone; their
+    manifest (:data:`MANIFEST`) names every record's sha256 for ``--carry``. Returns the number of runs copied."""
     out, dest = Path(out), Path(dest)
     if not (out / "study.json").is_file():
         raise FnemmError(f"{out}: no study.json; run the study into it first")
@@ -84,4 +121,5 @@ def export_records(out: str | Path, dest: str | Path) -> int:
             continue
         copy_records(run, dest / run.relative_to(out))
         copied += 1
+    write_manifest(dest)
     return copied
