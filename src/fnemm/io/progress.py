@@ -131,16 +131,18 @@ class Lines:
             # a loop about to end says nothing more: its last line comes from close() if it
             # said one before, else from the caller (an epoch of a few seconds wrote a batch
             # line at 92% and at 100% before every epoch line of the demo's log)
-            done, rate = self.n - self.start, (self.n - self.start) / max(now - self.t0, 1e-9)
-            tenth = done > 0 and (self.total - self.n) / rate >= MIN_GAP
+            rate = self._rate(now)
+            tenth = rate > 0 and (self.total - self.n) / rate >= MIN_GAP
         if (self.every > 0 and now - self.said_t >= self.every) or \
                 (tenth and now - self.said_t >= min(MIN_GAP, self.every)):
             self._say(now)
 
+    def _rate(self, now: float) -> float:
+        return (self.n - self.start) / max(now - self.t0, 1e-9)
+
     def _say(self, now: float) -> None:
         self.said_t, self.said_n = now, self.n
-        done = self.n - self.start
-        rate = done / max(now - self.t0, 1e-9)
+        rate = self._rate(now)
         if self.total:
             left = f", {_duration((self.total - self.n) / rate)} left" if rate > 0 and self.n < self.total else ""
             where = f"{self.n:,}/{self.total:,} {self.unit} ({100 * self.n / self.total:.0f}%)"
