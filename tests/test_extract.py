@@ -395,6 +395,12 @@ def test_a_model_refuses_fne_standardised_on_other_training_images(images, tmp_p
         check_features(old, load_features(tmp_path / "fewer", "fne"), "old.pt")
     check_features(old, load_features(tmp_path / "store", "fne"), "old.pt")
     check_features(old, load_features(tmp_path / "again", "fne"), "old.pt")
+    # another recipe: the error names the fields that differ, not two long recipes cut alike
+    recipe = dict(old["features"]["producer"]["recipe"])
+    old["features"]["producer"]["recipe"] = {**recipe, "baseline": not recipe.get("baseline", False)}
+    with pytest.raises(FnemmError, match=r"made with recipe\.baseline=(True|False), old\.pt was trained on "
+                                         r"recipe\.baseline=(True|False); extract them the same way"):
+        check_features(old, load_features(tmp_path / "store", "fne"), "old.pt")
     tiny_model(usable, tmp_path / "store", tmp_path / "fc7", kind="fc7")
     assert "rsum" in evaluate(tmp_path / "fc7", usable, tmp_path / "fewer", split="test")["all"]
 

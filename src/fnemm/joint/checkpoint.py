@@ -203,9 +203,9 @@ def check_features(ckpt: dict, features: Features, where: str | Path) -> None:
                          f"{trained.get('precision', 'fp32')} ones; extract them the same way")
     for k in FEATURE_KEYS:
         if k in trained and trained[k] != features.manifest.get(k):
-            raise FnemmError(f"{features.source}: these features were made with {k}="
-                             f"{_short(features.manifest.get(k))}, {where} was trained on {k}={_short(trained[k])}; "
-                             f"extract them the same way")
+            made, was = _difference(k, features.manifest.get(k), trained[k])
+            raise FnemmError(f"{features.source}: these features were made with {made}, {where} was trained on "
+                             f"{was}; extract them the same way")
     if features.kind == "fne":
         _check_fitted(ckpt.get("features") or {}, features, where)
 
@@ -238,6 +238,16 @@ def _check_fitted(record: dict, features: Features, where: str | Path) -> None:
                              f"{where} was trained with ({made.get('images', '?')} {made.get('split', 'train')} "
                              f"images); extract the images with --stats {source} (that store's {part}), or pass "
                              f"that store")
+
+
+def _difference(key: str, made, trained) -> tuple[str, str]:
+    """How two records of one key differ, said briefly: for two dicts (a recipe), only the
+    fields that differ (the whole of two long recipes cut at 80 characters can read the same)."""
+    if isinstance(made, dict) and isinstance(trained, dict):
+        fields = [f for f in sorted(set(made) | set(trained), key=str) if made.get(f) != trained.get(f)]
+        return (", ".join(f"{key}.{f}={_short(made.get(f))}" for f in fields),
+                ", ".join(f"{key}.{f}={_short(trained.get(f))}" for f in fields))
+    return f"{key}={_short(made)}", f"{key}={_short(trained)}"
 
 
 def _short(value) -> str:
