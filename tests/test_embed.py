@@ -167,7 +167,12 @@ def test_embed_errors_are_one_line(capsys, model, tmp_path):
                        "--out", tmp_path / "o")
     assert code == 2 and "no such checkpoint" in err
     (tmp_path / "q.txt").write_text("a dog\n")
+    records = tmp_path / "records"                     # a study's exported or carried run: numbers, no weights
+    records.mkdir()
+    for name in ("config.json", "metrics.jsonl", "metrics-test.json"):
+        (records / name).write_bytes((run_dir / name).read_bytes() if (run_dir / name).exists() else b"{}")
     for given, said in ((store, f"{store} is a feature store, not a run"),
+                        (records, f"{records} holds a finished run's records (its numbers), not its weights"),
                         (run_dir.parent, f"{run_dir.parent} holds seeds: pass one, e.g. {run_dir.parent / 'seed-0'}")):
         code, _, err = run(capsys, "embed", "--checkpoint", given, "--texts", tmp_path / "q.txt",
                            "--out", tmp_path / "o")

@@ -74,6 +74,9 @@ def _not_a_run(folder: Path) -> str:
     """What a folder given for a run is instead, when it says (for the error that it is no run)."""
     if (folder / "seed-0").is_dir():
         return f"; {folder} holds seeds: pass one, e.g. {folder / 'seed-0'}"
+    if (folder / "metrics-test.json").is_file() and not (folder / "last.pt").exists():
+        return (f"; {folder} holds a finished run's records (its numbers), not its weights, which stay where it "
+                f"was trained (a study's exported or carried records): train it again here to use the model")
     try:
         made = read_json(folder / "manifest.json", "").get("format") if (folder / "manifest.json").is_file() else None
     except FnemmError:
