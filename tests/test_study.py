@@ -380,7 +380,7 @@ def test_the_flickr8k_benchmark_command_on_a_few_images(tmp_path, capsys):
     elsewhere = [*args[:args.index("--out") + 1], str(tmp_path / "elsewhere"), *args[args.index("--out") + 2:]]
     assert main([*elsewhere, "--carry", str(tmp_path / "edited")]) == 2
     err = capsys.readouterr().err
-    assert "ranks-test.jsonl: missing, though " in err and "records.json; restore the records" in err
+    assert "ranks-test.jsonl: missing, though " in err and "records.json lists it; restore the records" in err
     (tmp_path / "ranks").rename(edited.with_name("ranks-test.jsonl"))
     assert main([*elsewhere, "--carry", str(tmp_path / "edited")]) == 2
     assert f"{edited}: not the file {tmp_path / 'edited' / 'records.json'} names (its sha256 differs)" in \

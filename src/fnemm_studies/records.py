@@ -45,8 +45,9 @@ def check_record(source: Path, record: Path, manifest: dict[str, str]) -> None:
     listed = {name for name in manifest if name.startswith(run) and name[len(run):] in RECORDS}
     fix = "restore the records from where they were exported (e.g. `git checkout -- results`), or export them again"
     for name in sorted(listed ^ present):
-        said = "missing, though" if name in listed else "not listed in"
-        raise FnemmError(f"{source / name}: {said} {source / MANIFEST}; {fix}")
+        said = f"missing, though {source / MANIFEST} lists it" if name in listed else \
+            f"not listed in {source / MANIFEST}"
+        raise FnemmError(f"{source / name}: {said}; {fix}")
     for name in sorted(present):
         if verifying() and sha256_file(source / name) != manifest[name]:
             raise FnemmError(f"{source / name}: not the file {source / MANIFEST} names (its sha256 differs); {fix}")
