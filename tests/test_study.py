@@ -565,6 +565,7 @@ def test_a_misspelt_cnn_or_curve_variant_is_refused_before_anything_is_written(t
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1
         assert not (tmp_path / "s").exists()
+    (tmp_path / "part" / "runs").mkdir(parents=True)          # a study begun there (--report-only needs one)
     assert main(["study", "--dataset", SPEC, "--out", str(tmp_path / "part"), "--cnns", "mobilenet_v2",
                  "--curve-cnns", "efficientnet_lite0", "--train-sizes", "100", "--report-only"]) == 0
     assert "learning curve: efficientnet_lite0 not in --cnns: this grid trains no curve run of it" in \
