@@ -109,12 +109,13 @@ def add_study(sub) -> argparse.ArgumentParser:
                    help="train nothing: summarise the runs finished so far (e.g. while workers run)")
     p.add_argument("--export", metavar="DIR",
                    help="with --report-only: also copy the study's records (report, each finished run's "
-                        "config, history, test metrics and ranks; no weights or features) into DIR, from which "
-                        "--out DIR --report-only redraws the report")
+                        "config, history, test metrics and ranks; no weights or features) into DIR, with their "
+                        "sha256 in DIR/records.json, from which --out DIR --report-only redraws the report")
     p.add_argument("--carry", metavar="DIR",
                    help="first copy into --out the grid's finished runs in an exported study (DIR: what --export "
                         "wrote, e.g. results/flickr8k-224) that --out has no folder for and that were trained with "
-                        "the configs this grid gives them: a grid continued on a new machine trains only what is left")
+                        "the configs this grid gives them, each record checked against DIR/records.json first: a "
+                        "grid continued on a new machine trains only what is left")
     add_common(p)
     return p
 
