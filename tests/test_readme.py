@@ -123,11 +123,11 @@ def test_the_readmes_links_lead_somewhere():
 
 
 def test_the_readme_reading_of_the_benchmark_quotes_the_committed_statistics():
-    """The benchmark's reading ("What it shows so far", written by hand after each export)
+    """The benchmark's reading ("What it shows", written by hand after each export)
     quotes intervals: each must be one the committed report holds, so a number left from an
     earlier export (a second seed changes every interval of its rows) fails here."""
     readme = (ROOT / "README.md").read_text()
-    start = readme.index("What it shows so far")
+    start = readme.index("What it shows: ")
     reading = " ".join(readme[start:readme.index("\n\n", start)].split())
     report = " ".join((ROOT / "results" / "flickr8k-224" / "study.md").read_text().split())
     quoted = re.findall(r"\[[+-]?\d+\.\d, [+-]?\d+\.\d\]", reading)
