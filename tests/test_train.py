@@ -451,3 +451,40 @@ def test_replay_epochs_tool_reproduces_a_run_and_names_a_difference(synth, tmp_p
         assert "3 recorded epochs, fewer than --epochs 9" in capsys.readouterr().err
     finally:
         torch.set_num_threads(threads)
+
+
+def test_a_run_records_its_features_bytes_and_a_replay_says_whether_it_has_them(synth, tmp_path, capsys):
+    """run.json names the sha256 of the array a run trained on; tools/replay_epochs.py says
+    whether the store it replays on holds those bytes (a store extracted again may not: the
+    benchmark's continuous recipes then agree to a few digits, not all)."""
+    import importlib.util
+    from fnemm.cli import main
+    from fnemm.features.store import write_manifest
+    jsonl, npy, ids = synth
+    store = tmp_path / "store"
+    store.mkdir()
+    np.save(store / "fne.npy", np.load(npy))
+    write_manifest(store, ids.read_text().split(), {"fne": "fne.npy"})
+    run = tmp_path / "run"
+    threads = torch.get_num_threads()
+    try:
+        assert main(["train", "--preset", "flickr30k/FNE-MH", "--dataset", str(jsonl), "--features", str(store),
+                     "--epochs", "1", "--threads", "1", "--quiet", "--out", str(run),
+                     *sum((["--set", s] for s in SMALL), [])]) == 0
+        recorded = json.loads((run / "run.json").read_text())["features"]["sha256"]
+        assert recorded == json.loads((store / "manifest.json").read_text())["arrays"]["fne"]["sha256"]
+        spec = importlib.util.spec_from_file_location("replay_epochs", Path(__file__).resolve().parents[1] / "tools"
+                                                      / "replay_epochs.py")
+        tool = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(tool)
+        capsys.readouterr()
+        assert tool.main([str(run), "--dataset", str(jsonl), "--features", str(store)]) == 0
+        assert f"fne of {store}: the array {run} trained on" in capsys.readouterr().out
+        again = np.load(npy)
+        again[0, 0] = np.nextafter(again[0, 0], np.float32(np.inf))    # the last bit of one activation
+        np.save(store / "fne.npy", again)
+        write_manifest(store, ids.read_text().split(), {"fne": "fne.npy"})
+        tool.main([str(run), "--dataset", str(jsonl), "--features", str(store)])
+        assert f"not the array {run} trained on (sha256 {recorded[:12]} recorded" in capsys.readouterr().out
+    finally:
+        torch.set_num_threads(threads)

@@ -9,8 +9,10 @@ Use it before continuing a grid of runs with other code (a new commit, another m
 the Flickr8K benchmark's records came from a branch since lost, and its last runs were
 trained at another commit once epoch 1 of two recorded runs came out identical (README).
 Bit-for-bit needs what the run had: its torch, its CPU thread count (``--threads``, one
-for the benchmark) and a CPU with the same vector unit; on a GPU, or with other threads,
-expect agreement to a few digits, not all. Exit 0 when every replayed epoch matches, 1
+for the benchmark), a CPU with the same vector unit, and its features' bytes (the first
+line printed says whether STORE's array is the one run.json names); on a GPU, with other
+threads, or on a store extracted again with a continuous recipe, expect agreement to a
+few digits, not all. Exit 0 when every replayed epoch matches, 1
 when one differs (the first difference printed), 2 on bad input.
 """
 
@@ -44,12 +46,26 @@ def compare(recorded: list[dict], replayed: list[dict]) -> list[str]:
     return out
 
 
+def features_line(record: dict, features) -> str:
+    """Whether ``features`` are the bytes the run trained on, from its run.json record: a
+    replay on other bytes (the store extracted again) can agree digit for digit for a
+    discretised recipe (the FNE's {-1,0,1} absorbs last-bit differences in the activations)
+    and not for a continuous one."""
+    recorded, here = record.get("sha256"), features.sha256
+    if recorded and here:
+        same = "the array RUN trained on" if recorded == here else \
+            f"not the array RUN trained on (sha256 {recorded[:12]} recorded, {here[:12]} here: extracted again?)"
+        return f"features: {features.kind} of {features.source}: {same}"
+    return (f"features: {features.kind} of {features.source}: RUN's run.json names no sha256 of the array it "
+            f"trained on (made before runs recorded it), so whether these are its bytes cannot be told")
+
+
 def main(argv=None) -> int:
     import torch
     from fnemm.datasets import load_dataset
     from fnemm.features.store import load_features
     from fnemm.io.errors import FnemmError
-    from fnemm.training.folders import epoch_history, saved_config
+    from fnemm.training.folders import epoch_history, saved_config, saved_info
     from fnemm.training.trainer import train
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -75,6 +91,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
         dataset = load_dataset(args.dataset)
         features = load_features(args.features, config.features, ids=args.ids)
+        print(features_line(saved_info(run).get("features") or {}, features).replace("RUN", str(run)))
         with tempfile.TemporaryDirectory() as scratch:
             out = Path(args.out) if args.out else Path(scratch) / "replay"
             train(first_stage_only(config, args.epochs), dataset, features, out, device=args.device, quiet=True)

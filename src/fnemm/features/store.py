@@ -45,6 +45,19 @@ class Features:
     def dim(self) -> int:
         return int(self.array.shape[1])
 
+    @property
+    def sha256(self) -> str | None:
+        """The sha256 of the array's file as the store's manifest names it (checked when
+        the store was read), or None for an array with no manifest entry."""
+        return ((self.manifest.get("arrays") or {}).get(self.kind) or {}).get("sha256")
+
+    def provenance(self) -> dict:
+        """What a run records of the features it trains on (run.json, the checkpoint): where,
+        which array, its width and bytes (sha256), and how the store was made."""
+        record = {"source": self.source, "kind": self.kind, "dim": self.dim,
+                  "producer": {k: v for k, v in self.manifest.items() if k not in ("image_ids", "skipped", "arrays")}}
+        return {**record, "sha256": self.sha256} if self.sha256 else record
+
     def rows_for(self, image_ids: list[str], what: str = "the dataset") -> np.ndarray:
         """Row index of each of ``image_ids``; a clear error if any has no features."""
         index = {image: row for row, image in enumerate(self.ids)}

@@ -382,9 +382,7 @@ def train(config: TrainConfig, dataset: Dataset, features: Features, out_dir: st
             f"scores rsum {chance[0]:.1f} ± {chance[1]:.1f}")
     info = {"dataset": dataset.name, "n_train": len(train_split), "n_val": len(val_split),
             "val_chance": {"rsum": chance[0], "std": chance[1]},
-            "features": {"source": features.source, "kind": features.kind, "dim": features.dim,
-                         "producer": {k: v for k, v in features.manifest.items()
-                                      if k not in ("image_ids", "skipped", "arrays")}},
+            "features": features.provenance(),
             **(run_info or {})}
     if Path(features.source).exists():        # found again when the run and its store move together
         info["features"]["source_relative"] = relative_to(features.source, out_dir)
