@@ -55,6 +55,18 @@ def test_a_finished_study_by_its_summary_and_one_line_without_any_model(tmp_path
     assert err.count("\n") == 1 and "make demo" in err and "MODEL_RUN=RUN" in err
 
 
+def test_the_best_of_every_worker_not_of_the_last_ones_part_of_the_grid(tmp_path):
+    """Workers sharing an --out may run parts of one grid (`--cnns cnn_a` here, `--cnns cnn_b`
+    there); study.json holds the table of the last to finish, so the pick reads the runs."""
+    out = tmp_path / "f8k"
+    out.mkdir()
+    (out / "study.json").write_text(json.dumps({"grid": {}, "full_train_images": 6000, "results": [
+        {"cnn": "cnn_a", "train_images": 6000, "variant": "fne", "rsum_mean": 270.0}]}))   # cnn_a's worker, last
+    _run(out, "cnn_a", 6000, "fne", 0, 270.0)
+    best = _run(out, "cnn_b", 6000, "late", 0, 290.0)
+    assert best_run(out)[0] == best
+
+
 def test_records_without_weights_say_how_to_train_the_run_here(tmp_path, capsys):
     """A grid carried to a new machine by its committed records (README) has no weights."""
     out = tmp_path / "f8k"

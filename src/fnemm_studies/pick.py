@@ -15,13 +15,15 @@ from fnemm.training.folders import load_metrics, metrics_path
 
 
 def best_run(out: str | Path) -> tuple[Path, Path]:
-    """(run folder, its feature store) of the best variant of a finished study at its full
-    training size (highest mean test rsum; its first seed on the dataset's own split), for
-    serving the study's best model (`make serve-flickr8k`)."""
+    """(run folder, its feature store) of the best variant of a study at its full training
+    size (highest mean test rsum; its first seed with weights on the dataset's own split),
+    for serving the study's best model (`make serve-flickr8k`). Judged from the finished
+    runs in ``out``, not from study.json's table: workers sharing an --out may each run part
+    of the grid (``--cnns``, ``--variants``), and study.json is the last one's part."""
     out = Path(out)
     summary = read_json(out / "study.json", f"run the study into {out} first")
     full = summary.get("full_train_images")
-    rows = [e for e in summary.get("results", []) if e.get("train_images") == full] or _finished(out)
+    rows = _finished(out) or [e for e in summary.get("results", []) if e.get("train_images") == full]
     if not rows:
         raise FnemmError(f"{out}: no run has finished at the full training size yet")
     best = max(rows, key=lambda e: e["rsum_mean"])
@@ -40,7 +42,7 @@ def best_run(out: str | Path) -> tuple[Path, Path]:
 
 def _finished(out: Path) -> list[dict]:
     """Mean test rsum per (CNN, variant) of the runs finished so far at the largest training
-    size that has any, for a study still running (its study.json has no results yet)."""
+    size that has any, whichever worker ran them."""
     done: dict[tuple[str, int, str], list[float]] = {}
     for path in sorted((out / "runs").glob("*/n*/*/split-*/seed-*/metrics-test.json")):
         run = path.parent
