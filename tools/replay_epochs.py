@@ -46,18 +46,19 @@ def compare(recorded: list[dict], replayed: list[dict]) -> list[str]:
     return out
 
 
-def features_line(record: dict, features) -> str:
-    """Whether ``features`` are the bytes the run trained on, from its run.json record: a
-    replay on other bytes (the store extracted again) can agree digit for digit for a
-    discretised recipe (the FNE's {-1,0,1} absorbs last-bit differences in the activations)
-    and not for a continuous one."""
+def features_line(run: Path, record: dict, features) -> str:
+    """Whether ``features`` are the bytes ``run`` trained on, from its run.json record: a
+    replay on other bytes (the store extracted or derived again) can agree digit for digit
+    for a discretised recipe (the FNE's {-1,0,1} absorbs last-bit differences in the
+    activations) and not for a continuous one."""
     recorded, here = record.get("sha256"), features.sha256
+    where = f"features: {features.kind} of {features.source}"
     if recorded and here:
-        same = "the array RUN trained on" if recorded == here else \
-            f"not the array RUN trained on (sha256 {recorded[:12]} recorded, {here[:12]} here: extracted again?)"
-        return f"features: {features.kind} of {features.source}: {same}"
-    return (f"features: {features.kind} of {features.source}: RUN's run.json names no sha256 of the array it "
-            f"trained on (made before runs recorded it), so whether these are its bytes cannot be told")
+        return f"{where}: the array {run} trained on" if recorded == here else \
+            f"{where}: not the array {run} trained on (sha256 {recorded[:12]} recorded, {here[:12]} here: " \
+            f"extracted or derived again?)"
+    return f"{where}: {run}'s run.json names no sha256 of the array it trained on (made before runs " \
+           f"recorded it), so whether these are its bytes cannot be told"
 
 
 def main(argv=None) -> int:
@@ -91,7 +92,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
         dataset = load_dataset(args.dataset)
         features = load_features(args.features, config.features, ids=args.ids)
-        print(features_line(saved_info(run).get("features") or {}, features).replace("RUN", str(run)))
+        print(features_line(run, saved_info(run).get("features") or {}, features))
         with tempfile.TemporaryDirectory() as scratch:
             out = Path(args.out) if args.out else Path(scratch) / "replay"
             train(first_stage_only(config, args.epochs), dataset, features, out, device=args.device, quiet=True)
