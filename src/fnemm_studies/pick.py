@@ -21,9 +21,8 @@ def best_run(out: str | Path) -> tuple[Path, Path]:
     runs in ``out``, not from study.json's table: workers sharing an --out may each run part
     of the grid (``--cnns``, ``--variants``), and study.json is the last one's part."""
     out = Path(out)
-    summary = read_json(out / "study.json", f"run the study into {out} first")
-    full = summary.get("full_train_images")
-    rows = _finished(out) or [e for e in summary.get("results", []) if e.get("train_images") == full]
+    read_json(out / "study.json", f"run the study into {out} first")
+    rows = _finished(out)
     if not rows:
         raise FnemmError(f"{out}: no run has finished at the full training size yet")
     best = max(rows, key=lambda e: e["rsum_mean"])
